@@ -1,0 +1,203 @@
+"""Typed project configuration, loaded once from ``params.yaml``.
+
+One file describes one project: where its batches land, the columns, how to split,
+the model, training, the gate, export and serving. DVC reads the same file for the
+split stage's parameters. Every model is frozen and forbids unknown keys, so a typo
+is an error that names the key instead of a silent default.
+"""
+
+from __future__ import annotations
+
+import os
+from enum import Enum
+from functools import cached_property
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+PARAMS_FILE = "params.yaml"
+
+
+class ConfigError(ValueError):
+    """The project configuration is missing or invalid."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class FeatureType(str, Enum):
+    categorical = "categorical"
+    numeric = "numeric"
+
+
+class Feature(Strict):
+    name: str
+    type: FeatureType
+
+
+class Task(str, Enum):
+    classification = "classification"  # binary: the label holds 0 and 1
+    regression = "regression"
+
+
+class Label(Strict):
+    column: str
+    task: Task
+
+
+class DatasetConfig(Strict):
+    name: str = Field(pattern=r"^[a-z][a-z0-9_]*$")
+    landing_dir: Path
+    raw_path: Path
+    archive_dir: Path
+    quarantine_dir: Path
+    expectation_suite: Path
+    id_column: str
+    time_column: str
+    label: Label
+    features: tuple[Feature, ...] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _distinct_columns(self) -> DatasetConfig:
+        names = [f.name for f in self.features]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"dataset.features lists {duplicates} more than once")
+        reserved = {self.id_column, self.time_column, self.label.column} & set(names)
+        if reserved:
+            raise ValueError(f"dataset.features must not include the id, time or label column: {sorted(reserved)}")
+        return self
+
+    def columns_of(self, kind: FeatureType) -> list[str]:
+        return [f.name for f in self.features if f.type == kind]
+
+    @property
+    def columns(self) -> list[str]:
+        """Every column a batch must carry."""
+        return [self.id_column, self.time_column, *(f.name for f in self.features), self.label.column]
+
+
+class SplitConfig(Strict):
+    output_dir: Path
+    train: float = Field(gt=0, lt=1)
+    val: float = Field(gt=0, lt=1)
+    test: float = Field(gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _sums_to_one(self) -> SplitConfig:
+        total = self.train + self.val + self.test
+        if abs(total - 1.0) > 1e-9:
+            raise ValueError(f"split.train + split.val + split.test must be 1, got {total:g}")
+        return self
+
+
+class VersioningConfig(Strict):
+    remote: str = Field(min_length=1, description="DVC remote: a directory, or s3://, gs://, azure:// for a cluster")
+
+
+class ModelConfig(Strict):
+    name: str = Field(pattern=r"^[a-z][a-z0-9_]*$")
+    embedding_dim: int = Field(ge=1, le=256)
+    hidden_sizes: tuple[int, ...] = Field(min_length=1)
+    dropout: float = Field(ge=0, lt=1)
+
+
+class TrainConfig(Strict):
+    max_epochs: int = Field(ge=1)
+    batch_size: int = Field(ge=1)
+    learning_rate: float = Field(gt=0)
+    patience: int = Field(ge=1)
+    seed: int
+
+
+Metric = Literal["roc_auc", "f1", "log_loss", "rmse", "mae"]
+LOWER_IS_BETTER: frozenset[str] = frozenset({"log_loss", "rmse", "mae"})
+METRICS_FOR_TASK: dict[Task, frozenset[str]] = {
+    Task.classification: frozenset({"roc_auc", "f1", "log_loss"}),
+    Task.regression: frozenset({"rmse", "mae"}),
+}
+
+
+class GateConfig(Strict):
+    metric: Metric
+    min_improvement: float = Field(ge=0, description="challenger must beat the champion by at least this much")
+    floor: float = Field(description="absolute bound the challenger must pass, champion or not")
+
+
+class ExportConfig(Strict):
+    opset: int = Field(ge=17)
+    parity_rows: int = Field(ge=1)
+    parity_tolerance: float = Field(gt=0)
+
+
+class ServingConfig(Strict):
+    model_repository: Path
+    max_batch_size: int = Field(ge=1)
+    max_queue_delay_microseconds: int = Field(ge=0)
+
+
+class ProjectConfig(Strict):
+    dataset: DatasetConfig
+    split: SplitConfig
+    versioning: VersioningConfig
+    model: ModelConfig
+    train: TrainConfig
+    gate: GateConfig
+    export: ExportConfig
+    serving: ServingConfig
+    # Candidates (trained models, served or not) and per-run lineage records live here.
+    artifacts_dir: Path
+    # Where the file was read from; relative paths in it are resolved against this.
+    home: Path = Field(exclude=True)
+
+    @field_validator("home")
+    @classmethod
+    def _absolute(cls, home: Path) -> Path:
+        return home.resolve()
+
+    @model_validator(mode="after")
+    def _metric_fits_task(self) -> ProjectConfig:
+        allowed = METRICS_FOR_TASK[self.dataset.label.task]
+        if self.gate.metric not in allowed:
+            raise ValueError(
+                f"gate.metric {self.gate.metric!r} does not apply to a {self.dataset.label.task.value} label; "
+                f"use one of {sorted(allowed)}"
+            )
+        return self
+
+    def path(self, relative: Path) -> Path:
+        """A configured path, resolved against the project home."""
+        return relative if relative.is_absolute() else self.home / relative
+
+    @cached_property
+    def model_dir(self) -> Path:
+        return self.path(self.serving.model_repository) / self.model.name
+
+
+def project_home() -> Path:
+    """The directory holding ``params.yaml``: ``$FLYWHEEL_HOME``, else the working directory."""
+    return Path(os.environ.get("FLYWHEEL_HOME") or Path.cwd()).resolve()
+
+
+def load_config(home: Path | str | None = None) -> ProjectConfig:
+    """Read and validate ``<home>/params.yaml``; errors name the file and the key."""
+    home = Path(home).resolve() if home else project_home()
+    file = home / PARAMS_FILE
+    try:
+        raw = yaml.safe_load(file.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{file}: no such file; set FLYWHEEL_HOME to the directory holding {PARAMS_FILE}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{file}: not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{file}: expected a mapping of sections, got {type(raw).__name__}")
+    try:
+        return ProjectConfig(**raw, home=home)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or '<top>'}: {err['msg']}" for err in exc.errors()
+        )
+        raise ConfigError(f"{file}: {problems}") from exc

@@ -1,0 +1,157 @@
+"""Nightly ingestion of the batches in ``landing/``.
+
+Each ``*.csv`` batch (``*.partial`` files are still being written and are left alone) is
+validated against the dataset's expectation suite:
+
+* a passing batch is appended to the raw dataset, de-duplicated by id (a re-sent row
+  replaces the older copy), then moved to the archive;
+* a failing or unreadable batch is moved into its own folder in quarantine, with the
+  validation result and its Data Docs page. Nothing is deleted.
+
+The raw dataset is rewritten atomically before the batch leaves landing, so a crash at any
+point leaves the batch in landing and the next run redoes it without duplicating rows.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pandas as pd
+import pyarrow.parquet as pq
+
+from pipelines.config import ProjectConfig
+from pipelines.data.validation import BatchValidator, Outcome
+from pipelines.lineage import write_json
+
+log = logging.getLogger(__name__)
+
+RESULT_FILE = "validation_result.json"
+DOCS_FILE = "data_docs.html"
+
+
+class BatchValidationError(Exception):
+    """One or more batches failed validation and were quarantined; ``summary`` says what happened to each."""
+
+    def __init__(self, message: str, summary: dict) -> None:
+        super().__init__(message)
+        self.summary = summary
+
+
+def _move_into(path: Path, directory: Path) -> Path:
+    """Move a file into a directory without overwriting: a second ``x.csv`` becomes ``x.2.csv``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    target, copy = directory / path.name, 2
+    while target.exists():
+        target, copy = directory / f"{path.stem}.{copy}{path.suffix}", copy + 1
+    return Path(shutil.move(path, target))
+
+
+def _quarantine_folder(root: Path, batch: Path) -> Path:
+    """The batch's own folder: the first of ``<stem>``, ``<stem>.2``, ... that does not yet hold
+    this batch (a folder left half-made by a crash is completed, not abandoned)."""
+    folder, copy = root / batch.stem, 2
+    while (folder / batch.name).exists():
+        folder, copy = root / f"{batch.stem}.{copy}", copy + 1
+    return folder
+
+
+def raw_rows(config: ProjectConfig) -> int:
+    path = config.path(config.dataset.raw_path)
+    return pq.ParquetFile(path).metadata.num_rows if path.exists() else 0
+
+
+def append_to_raw(config: ProjectConfig, batch: pd.DataFrame) -> int:
+    """Add a batch to the raw dataset (newer copies of an id win); returns the row count."""
+    dataset = config.dataset
+    path = config.path(dataset.raw_path)
+    parts = [pd.read_parquet(path)] if path.exists() else []
+    combined = (
+        pd.concat([*parts, batch[dataset.columns]], ignore_index=True)
+        .drop_duplicates(subset=[dataset.id_column], keep="last")
+        .sort_values([dataset.time_column, dataset.id_column], kind="stable")
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial")
+    combined.to_parquet(partial, index=False)
+    os.replace(partial, path)
+    return len(combined)
+
+
+def read_batch(path: Path, columns: list[str]) -> tuple[pd.DataFrame | None, str | None]:
+    """The batch as a frame, or the reason it cannot be read."""
+    try:
+        return pd.read_csv(path), None
+    except (UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+        reason = f"{type(exc).__name__}: {str(exc).strip()}"
+        return None, f"not a readable CSV ({reason}); expected a CSV with a header row of {columns}"
+
+
+def quarantine(config: ProjectConfig, batch: Path, result: dict, docs_page: Path | None) -> Path:
+    """Reports first, then the batch: a crash in between leaves the batch in landing, to be redone."""
+    folder = _quarantine_folder(config.path(config.dataset.quarantine_dir), batch)
+    write_json(folder / RESULT_FILE, result)
+    if docs_page is not None:
+        shutil.copyfile(docs_page, folder / DOCS_FILE)
+    _move_into(batch, folder)
+    return folder
+
+
+def ingest_landing(config: ProjectConfig) -> dict:
+    """Validate every complete batch in landing; raises ``BatchValidationError`` after handling
+    all of them if any failed (the passing ones are ingested all the same)."""
+    dataset = config.dataset
+    landing = config.path(dataset.landing_dir)
+    batches = sorted(landing.glob("*.csv")) if landing.is_dir() else []
+    summary = {"batches": [b.name for b in batches], "passed": [], "quarantined": [], "rows_ingested": 0, "rows_quarantined": 0}
+    if not batches:
+        log.info("No new batches in %s", landing)
+        return {**summary, "raw_rows": raw_rows(config)}
+
+    validator = BatchValidator(config)  # a broken suite stops here, before any batch moves
+    problems: list[str] = []
+    for batch in batches:
+        frame, unreadable = read_batch(batch, dataset.columns)
+        if unreadable:
+            record = {
+                "success": False,
+                "batch": batch.name,
+                "error": unreadable,
+                "expected_columns": dataset.columns,
+                "checked_at": datetime.now(timezone.utc).isoformat(),
+            }
+            outcome = Outcome(False, record, [unreadable])
+        else:
+            outcome = validator.validate(frame, batch.stem)
+            missing = [c for c in dataset.columns if c not in frame.columns]
+            if missing:
+                outcome.failures.insert(0, f"missing required columns {missing}; expected {dataset.columns}")
+
+        if outcome.success:
+            rows = append_to_raw(config, frame)
+            _move_into(batch, config.path(dataset.archive_dir))
+            summary["passed"].append(batch.name)
+            summary["rows_ingested"] += len(frame)
+            log.info("%s: %d rows passed validation; raw dataset now has %d rows", batch.name, len(frame), rows)
+            continue
+
+        folder = quarantine(config, batch, outcome.result, outcome.docs_page)
+        summary["quarantined"].append(batch.name)
+        summary["rows_quarantined"] += 0 if frame is None else len(frame)
+        lines = "\n".join(f"    {line}" for line in outcome.failures)
+        problems.append(f"- {batch.name} -> {folder} ({RESULT_FILE}, {DOCS_FILE if outcome.docs_page else 'no Data Docs'})\n{lines}")
+        log.error("%s failed validation, moved to %s:\n%s", batch.name, folder, lines)
+
+    summary["raw_rows"] = raw_rows(config)
+    if problems:
+        message = (
+            f"{len(problems)} of {len(batches)} landing batch(es) failed validation against "
+            f"{dataset.expectation_suite} and were moved to quarantine:\n" + "\n".join(problems)
+        )
+        if summary["passed"]:
+            message += f"\nBatches that passed were ingested: {summary['passed']}"
+        raise BatchValidationError(message, summary)
+    return summary

@@ -1,0 +1,127 @@
+"""Great Expectations 1.x: validate one landing batch against the dataset's suite.
+
+The suite is a JSON file in ``expectations/``, reviewed like code. It is loaded into a File
+Data Context in ``<home>/gx`` on every run, so an edited suite takes effect the next night.
+Each validation is kept by GE (validation store, Data Docs site); a failing one is also
+described in a few readable lines for the task's error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pandas as pd
+
+from pipelines.config import ProjectConfig
+
+os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")  # no phoning home from a nightly job
+
+SAMPLE_VALUES = 5
+
+
+class SuiteError(ValueError):
+    """The expectation suite is missing or invalid: the project is broken, not the data."""
+
+
+@dataclass(frozen=True)
+class Outcome:
+    success: bool
+    result: dict  # GE's validation result, JSON-able
+    failures: list[str] = field(default_factory=list)  # one readable line per failed expectation
+    docs_page: Path | None = None  # the Data Docs page of this validation
+
+
+def load_suite(path: Path):
+    """The suite in ``path`` as a GE ``ExpectationSuite``; ``SuiteError`` names the file and the problem."""
+    import great_expectations as gx
+    from great_expectations.expectations.expectation_configuration import ExpectationConfiguration
+
+    try:
+        spec = json.loads(path.read_text())
+        expectations = [
+            ExpectationConfiguration(type=e["type"], kwargs=e["kwargs"], notes=e.get("notes"), meta=e.get("meta")).to_domain_obj()
+            for e in spec["expectations"]
+        ]
+        return gx.ExpectationSuite(name=spec["name"], expectations=expectations, meta=spec.get("meta"))
+    except FileNotFoundError:
+        raise SuiteError(f"{path}: expectation suite file not found") from None
+    except json.JSONDecodeError as exc:
+        raise SuiteError(f"{path}: not valid JSON ({exc})") from exc
+    except (KeyError, TypeError, ValueError) as exc:
+        raise SuiteError(
+            f"{path}: not a valid expectation suite ({type(exc).__name__}: {exc}); "
+            "expected {'name': ..., 'expectations': [{'type': ..., 'kwargs': {...}}, ...]}"
+        ) from exc
+
+
+def describe(result) -> str:
+    """One line for a failed expectation: which one, on which column, and what was seen."""
+    config = result.expectation_config
+    column = config.kwargs.get("column")
+    name = f"{config.type}({column})" if column else config.type
+    if result.exception_info and result.exception_info.get("raised_exception"):
+        return f"{name}: could not run ({result.exception_info.get('exception_message')})"
+    seen = result.result or {}
+    if "unexpected_count" in seen:
+        rows = f"{seen['unexpected_count']} of {seen['element_count']} rows"
+        if config.type == "expect_column_values_to_not_be_null":
+            return f"{name}: {rows} are null"
+        values = [entry["value"] for entry in seen.get("partial_unexpected_counts", [])][:SAMPLE_VALUES]
+        return f"{name}: {rows}, e.g. {values!r}"
+    observed = (seen.get("details") or {}).get("mismatched") or seen.get("observed_value")
+    return f"{name}: observed {observed!r}"
+
+
+class BatchValidator:
+    """A checkpoint over in-memory batches: validation results stored, Data Docs updated."""
+
+    def __init__(self, config: ProjectConfig) -> None:
+        suite = load_suite(config.path(config.dataset.expectation_suite))  # before any GE state is touched
+        import great_expectations as gx
+        from great_expectations.data_context.types.base import ProgressBarsConfig
+
+        self.context = gx.get_context(mode="file", project_root_dir=str(config.home))
+        self.context.variables.progress_bars = ProgressBarsConfig(globally=False)
+        suite = self.context.suites.add_or_update(suite)
+        source = self.context.data_sources.add_or_update_pandas("landing")
+        asset = next((a for a in source.assets if a.name == config.dataset.name), None) or source.add_dataframe_asset(
+            config.dataset.name
+        )
+        batches = next((b for b in asset.batch_definitions if b.name == "batch"), None) or (
+            asset.add_batch_definition_whole_dataframe("batch")
+        )
+        definition = self.context.validation_definitions.add_or_update(
+            gx.ValidationDefinition(name=config.dataset.name, data=batches, suite=suite)
+        )
+        self.checkpoint = self.context.checkpoints.add_or_update(
+            gx.Checkpoint(
+                name=config.dataset.name,
+                validation_definitions=[definition],
+                actions=[gx.checkpoint.UpdateDataDocsAction(name="update_data_docs")],
+                result_format="SUMMARY",
+            )
+        )
+
+    def validate(self, frame: pd.DataFrame, batch_name: str) -> Outcome:
+        from great_expectations.core.run_identifier import RunIdentifier
+
+        run_id = RunIdentifier(run_name=batch_name, run_time=datetime.now(timezone.utc))
+        checkpoint_result = self.checkpoint.run(batch_parameters={"dataframe": frame}, run_id=run_id)
+        ((identifier, result),) = checkpoint_result.run_results.items()
+        page = None
+        for site in self.context.get_docs_sites_urls(resource_identifier=identifier):
+            if site.get("site_url", "").startswith("file://"):
+                page = Path(site["site_url"].removeprefix("file://"))
+        failures = [describe(r) for r in result.results if not r.success and not _on_missing_column(r, frame)]
+        return Outcome(result.success, result.to_json_dict(), failures, page)
+
+
+def _on_missing_column(result, frame: pd.DataFrame) -> bool:
+    """A column expectation that could not run because the column is absent: the table-level
+    check already says which columns are missing, so this adds only noise."""
+    column = result.expectation_config.kwargs.get("column")
+    return column is not None and column not in frame.columns

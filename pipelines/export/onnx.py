@@ -1,0 +1,154 @@
+"""Export a candidate to one self-contained ONNX file that takes raw feature columns.
+
+Each feature is its own input of shape (batch, 1), as Triton clients send them:
+categorical columns as strings, numeric columns as float32. The category lookup runs
+inside the graph (``ai.onnx.ml`` LabelEncoder, unseen values to the OOV index), prepended
+to the network exported from PyTorch, so every runtime serving the file scores exactly
+what was trained. The batch axis is dynamic.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pipelines.config import ProjectConfig
+from pipelines.lineage import read_json, write_json
+
+log = logging.getLogger(__name__)
+MODEL_FILE = "model.onnx"
+OUTPUT = "prediction"
+ML_OPSET = 3  # ai.onnx.ml: LabelEncoder with tensor attributes
+
+
+class ParityError(RuntimeError):
+    """The exported ONNX model does not score like the PyTorch model it came from."""
+
+
+def onnx_inputs(frame: pd.DataFrame, categorical: list[str], numeric: list[str]) -> dict[str, np.ndarray]:
+    """The ONNX (and Triton) inputs for raw rows: one (rows, 1) array per feature column."""
+    feeds = {c: frame[c].astype(str).to_numpy(dtype=object).reshape(-1, 1) for c in categorical}
+    feeds |= {c: frame[c].to_numpy("float32").reshape(-1, 1) for c in numeric}
+    return feeds
+
+
+def _network(model, categorical: list[str], numeric: list[str], opset: int):
+    """The PyTorch part, exported with inputs ``categorical_codes`` (int64) and ``numeric`` (float32)."""
+    import onnx
+    import torch
+
+    class Served(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, categorical_codes, numeric):
+            return self.inner.predict(categorical_codes, numeric).unsqueeze(1)
+
+    rows = 4
+    example = (torch.ones(rows, len(categorical), dtype=torch.int64), torch.zeros(rows, len(numeric)))
+    batch = torch.export.Dim("batch", min=1)
+    program = torch.onnx.export(
+        Served(model.cpu().eval()),
+        example,
+        input_names=["categorical_codes", "numeric"],
+        output_names=[OUTPUT],
+        dynamic_shapes={"categorical_codes": {0: batch}, "numeric": {0: batch}},
+        opset_version=opset,
+        dynamo=True,
+        verbose=False,
+    )
+    return onnx.load_from_string(program.model_proto.SerializeToString())
+
+
+def _lookup(categorical: dict[str, list[str]], numeric: list[str], opset: int):
+    """The graph from raw columns to ``categorical_codes`` and ``numeric``."""
+    from onnx import TensorProto, helper
+
+    inputs, nodes = [], []
+    for column, vocab in categorical.items():
+        inputs.append(helper.make_tensor_value_info(column, TensorProto.STRING, ["batch", 1]))
+        nodes.append(
+            helper.make_node(
+                "LabelEncoder",
+                [column],
+                [f"{column}__code"],
+                domain="ai.onnx.ml",
+                keys_strings=vocab,
+                values_int64s=list(range(1, len(vocab) + 1)),
+                default_int64=0,
+            )
+        )
+    for column in numeric:
+        inputs.append(helper.make_tensor_value_info(column, TensorProto.FLOAT, ["batch", 1]))
+    nodes.append(helper.make_node("Concat", [f"{c}__code" for c in categorical], ["categorical_codes"], axis=1))
+    nodes.append(helper.make_node("Concat", list(numeric), ["numeric"], axis=1))
+    outputs = [
+        helper.make_tensor_value_info("categorical_codes", TensorProto.INT64, ["batch", len(categorical)]),
+        helper.make_tensor_value_info("numeric", TensorProto.FLOAT, ["batch", len(numeric)]),
+    ]
+    graph = helper.make_graph(nodes, "lookup", inputs, outputs)
+    return helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid("ai.onnx.ml", ML_OPSET)]
+    )
+
+
+def build_onnx(model, encoding, opset: int):
+    """One ONNX model: raw columns in, ``prediction`` (batch, 1) out."""
+    import onnx
+    from onnx import compose
+
+    categorical, numeric = list(encoding.categorical), list(encoding.numeric)
+    if not categorical or not numeric:
+        raise ValueError("the tabular exporter needs at least one categorical and one numeric feature")
+    network = _network(model, categorical, numeric, opset)
+    lookup = _lookup(encoding.categorical, numeric, opset)
+    lookup.ir_version = network.ir_version
+    merged = compose.merge_models(
+        lookup, network, io_map=[("categorical_codes", "categorical_codes"), ("numeric", "numeric")]
+    )
+    onnx.checker.check_model(merged, full_check=True)
+    return merged
+
+
+def export(config: ProjectConfig, candidate: str) -> dict:
+    """Write ``model.onnx`` into the candidate folder after a parity check on real test rows.
+
+    Raises ``ParityError`` when ONNX Runtime and PyTorch disagree by more than the configured
+    tolerance, which stops the run before anything is published.
+    """
+    import onnx
+    import onnxruntime as ort
+    import torch
+
+    from pipelines.data.split import split_paths
+    from pipelines.training.train import load_candidate
+
+    folder = Path(candidate)
+    model, encoding = load_candidate(folder)
+    exported = build_onnx(model, encoding, config.export.opset)
+    partial = folder / f".{MODEL_FILE}.partial"
+    onnx.save(exported, partial)
+
+    rows = pd.read_parquet(split_paths(config)["test"]).head(config.export.parity_rows)
+    with torch.no_grad():
+        expected = model.predict(
+            torch.from_numpy(encoding.categorical_indices(rows)), torch.from_numpy(encoding.numeric_values(rows))
+        ).numpy()
+    session = ort.InferenceSession(str(partial), providers=["CPUExecutionProvider"])
+    (got,) = session.run([OUTPUT], onnx_inputs(rows, list(encoding.categorical), encoding.numeric))
+    max_abs_diff = float(np.max(np.abs(got[:, 0] - expected)))
+    if not max_abs_diff <= config.export.parity_tolerance:
+        partial.unlink()
+        raise ParityError(
+            f"{folder / MODEL_FILE}: ONNX and PyTorch differ by {max_abs_diff:.3g} on {len(rows)} test rows, "
+            f"more than export.parity_tolerance={config.export.parity_tolerance:g}; nothing was published"
+        )
+    partial.replace(folder / MODEL_FILE)
+    record = {"onnx": str(folder / MODEL_FILE), "parity_rows": len(rows), "max_abs_diff": max_abs_diff}
+    write_json(folder / "export.json", record)
+    log.info("exported %s: max |onnx - torch| = %.2g over %d test rows", folder / MODEL_FILE, max_abs_diff, len(rows))
+    return record

@@ -1,0 +1,81 @@
+"""Publish: record the run's lineage and, when the gate promoted the candidate, make it a
+new served version of the model repository.
+
+Either the new version is complete and ``config.pbtxt`` names it, or the repository is as
+it was. A retried publish of the same Airflow run finds its version and does not add another.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from datetime import datetime, timezone
+from pathlib import Path
+
+from pipelines.config import ProjectConfig
+from pipelines.evaluation.gate import PROMOTED
+from pipelines.export.onnx import MODEL_FILE
+from pipelines.lineage import code_version, read_json, write_json
+from pipelines.serving import repository
+
+log = logging.getLogger(__name__)
+
+
+def run_record_path(config: ProjectConfig, run_id: str) -> Path:
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", run_id)
+    return config.path(config.artifacts_dir) / "runs" / config.model.name / f"{safe}.json"
+
+
+def _version_of_run(model_dir: Path, run_id: str) -> int | None:
+    for version in repository.versions(model_dir):
+        if repository.lineage_of(model_dir, version).get("airflow", {}).get("run_id") == run_id:
+            return version
+    return None
+
+
+def publish(
+    config: ProjectConfig,
+    candidate: str,
+    gate: dict,
+    data_version: dict[str, str],
+    run: dict,
+    overrides: dict | None = None,
+) -> dict:
+    """Write the run's lineage record; add and serve a new version if the gate promoted it.
+
+    ``run`` names the Airflow run (dag_id, run_id, logical_date, run_type); ``overrides`` are
+    the Params the run was triggered with.
+    """
+    folder = Path(candidate)
+    training = read_json(folder / "candidate.json")
+    lineage = {
+        "model": config.model.name,
+        "candidate": folder.name,
+        "data_version": data_version,
+        "code_version": code_version(),
+        "params": config.model_dump(mode="json", include={"dataset", "split", "model", "train", "gate", "export"}),
+        "overrides": overrides or {},
+        "training": {k: v for k, v in training.items() if k != "inputs"},
+        "export": read_json(folder / "export.json"),
+        "gate": gate,
+        "airflow": run,
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "version": None,
+    }
+    model_dir = config.model_dir
+    if gate["decision"] == PROMOTED:
+        version = _version_of_run(model_dir, run["run_id"])
+        if version is None:
+            version = repository.add_version(model_dir, {MODEL_FILE: folder / MODEL_FILE}, lineage)
+        repository.write_model_config(model_dir, repository.onnx_config(config, model_dir / str(version) / MODEL_FILE, version))
+        lineage["version"] = version
+        log.info("published %s version %d: %s", config.model.name, version, gate["reason"])
+    else:
+        log.info("not promoted: %s; the candidate stays in %s with its metrics", gate["reason"], folder)
+    record = write_json(run_record_path(config, run["run_id"]), lineage)
+    return {
+        "decision": gate["decision"],
+        "version": lineage["version"],
+        "served_version": repository.served_version(model_dir),
+        "lineage": str(record),
+    }

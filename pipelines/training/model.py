@@ -1,0 +1,69 @@
+"""The tabular model: an embedding per categorical column and scaled numerics into an MLP."""
+
+from __future__ import annotations
+
+import pytorch_lightning as pl
+import torch
+from torch import nn
+
+from pipelines.config import Task
+
+
+class TabularModel(pl.LightningModule):
+    """Binary classifier (one logit) or regressor (one value) over mixed tabular features."""
+
+    def __init__(
+        self,
+        task: str,
+        vocab_sizes: list[int],
+        numeric_mean: list[float],
+        numeric_std: list[float],
+        embedding_dim: int,
+        hidden_sizes: list[int],
+        dropout: float,
+        learning_rate: float,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.task = Task(task)
+        # +1: index 0 is kept for categories never seen in training.
+        self.embeddings = nn.ModuleList(nn.Embedding(size + 1, embedding_dim) for size in vocab_sizes)
+        self.register_buffer("numeric_mean", torch.tensor(numeric_mean, dtype=torch.float32))
+        self.register_buffer("numeric_std", torch.tensor(numeric_std, dtype=torch.float32))
+        layers: list[nn.Module] = []
+        width = embedding_dim * len(vocab_sizes) + len(numeric_mean)
+        for hidden in hidden_sizes:
+            layers += [nn.Linear(width, hidden), nn.ReLU(), nn.Dropout(dropout)]
+            width = hidden
+        layers.append(nn.Linear(width, 1))
+        self.mlp = nn.Sequential(*layers)
+        self.loss = nn.BCEWithLogitsLoss() if self.task == Task.classification else nn.MSELoss()
+
+    def forward(self, categorical: torch.Tensor, numeric: torch.Tensor) -> torch.Tensor:
+        """Raw output, shape (rows,): a logit for classification, the value for regression."""
+        parts = [emb(categorical[:, i]) for i, emb in enumerate(self.embeddings)]
+        parts.append((numeric - self.numeric_mean) / self.numeric_std)
+        return self.mlp(torch.cat(parts, dim=1)).squeeze(1)
+
+    def predict(self, categorical: torch.Tensor, numeric: torch.Tensor) -> torch.Tensor:
+        """What is served: the probability of the positive class, or the regressed value."""
+        out = self(categorical, numeric)
+        return torch.sigmoid(out) if self.task == Task.classification else out
+
+    def _step(self, batch: tuple[torch.Tensor, ...], name: str) -> torch.Tensor:
+        categorical, numeric, target = batch
+        loss = self.loss(self(categorical, numeric), target)
+        self.log(f"{name}_loss", loss, prog_bar=name == "val", batch_size=len(target))
+        return loss
+
+    def training_step(self, batch, batch_idx):
+        return self._step(batch, "train")
+
+    def validation_step(self, batch, batch_idx):
+        self._step(batch, "val")
+
+    def test_step(self, batch, batch_idx):
+        self._step(batch, "test")
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=self.hparams.learning_rate)

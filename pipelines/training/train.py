@@ -1,0 +1,117 @@
+"""Train a challenger with Lightning, or reuse the one already trained on the same inputs.
+
+A candidate lives in a folder named by the fingerprint of everything that shapes it
+(train/val data hashes, model and training settings, code version), so a nightly run with
+no new data reuses yesterday's model instead of training it again, and a retried task
+resumes from the candidate's last checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from pipelines.config import ProjectConfig
+from pipelines.data.split import split_paths
+from pipelines.lineage import code_version, fingerprint, read_json, write_json
+
+log = logging.getLogger(__name__)
+CANDIDATE_FILE = "candidate.json"  # written last: its presence means the candidate is complete
+
+
+def candidate_dir(config: ProjectConfig, key: str) -> Path:
+    return config.path(config.artifacts_dir) / "candidates" / config.model.name / key
+
+
+def train(
+    config: ProjectConfig,
+    data_version: dict[str, str],
+    max_epochs: int | None = None,
+    learning_rate: float | None = None,
+) -> dict:
+    """Fit a model on the current splits; return the candidate folder and its validation loss."""
+    settings = config.train.model_copy(
+        update={k: v for k, v in {"max_epochs": max_epochs, "learning_rate": learning_rate}.items() if v is not None}
+    )
+    paths = split_paths(config)
+    inputs = {
+        "data": {name: data_version[str(config.split.output_dir / path.name)] for name, path in paths.items() if name != "test"},
+        "dataset": config.dataset.model_dump(mode="json", include={"features", "label"}),
+        "model": config.model.model_dump(mode="json"),
+        "train": settings.model_dump(mode="json"),
+        "code": code_version(),
+    }
+    key = fingerprint(inputs)[:16]
+    folder = candidate_dir(config, key)
+    if (folder / CANDIDATE_FILE).exists():
+        record = read_json(folder / CANDIDATE_FILE)
+        log.info("candidate %s was already trained on these inputs: reusing it", key)
+        return {"candidate": str(folder), "reused": True, "best_val_loss": record["best_val_loss"], "epochs": record["epochs"]}
+    return _fit(config, settings, paths, inputs, folder)
+
+
+def _fit(config: ProjectConfig, settings, paths: dict[str, Path], inputs: dict, folder: Path) -> dict:
+    import pytorch_lightning as pl
+    import torch
+    from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
+    from pytorch_lightning.loggers import CSVLogger
+
+    from pipelines.training.data import TabularDataModule
+    from pipelines.training.model import TabularModel
+
+    pl.seed_everything(settings.seed, workers=True, verbose=False)
+    data = TabularDataModule(paths, config.dataset, settings.batch_size)
+    data.prepare_data()
+    data.setup()
+    encoding = data.encoding
+    model = TabularModel(
+        task=config.dataset.label.task.value,
+        vocab_sizes=[len(v) for v in encoding.categorical.values()],
+        numeric_mean=encoding.numeric_mean,
+        numeric_std=encoding.numeric_std,
+        embedding_dim=config.model.embedding_dim,
+        hidden_sizes=list(config.model.hidden_sizes),
+        dropout=config.model.dropout,
+        learning_rate=settings.learning_rate,
+    )
+    checkpoints = ModelCheckpoint(dirpath=folder / "checkpoints", monitor="val_loss", save_last=True, save_top_k=1)
+    cuda = torch.cuda.is_available()
+    trainer = pl.Trainer(
+        max_epochs=settings.max_epochs,
+        accelerator="auto",
+        precision="bf16-mixed" if cuda else "32-true",
+        callbacks=[checkpoints, EarlyStopping(monitor="val_loss", patience=settings.patience)],
+        logger=CSVLogger(folder, name="logs", version=""),
+        deterministic=True,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    last = folder / "checkpoints" / "last.ckpt"
+    if last.exists():
+        log.info("resuming from %s", last)
+    trainer.fit(model, datamodule=data, ckpt_path=last if last.exists() else None)
+    best = Path(checkpoints.best_model_path)
+    write_json(folder / "encoding.json", encoding.__dict__)
+    record = {
+        "fingerprint": folder.name,
+        "checkpoint": best.relative_to(folder).as_posix(),
+        "best_val_loss": float(checkpoints.best_model_score),
+        "epochs": trainer.current_epoch,
+        "accelerator": "cuda" if cuda else "cpu",
+        "inputs": inputs,
+    }
+    write_json(folder / CANDIDATE_FILE, record)
+    log.info("trained candidate %s: best val_loss %.5f after %d epochs", folder.name, record["best_val_loss"], record["epochs"])
+    return {"candidate": str(folder), "reused": False, "best_val_loss": record["best_val_loss"], "epochs": record["epochs"]}
+
+
+def load_candidate(folder: Path):
+    """The trained model of a candidate folder, on the CPU, in eval mode, and its encoding."""
+    from pipelines.training.data import Encoding
+    from pipelines.training.model import TabularModel
+
+    record = read_json(folder / CANDIDATE_FILE)
+    model = TabularModel.load_from_checkpoint(folder / record["checkpoint"], map_location="cpu").eval()
+    encoding = Encoding(**json.loads((folder / "encoding.json").read_text()))
+    return model, encoding

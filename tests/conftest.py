@@ -1,0 +1,63 @@
+"""Shared fixtures: a throwaway Flywheel project home built from the repository's own files."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipelines.config import ProjectConfig, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Airflow reads its configuration when first imported: point it at a throwaway home with
+# the repository's DAGs before any test imports it, so tests never touch a real deployment.
+os.environ.update(
+    {
+        "AIRFLOW_HOME": tempfile.mkdtemp(prefix="flywheel-test-airflow-"),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
+        "AIRFLOW__CORE__PLUGINS_FOLDER": str(REPO / "plugins"),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+    }
+)
+
+# Small and quick, the same code paths: tests train for a couple of epochs on a slice.
+FAST = {"train": {"max_epochs": 3, "batch_size": 256, "patience": 2}, "gate": {"floor": 0.5}, "export": {"parity_rows": 300}}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "e2e: runs a real Airflow (slow)")
+
+
+def merge(base: dict, changes: dict) -> dict:
+    out = dict(base)
+    for key, value in changes.items():
+        out[key] = merge(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+    return out
+
+
+def make_project(home: Path, changes: dict | None = None) -> ProjectConfig:
+    """A project home with the repository's params.yaml (plus ``changes``), dvc.yaml and suites."""
+    home.mkdir(parents=True, exist_ok=True)
+    params = merge(yaml.safe_load((REPO / "params.yaml").read_text()), merge(FAST, changes or {}))
+    (home / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    shutil.copy(REPO / "dvc.yaml", home / "dvc.yaml")
+    shutil.copytree(REPO / "expectations", home / "expectations", dirs_exist_ok=True)
+    return load_config(home)
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> ProjectConfig:
+    return make_project(tmp_path / "project")
+
+
+@pytest.fixture(scope="session")
+def airflow_db() -> None:
+    """A fresh Airflow metadata database (SQLite in the throwaway home)."""
+    from airflow.utils import db
+
+    db.resetdb()

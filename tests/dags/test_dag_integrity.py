@@ -1,0 +1,73 @@
+"""Every DAG file imports cleanly, fast, and is set up as on-call expects."""
+
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.conftest import REPO
+
+DAG_FILES = sorted(p.name for p in (REPO / "dags").glob("*.py"))
+HEAVY = ("torch", "pytorch_lightning", "great_expectations", "dvc", "onnx", "onnxruntime", "evidently", "transformers", "pandas")
+
+
+@pytest.fixture(scope="module")
+def dagbag():
+    from airflow.dag_processing.dagbag import DagBag
+
+    return DagBag(dag_folder=str(REPO / "dags"))
+
+
+def test_every_dag_file_imports_without_errors(dagbag):
+    assert not dagbag.import_errors
+    assert {d.fileloc.rsplit("/", 1)[-1] for d in dagbag.dags.values()} == set(DAG_FILES)
+
+
+def test_every_task_has_an_owner_and_retries_with_backoff(dagbag):
+    for dag in dagbag.dags.values():
+        for t in dag.tasks:
+            assert t.owner and t.owner != "airflow", f"{dag.dag_id}.{t.task_id} has no owner"
+            if t.task_id != "validate":  # validation failures must page, not retry
+                assert t.retries >= 1 and t.retry_exponential_backoff, f"{dag.dag_id}.{t.task_id} does not retry"
+
+
+def test_dags_are_documented_tagged_and_do_not_catch_up(dagbag):
+    for dag in dagbag.dags.values():
+        assert dag.doc_md and dag.tags and dag.catchup is False, dag.dag_id
+
+
+def test_retrain_runs_one_at_a_time_in_the_expected_order(dagbag):
+    dag = dagbag.dags["retrain"]
+
+    assert dag.max_active_runs == 1  # DVC's lock allows one `dvc repro` per workspace
+    order = [t.task_id for t in dag.topological_sort()]
+    assert order.index("validate") < order.index("version_data") < order.index("train")
+    assert order.index("export") < order.index("gate") < order.index("publish")
+    assert dag.get_task("validate").retries == 0
+
+
+def test_retrain_params_validate_what_the_ui_form_sends(dagbag):
+    from airflow.sdk.definitions.param import ParamsDict
+    from airflow.sdk.exceptions import ParamValidationError
+
+    params = dagbag.dags["retrain"].params
+    good = ParamsDict(params)
+    good.update({"max_epochs": 5, "learning_rate": 0.01, "force_publish": True, "force_reason": "INC-1"})
+    good.validate()
+    for bad in ({"max_epochs": 0}, {"learning_rate": 0}, {"learning_rate": -1}, {"force_publish": "yes"}):
+        with pytest.raises(ParamValidationError, match=f"Invalid input for param {next(iter(bad))}"):
+            ParamsDict(params).update(bad)
+
+
+@pytest.mark.parametrize("dag_file", DAG_FILES)
+def test_parsing_a_dag_file_imports_nothing_heavy_and_is_fast(dag_file):
+    # Parsing happens every few seconds in the dag-processor: heavy imports belong in task bodies.
+    probe = (
+        "import sys, time, runpy; t = time.perf_counter(); "
+        f"runpy.run_path({str(REPO / 'dags' / dag_file)!r}); "
+        "print(time.perf_counter() - t); "
+        f"print(','.join(m for m in {HEAVY!r} if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.split("\n")
+    assert out[1] == "", f"{dag_file} imports {out[1]} at parse time"

@@ -1,0 +1,62 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipelines.config import ConfigError, FeatureType, Task, load_config
+from tests.conftest import REPO, make_project
+
+
+def write_params(home: Path, mutate) -> Path:
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    mutate(params)
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "params.yaml").write_text(yaml.safe_dump(params))
+    return home
+
+
+def test_committed_params_load_into_typed_sections():
+    config = load_config(REPO)
+
+    assert config.dataset.label.task is Task.classification
+    assert config.dataset.columns_of(FeatureType.categorical) == ["carrier", "origin", "dest"]
+    assert config.model_dir == REPO / "model_repository" / "flights_delay"
+
+
+def test_a_misspelt_key_is_an_error_that_names_it(tmp_path):
+    home = write_params(tmp_path, lambda p: p["train"].update(max_epoch=3))
+
+    with pytest.raises(ConfigError, match=r"train\.max_epoch: Extra inputs are not permitted"):
+        load_config(home)
+
+
+def test_split_fractions_must_sum_to_one(tmp_path):
+    home = write_params(tmp_path, lambda p: p["split"].update(test=0.3))
+
+    with pytest.raises(ConfigError, match="must be 1, got 1.15"):
+        load_config(home)
+
+
+def test_a_metric_of_the_wrong_task_is_refused(tmp_path):
+    home = write_params(tmp_path, lambda p: p["gate"].update(metric="rmse"))
+
+    with pytest.raises(ConfigError, match="'rmse' does not apply to a classification label"):
+        load_config(home)
+
+
+def test_the_label_cannot_also_be_a_feature(tmp_path):
+    home = write_params(tmp_path, lambda p: p["dataset"]["features"].append({"name": "arr_delayed", "type": "numeric"}))
+
+    with pytest.raises(ConfigError, match=r"must not include the id, time or label column: \['arr_delayed'\]"):
+        load_config(home)
+
+
+def test_a_missing_file_says_where_it_looked(tmp_path):
+    with pytest.raises(ConfigError, match=f"{tmp_path}/params.yaml: no such file"):
+        load_config(tmp_path)
+
+
+def test_relative_paths_resolve_against_the_project_home(tmp_path):
+    config = make_project(tmp_path / "elsewhere")
+
+    assert config.path(config.dataset.raw_path) == tmp_path / "elsewhere" / "data/raw/flights.parquet"

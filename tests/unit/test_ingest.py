@@ -1,0 +1,277 @@
+"""Ingestion of landing batches: passing ones reach the raw dataset and the archive,
+failing ones reach quarantine with their reports, and a crash never loses a batch."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from pipelines.config import ProjectConfig
+from pipelines.data import ingest
+from pipelines.data.ingest import BatchValidationError, ingest_landing
+from pipelines.data.replay import land, month_batch
+from pipelines.data.validation import SuiteError
+
+ROWS = 200
+
+
+def landing(config: ProjectConfig):
+    return config.path(config.dataset.landing_dir)
+
+
+def raw(config: ProjectConfig) -> pd.DataFrame:
+    return pd.read_parquet(config.path(config.dataset.raw_path))
+
+
+def quarantine(config: ProjectConfig, stem: str):
+    return config.path(config.dataset.quarantine_dir) / stem
+
+
+def seed_raw(config: ProjectConfig, month: str = "2013-01") -> bytes:
+    """A raw dataset from an earlier night, written directly (no validation: it is quicker)."""
+    path = config.path(config.dataset.raw_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    month_batch(month, rows=ROWS).to_parquet(path, index=False)
+    return path.read_bytes()
+
+
+class CrashOnce:
+    """Stands in for ``ingest._move_into`` and fails its first call, like a killed worker."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.real = ingest._move_into
+
+    def __call__(self, path, directory):
+        self.calls += 1
+        if self.calls == 1:
+            raise OSError("simulated crash")
+        return self.real(path, directory)
+
+
+def test_no_new_batches_is_a_normal_night(project):
+    # Given an empty landing directory (it does not even exist yet)
+    # When ingestion runs
+    summary = ingest_landing(project)
+
+    # Then it reports nothing to do instead of failing the nightly DAG
+    assert summary == {
+        "batches": [], "passed": [], "quarantined": [], "rows_ingested": 0, "rows_quarantined": 0, "raw_rows": 0
+    }
+
+
+def test_passing_batch_is_appended_to_raw_and_archived(project):
+    # Given a good batch in landing and a raw dataset from an earlier night
+    seed_raw(project, "2013-01")
+    land(project, "2013-02", rows=ROWS)
+
+    # When ingestion runs
+    summary = ingest_landing(project)
+
+    # Then its rows join the raw dataset, and the file leaves landing for the archive
+    assert summary == {
+        "batches": ["2013-02.csv"],
+        "passed": ["2013-02.csv"],
+        "quarantined": [],
+        "rows_ingested": ROWS,
+        "rows_quarantined": 0,
+        "raw_rows": 2 * ROWS,
+    }
+    assert set(raw(project)["month"]) == {1, 2}
+    assert list(landing(project).iterdir()) == []
+    assert (project.path(project.dataset.archive_dir) / "2013-02.csv").is_file()
+    assert list(raw(project).columns) == project.dataset.columns
+
+
+def test_resent_batch_replaces_older_rows_instead_of_duplicating(project):
+    # Given a batch already ingested, then re-sent with one row corrected upstream
+    land(project, "2013-03", rows=ROWS)
+    ingest_landing(project)
+    resent = land(project, "2013-03", rows=ROWS)
+    batch = pd.read_csv(resent)
+    corrected_id = int(batch.loc[0, "flight_id"])
+    batch.loc[0, "arr_delayed"] = 1 - batch.loc[0, "arr_delayed"]
+    batch.to_csv(resent, index=False)
+
+    # When ingestion runs again
+    summary = ingest_landing(project)
+
+    # Then each flight is in raw once, with the newer copy's value
+    rows = raw(project)
+    assert summary["raw_rows"] == ROWS == len(rows)
+    assert rows["flight_id"].is_unique
+    assert rows.set_index("flight_id").loc[corrected_id, "arr_delayed"] == batch.loc[0, "arr_delayed"]
+    # and both copies of the file are kept: archiving never overwrites
+    archive = project.path(project.dataset.archive_dir)
+    assert sorted(p.name for p in archive.iterdir()) == ["2013-03.2.csv", "2013-03.csv"]
+
+
+def test_partial_files_are_left_for_the_writer_to_finish(project):
+    # Given a batch still being written (replay writes *.partial, then renames)
+    landing(project).mkdir(parents=True)
+    partial = landing(project) / "2013-04.csv.partial"
+    partial.write_text("flight_id,time_hour\n1,")
+
+    summary = ingest_landing(project)
+
+    assert summary["batches"] == [] and partial.exists()
+
+
+def test_failing_batch_is_quarantined_with_its_reports_and_raw_untouched(project):
+    # Given a raw dataset and a batch an upstream bug has broken (negative distances,
+    # unknown origin, missing carrier)
+    raw_before = seed_raw(project)
+    land(project, "2013-03", rows=ROWS, broken=True)
+
+    # When ingestion runs
+    with pytest.raises(BatchValidationError) as failure:
+        ingest_landing(project)
+
+    # Then the batch is moved, not deleted, into its own quarantine folder with the
+    # validation result and the Data Docs page, and nothing reached the raw dataset
+    folder = quarantine(project, "2013-03")
+    assert sorted(p.name for p in folder.iterdir()) == ["2013-03.csv", "data_docs.html", "validation_result.json"]
+    assert len(pd.read_csv(folder / "2013-03.csv")) == ROWS
+    negative = min(pd.read_csv(folder / "2013-03.csv")["distance"])
+    result = json.loads((folder / "validation_result.json").read_text())
+    assert result["success"] is False and result["meta"]["run_id"]["run_name"] == "2013-03"
+    page = (folder / "data_docs.html").read_text()
+    assert "2013-03" in page and f">{negative}<" in page
+    assert list(landing(project).iterdir()) == []
+    assert project.path(project.dataset.raw_path).read_bytes() == raw_before
+    # and the error says which batch, which expectation on which column, a bad value, and where it went
+    message = str(failure.value)
+    assert "2013-03.csv" in message and str(folder) in message
+    assert "expect_column_values_to_be_between(distance)" in message and str(negative) in message
+    assert "expect_column_values_to_be_in_set(origin)" in message and "'XXX'" in message
+    assert "expect_column_values_to_not_be_null(carrier)" in message
+    assert failure.value.summary["quarantined"] == ["2013-03.csv"]
+
+
+def test_binary_garbage_is_quarantined_as_unreadable(project):
+    # Given a file that is not text at all
+    landing(project).mkdir(parents=True)
+    (landing(project) / "2013-05.csv").write_bytes(bytes(range(256)) * 4)
+
+    with pytest.raises(BatchValidationError, match=r"2013-05.csv[\s\S]*not a readable CSV \(UnicodeDecodeError") as failure:
+        ingest_landing(project)
+
+    # Then it is quarantined with a record of why, and the message says what was expected
+    folder = quarantine(project, "2013-05")
+    assert (folder / "2013-05.csv").read_bytes() == bytes(range(256)) * 4
+    record = json.loads((folder / "validation_result.json").read_text())
+    assert record["success"] is False and record["expected_columns"] == project.dataset.columns
+    assert "expected a CSV with a header row of ['flight_id', 'time_hour'" in str(failure.value)
+
+
+def test_csv_with_broken_row_structure_is_quarantined_as_unreadable(project):
+    # Given a CSV where a row has more fields than the header (a shifted or garbled export)
+    path = land(project, "2013-06", rows=ROWS)
+    lines = path.read_text().splitlines()
+    lines[5] += ",extra,fields"
+    path.write_text("\n".join(lines) + "\n")
+
+    with pytest.raises(BatchValidationError, match=r"2013-06.csv[\s\S]*not a readable CSV \(ParserError: .*line 6"):
+        ingest_landing(project)
+
+    assert (quarantine(project, "2013-06") / "2013-06.csv").is_file()
+    assert not project.path(project.dataset.raw_path).exists()
+
+
+def test_batch_missing_a_required_column_is_quarantined_naming_it_and_the_expected_ones(project):
+    # Given a batch whose export dropped the dest column
+    path = land(project, "2013-07", rows=ROWS)
+    pd.read_csv(path).drop(columns=["dest"]).to_csv(path, index=False)
+
+    with pytest.raises(BatchValidationError) as failure:
+        ingest_landing(project)
+
+    message = str(failure.value)
+    assert "missing required columns ['dest']; expected ['flight_id', 'time_hour', 'carrier'" in message
+    assert "expect_table_columns_to_match_set: observed {'missing': ['dest']}" in message
+    assert (quarantine(project, "2013-07") / "data_docs.html").is_file()
+
+
+def test_mixed_night_ingests_the_good_batches_and_quarantines_the_bad(project):
+    # Given a good batch and a broken one in the same night
+    land(project, "2013-08", rows=ROWS)
+    land(project, "2013-09", rows=ROWS, broken=True)
+
+    # When ingestion runs, it handles both before failing
+    with pytest.raises(BatchValidationError, match=r"1 of 2 landing batch\(es\) failed[\s\S]*2013-09.csv") as failure:
+        ingest_landing(project)
+
+    # Then the good one is in raw and archived, the bad one quarantined
+    assert set(raw(project)["month"]) == {8}
+    assert (project.path(project.dataset.archive_dir) / "2013-08.csv").is_file()
+    assert (quarantine(project, "2013-09") / "2013-09.csv").is_file()
+    assert list(landing(project).iterdir()) == []
+    assert failure.value.summary["passed"] == ["2013-08.csv"]
+    assert failure.value.summary["rows_ingested"] == failure.value.summary["rows_quarantined"] == ROWS
+    assert "2013-08.csv" not in str(failure.value).split("Batches that passed")[0]
+
+
+def test_crash_after_raw_write_leaves_the_batch_in_landing_and_the_rerun_does_not_duplicate(project, monkeypatch):
+    # Given a crash between writing raw and archiving the landing file
+    land(project, "2013-10", rows=ROWS)
+    monkeypatch.setattr(ingest, "_move_into", CrashOnce())
+    with pytest.raises(OSError, match="simulated crash"):
+        ingest_landing(project)
+    assert (landing(project) / "2013-10.csv").is_file()
+
+    # When the next run redoes it
+    summary = ingest_landing(project)
+
+    # Then the rows are in raw once, and the batch is archived
+    assert summary["raw_rows"] == ROWS == len(raw(project))
+    assert (project.path(project.dataset.archive_dir) / "2013-10.csv").is_file()
+
+
+def test_crash_while_quarantining_leaves_the_batch_in_landing_and_the_rerun_completes_its_folder(
+    project, monkeypatch
+):
+    # Given a crash after the reports are written but before the batch is moved to quarantine
+    land(project, "2013-11", rows=ROWS, broken=True)
+    monkeypatch.setattr(ingest, "_move_into", CrashOnce())
+    with pytest.raises(OSError, match="simulated crash"):
+        ingest_landing(project)
+    assert (landing(project) / "2013-11.csv").is_file()
+
+    # When the next run redoes it
+    with pytest.raises(BatchValidationError):
+        ingest_landing(project)
+
+    # Then the half-made folder is completed, not abandoned for a second one
+    quarantined = sorted(p.name for p in project.path(project.dataset.quarantine_dir).iterdir())
+    assert quarantined == ["2013-11"]
+    assert (quarantine(project, "2013-11") / "2013-11.csv").is_file()
+
+
+def test_resent_bad_batch_gets_a_new_quarantine_folder_keeping_the_first(project):
+    # Given a bad batch quarantined, then re-sent still bad
+    land(project, "2013-12", rows=ROWS, broken=True)
+    with pytest.raises(BatchValidationError):
+        ingest_landing(project)
+    land(project, "2013-12", rows=ROWS, broken=True)
+
+    with pytest.raises(BatchValidationError, match="2013-12.2"):
+        ingest_landing(project)
+
+    # Then both copies are kept for the investigation
+    assert (quarantine(project, "2013-12") / "2013-12.csv").is_file()
+    assert (quarantine(project, "2013-12.2") / "2013-12.csv").is_file()
+
+
+def test_missing_suite_stops_before_touching_any_batch(project):
+    # Given a project whose suite file is gone: the project is broken, not the data
+    land(project, "2013-01", rows=ROWS)
+    project.path(project.dataset.expectation_suite).unlink()
+
+    with pytest.raises(SuiteError, match="expectations/flights.json: expectation suite file not found"):
+        ingest_landing(project)
+
+    # Then the batch waits in landing for the fix instead of being quarantined
+    assert (landing(project) / "2013-01.csv").is_file()
+    assert not project.path(project.dataset.quarantine_dir).exists()

@@ -1,0 +1,178 @@
+"""Train, export, gate and publish on a real slice of the flights, without a scheduler."""
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pandas as pd
+import pytest
+import torch
+
+from pipelines.data.split import split_paths
+from pipelines.data.versioning import version_split
+from pipelines.evaluation.gate import NOT_PROMOTED, PROMOTED, beats, decide, evaluate, predict_onnx
+from pipelines.export.onnx import MODEL_FILE, ParityError, export, onnx_inputs
+from pipelines.serving import repository
+from pipelines.serving.publish import publish
+from pipelines.training.train import CANDIDATE_FILE, load_candidate, train
+from tests.conftest import make_project
+from tests.unit.test_split import write_raw
+
+RUN = {"dag_id": "retrain", "run_id": "manual__1", "run_type": "manual", "logical_date": None}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A project with two months ingested, split, and one candidate trained and exported."""
+    config = make_project(tmp_path_factory.mktemp("chain") / "project")
+    write_raw(config, "2013-01", "2013-02", rows=3000)
+    versioned = version_split(config)
+    candidate = train(config, versioned["data_version"])
+    export(config, candidate["candidate"])
+    return config, versioned["data_version"], candidate
+
+
+def test_training_writes_a_complete_candidate_and_reuses_it_on_the_same_inputs(trained):
+    config, data_version, first = trained
+
+    again = train(config, data_version)
+
+    assert not first["reused"] and again["reused"]
+    assert again["candidate"] == first["candidate"]
+    record = json.loads((config.home / first["candidate"] / CANDIDATE_FILE).read_text())
+    assert record["best_val_loss"] == pytest.approx(first["best_val_loss"])
+    assert record["inputs"]["data"]["train"] == data_version["data/split/train.parquet"]
+
+
+def test_other_params_train_another_candidate(trained):
+    config, data_version, first = trained
+
+    other = train(config, data_version, max_epochs=1, learning_rate=1e-4)
+
+    assert other["candidate"] != first["candidate"] and not other["reused"]
+    assert other["epochs"] == 1
+
+
+def test_onnx_model_takes_raw_columns_with_a_dynamic_batch_and_matches_torch(trained):
+    config, _, candidate = trained
+    model, encoding = load_candidate(config.home / candidate["candidate"])
+    rows = pd.read_parquet(split_paths(config)["test"]).head(37)
+    rows.loc[rows.index[0], "dest"] = "NEVER-SEEN"  # an unseen category maps to the OOV slot, not an error
+
+    session = ort.InferenceSession(str(config.home / candidate["candidate"] / MODEL_FILE))
+    (got,) = session.run(None, onnx_inputs(rows, list(encoding.categorical), encoding.numeric))
+
+    with torch.no_grad():
+        expected = model.predict(
+            torch.from_numpy(encoding.categorical_indices(rows)), torch.from_numpy(encoding.numeric_values(rows))
+        ).numpy()
+    assert got.shape == (37, 1)
+    np.testing.assert_allclose(got[:, 0], expected, atol=1e-5)
+    assert {i.name for i in session.get_inputs()} == {f.name for f in config.dataset.features}
+    batch_dim = onnx.load(str(config.home / candidate["candidate"] / MODEL_FILE)).graph.input[0].type.tensor_type.shape.dim[0]
+    assert batch_dim.dim_param and not batch_dim.dim_value
+
+
+def test_a_failing_parity_check_leaves_no_model_file(trained, tmp_path):
+    config, _, candidate = trained
+    strict = config.model_copy(update={"export": config.export.model_copy(update={"parity_tolerance": 1e-30})})
+    (config.home / candidate["candidate"] / MODEL_FILE).rename(tmp_path / MODEL_FILE)
+    try:
+        with pytest.raises(ParityError, match="ONNX and PyTorch differ by .* nothing was published"):
+            export(strict, candidate["candidate"])
+        assert not (config.home / candidate["candidate"] / MODEL_FILE).exists()
+    finally:
+        (tmp_path / MODEL_FILE).rename(config.home / candidate["candidate"] / MODEL_FILE)
+
+
+@pytest.mark.parametrize(
+    ("metric", "challenger", "champion", "margin", "expected"),
+    [
+        ("roc_auc", 0.71, 0.70, 0.005, True),
+        ("roc_auc", 0.703, 0.70, 0.005, False),
+        ("log_loss", 0.40, 0.45, 0.01, True),
+        ("log_loss", 0.45, 0.40, 0.01, False),
+    ],
+)
+def test_beating_the_champion_respects_the_metric_direction_and_margin(metric, challenger, champion, margin, expected):
+    assert beats(metric, challenger, champion, margin) is expected
+
+
+def test_gate_promotes_a_first_model_that_passes_the_floor_and_records_why(trained):
+    config, _, candidate = trained
+
+    decision = evaluate(config, candidate["candidate"])
+
+    assert decision["decision"] == PROMOTED and decision["champion"] is None
+    assert decision["challenger"]["roc_auc"] > 0.55
+    assert "no champion yet" in decision["reason"]
+
+
+def test_gate_refuses_a_challenger_worse_than_the_champion(trained):
+    config, data_version, good = trained
+    weak = train(config, data_version, max_epochs=1, learning_rate=1e-6)
+    export(config, weak["candidate"])
+    good_onnx, weak_onnx = (config.home / c["candidate"] / MODEL_FILE for c in (good, weak))
+
+    decision = decide(config, weak_onnx, good_onnx)
+
+    assert decision["decision"] == NOT_PROMOTED
+    assert decision["challenger"]["roc_auc"] < decision["champion"]["roc_auc"]
+    forced = decide(config, weak_onnx, good_onnx, force_publish=True, force_reason="hotfix for INC-42")
+    assert forced["decision"] == PROMOTED and forced["reason"].startswith("forced: hotfix for INC-42")
+    with pytest.raises(ValueError, match="force_reason is empty"):
+        decide(config, weak_onnx, good_onnx, force_publish=True, force_reason=" ")
+
+
+def test_publish_adds_a_served_version_with_lineage_and_a_triton_config(trained):
+    config, data_version, candidate = trained
+    decision = evaluate(config, candidate["candidate"])
+
+    result = publish(config, candidate["candidate"], decision, data_version, RUN, {"max_epochs": None})
+    retried = publish(config, candidate["candidate"], decision, data_version, RUN, {"max_epochs": None})
+
+    assert result["version"] == retried["version"] == repository.served_version(config.model_dir)
+    assert repository.versions(config.model_dir) == [result["version"]]  # a retry adds no second version
+    triton = repository.read_model_config(config.model_dir)
+    assert triton.platform == "onnxruntime_onnx" and triton.max_batch_size == config.serving.max_batch_size
+    assert [i.name for i in triton.input] == [f.name for f in config.dataset.features]
+    lineage = repository.lineage_of(config.model_dir, result["version"])
+    assert lineage["data_version"] == data_version and lineage["airflow"]["run_id"] == "manual__1"
+    assert lineage["gate"]["decision"] == PROMOTED and lineage["code_version"]
+    served = config.model_dir / str(result["version"]) / MODEL_FILE
+    np.testing.assert_allclose(
+        predict_onnx(served, pd.read_parquet(split_paths(config)["test"]).head(50)),
+        predict_onnx(config.home / candidate["candidate"] / MODEL_FILE, pd.read_parquet(split_paths(config)["test"]).head(50)),
+    )
+
+
+def test_a_rejected_candidate_leaves_the_repository_as_it_was(trained):
+    config, data_version, candidate = trained
+    before = (config.model_dir / repository.CONFIG_FILE).read_bytes() if (config.model_dir / repository.CONFIG_FILE).exists() else None
+    versions_before = repository.versions(config.model_dir)
+    rejected = {"decision": NOT_PROMOTED, "reason": "test", "challenger": {}, "champion": {}}
+
+    result = publish(config, candidate["candidate"], rejected, data_version, {**RUN, "run_id": "manual__2"}, {})
+
+    assert result["version"] is None
+    assert repository.versions(config.model_dir) == versions_before
+    after = (config.model_dir / repository.CONFIG_FILE).read_bytes() if before is not None else None
+    assert after == before
+    record = json.loads(open(result["lineage"]).read())
+    assert record["gate"]["decision"] == NOT_PROMOTED and record["version"] is None
+
+
+def test_a_crash_mid_publish_leaves_no_half_version(tmp_path):
+    model_dir = tmp_path / "m"
+    (model_dir / "1").mkdir(parents=True)
+    (model_dir / f"{repository.STAGING_PREFIX}2").mkdir()  # what a crash before the rename leaves
+    source = tmp_path / "model.onnx"
+    source.write_bytes(b"onnx")
+
+    assert repository.versions(model_dir) == [1]
+    version = repository.add_version(model_dir, {"model.onnx": source}, {"note": "retry"})
+
+    assert version == 2 and repository.versions(model_dir) == [1, 2]
+    assert not list(model_dir.glob(f"{repository.STAGING_PREFIX}*"))
+    assert (model_dir / "2" / "model.onnx").read_bytes() == b"onnx"

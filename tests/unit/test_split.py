@@ -1,0 +1,56 @@
+import pandas as pd
+import pytest
+
+from pipelines.data.replay import month_batch
+from pipelines.data.split import split_by_time
+from pipelines.data.versioning import data_version, version_split
+
+
+def write_raw(config, *months, rows=2000):
+    raw = config.path(config.dataset.raw_path)
+    raw.parent.mkdir(parents=True, exist_ok=True)
+    pd.concat([month_batch(m, rows=rows) for m in months]).to_parquet(raw, index=False)
+    return raw
+
+
+def test_time_split_puts_every_test_row_after_every_train_row():
+    flights = month_batch("2013-05", rows=3000)
+
+    parts = split_by_time(flights, "time_hour", "flight_id", train=0.7, val=0.15)
+
+    times = {name: pd.to_datetime(part["time_hour"]) for name, part in parts.items()}
+    # no leakage: the model never trains on a moment later than one it is scored on
+    assert times["train"].max() < times["val"].min() <= times["val"].max() < times["test"].min()
+    assert sum(len(p) for p in parts.values()) == len(flights)
+    assert set(parts["train"]["flight_id"]).isdisjoint(parts["test"]["flight_id"])
+    assert 0.6 < len(parts["train"]) / len(flights) < 0.8
+
+
+def test_too_little_data_to_cut_is_a_clear_error():
+    one_hour = month_batch("2013-05", rows=3000).assign(time_hour="2013-05-01T12:00:00Z")
+
+    with pytest.raises(ValueError, match="the train/val split is empty.*land more batches"):
+        split_by_time(one_hour, "time_hour", "flight_id", train=0.7, val=0.15)
+
+
+def test_dvc_split_reruns_only_when_raw_data_changes(project):
+    write_raw(project, "2013-01", "2013-02")
+
+    first = version_split(project)
+    again = version_split(project)
+    write_raw(project, "2013-01", "2013-02", "2013-03")
+    grown = version_split(project)
+
+    assert not first["cache_hit"] and again["cache_hit"] and not grown["cache_hit"]
+    assert again["data_version"] == first["data_version"]
+    assert grown["data_version"]["data/raw/flights.parquet"] != first["data_version"]["data/raw/flights.parquet"]
+    assert grown["data_version"] == data_version(project)
+    # every version is pushed to the remote: its cache holds the train split's hash
+    train_md5 = grown["data_version"]["data/split/train.parquet"]
+    remote = project.home / project.versioning.remote
+    assert any(train_md5[2:] in p.name for p in remote.rglob("*"))
+
+
+def test_split_without_raw_data_names_the_missing_file(project):
+    with pytest.raises(FileNotFoundError, match="data/raw/flights.parquet: no raw dataset yet"):
+        version_split(project)
