@@ -87,7 +87,7 @@ def retrain():
         run = {
             "dag_id": dag_run.dag_id,
             "run_id": dag_run.run_id,
-            "run_type": str(dag_run.run_type),
+            "run_type": getattr(dag_run.run_type, "value", dag_run.run_type),  # an enum: keep "manual", not its repr
             "logical_date": str(dag_run.logical_date),
         }
         return steps.publish(trained["candidate"], decision, versioned["data_version"], run, dict(params))

@@ -63,8 +63,13 @@ def airflow_env(
     extra: dict[str, str] | None = None,
     *,
     port: int = DEFAULT_PORT,
+    scheduled: bool = True,
 ) -> dict[str, str]:
     """Environment for Airflow commands on a home inside the checkout: ``os.environ`` plus these.
+
+    ``scheduled=False`` is for the demo and the tests: DAGs start unpaused and run only when
+    triggered. With ``scheduled=True`` Airflow behaves as deployed: new DAGs start paused, and
+    once unpaused their schedules create runs.
 
     ``extra`` is applied last, so it can override any of them (e.g. the log-server ports).
     """
@@ -95,7 +100,6 @@ def airflow_env(
             # The default of 32 lets the LocalExecutor fork up to 32 workers; a 2-core machine
             # thrashes long before that.
             "AIRFLOW__CORE__PARALLELISM": "4",
-            "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
             # Defaults (300 s to list new files, 30 s between re-parses) make a new or edited DAG
             # file invisible for minutes; a demo and the tests want it within seconds.
             "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
@@ -116,6 +120,10 @@ def airflow_env(
             "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://{_LOOPBACK}:{port}/execution/",
         }
     )
+    if not scheduled:
+        # Runs start only when triggered: DAGs are live at once, and no cron creates runs of its own.
+        env["AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION"] = "False"
+        env["AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE"] = "False"
     env.update(extra or {})
     return env
 
@@ -133,13 +141,14 @@ class LocalAirflow:
         plugins_folder: Path,
         port: int = DEFAULT_PORT,
         extra_env: dict[str, str] | None = None,
+        scheduled: bool = True,
     ) -> None:
         self.airflow_home = Path(airflow_home).resolve()
         self.dags_folder = Path(dags_folder).resolve()
         self.plugins_folder = Path(plugins_folder).resolve()
         self.port = port
         self.env = airflow_env(
-            self.airflow_home, self.dags_folder, self.plugins_folder, extra_env, port=port
+            self.airflow_home, self.dags_folder, self.plugins_folder, extra_env, port=port, scheduled=scheduled
         )
         self.base_url = f"http://{_LOOPBACK}:{port}"
         self.log_file = self.airflow_home / STANDALONE_LOG
@@ -238,6 +247,12 @@ class LocalAirflow:
                     proc.wait()
         _kill_session(session)
 
+    def wait(self) -> int:
+        """Block until Airflow exits (or Ctrl-C); returns its exit code."""
+        if self._proc is None:
+            raise LocalAirflowError("Airflow is not running")
+        return self._proc.wait()
+
     def token(self) -> str:
         """A JWT for the REST API from ``POST /auth/token`` with the admin credentials; cached."""
         if self._token is None:
@@ -279,15 +294,6 @@ class LocalAirflow:
     def import_errors(self) -> list[dict[str, Any]]:
         """``GET /api/v2/importErrors``: files the dag-processor could not import."""
         return self._paged("/api/v2/importErrors", "import_errors")
-
-    def unpause(self, dag_id: str) -> None:
-        """Unpause ``dag_id`` (needed only if ``DAGS_ARE_PAUSED_AT_CREATION`` was overridden)."""
-        self._request(
-            "PATCH",
-            f"/api/v2/dags/{_quote(dag_id)}",
-            {"is_paused": False},
-            query={"update_mask": "is_paused"},
-        )
 
     def trigger(self, dag_id: str, conf: dict[str, Any], run_id: str | None = None) -> str:
         """Start a manual run of ``dag_id`` with ``conf`` as its params; returns the run id."""

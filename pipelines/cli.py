@@ -33,7 +33,7 @@ def cmd_up(args: argparse.Namespace) -> None:
     with LocalAirflow(REPO / ".airflow", REPO / "dags", REPO / "plugins", port=args.port, extra_env={"FLYWHEEL_HOME": str(config.home)}) as airflow:
         print(f"Airflow is up on http://localhost:{args.port} (user admin, password {airflow.password}); Ctrl-C stops it.", flush=True)
         try:
-            airflow.wait_forever()
+            airflow.wait()
         except KeyboardInterrupt:
             pass
 

@@ -88,9 +88,8 @@ def run(config: ProjectConfig, fresh: bool, port: int) -> list[dict]:
     if fresh:
         reset(config)
     rows = []
-    with LocalAirflow(REPO / ".airflow", REPO / "dags", REPO / "plugins", port=port, extra_env={"FLYWHEEL_HOME": str(config.home)}) as airflow:
+    with LocalAirflow(REPO / ".airflow", REPO / "dags", REPO / "plugins", port=port, extra_env={"FLYWHEEL_HOME": str(config.home)}, scheduled=False) as airflow:
         airflow.wait_for_dag(DAG_ID)
-        airflow.unpause(DAG_ID)
         for number, night in enumerate(NIGHTS, start=1):
             for month in night.months:
                 land(config, month, broken=night.corrupt)

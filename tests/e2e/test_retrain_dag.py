@@ -1,0 +1,128 @@
+"""The retrain DAG, run by a real Airflow (scheduler, dag-processor, api-server, LocalExecutor)
+over real flight batches: first version published, a weak challenger refused, a corrupted
+batch quarantined."""
+
+from __future__ import annotations
+
+import json
+import socket
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipelines.airflow_local import LocalAirflow
+from pipelines.data.replay import land
+from pipelines.data.split import split_paths
+from pipelines.evaluation.gate import NOT_PROMOTED, PROMOTED, predict_onnx
+from pipelines.export.onnx import MODEL_FILE
+from pipelines.serving import repository
+from pipelines.serving.publish import run_record_path
+from pipelines.training.train import load_candidate
+from tests.conftest import REPO, make_project
+
+pytestmark = pytest.mark.e2e
+ROWS = 3000
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def airflow(tmp_path_factory):
+    home = tmp_path_factory.mktemp("e2e")
+    config = make_project(home / "project")
+    local = LocalAirflow(
+        home / "airflow", REPO / "dags", REPO / "plugins", port=free_port(),
+        extra_env={"FLYWHEEL_HOME": str(config.home)}, scheduled=False,
+    )
+    with local:
+        local.wait_for_dag("retrain")
+        yield local, config
+
+
+def run_retrain(airflow: LocalAirflow, conf: dict | None = None) -> tuple[str, str]:
+    run_id = airflow.trigger("retrain", conf or {})
+    return run_id, airflow.wait_for_run("retrain", run_id, timeout=900)
+
+
+def test_a_night_with_new_batches_publishes_a_served_version_with_lineage(airflow):
+    airflow, config = airflow
+    land(config, "2013-01", rows=ROWS)
+    land(config, "2013-02", rows=ROWS)
+
+    run_id, state = run_retrain(airflow)
+
+    assert state == "success", airflow.task_instances("retrain", run_id)
+    published = airflow.xcom("retrain", run_id, "publish")
+    assert published["decision"] == PROMOTED and published["version"] == published["served_version"] == 1
+    # Triton's config parses and names the version; the served ONNX answers as the trained model
+    triton = repository.read_model_config(config.model_dir)
+    assert list(triton.version_policy.specific.versions) == [1] and triton.platform == "onnxruntime_onnx"
+    candidate = airflow.xcom("retrain", run_id, "train")["candidate"]
+    model, encoding = load_candidate(config.home / candidate)
+    rows = pd.read_parquet(split_paths(config)["test"]).head(200)
+    np.testing.assert_allclose(
+        predict_onnx(config.model_dir / "1" / MODEL_FILE, rows), _torch_predictions(model, encoding, rows), atol=1e-4
+    )
+    # lineage: the DVC data version, the Airflow run, the gate's reasons
+    lineage = repository.lineage_of(config.model_dir, 1)
+    dvc_lock = (config.home / "dvc.lock").read_text()
+    assert lineage["data_version"]["data/raw/flights.parquet"] in dvc_lock
+    assert lineage["data_version"] == airflow.xcom("retrain", run_id, "version_data")["data_version"]
+    assert lineage["airflow"]["run_id"] == run_id and lineage["airflow"]["run_type"] == "manual"
+    assert json.loads(run_record_path(config, run_id).read_text())["version"] == 1
+
+
+def test_a_weak_challenger_is_kept_but_not_served(airflow):
+    airflow, config = airflow
+    served_before = (config.model_dir / "1" / MODEL_FILE).read_bytes()
+    land(config, "2013-03", rows=ROWS)
+
+    # A data scientist's bad settings from the trigger form
+    run_id, state = run_retrain(airflow, {"max_epochs": 1, "learning_rate": 1e-6})
+
+    assert state == "success"  # losing the gate is a normal outcome, not a failure
+    gate = airflow.xcom("retrain", run_id, "gate")
+    assert gate["decision"] == NOT_PROMOTED and gate["champion_version"] == 1
+    assert gate["challenger"]["roc_auc"] < gate["champion"]["roc_auc"]
+    assert repository.versions(config.model_dir) == [1] and repository.served_version(config.model_dir) == 1
+    assert (config.model_dir / "1" / MODEL_FILE).read_bytes() == served_before
+    record = json.loads(run_record_path(config, run_id).read_text())
+    assert record["version"] is None and record["gate"]["decision"] == NOT_PROMOTED
+    assert record["overrides"]["learning_rate"] == 1e-6
+    # the rejected candidate is kept with its metrics
+    candidate = config.home / airflow.xcom("retrain", run_id, "train")["candidate"]
+    assert json.loads((candidate / "gate.json").read_text())["challenger"] == gate["challenger"]
+
+
+def test_a_corrupted_batch_fails_the_run_once_and_is_quarantined_with_its_report(airflow):
+    airflow, config = airflow
+    raw_before = config.path(config.dataset.raw_path).read_bytes()
+    land(config, "2013-04", rows=ROWS, broken=True)
+
+    run_id, state = run_retrain(airflow)
+
+    assert state == "failed"
+    tasks = {t["task_id"]: t for t in airflow.task_instances("retrain", run_id)}
+    assert tasks["validate"]["state"] == "failed" and tasks["validate"]["try_number"] == 1  # pages, no retry
+    assert tasks["train"]["state"] == "upstream_failed"
+    folder = config.path(config.dataset.quarantine_dir) / "2013-04"
+    assert sorted(p.name for p in folder.iterdir()) == ["2013-04.csv", "data_docs.html", "validation_result.json"]
+    assert config.path(config.dataset.raw_path).read_bytes() == raw_before
+    assert repository.served_version(config.model_dir) == 1
+    # the task log tells on-call which batch and which expectations
+    log = "\n".join(p.read_text() for p in (airflow.airflow_home / "logs").rglob("*") if p.is_file() and run_id in str(p))
+    assert "2013-04.csv" in log and "expect_column_values_to_be_in_set(origin)" in log
+
+
+def _torch_predictions(model, encoding, rows: pd.DataFrame) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        return model.predict(
+            torch.from_numpy(encoding.categorical_indices(rows)), torch.from_numpy(encoding.numeric_values(rows))
+        ).numpy().ravel()
