@@ -56,7 +56,8 @@ def reset(config: ProjectConfig) -> None:
 def night_summary(airflow, run_id: str, night: Night, state: str, seconds: float) -> dict:
     """One row of the final table, from the run's task states and XComs."""
     xcom = lambda task: airflow.xcom(DAG_ID, run_id, task) or {}  # noqa: E731
-    validated, versioned, gate, published = xcom("validate"), xcom("version_data"), xcom("gate"), xcom("publish")
+    validated, versioned, trained = xcom("validate"), xcom("version_data"), xcom("train")
+    gate, published = xcom("gate"), xcom("publish")
     failed = [t["task_id"] for t in airflow.task_instances(DAG_ID, run_id) if t["state"] == "failed"]
     metric = gate.get("metric", "")
     challenger = (gate.get("challenger") or {}).get(metric)
@@ -64,9 +65,10 @@ def night_summary(airflow, run_id: str, night: Night, state: str, seconds: float
     return {
         "run": run_id,
         "batches": night.label,
-        "rows": validated.get("rows_in_batches", "-"),
+        "rows in": validated.get("rows_ingested", "-"),
         "validation": "quarantined" if "validate" in failed else ("passed" if validated.get("passed") else "no batch"),
         "split": "-" if not versioned else ("cache hit" if versioned["cache_hit"] else "new version"),
+        "training": "-" if not trained else ("reused" if trained["reused"] else f"{trained['epochs']} epochs"),
         "challenger": f"{metric} {challenger:.4f}" if challenger is not None else "-",
         "champion": f"{champion:.4f}" if champion is not None else "-",
         "decision": published.get("decision", f"run {state}" + (f" at {failed[0]}" if failed else "")),

@@ -87,10 +87,8 @@ def _fit(config: ProjectConfig, settings, paths: dict[str, Path], inputs: dict, 
         enable_progress_bar=False,
         enable_model_summary=False,
     )
-    last = folder / "checkpoints" / "last.ckpt"
-    if last.exists():
-        log.info("resuming from %s", last)
-    trainer.fit(model, datamodule=data, ckpt_path=last if last.exists() else None)
+    resume_from, resumed_epochs = _resumable(folder / "checkpoints" / "last.ckpt")
+    trainer.fit(model, datamodule=data, ckpt_path=resume_from)
     best = Path(checkpoints.best_model_path)
     write_json(folder / "encoding.json", encoding.__dict__)
     record = {
@@ -98,12 +96,31 @@ def _fit(config: ProjectConfig, settings, paths: dict[str, Path], inputs: dict, 
         "checkpoint": best.relative_to(folder).as_posix(),
         "best_val_loss": float(checkpoints.best_model_score),
         "epochs": trainer.current_epoch,
+        "resumed_after_epochs": resumed_epochs,  # epochs a killed earlier try had already done
         "accelerator": "cuda" if cuda else "cpu",
         "inputs": inputs,
     }
     write_json(folder / CANDIDATE_FILE, record)
     log.info("trained candidate %s: best val_loss %.5f after %d epochs", folder.name, record["best_val_loss"], record["epochs"])
     return {"candidate": str(folder), "reused": False, "best_val_loss": record["best_val_loss"], "epochs": record["epochs"]}
+
+
+def _resumable(last: Path) -> tuple[Path | None, int]:
+    """The checkpoint a retried task resumes from and the epochs it holds; none if absent or
+    cut short by the crash."""
+    import pickle
+
+    import torch
+
+    if not last.exists():
+        return None, 0
+    try:
+        epochs = torch.load(last, map_location="cpu", weights_only=False)["epoch"] + 1
+    except (RuntimeError, EOFError, OSError, KeyError, pickle.UnpicklingError) as exc:
+        log.warning("%s is unreadable (%s): training from the start", last, exc)
+        return None, 0
+    log.info("resuming from %s after %d epoch(s)", last, epochs)
+    return last, epochs
 
 
 def load_candidate(folder: Path):
