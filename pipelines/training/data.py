@@ -11,7 +11,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from pipelines.config import DatasetConfig, FeatureType
+from pipelines.config import DatasetConfig, FeatureType, Task
 
 OOV = 0  # index of a category never seen in training; real categories start at 1
 
@@ -24,6 +24,10 @@ class Encoding:
     numeric: list[str]
     numeric_mean: list[float]
     numeric_std: list[float]
+    # A regression target is learned standardised (a raw scale in the hundreds stalls training)
+    # and scaled back inside the model; a class label keeps 0 and 1.
+    target_mean: float = 0.0
+    target_std: float = 1.0
 
     @classmethod
     def fit(cls, train: pd.DataFrame, dataset: DatasetConfig) -> Encoding:
@@ -31,11 +35,16 @@ class Encoding:
         nums = dataset.columns_of(FeatureType.numeric)
         values = train[nums].astype("float64")
         std = values.std(ddof=0).replace(0.0, 1.0).fillna(1.0)
+        target = {}
+        if dataset.label.task == Task.regression:
+            label = train[dataset.label.column].astype("float64")
+            target = {"target_mean": float(label.mean()), "target_std": float(label.std(ddof=0)) or 1.0}
         return cls(
             categorical={c: sorted(train[c].dropna().astype(str).unique().tolist()) for c in cats},
             numeric=nums,
             numeric_mean=values.mean().fillna(0.0).tolist(),
             numeric_std=std.tolist(),
+            **target,
         )
 
     def categorical_indices(self, frame: pd.DataFrame) -> np.ndarray:

@@ -22,6 +22,8 @@ class TabularModel(pl.LightningModule):
         hidden_sizes: list[int],
         dropout: float,
         learning_rate: float,
+        target_mean: float = 0.0,
+        target_std: float = 1.0,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -30,6 +32,7 @@ class TabularModel(pl.LightningModule):
         self.embeddings = nn.ModuleList(nn.Embedding(size + 1, embedding_dim) for size in vocab_sizes)
         self.register_buffer("numeric_mean", torch.tensor(numeric_mean, dtype=torch.float32))
         self.register_buffer("numeric_std", torch.tensor(numeric_std, dtype=torch.float32))
+        self.target_mean, self.target_std = target_mean, target_std
         layers: list[nn.Module] = []
         width = embedding_dim * len(vocab_sizes) + len(numeric_mean)
         for hidden in hidden_sizes:
@@ -40,7 +43,7 @@ class TabularModel(pl.LightningModule):
         self.loss = nn.BCEWithLogitsLoss() if self.task == Task.classification else nn.MSELoss()
 
     def forward(self, categorical: torch.Tensor, numeric: torch.Tensor) -> torch.Tensor:
-        """Raw output, shape (rows,): a logit for classification, the value for regression."""
+        """Raw output, shape (rows,): a logit for classification, the standardised value for regression."""
         parts = [emb(categorical[:, i]) for i, emb in enumerate(self.embeddings)]
         parts.append((numeric - self.numeric_mean) / self.numeric_std)
         return self.mlp(torch.cat(parts, dim=1)).squeeze(1)
@@ -48,11 +51,13 @@ class TabularModel(pl.LightningModule):
     def predict(self, categorical: torch.Tensor, numeric: torch.Tensor) -> torch.Tensor:
         """What is served: the probability of the positive class, or the regressed value."""
         out = self(categorical, numeric)
-        return torch.sigmoid(out) if self.task == Task.classification else out
+        if self.task == Task.classification:
+            return torch.sigmoid(out)
+        return out * self.target_std + self.target_mean
 
     def _step(self, batch: tuple[torch.Tensor, ...], name: str) -> torch.Tensor:
         categorical, numeric, target = batch
-        loss = self.loss(self(categorical, numeric), target)
+        loss = self.loss(self(categorical, numeric), (target - self.target_mean) / self.target_std)
         self.log(f"{name}_loss", loss, prog_bar=name == "val", batch_size=len(target))
         return loss
 

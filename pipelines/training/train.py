@@ -74,6 +74,8 @@ def _fit(config: ProjectConfig, settings, paths: dict[str, Path], inputs: dict, 
         hidden_sizes=list(config.model.hidden_sizes),
         dropout=config.model.dropout,
         learning_rate=settings.learning_rate,
+        target_mean=encoding.target_mean,
+        target_std=encoding.target_std,
     )
     checkpoints = ModelCheckpoint(dirpath=folder / "checkpoints", monitor="val_loss", save_last=True, save_top_k=1)
     cuda = torch.cuda.is_available()

@@ -8,6 +8,7 @@ import onnxruntime as ort
 import pandas as pd
 import pytest
 import torch
+import yaml
 
 from pipelines.data.split import split_paths
 from pipelines.data.versioning import version_split
@@ -16,7 +17,7 @@ from pipelines.export.onnx import MODEL_FILE, ParityError, export, onnx_inputs
 from pipelines.serving import repository
 from pipelines.serving.publish import publish
 from pipelines.training.train import CANDIDATE_FILE, load_candidate, train
-from tests.conftest import make_project
+from tests.conftest import REPO, make_project
 from tests.unit.test_split import write_raw
 
 RUN = {"dag_id": "retrain", "run_id": "manual__1", "run_type": "manual", "logical_date": None}
@@ -176,3 +177,31 @@ def test_a_crash_mid_publish_leaves_no_half_version(tmp_path):
     assert version == 2 and repository.versions(model_dir) == [1, 2]
     assert not list(model_dir.glob(f"{repository.STAGING_PREFIX}*"))
     assert (model_dir / "2" / "model.onnx").read_bytes() == b"onnx"
+
+
+def test_a_regression_project_is_a_config_change_not_a_code_change(tmp_path):
+    # Given another project over the same rows: predict a flight's distance from its route and times
+    features = [f for f in yaml.safe_load((REPO / "params.yaml").read_text())["dataset"]["features"] if f["name"] != "distance"]
+    config = make_project(
+        tmp_path / "project",
+        {
+            "dataset": {"label": {"column": "distance", "task": "regression"}, "features": features},
+            "model": {"name": "flights_distance"},
+            "gate": {"metric": "rmse", "floor": 2000.0},
+            "export": {"parity_tolerance": 0.01},  # miles, not probabilities
+        },
+    )
+    write_raw(config, "2013-01", "2013-02", rows=3000)
+    data_version = version_split(config)["data_version"]
+
+    # When it goes through the same chain
+    candidate = train(config, data_version)
+    export(config, candidate["candidate"])
+    decision = evaluate(config, candidate["candidate"])
+
+    # Then it is scored with regression metrics, gated on RMSE (lower is better), and publishable
+    assert set(decision["challenger"]) == {"rmse", "mae"} and decision["decision"] == PROMOTED
+    # and it learned: well below the error of always predicting the mean
+    assert decision["challenger"]["rmse"] < 0.7 * pd.read_parquet(split_paths(config)["test"])["distance"].std()
+    result = publish(config, candidate["candidate"], decision, data_version, RUN)
+    assert result["version"] == 1 and repository.read_model_config(config.model_dir).name == "flights_distance"
