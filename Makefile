@@ -3,6 +3,8 @@ SHELL := /bin/bash
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
+# Triton's Python backend runs in its own small environment (see pipelines/serving/triton.py).
+BACKEND_REQUIREMENTS := pipelines/serving/backend/requirements.txt
 export FLYWHEEL_HOME ?= $(CURDIR)
 
 .PHONY: install demo test test-fast up constraints clean
@@ -10,10 +12,12 @@ export FLYWHEEL_HOME ?= $(CURDIR)
 install: $(VENV)/.installed
 
 # torch first, with pip: pip takes the CPU build on disk, where other installers would download a CUDA one.
-$(VENV)/.installed: pyproject.toml constraints.txt
+$(VENV)/.installed: pyproject.toml constraints.txt $(BACKEND_REQUIREMENTS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt torch uv
 	$(BIN)/uv pip install --quiet --python $(BIN)/python -c constraints.txt -e ".[test]"
+	test -x $(VENV)/triton-python/bin/python || $(PYTHON) -m venv $(VENV)/triton-python
+	$(BIN)/uv pip install --quiet --python $(VENV)/triton-python/bin/python -r $(BACKEND_REQUIREMENTS)
 	touch $@
 
 demo: install
@@ -25,7 +29,8 @@ test: install
 test-fast: install
 	$(BIN)/python -m pytest -m "not e2e"
 
-# A local Airflow (api-server, scheduler, dag-processor, triggerer) on http://localhost:8080.
+# Airflow (api-server, scheduler, dag-processor, triggerer) on http://localhost:8080 and
+# Triton on :8000 (HTTP), :8001 (gRPC), :8002 (metrics), until Ctrl-C.
 up: install
 	$(BIN)/flywheel up
 

@@ -7,6 +7,8 @@ split, and publish it as a new Triton model version if it wins.
 
 * A batch that fails validation is moved to `quarantine/` with its report; the run fails
   without retrying, so the failure pages someone.
+* A new version goes live in Triton only after a smoke test through tritonclient; one that
+  fails is marked rejected, the served version keeps answering, and the run fails.
 * A challenger that loses is kept with its metrics; the run succeeds with the decision
   "not promoted" in the `publish` task's result and the run's lineage record.
 * **Params**: `force_publish` (with a `force_reason`) overrides the gate; `max_epochs` and
@@ -84,13 +86,21 @@ def retrain():
 
     @task
     def publish(trained, decision, versioned, params=None, dag_run=None):
+        from airflow.exceptions import AirflowFailException
+
+        from pipelines.serving.live import SmokeTestError
+
         run = {
             "dag_id": dag_run.dag_id,
             "run_id": dag_run.run_id,
             "run_type": getattr(dag_run.run_type, "value", dag_run.run_type),  # an enum: keep "manual", not its repr
             "logical_date": str(dag_run.logical_date),
         }
-        return steps.publish(trained["candidate"], decision, versioned["data_version"], run, dict(params))
+        try:
+            return steps.publish(trained["candidate"], decision, versioned["data_version"], run, dict(params))
+        except SmokeTestError as failed:
+            # The version is marked rejected and the old one serves: a retry would only fail again.
+            raise AirflowFailException(str(failed)) from failed
 
     versioned = version_data()
     check_params() >> validate() >> versioned

@@ -133,10 +133,29 @@ class ExportConfig(Strict):
     parity_tolerance: float = Field(gt=0)
 
 
+class ServingProfile(str, Enum):
+    cpu = "cpu"  # Triton's Python backend running ONNX Runtime: the tritonserver bundled in nvidia-pytriton
+    gpu = "gpu"  # platform onnxruntime_onnx with the TensorRT accelerator, or tensorrt_plan: the NGC image
+
+
+class TritonConfig(Strict):
+    # Where publish and rollback make versions live; null: write the repository only.
+    url: str | None = Field(default=None, description="host:port of Triton's HTTP endpoint")
+    http_port: int = Field(default=8000, ge=1, le=65535)
+    grpc_port: int = Field(default=8001, ge=1, le=65535)
+    metrics_port: int = Field(default=8002, ge=1, le=65535)
+    load_timeout_s: float = Field(default=120, gt=0)
+
+
 class ServingConfig(Strict):
     model_repository: Path
+    profile: ServingProfile = ServingProfile.cpu
     max_batch_size: int = Field(ge=1)
     max_queue_delay_microseconds: int = Field(ge=0)
+    triton: TritonConfig = TritonConfig()
+    smoke_rows: int = Field(default=64, ge=1, description="real test rows sent to a new version before it serves")
+    smoke_tolerance: float = Field(default=1e-5, gt=0)
+    inference_log: Path = Path("inference_log")
 
 
 class ProjectConfig(Strict):

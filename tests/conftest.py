@@ -26,7 +26,13 @@ os.environ.update(
 )
 
 # Small and quick, the same code paths: tests train for a couple of epochs on a slice.
-FAST = {"train": {"max_epochs": 3, "batch_size": 256, "patience": 2}, "gate": {"floor": 0.5}, "export": {"parity_rows": 300}}
+# No Triton unless a test starts one (see tests/serving).
+FAST = {
+    "train": {"max_epochs": 3, "batch_size": 256, "patience": 2},
+    "gate": {"floor": 0.5},
+    "export": {"parity_rows": 300},
+    "serving": {"triton": {"url": None}},
+}
 
 
 def pytest_configure(config: pytest.Config) -> None:

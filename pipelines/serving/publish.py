@@ -1,8 +1,9 @@
 """Publish: record the run's lineage and, when the gate promoted the candidate, make it a
-new served version of the model repository.
+new served version of the model repository, live in Triton when one is configured.
 
-Either the new version is complete and ``config.pbtxt`` names it, or the repository is as
-it was. A retried publish of the same Airflow run finds its version and does not add another.
+Either the new version is complete and ``config.pbtxt`` names it, or the repository serves
+what it served before. A version that fails its smoke test in Triton stays on disk marked
+rejected. A retried publish of the same Airflow run finds its version and does not add another.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pipelines.config import ProjectConfig
 from pipelines.evaluation.gate import PROMOTED
 from pipelines.export.onnx import MODEL_FILE
 from pipelines.lineage import code_version, read_json, write_json
-from pipelines.serving import repository
+from pipelines.serving import live, repository
 
 log = logging.getLogger(__name__)
 
@@ -66,9 +67,19 @@ def publish(
     if gate["decision"] == PROMOTED:
         version = _version_of_run(model_dir, run["run_id"])
         if version is None:
-            version = repository.add_version(model_dir, {MODEL_FILE: folder / MODEL_FILE}, lineage)
-        repository.write_model_config(model_dir, repository.onnx_config(config, model_dir / str(version) / MODEL_FILE, version))
+            files = {MODEL_FILE: folder / MODEL_FILE, repository.BACKEND_MODEL.name: repository.BACKEND_MODEL}
+            version = repository.add_version(model_dir, files, lineage)
         lineage["version"] = version
+        if config.serving.triton.url:
+            try:
+                lineage["live"] = live.go_live(config, version, run, event="publish")
+            except live.SmokeTestError as failed:
+                lineage["live"] = {"event": "rejected", "reason": str(failed)}
+                write_json(run_record_path(config, run["run_id"]), lineage)
+                raise
+        else:
+            repository.write_model_config(model_dir, repository.model_config(config, version))
+            log.info("serving.triton.url is not set: version %d is in the repository, not loaded in a Triton", version)
         log.info("published %s version %d: %s", config.model.name, version, gate["reason"])
     else:
         log.info("not promoted: %s; the candidate stays in %s with its metrics", gate["reason"], folder)

@@ -4,6 +4,7 @@ Layout (what Triton loads)::
 
     model_repository/<model>/config.pbtxt      generated from Triton's ModelConfig protobuf
     model_repository/<model>/<N>/model.onnx
+    model_repository/<model>/<N>/model.py      the Python-backend model (cpu rendering)
     model_repository/<model>/<N>/lineage.json  where version N came from
 
 The served version is the one ``config.pbtxt`` names in its ``specific`` version policy,
@@ -17,10 +18,14 @@ import os
 import shutil
 from pathlib import Path
 
-from pipelines.config import ProjectConfig
+from pipelines.config import FeatureType, ProjectConfig, ServingProfile
+from pipelines.export.onnx import MODEL_FILE, OUTPUT
 from pipelines.lineage import read_json, write_json
 
 CONFIG_FILE = "config.pbtxt"
+# The Python-backend model that serves model.onnx in the cpu rendering; in every version, so
+# switching profiles only rewrites config.pbtxt.
+BACKEND_MODEL = Path(__file__).resolve().parent / "backend" / "model.py"
 LINEAGE_FILE = "lineage.json"
 STAGING_PREFIX = ".staging-"
 
@@ -51,28 +56,38 @@ def served_version(model_dir: Path) -> int | None:
     return max(config.version_policy.specific.versions)
 
 
-def onnx_config(config: ProjectConfig, model_file: Path, version: int):
-    """A ModelConfig for ``platform: onnxruntime_onnx``, its inputs and outputs read from the ONNX file."""
-    import onnx
+def model_config(config: ProjectConfig, version: int):
+    """Triton's ModelConfig for a version, in the rendering ``serving.profile`` asks for.
+
+    Inputs are the dataset's feature columns, shape [1] per row (strings for categories,
+    float32 for numbers), the output is ``prediction``: the signature every export has, and
+    the smoke test checks the version against it. ``cpu``: the Python backend running ONNX
+    Runtime on the version's ``model.onnx`` (``model.py`` beside it). ``gpu``:
+    ``onnxruntime_onnx`` with the TensorRT execution accelerator in FP16, engines cached, so
+    TensorRT builds the engine inside Triton at load time.
+    """
     from tritonclient.grpc import model_config_pb2 as mc
 
-    types = {onnx.TensorProto.STRING: mc.TYPE_STRING, onnx.TensorProto.FLOAT: mc.TYPE_FP32, onnx.TensorProto.INT64: mc.TYPE_INT64}
-    graph = onnx.load(str(model_file), load_external_data=False).graph
-
-    def tensor_dims(value_info) -> list[int]:
-        # The first axis is the batch axis, which Triton leaves out when max_batch_size > 0.
-        return [d.dim_value or -1 for d in value_info.type.tensor_type.shape.dim[1:]]
-
-    return mc.ModelConfig(
+    types = {FeatureType.categorical: mc.TYPE_STRING, FeatureType.numeric: mc.TYPE_FP32}
+    rendering = mc.ModelConfig(
         name=config.model.name,
-        platform="onnxruntime_onnx",
         max_batch_size=config.serving.max_batch_size,
-        input=[mc.ModelInput(name=i.name, data_type=types[i.type.tensor_type.elem_type], dims=tensor_dims(i)) for i in graph.input],
-        output=[mc.ModelOutput(name=o.name, data_type=types[o.type.tensor_type.elem_type], dims=tensor_dims(o)) for o in graph.output],
+        input=[mc.ModelInput(name=f.name, data_type=types[f.type], dims=[1]) for f in config.dataset.features],
+        output=[mc.ModelOutput(name=OUTPUT, data_type=mc.TYPE_FP32, dims=[1])],
         dynamic_batching=mc.ModelDynamicBatching(max_queue_delay_microseconds=config.serving.max_queue_delay_microseconds),
-        instance_group=[mc.ModelInstanceGroup(kind=mc.ModelInstanceGroup.KIND_CPU, count=1)],
         version_policy=mc.ModelVersionPolicy(specific=mc.ModelVersionPolicy.Specific(versions=[version])),
     )
+    if config.serving.profile == ServingProfile.cpu:
+        rendering.backend = "python"
+        rendering.instance_group.append(mc.ModelInstanceGroup(kind=mc.ModelInstanceGroup.KIND_CPU, count=1))
+    else:
+        rendering.platform = "onnxruntime_onnx"
+        rendering.instance_group.append(mc.ModelInstanceGroup(kind=mc.ModelInstanceGroup.KIND_GPU, count=1))
+        tensorrt = rendering.optimization.execution_accelerators.gpu_execution_accelerator.add(name="tensorrt")
+        tensorrt.parameters.update(
+            {"precision_mode": "FP16", "trt_engine_cache_enable": "true", "trt_engine_cache_path": "/tmp/triton-trt-cache"}
+        )
+    return rendering
 
 
 def write_model_config(model_dir: Path, model_config) -> Path:

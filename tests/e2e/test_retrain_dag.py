@@ -61,7 +61,7 @@ def test_a_night_with_new_batches_publishes_a_served_version_with_lineage(airflo
     assert published["decision"] == PROMOTED and published["version"] == published["served_version"] == 1
     # Triton's config parses and names the version; the served ONNX answers as the trained model
     triton = repository.read_model_config(config.model_dir)
-    assert list(triton.version_policy.specific.versions) == [1] and triton.platform == "onnxruntime_onnx"
+    assert list(triton.version_policy.specific.versions) == [1] and triton.backend == "python"
     candidate = airflow.xcom("retrain", run_id, "train")["candidate"]
     model, encoding = load_candidate(config.home / candidate)
     rows = pd.read_parquet(split_paths(config)["test"]).head(200)

@@ -136,7 +136,7 @@ def test_publish_adds_a_served_version_with_lineage_and_a_triton_config(trained)
     assert result["version"] == retried["version"] == repository.served_version(config.model_dir)
     assert repository.versions(config.model_dir) == [result["version"]]  # a retry adds no second version
     triton = repository.read_model_config(config.model_dir)
-    assert triton.platform == "onnxruntime_onnx" and triton.max_batch_size == config.serving.max_batch_size
+    assert triton.backend == "python" and triton.max_batch_size == config.serving.max_batch_size  # cpu profile
     assert [i.name for i in triton.input] == [f.name for f in config.dataset.features]
     lineage = repository.lineage_of(config.model_dir, result["version"])
     assert lineage["data_version"] == data_version and lineage["airflow"]["run_id"] == "manual__1"
@@ -205,3 +205,27 @@ def test_a_regression_project_is_a_config_change_not_a_code_change(tmp_path):
     assert decision["challenger"]["rmse"] < 0.7 * pd.read_parquet(split_paths(config)["test"])["distance"].std()
     result = publish(config, candidate["candidate"], decision, data_version, RUN)
     assert result["version"] == 1 and repository.read_model_config(config.model_dir).name == "flights_distance"
+
+
+def test_both_renderings_of_a_version_are_valid_triton_configs(trained):
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    config, data_version, candidate = trained
+    version = publish(config, candidate["candidate"], evaluate(config, candidate["candidate"]), data_version, RUN)["version"]
+    gpu = config.model_copy(update={"serving": config.serving.model_copy(update={"profile": "gpu"})})
+
+    for profile, project in (("cpu", config), ("gpu", gpu)):
+        # written as text and parsed back by Triton's own protobuf, as the server reads it
+        text = text_format.MessageToString(repository.model_config(project, version))
+        parsed = text_format.Parse(text, mc.ModelConfig())
+        assert list(parsed.version_policy.specific.versions) == [version], profile
+        assert parsed.dynamic_batching.max_queue_delay_microseconds == config.serving.max_queue_delay_microseconds
+        assert [i.name for i in parsed.input] == [f.name for f in config.dataset.features]
+        assert {i.name: i.data_type for i in parsed.input}["carrier"] == mc.TYPE_STRING
+    cpu, gpu_rendering = (text_format.Parse(text_format.MessageToString(repository.model_config(p, version)), mc.ModelConfig()) for p in (config, gpu))
+    assert cpu.backend == "python" and cpu.instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU
+    assert (config.model_dir / str(version) / "model.py").is_file()  # what the python backend runs
+    assert gpu_rendering.platform == "onnxruntime_onnx" and gpu_rendering.instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU
+    (tensorrt,) = gpu_rendering.optimization.execution_accelerators.gpu_execution_accelerator
+    assert tensorrt.name == "tensorrt" and tensorrt.parameters["precision_mode"] == "FP16"

@@ -1,0 +1,57 @@
+"""Triton Python-backend model: one version's ``model.onnx`` run by ONNX Runtime.
+
+The CPU rendering of a version (``serving.profile: cpu``): Triton's embedded server on a
+machine without the ONNX Runtime backend serves the very file that the GPU rendering serves
+with ``platform: onnxruntime_onnx``. Copied next to ``model.onnx`` in every version folder.
+"""
+
+import json
+import os
+import site
+from pathlib import Path
+
+# The backend's embedded interpreter ignores PYTHONPATH; the server's launcher sets it to the
+# environment that has ONNX Runtime, so add it here.
+for entry in filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep)):
+    site.addsitedir(entry)
+
+import numpy as np  # noqa: E402
+import onnxruntime as ort  # noqa: E402
+import triton_python_backend_utils as pb_utils  # noqa: E402
+
+MODEL_FILE = "model.onnx"
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        folder = Path(args["model_repository"]) / args["model_version"]
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = int(os.environ.get("FLYWHEEL_ORT_THREADS", "1"))
+        self.session = ort.InferenceSession(str(folder / MODEL_FILE), options, providers=["CPUExecutionProvider"])
+        self.inputs = {i.name: i.type for i in self.session.get_inputs()}
+        self.output = config["output"][0]["name"]
+
+    def execute(self, requests):
+        # The dynamic batcher hands over several requests at once: one ONNX Runtime call for all.
+        columns = {name: [] for name in self.inputs}
+        sizes = []
+        for request in requests:
+            rows = None
+            for name, kind in self.inputs.items():
+                value = pb_utils.get_input_tensor_by_name(request, name).as_numpy()
+                if kind == "tensor(string)":
+                    value = np.char.decode(value.astype(np.bytes_), "utf-8").astype(object)
+                columns[name].append(value)
+                rows = len(value)
+            sizes.append(rows)
+        try:
+            (scores,) = self.session.run([self.output], {name: np.concatenate(parts) for name, parts in columns.items()})
+        except Exception as exc:  # noqa: BLE001 - any ONNX Runtime failure is answered, not raised into the stub
+            error = pb_utils.TritonError(f"ONNX Runtime failed on a batch of {sum(sizes)} rows: {exc}")
+            return [pb_utils.InferenceResponse(error=error) for _ in requests]
+        responses, start = [], 0
+        for rows in sizes:
+            responses.append(pb_utils.InferenceResponse([pb_utils.Tensor(self.output, scores[start : start + rows])]))
+            start += rows
+        return responses

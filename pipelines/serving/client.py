@@ -1,0 +1,89 @@
+"""The client side of serving: send rows to the served model, and log what it saw.
+
+Every answered request is appended to the inference log, which the drift check reads: the
+feature values, the prediction, the version that answered and when. The log is parquet,
+partitioned by day (``<inference_log>/<model>/date=YYYY-MM-DD/part-*.parquet``), written in
+buffered chunks rather than one file per request; each chunk appears atomically.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pipelines.config import ProjectConfig
+from pipelines.serving import live
+
+FLUSH_ROWS = 5000
+
+
+def log_dir(config: ProjectConfig) -> Path:
+    return config.path(config.serving.inference_log) / config.model.name
+
+
+class ServedModel:
+    """Predictions from the model Triton serves, each request logged. Use as a context manager
+    (or call ``flush``) so the last rows reach the log."""
+
+    def __init__(self, config: ProjectConfig, flush_rows: int = FLUSH_ROWS) -> None:
+        self.config = config
+        self.client = live.connect(config)
+        self.flush_rows = flush_rows
+        self._buffer: list[pd.DataFrame] = []
+
+    def __enter__(self) -> ServedModel:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.flush()
+
+    def predict(self, rows: pd.DataFrame) -> np.ndarray:
+        predictions, version = live.infer(self.client, self.config, rows)
+        dataset = self.config.dataset
+        kept = [c for c in (dataset.id_column, dataset.time_column) if c in rows.columns]
+        seen = rows[kept + [f.name for f in dataset.features]].reset_index(drop=True)
+        seen["prediction"] = predictions
+        seen["model_version"] = version
+        seen["served_at"] = pd.Timestamp(datetime.now(timezone.utc))
+        self._buffer.append(seen)
+        if sum(len(part) for part in self._buffer) >= self.flush_rows:
+            self.flush()
+        return predictions
+
+    def flush(self) -> Path | None:
+        """Write the buffered rows as one parquet file in today's partition."""
+        if not self._buffer:
+            return None
+        chunk = pd.concat(self._buffer, ignore_index=True)
+        self._buffer = []
+        day = chunk["served_at"].iloc[0].strftime("%Y-%m-%d")
+        folder = log_dir(self.config) / f"date={day}"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"part-{datetime.now(timezone.utc):%H%M%S}-{uuid.uuid4().hex[:8]}.parquet"
+        partial = folder / f".{path.name}.partial"
+        chunk.to_parquet(partial, index=False)
+        partial.replace(path)
+        return path
+
+
+def read_log(config: ProjectConfig) -> pd.DataFrame:
+    """Everything logged for the project's model (the ``date`` partition as a column)."""
+    folder = log_dir(config)
+    if not folder.is_dir():
+        return pd.DataFrame()
+    return pd.read_parquet(folder)
+
+
+def replay_traffic(config: ProjectConfig, month: str, rows: int | None = None, batch_size: int = 32) -> dict:
+    """Send a month of real flights to the served model in client-sized requests, logged."""
+    from pipelines.data.replay import month_batch
+
+    flights = month_batch(month, rows)
+    with ServedModel(config) as served:
+        for start in range(0, len(flights), batch_size):
+            served.predict(flights.iloc[start : start + batch_size])
+    return {"month": month, "rows": len(flights), "requests": -(-len(flights) // batch_size)}

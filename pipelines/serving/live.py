@@ -1,0 +1,190 @@
+"""Making a version live in a running Triton, and taking it back.
+
+Going live is three steps, and the served version changes only in the last one:
+
+1. **smoke test**: the version is loaded beside the served model under a throwaway name
+   (``<model>__smoke``, files sent through Triton's repository API), real test rows are sent
+   through tritonclient and the answers compared with ONNX Runtime run locally; then it is
+   unloaded again;
+2. ``config.pbtxt`` is rewritten to name the version;
+3. the model is reloaded: Triton loads the new version and retires the old one only once the
+   new one is ready, so no request fails; if the load fails, Triton keeps serving the old
+   one and ``config.pbtxt`` is put back.
+
+Every change of the served version is appended to ``history.jsonl`` beside the candidates.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pipelines.config import FeatureType, ProjectConfig
+from pipelines.export.onnx import MODEL_FILE, OUTPUT
+from pipelines.lineage import read_json, write_json
+from pipelines.serving import repository
+from pipelines.serving.triton import TritonUnavailable
+
+log = logging.getLogger(__name__)
+SMOKE_SUFFIX = "__smoke"
+
+
+class SmokeTestError(RuntimeError):
+    """A new version did not load, or answered differently from ONNX Runtime run locally."""
+
+
+def connect(config: ProjectConfig):
+    """An HTTP client of the configured Triton; ``TritonUnavailable`` names the URL if it is down."""
+    import tritonclient.http as http
+
+    url = config.serving.triton.url
+    try:
+        client = http.InferenceServerClient(url, connection_timeout=5, network_timeout=config.serving.triton.load_timeout_s)
+        if client.is_server_live():
+            return client
+    except Exception as exc:  # noqa: BLE001 - refused, reset, DNS: all mean "not there"
+        raise TritonUnavailable(f"Triton at {url} (serving.triton.url) is not reachable: {exc}; start it with `make up`") from exc
+    raise TritonUnavailable(f"Triton at {url} (serving.triton.url) answers but is not live")
+
+
+def request_inputs(config: ProjectConfig, rows: pd.DataFrame, protocol):
+    """One input per feature column, shape (rows, 1): strings for categories, float32 for numbers."""
+    inputs = []
+    for feature in config.dataset.features:
+        if feature.type == FeatureType.categorical:
+            values, datatype = rows[feature.name].astype(str).to_numpy(object).reshape(-1, 1), "BYTES"
+        else:
+            values, datatype = rows[feature.name].to_numpy("float32").reshape(-1, 1), "FP32"
+        tensor = protocol.InferInput(feature.name, list(values.shape), datatype)
+        tensor.set_data_from_numpy(values)
+        inputs.append(tensor)
+    return inputs
+
+
+def infer(client, config: ProjectConfig, rows: pd.DataFrame, model: str | None = None, version: str = "") -> tuple[np.ndarray, int]:
+    """Predictions for ``rows`` and the version that answered."""
+    import tritonclient.http as http
+
+    response = client.infer(model or config.model.name, request_inputs(config, rows, http), model_version=version)
+    return response.as_numpy(OUTPUT)[:, 0], int(response.get_response()["model_version"])
+
+
+def _wait_ready(client, model: str, version: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if client.is_model_ready(model, str(version)):
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def smoke_test(config: ProjectConfig, client, version: int, rows: pd.DataFrame) -> float:
+    """Load ``version`` under a throwaway name, compare its answers with ONNX Runtime; returns the max difference."""
+    from google.protobuf import json_format
+
+    from pipelines.evaluation.gate import predict_onnx
+
+    folder = config.model_dir / str(version)
+    name = config.model.name + SMOKE_SUFFIX
+    rendering = repository.model_config(config, version)
+    rendering.name = name
+    rendering.version_policy.specific.versions[:] = [1]
+    files = {f"file:1/{p.name}": p.read_bytes() for p in folder.iterdir() if p.name != repository.LINEAGE_FILE}
+    try:
+        try:
+            client.load_model(name, config=json_format.MessageToJson(rendering), files=files)
+        except Exception as exc:  # noqa: BLE001 - Triton answers a failed load with the backend's error
+            raise SmokeTestError(f"version {version} of {config.model.name} failed to load in Triton: {exc}") from exc
+        if not _wait_ready(client, name, 1, config.serving.triton.load_timeout_s):
+            raise SmokeTestError(f"version {version} of {config.model.name} did not become ready in Triton")
+        try:
+            served, _ = infer(client, config, rows, model=name)
+        except Exception as exc:  # noqa: BLE001
+            raise SmokeTestError(f"version {version} of {config.model.name} failed a smoke inference: {exc}") from exc
+    finally:
+        try:
+            client.unload_model(name)
+        except Exception:  # noqa: BLE001 - never loaded: nothing to unload
+            pass
+    difference = float(np.max(np.abs(served - predict_onnx(folder / MODEL_FILE, rows))))
+    if not difference <= config.serving.smoke_tolerance:
+        raise SmokeTestError(
+            f"version {version} of {config.model.name} answers differently through Triton than ONNX Runtime locally: "
+            f"max difference {difference:.3g} over {len(rows)} test rows > serving.smoke_tolerance {config.serving.smoke_tolerance:g}"
+        )
+    return difference
+
+
+def switch(config: ProjectConfig, client, version: int) -> None:
+    """Serve ``version``: rewrite ``config.pbtxt``, reload, wait until that version is ready.
+
+    On failure the previous ``config.pbtxt`` is restored and Triton keeps the old version.
+    """
+    model_dir = config.model_dir
+    previous = (model_dir / repository.CONFIG_FILE).read_bytes() if (model_dir / repository.CONFIG_FILE).exists() else None
+    repository.write_model_config(model_dir, repository.model_config(config, version))
+    try:
+        client.load_model(config.model.name)
+        if not _wait_ready(client, config.model.name, version, config.serving.triton.load_timeout_s):
+            raise SmokeTestError(f"version {version} of {config.model.name} did not become ready")
+    except Exception:
+        if previous is not None:
+            partial = model_dir / f".{repository.CONFIG_FILE}.partial"
+            partial.write_bytes(previous)
+            partial.replace(model_dir / repository.CONFIG_FILE)
+        raise
+
+
+def history_path(config: ProjectConfig) -> Path:
+    return config.path(config.artifacts_dir) / "serving" / config.model.name / "history.jsonl"
+
+
+def record(config: ProjectConfig, event: str, version: int, previous: int | None, run: dict, **details) -> dict:
+    """Append a change of the served version (or a rejected one) to the model's serving history."""
+    entry = {
+        "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "event": event,
+        "version": version,
+        "previous": previous,
+        "run_id": run.get("run_id"),
+        **details,
+    }
+    path = history_path(config)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as out:
+        out.write(json.dumps(entry) + "\n")
+    return entry
+
+
+def mark_rejected(config: ProjectConfig, version: int, reason: str) -> None:
+    """Keep the version on disk with the reason, so it is never served or rolled back to."""
+    path = config.model_dir / str(version) / repository.LINEAGE_FILE
+    write_json(path, {**read_json(path), "status": "rejected", "rejected_reason": reason})
+
+
+def go_live(config: ProjectConfig, version: int, run: dict, event: str) -> dict:
+    """Smoke-test ``version`` in Triton and make it the served one; returns the history entry."""
+    from pipelines.data.split import split_paths
+
+    client = connect(config)
+    previous = repository.served_version(config.model_dir)
+    if event == "publish":
+        rows = pd.read_parquet(split_paths(config)["test"]).head(config.serving.smoke_rows)
+        try:
+            difference = smoke_test(config, client, version, rows)
+        except SmokeTestError as failed:
+            mark_rejected(config, version, str(failed))
+            record(config, "rejected", version, previous, run, reason=str(failed))
+            raise
+        log.info("smoke test of version %d passed: max |triton - onnxruntime| = %.2g over %d rows", version, difference, len(rows))
+    started = time.monotonic()
+    switch(config, client, version)
+    seconds = time.monotonic() - started
+    log.info("%s version %d is live (was %s) after %.1f s", config.model.name, version, previous, seconds)
+    return record(config, event, version, previous, run, switch_seconds=round(seconds, 3))

@@ -1,0 +1,158 @@
+"""A real Triton Inference Server on one machine, started and stopped by the project.
+
+The ``tritonserver`` binary (2.51, Python backend only) ships in the ``nvidia-pytriton``
+wheel. Three things make it serve the CPU rendering of a version:
+
+* a backend directory holding the wheel's Python backend plus its stub for Python 3.11;
+* ``LD_LIBRARY_PATH`` with this interpreter's own ``libpython`` (the stub otherwise loads
+  whatever ``libpython3.11`` the system has) and the wheel's bundled libraries;
+* ``PATH`` starting with the backend environment (``make install`` creates it beside the
+  venv): the stub's embedded interpreter takes its ``sys.prefix`` from the first ``python3``
+  on ``PATH`` and ignores ``PYTHONPATH``. That environment has numpy 1.x, because the stub is
+  built against numpy 1's C ABI and reads garbage through numpy 2.
+
+The server runs with ``--model-control-mode=explicit``: nothing is loaded until the project
+loads it, so a version goes live only after its smoke test.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+from pipelines.config import ProjectConfig
+from pipelines.serving import repository
+
+log = logging.getLogger(__name__)
+
+BACKEND_ENV = Path(sys.prefix) / "triton-python"  # made by `make install`
+RUNTIME_DIR = ".triton"  # in the project home: backends, logs
+
+
+class TritonUnavailable(RuntimeError):
+    """Triton could not be started or reached."""
+
+
+def _bundled() -> Path:
+    try:
+        import pytriton
+    except ImportError:
+        raise TritonUnavailable("nvidia-pytriton is not installed: it ships the tritonserver binary (run `make install`)") from None
+    return Path(pytriton.__file__).parent / "tritonserver"
+
+
+def prepare_backends(runtime: Path) -> Path:
+    """``<runtime>/backends/python``: the wheel's Python backend with the 3.11 stub beside it."""
+    bundled = _bundled()
+    python = runtime / "backends" / "python"
+    python.mkdir(parents=True, exist_ok=True)
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    sources = [*(bundled / "backends" / "python").iterdir(), bundled / "python_backend_stubs" / version / "triton_python_backend_stub"]
+    for source in sources:
+        shutil.copy2(source, python / source.name)
+    return runtime / "backends"
+
+
+def server_env() -> dict[str, str]:
+    if not (BACKEND_ENV / "bin" / "python3").exists():
+        raise TritonUnavailable(f"{BACKEND_ENV}: the Python backend's environment is missing (run `make install`)")
+    libs = [sysconfig.get_config_var("LIBDIR"), str(_bundled().parents[1] / "nvidia_pytriton.libs")]
+    env = dict(os.environ)
+    env["LD_LIBRARY_PATH"] = os.pathsep.join([*libs, env.get("LD_LIBRARY_PATH", "")])
+    env["PATH"] = os.pathsep.join([str(BACKEND_ENV / "bin"), env.get("PATH", "")])
+    env.pop("PYTHONHOME", None)
+    return env
+
+
+class TritonServer:
+    """``tritonserver`` on the project's model repository, loopback ports from ``serving.triton``."""
+
+    def __init__(self, config: ProjectConfig, host: str = "127.0.0.1") -> None:
+        self.config = config
+        self.repository = config.path(config.serving.model_repository)
+        self.runtime = config.home / RUNTIME_DIR
+        self.log_file = self.runtime / "tritonserver.log"
+        self.host = host
+        self.ports = config.serving.triton
+        self._proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"{self.host}:{self.ports.http_port}"
+
+    def __enter__(self) -> TritonServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def start(self, timeout: float = 60) -> None:
+        """Start the server, wait until it is ready, then load every model that has a served version."""
+        import tritonclient.http as http
+
+        self.repository.mkdir(parents=True, exist_ok=True)
+        command = [
+            str(_bundled() / "bin" / "tritonserver"),
+            f"--model-repository={self.repository}",
+            f"--backend-directory={prepare_backends(self.runtime)}",
+            "--model-control-mode=explicit",
+            f"--http-address={self.host}",
+            f"--grpc-address={self.host}",
+            f"--http-port={self.ports.http_port}",
+            f"--grpc-port={self.ports.grpc_port}",
+            f"--metrics-port={self.ports.metrics_port}",
+            "--allow-metrics=true",
+            "--exit-on-error=false",
+            # Ready means "up": a version that failed its load must not make the whole server unready.
+            "--strict-readiness=false",
+            "--log-verbose=0",
+        ]
+        self.log_file.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_file.open("ab") as out:
+            self._proc = subprocess.Popen(command, env=server_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        client = http.InferenceServerClient(self.url)
+        deadline = time.monotonic() + timeout
+        while True:
+            if self._proc.poll() is not None:
+                raise TritonUnavailable(f"tritonserver exited with code {self._proc.returncode}; see {self.log_file}:\n{self.log_tail()}")
+            try:
+                if client.is_server_ready():
+                    break
+            except Exception:  # noqa: BLE001 - connection refused while it starts
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                raise TritonUnavailable(f"tritonserver not ready on {self.url} after {timeout:.0f} s; see {self.log_file}")
+            time.sleep(0.2)
+        for model_dir in sorted(self.repository.iterdir()):
+            if repository.served_version(model_dir) is not None:
+                client.load_model(model_dir.name)
+                log.info("loaded %s version %s", model_dir.name, repository.served_version(model_dir))
+        log.info("Triton ready on %s (gRPC %d, metrics %d)", self.url, self.ports.grpc_port, self.ports.metrics_port)
+
+    def stop(self, timeout: float = 40) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        os.killpg(proc.pid, signal.SIGTERM)  # Triton drains in-flight requests, then exits
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+    def wait(self) -> int:
+        if self._proc is None:
+            raise TritonUnavailable("tritonserver is not running")
+        return self._proc.wait()
+
+    def log_tail(self, lines: int = 30) -> str:
+        return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])

@@ -1,0 +1,195 @@
+"""Publishing into a real Triton (the tritonserver bundled in nvidia-pytriton): versions go
+live only after a smoke test, switch without a failed request, and roll back."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import threading
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipelines.data.split import split_paths
+from pipelines.data.versioning import version_split
+from pipelines.evaluation.gate import PROMOTED, evaluate, predict_onnx
+from pipelines.export.onnx import MODEL_FILE, export
+from pipelines.serving import live, repository
+from pipelines.serving.client import ServedModel, read_log
+from pipelines.serving.publish import publish
+from pipelines.serving.rollback import rollback
+from pipelines.serving.triton import TritonServer
+from pipelines.training.train import train
+from tests.conftest import make_project
+from tests.unit.test_split import write_raw
+
+pytestmark = pytest.mark.e2e
+
+
+def free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def run(run_id: str) -> dict:
+    return {"dag_id": "retrain", "run_id": run_id, "run_type": "manual", "logical_date": None}
+
+
+class Traffic(threading.Thread):
+    """A client sending real rows to the served model without pause, recording every answer."""
+
+    def __init__(self, config, rows: pd.DataFrame) -> None:
+        super().__init__(daemon=True)
+        self.config, self.rows = config, rows
+        self.answers: list[tuple[int, np.ndarray]] = []
+        self.failures: list[str] = []
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        client = None
+        while not self.done.is_set():
+            try:
+                client = client or live.connect(self.config)
+                self.answers.append(live.infer(client, self.config, self.rows)[::-1])
+            except Exception as exc:  # noqa: BLE001 - every failure is what the test counts
+                self.failures.append(repr(exc))
+
+    def __enter__(self) -> Traffic:
+        self.start()
+        while not self.answers and not self.failures:
+            time.sleep(0.01)
+        assert not self.failures, self.failures[:3]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        time.sleep(0.3)  # answers from after the switch
+        self.done.set()
+        self.join()
+
+    @property
+    def versions(self) -> list[int]:
+        """The versions that answered, in order, repeats collapsed."""
+        seen = [version for version, _ in self.answers]
+        return [v for i, v in enumerate(seen) if i == 0 or seen[i - 1] != v]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """A project with two exported candidates, and a Triton on its model repository."""
+    http, grpc, metrics = free_ports(3)
+    triton = {"url": f"127.0.0.1:{http}", "http_port": http, "grpc_port": grpc, "metrics_port": metrics}
+    config = make_project(tmp_path_factory.mktemp("serving") / "project", {"serving": {"triton": triton}})
+    write_raw(config, "2013-01", "2013-02", rows=3000)
+    data_version = version_split(config)["data_version"]
+    candidates = [train(config, data_version), train(config, data_version, max_epochs=1, learning_rate=1e-3)]
+    for candidate in candidates:
+        export(config, candidate["candidate"])
+    rows = pd.read_parquet(split_paths(config)["test"]).head(20)
+    with TritonServer(config) as server:
+        yield config, data_version, [c["candidate"] for c in candidates], rows, server
+
+
+def test_a_published_version_goes_live_and_answers_over_http_and_grpc(served):
+    config, data_version, (first, _), rows, server = served
+
+    result = publish(config, first, evaluate(config, first), data_version, run("night1"))
+
+    assert result["decision"] == PROMOTED and result["version"] == result["served_version"] == 1
+    expected = predict_onnx(config.model_dir / "1" / MODEL_FILE, rows)
+    over_http, version = live.infer(live.connect(config), config, rows)
+    np.testing.assert_allclose(over_http, expected, atol=1e-6)
+    assert version == 1
+
+    import tritonclient.grpc as grpc
+
+    client = grpc.InferenceServerClient(f"127.0.0.1:{config.serving.triton.grpc_port}")
+    response = client.infer(config.model.name, live.request_inputs(config, rows, grpc))
+    np.testing.assert_allclose(response.as_numpy("prediction")[:, 0], expected, atol=1e-6)
+    lineage = json.loads((config.model_dir / "1" / repository.LINEAGE_FILE).read_text())
+    assert lineage["airflow"]["run_id"] == "night1"
+
+
+def test_a_new_version_replaces_the_served_one_without_a_failed_request(served):
+    config, data_version, (_, second), rows, _ = served
+    forced = evaluate(config, second, force_publish=True, force_reason="test: switch under load")
+
+    with Traffic(config, rows) as traffic:
+        result = publish(config, second, forced, data_version, run("night2"))
+
+    assert result["version"] == 2
+    assert traffic.failures == [] and traffic.versions == [1, 2], (traffic.failures[:3], traffic.versions)
+    np.testing.assert_allclose(traffic.answers[-1][1], predict_onnx(config.model_dir / "2" / MODEL_FILE, rows), atol=1e-6)
+    assert repository.served_version(config.model_dir) == 2
+
+
+def test_a_broken_version_is_rejected_and_the_served_one_keeps_answering(served, tmp_path):
+    config, data_version, (_, second), rows, _ = served
+    broken = tmp_path / "broken"
+    shutil.copytree(config.home / second, broken)
+    (broken / MODEL_FILE).write_bytes(b"not an onnx model")
+    forced = {"decision": PROMOTED, "reason": "test", "metric": "roc_auc", "challenger": {}, "champion": {}}
+
+    with Traffic(config, rows) as traffic:
+        with pytest.raises(live.SmokeTestError, match="version 3 of flights_delay failed to load"):
+            publish(config, str(broken), forced, data_version, run("night3"))
+
+    assert traffic.failures == [] and traffic.versions == [2]
+    assert repository.served_version(config.model_dir) == 2
+    lineage = repository.lineage_of(config.model_dir, 3)
+    assert lineage["status"] == "rejected" and "failed to load" in lineage["rejected_reason"]
+    last = json.loads(live.history_path(config).read_text().splitlines()[-1])
+    assert last["event"] == "rejected" and last["version"] == 3 and last["previous"] == 2
+
+    # and if a reload itself fails, Triton keeps the version it had and config.pbtxt is put back
+    before = (config.model_dir / repository.CONFIG_FILE).read_bytes()
+    with pytest.raises(Exception):
+        live.switch(config, live.connect(config), 3)
+    assert (config.model_dir / repository.CONFIG_FILE).read_bytes() == before
+    assert live.infer(live.connect(config), config, rows)[1] == 2
+
+
+def test_rollback_serves_a_previous_version_again_without_a_failed_request(served):
+    config, _, _, rows, _ = served
+
+    with Traffic(config, rows) as traffic:
+        result = rollback(config, config.model.name, 1, run("rollback__1"))
+
+    assert result["changed"] and result["previous"] == 2 and result["version"] == 1
+    assert traffic.failures == [] and traffic.versions == [2, 1]
+    assert repository.served_version(config.model_dir) == 1
+    assert json.loads(live.history_path(config).read_text().splitlines()[-1])["event"] == "rollback"
+    with pytest.raises(ValueError, match="version 3 was rejected"):
+        rollback(config, config.model.name, 3, run("rollback__2"))
+    with pytest.raises(ValueError, match=r"has no version 9; the repository holds versions \[1, 2, 3\]"):
+        rollback(config, config.model.name, 9, run("rollback__3"))
+    with pytest.raises(ValueError, match="serves 'flights_delay'"):
+        rollback(config, "other_model", 1, run("rollback__4"))
+
+
+def test_what_the_served_model_sees_reaches_the_inference_log(served):
+    config, _, _, rows, _ = served
+
+    with ServedModel(config, flush_rows=15) as model:
+        first = model.predict(rows.head(10))
+        model.predict(rows.tail(10))  # 20 buffered rows: flushed as one file
+
+    logged = read_log(config)
+    assert len(logged) == 20 and set(logged["model_version"]) == {repository.served_version(config.model_dir)}
+    np.testing.assert_allclose(logged["prediction"].head(10), first)
+    assert {"flight_id", "carrier", "distance", "served_at", "date"} <= set(logged.columns)
+    assert len(list((config.home / "inference_log").rglob("*.parquet"))) == 1
+
+
+def test_the_server_restarts_serving_the_version_config_pbtxt_names(served):
+    config, _, _, rows, server = served
+    server.stop()
+    with TritonServer(config):
+        assert live.infer(live.connect(config), config, rows)[1] == repository.served_version(config.model_dir)
