@@ -6,8 +6,10 @@ import argparse
 import json
 import logging
 import sys
+from datetime import datetime, timezone
 
 from pipelines.config import load_config
+from pipelines.serving.triton import TritonUnavailable
 
 
 def cmd_replay(args: argparse.Namespace) -> None:
@@ -22,20 +24,64 @@ def cmd_demo(args: argparse.Namespace) -> None:
     from pipelines import demo
 
     config = load_config()
-    print(demo.report(config, demo.run(config, fresh=args.fresh, port=args.port)))
+    print(demo.report(config, *demo.run(config, fresh=args.fresh, port=args.port)))
 
 
 def cmd_up(args: argparse.Namespace) -> None:
     from pipelines.airflow_local import LocalAirflow
     from pipelines.demo import REPO
+    from pipelines.serving.triton import TritonServer
 
     config = load_config()
-    with LocalAirflow(REPO / ".airflow", REPO / "dags", REPO / "plugins", port=args.port, extra_env={"FLYWHEEL_HOME": str(config.home)}) as airflow:
-        print(f"Airflow is up on http://localhost:{args.port} (user admin, password {airflow.password}); Ctrl-C stops it.", flush=True)
+    airflow = LocalAirflow(REPO / ".airflow", REPO / "dags", REPO / "plugins", port=args.port, extra_env={"FLYWHEEL_HOME": str(config.home)})
+    with TritonServer(config) as triton, airflow:
+        print(
+            f"Airflow: http://localhost:{args.port} (user admin, password {airflow.password})\n"
+            f"Triton:  {triton.url} (gRPC :{config.serving.triton.grpc_port}, metrics :{config.serving.triton.metrics_port})\n"
+            "Ctrl-C stops both.",
+            flush=True,
+        )
         try:
             airflow.wait()
         except KeyboardInterrupt:
             pass
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from pipelines.serving.triton import TritonServer
+
+    with TritonServer(load_config()) as triton:
+        print(f"Triton serving {triton.repository} on {triton.url}; Ctrl-C stops it.", flush=True)
+        try:
+            triton.wait()
+        except KeyboardInterrupt:
+            pass
+
+
+def cmd_predict(args: argparse.Namespace) -> None:
+    from pipelines.data.replay import month_batch
+    from pipelines.serving.client import ServedModel
+
+    config = load_config()
+    rows = month_batch(args.month, rows=args.rows)
+    with ServedModel(config) as model:
+        rows["prediction"] = model.predict(rows)
+    print(rows[[config.dataset.id_column, config.dataset.time_column, config.dataset.label.column, "prediction"]].to_string(index=False))
+
+
+def cmd_traffic(args: argparse.Namespace) -> None:
+    from pipelines.serving.client import replay_traffic
+
+    config = load_config()
+    for month in args.months:
+        print(json.dumps(replay_traffic(config, month, rows=args.rows, batch_size=args.batch_size)))
+
+
+def cmd_rollback(args: argparse.Namespace) -> None:
+    from pipelines.serving.rollback import rollback
+
+    run = {"dag_id": None, "run_id": f"cli__{datetime.now(timezone.utc):%Y%m%dT%H%M%S}"}
+    print(json.dumps(rollback(load_config(), args.model, args.version, run)))
 
 
 def cmd_versions(args: argparse.Namespace) -> None:
@@ -51,6 +97,7 @@ def cmd_versions(args: argparse.Namespace) -> None:
                 {
                     "version": version,
                     "serving": version == served,
+                    "status": lineage.get("status", "published"),
                     gate["metric"]: gate["challenger"][gate["metric"]],
                     "decision": gate["reason"],
                     "run_id": lineage["airflow"]["run_id"],
@@ -75,9 +122,28 @@ def main(argv: list[str] | None = None) -> None:
     demo.add_argument("--port", type=int, default=8080)
     demo.set_defaults(run=cmd_demo)
 
-    up = commands.add_parser("up", help="run a local Airflow until Ctrl-C")
+    up = commands.add_parser("up", help="run a local Airflow and Triton until Ctrl-C")
     up.add_argument("--port", type=int, default=8080)
     up.set_defaults(run=cmd_up)
+
+    serve = commands.add_parser("serve", help="run Triton on the model repository until Ctrl-C")
+    serve.set_defaults(run=cmd_serve)
+
+    predict = commands.add_parser("predict", help="score flights of a month through the served model")
+    predict.add_argument("month", metavar="YYYY-MM")
+    predict.add_argument("--rows", type=int, default=10)
+    predict.set_defaults(run=cmd_predict)
+
+    traffic = commands.add_parser("traffic", help="replay months of flights through the served model, logged for drift")
+    traffic.add_argument("months", nargs="+", metavar="YYYY-MM")
+    traffic.add_argument("--rows", type=int, help="a random sample of this many rows per month")
+    traffic.add_argument("--batch-size", type=int, default=32, help="rows per request")
+    traffic.set_defaults(run=cmd_traffic)
+
+    rollback = commands.add_parser("rollback", help="serve a previous version again")
+    rollback.add_argument("model")
+    rollback.add_argument("version", type=int)
+    rollback.set_defaults(run=cmd_rollback)
 
     versions = commands.add_parser("versions", help="list the published versions of the model")
     versions.set_defaults(run=cmd_versions)
@@ -86,7 +152,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         args.run(args)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError, TritonUnavailable) as error:
         sys.exit(f"flywheel {args.command}: {error}")
 
 

@@ -131,6 +131,8 @@ class ExportConfig(Strict):
     opset: int = Field(ge=17)
     parity_rows: int = Field(ge=1)
     parity_tolerance: float = Field(gt=0)
+    int8: bool = Field(default=False, description="try ONNX Runtime dynamic int8 quantisation")
+    int8_tolerance: float = Field(default=0.002, ge=0, description="largest loss of the gate metric int8 may cost")
 
 
 class ServingProfile(str, Enum):
@@ -158,6 +160,11 @@ class ServingConfig(Strict):
     inference_log: Path = Path("inference_log")
 
 
+class MetricsConfig(Strict):
+    pushgateway: str | None = Field(default=None, description="host:port of a Prometheus Pushgateway")
+    textfile_dir: Path = Path("reports/metrics")
+
+
 class ProjectConfig(Strict):
     dataset: DatasetConfig
     split: SplitConfig
@@ -167,6 +174,7 @@ class ProjectConfig(Strict):
     gate: GateConfig
     export: ExportConfig
     serving: ServingConfig
+    metrics: MetricsConfig = MetricsConfig()
     # Candidates (trained models, served or not) and per-run lineage records live here.
     artifacts_dir: Path
     # Where the file was read from; relative paths in it are resolved against this.

@@ -41,7 +41,9 @@ NIGHTS = (
 )
 
 # Runtime state of a project home; `--fresh` clears it so the demo starts from nothing.
-STATE = ("landing", "data", "quarantine", "artifacts", "reports", "gx", ".dvc", ".dvc-remote", "dvc.lock", ".dvcignore")
+STATE = ("landing", "data", "quarantine", "artifacts", "reports", "gx", ".dvc", ".dvc-remote", "dvc.lock", ".dvcignore", "inference_log")
+# After the nights: a later month of real flights sent to the served model, as clients would.
+TRAFFIC_MONTH, TRAFFIC_ROWS = "2013-07", 2000
 
 
 def reset(config: ProjectConfig) -> None:
@@ -84,13 +86,20 @@ def table(rows: list[dict]) -> str:
     return "\n".join([line(headers), line("-" * w for w in widths), *(line(r.values()) for r in rows)])
 
 
-def run(config: ProjectConfig, fresh: bool, port: int) -> list[dict]:
+def run(config: ProjectConfig, fresh: bool, port: int) -> tuple[list[dict], list[str]]:
+    """The nights through Airflow with Triton serving; then live traffic and a rollback."""
     from pipelines.airflow_local import LocalAirflow
+    from pipelines.serving import repository
+    from pipelines.serving.client import log_dir, replay_traffic
+    from pipelines.serving.triton import TritonServer
 
     if fresh:
         reset(config)
-    rows = []
-    with LocalAirflow(REPO / ".airflow", REPO / "dags", REPO / "plugins", port=port, extra_env={"FLYWHEEL_HOME": str(config.home)}, scheduled=False) as airflow:
+    rows, serving = [], []
+    airflow = LocalAirflow(
+        REPO / ".airflow", REPO / "dags", REPO / "plugins", port=port, extra_env={"FLYWHEEL_HOME": str(config.home)}, scheduled=False
+    )
+    with TritonServer(config) as triton, airflow:
         airflow.wait_for_dag(DAG_ID)
         for number, night in enumerate(NIGHTS, start=1):
             for month in night.months:
@@ -100,14 +109,34 @@ def run(config: ProjectConfig, fresh: bool, port: int) -> list[dict]:
             state = airflow.wait_for_run(DAG_ID, run_id, timeout=1800)
             rows.append(night_summary(airflow, run_id, night, state, time.monotonic() - started))
             print(f"night {number}: {night.label}: {state}", flush=True)
-    return rows
+
+        served = repository.served_version(config.model_dir)
+        traffic = replay_traffic(config, TRAFFIC_MONTH, rows=TRAFFIC_ROWS)
+        serving.append(
+            f"traffic:   {traffic['rows']} flights of {TRAFFIC_MONTH} scored by version {served} in Triton ({triton.url}), "
+            f"{traffic['requests']} requests, logged to {log_dir(config)}"
+        )
+        if served and served > 1:
+            run_id = airflow.trigger("rollback", {"model": config.model.name, "version": served - 1})
+            state = airflow.wait_for_run("rollback", run_id, timeout=300)
+            result = airflow.xcom("rollback", run_id, "serve_previous_version") or {}
+            serving.append(
+                f"rollback:  DAG run {state}: version {result.get('previous')} -> {result.get('version')} "
+                f"in {result.get('switch_seconds')} s, no request dropped (served now: {repository.served_version(config.model_dir)})"
+            )
+    return rows, serving
 
 
-def report(config: ProjectConfig, rows: list[dict]) -> str:
+def report(config: ProjectConfig, rows: list[dict], serving: list[str]) -> str:
+    from pipelines.serving.live import history_path
+
     return "\n".join(
         [
             table(rows),
             "",
+            *serving,
+            "",
+            f"serving history:  {history_path(config)}",
             f"model repository: {config.model_dir}",
             f"lineage records:  {config.path(config.artifacts_dir) / 'runs' / config.model.name}",
             f"quarantine:       {config.path(config.dataset.quarantine_dir)}",

@@ -110,6 +110,12 @@ def build_onnx(model, encoding, opset: int):
     merged = compose.merge_models(
         lookup, network, io_map=[("categorical_codes", "categorical_codes"), ("numeric", "numeric")]
     )
+    # merge_models lists each part's opsets: one entry per domain, as tools like the quantiser expect.
+    opsets: dict[str, int] = {}
+    for opset in merged.opset_import:
+        opsets[opset.domain] = max(opset.version, opsets.get(opset.domain, 0))
+    del merged.opset_import[:]
+    merged.opset_import.extend(onnx.helper.make_opsetid(domain, version) for domain, version in opsets.items())
     onnx.checker.check_model(merged, full_check=True)
     return merged
 
@@ -149,6 +155,10 @@ def export(config: ProjectConfig, candidate: str) -> dict:
         )
     partial.replace(folder / MODEL_FILE)
     record = {"onnx": str(folder / MODEL_FILE), "parity_rows": len(rows), "max_abs_diff": max_abs_diff}
+    if config.export.int8:
+        from pipelines.export.quantize import quantize
+
+        record["int8"] = quantize(config, candidate)
     write_json(folder / "export.json", record)
     log.info("exported %s: max |onnx - torch| = %.2g over %d test rows", folder / MODEL_FILE, max_abs_diff, len(rows))
     return record

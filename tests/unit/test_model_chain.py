@@ -1,6 +1,7 @@
 """Train, export, gate and publish on a real slice of the flights, without a scheduler."""
 
 import json
+import shutil
 
 import numpy as np
 import onnx
@@ -212,7 +213,8 @@ def test_both_renderings_of_a_version_are_valid_triton_configs(trained):
     from tritonclient.grpc import model_config_pb2 as mc
 
     config, data_version, candidate = trained
-    version = publish(config, candidate["candidate"], evaluate(config, candidate["candidate"]), data_version, RUN)["version"]
+    forced = evaluate(config, candidate["candidate"], force_publish=True, force_reason="test: render a version")
+    version = publish(config, candidate["candidate"], forced, data_version, {**RUN, "run_id": "manual__render"})["version"]
     gpu = config.model_copy(update={"serving": config.serving.model_copy(update={"profile": "gpu"})})
 
     for profile, project in (("cpu", config), ("gpu", gpu)):
@@ -229,3 +231,21 @@ def test_both_renderings_of_a_version_are_valid_triton_configs(trained):
     assert gpu_rendering.platform == "onnxruntime_onnx" and gpu_rendering.instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU
     (tensorrt,) = gpu_rendering.optimization.execution_accelerators.gpu_execution_accelerator
     assert tensorrt.name == "tensorrt" and tensorrt.parameters["precision_mode"] == "FP16"
+
+
+@pytest.mark.parametrize("tolerance, kept", [(1.0, True), (0.0, False)])
+def test_int8_is_kept_only_within_the_metric_tolerance(trained, tmp_path, tolerance, kept):
+    from pipelines.export.quantize import FP32_FILE, quantize
+
+    config, _, candidate = trained
+    folder = tmp_path / "candidate"
+    shutil.copytree(config.home / candidate["candidate"], folder)
+    fp32_bytes = (folder / MODEL_FILE).read_bytes()
+    strict = config.model_copy(update={"export": config.export.model_copy(update={"int8_tolerance": tolerance})})
+
+    record = quantize(strict, str(folder))
+
+    assert record["precision"] == ("int8" if kept else "fp32")
+    assert set(record["roc_auc"]) == {"fp32", "int8"} and record["roc_auc"]["int8"] != record["roc_auc"]["fp32"]
+    assert ((folder / MODEL_FILE).read_bytes() != fp32_bytes) == kept
+    assert (folder / FP32_FILE).exists() == kept and not list(folder.glob(".*int8*"))
