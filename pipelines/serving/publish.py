@@ -17,6 +17,7 @@ from pipelines.config import ProjectConfig
 from pipelines.evaluation.gate import PROMOTED
 from pipelines.export.onnx import MODEL_FILE
 from pipelines.lineage import code_version, read_json, write_json
+from pipelines.metrics import Sample, emit
 from pipelines.serving import live, repository
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,7 @@ def publish(
             except live.SmokeTestError as failed:
                 lineage["live"] = {"event": "rejected", "reason": str(failed)}
                 write_json(run_record_path(config, run["run_id"]), lineage)
+                report(config, "rejected", gate)
                 raise
         else:
             repository.write_model_config(model_dir, repository.model_config(config, version))
@@ -84,9 +86,22 @@ def publish(
     else:
         log.info("not promoted: %s; the candidate stays in %s with its metrics", gate["reason"], folder)
     record = write_json(run_record_path(config, run["run_id"]), lineage)
+    report(config, gate["decision"], gate)
     return {
         "decision": gate["decision"],
         "version": lineage["version"],
         "served_version": repository.served_version(model_dir),
         "lineage": str(record),
     }
+
+
+def report(config: ProjectConfig, outcome: str, gate: dict) -> None:
+    """The publish outcome, both gate metrics and the served version, for Prometheus."""
+    samples = [
+        Sample("flywheel_publish_outcome", "1 for the outcome of the latest publish (promoted, not promoted, rejected).", 1.0, {"outcome": outcome.replace(" ", "_")}),
+        Sample("flywheel_served_version", "The version Triton serves (0: none yet).", float(repository.served_version(config.model_dir) or 0)),
+    ]
+    for role in ("challenger", "champion"):
+        for metric, value in (gate.get(role) or {}).items():
+            samples.append(Sample("flywheel_gate_metric", "Gate metrics of the latest challenger and champion on the same test split.", value, {"role": role, "metric": metric}))
+    emit(config, "publish", samples)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pipelines.config import ProjectConfig
+from pipelines.metrics import Sample, emit
 from pipelines.serving import live, repository
 
 
@@ -24,4 +25,5 @@ def rollback(config: ProjectConfig, model: str, version: int, run: dict) -> dict
     else:
         repository.write_model_config(config.model_dir, repository.model_config(config, version))
         entry = live.record(config, "rollback", version, previous, run)
+    emit(config, "rollback", [Sample("flywheel_served_version", "The version Triton serves (0: none yet).", float(version))])
     return {"model": model, "version": version, "previous": previous, "changed": True, "switch_seconds": entry.get("switch_seconds")}

@@ -71,3 +71,17 @@ def test_parsing_a_dag_file_imports_nothing_heavy_and_is_fast(dag_file):
     )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.split("\n")
     assert out[1] == "", f"{dag_file} imports {out[1]} at parse time"
+
+
+def test_rollback_params_refuse_what_cannot_be_a_version(dagbag):
+    from airflow.sdk.definitions.param import ParamsDict
+    from airflow.sdk.exceptions import ParamValidationError
+
+    dag = dagbag.dags["rollback"]
+    assert dag.schedule is None or str(dag.timetable.summary) == "None"  # manual only
+    good = ParamsDict(dag.params)
+    good.update({"model": "flights_delay", "version": 2})
+    good.validate()
+    for bad in ({"version": 0}, {"version": "two"}, {"model": ""}):
+        with pytest.raises(ParamValidationError, match=f"Invalid input for param {next(iter(bad))}"):
+            ParamsDict(dag.params).update(bad)

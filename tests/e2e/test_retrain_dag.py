@@ -126,3 +126,14 @@ def _torch_predictions(model, encoding, rows: pd.DataFrame) -> np.ndarray:
         return model.predict(
             torch.from_numpy(encoding.categorical_indices(rows)), torch.from_numpy(encoding.numeric_values(rows))
         ).numpy().ravel()
+
+
+def test_the_rollback_dag_refuses_a_version_that_does_not_exist(airflow):
+    airflow, config = airflow
+
+    run_id = airflow.trigger("rollback", {"model": config.model.name, "version": 9})
+
+    assert airflow.wait_for_run("rollback", run_id, timeout=300) == "failed"
+    assert repository.served_version(config.model_dir) == 1
+    log = "\n".join(p.read_text() for p in (airflow.airflow_home / "logs").rglob("*") if p.is_file() and run_id in str(p))
+    assert "flights_delay has no version 9; the repository holds versions [1]" in log

@@ -249,3 +249,21 @@ def test_int8_is_kept_only_within_the_metric_tolerance(trained, tmp_path, tolera
     assert set(record["roc_auc"]) == {"fp32", "int8"} and record["roc_auc"]["int8"] != record["roc_auc"]["fp32"]
     assert ((folder / MODEL_FILE).read_bytes() != fp32_bytes) == kept
     assert (folder / FP32_FILE).exists() == kept and not list(folder.glob(".*int8*"))
+
+
+def test_publish_reports_its_outcome_and_both_metrics_for_prometheus(trained):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    config, data_version, candidate = trained
+    decision = evaluate(config, candidate["candidate"])
+
+    publish(config, candidate["candidate"], decision, data_version, {**RUN, "run_id": "manual__metrics"})
+
+    text = (config.home / "reports" / "metrics" / "publish.prom").read_text()
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in text_string_to_metric_families(text) for s in f.samples}
+    model = ("model", config.model.name)
+    outcome = decision["decision"].replace(" ", "_")
+    assert samples[("flywheel_publish_outcome", (model, ("outcome", outcome)))] == 1.0
+    assert samples[("flywheel_served_version", (model,))] == repository.served_version(config.model_dir)
+    challenger = samples[("flywheel_gate_metric", (("metric", "roc_auc"), model, ("role", "challenger")))]
+    assert challenger == pytest.approx(decision["challenger"]["roc_auc"])
