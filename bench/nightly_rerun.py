@@ -4,7 +4,7 @@ The nightly DAG runs whether or not a batch landed. With nothing new, DVC's spli
 cache hit and the candidate trained on the same inputs is reused, so the night should cost a
 small fraction of a real one. This runs the retrain steps (the functions the DAG's tasks call)
 in a throwaway project twice: once after real months land (the baseline), once with nothing
-new, and prints the ratio.
+new, and prints the ratio. Triton runs, so the publish step includes going live.
 
     .venv/bin/python bench/nightly_rerun.py [--months 2013-01 2013-02 2013-03]
 """
@@ -12,13 +12,8 @@ new, and prints the ratio.
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
-import tempfile
 import time
-from pathlib import Path
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def night(run_id: str) -> dict[str, float]:
@@ -48,20 +43,14 @@ def main() -> None:
     parser.add_argument("--months", nargs="+", default=["2013-01", "2013-02", "2013-03"])
     args = parser.parse_args()
 
-    home = Path(tempfile.mkdtemp(prefix="flywheel-bench-"))
-    for name in ("params.yaml", "dvc.yaml", "expectations"):
-        copy = shutil.copytree if (REPO / name).is_dir() else shutil.copy
-        copy(REPO / name, home / name)
-    os.environ["FLYWHEEL_HOME"] = str(home)
+    from project import throwaway_project
 
-    from pipelines.config import load_config
-    from pipelines.data.replay import land
+    config = throwaway_project(args.months)
+    from pipelines.serving.triton import TritonServer
 
-    config = load_config()
-    for month in args.months:
-        land(config, month)
-    with_data = night("bench_new_data")
-    no_data = night("bench_no_new_data")
+    with TritonServer(config):  # publish goes live in it, as on a real night
+        with_data = night("bench_new_data")
+        no_data = night("bench_no_new_data")
 
     print(f"{'step':<14}{'new data (s)':>14}{'no new data (s)':>17}")
     for step in with_data:
@@ -69,7 +58,7 @@ def main() -> None:
     total_with, total_without = sum(with_data.values()), sum(no_data.values())
     print(f"{'total':<14}{total_with:>14.2f}{total_without:>17.2f}")
     print(f"no-new-data night / new-data night = {total_without / total_with:.3f} ({', '.join(args.months)} landed)")
-    shutil.rmtree(home)
+    shutil.rmtree(config.home)
 
 
 if __name__ == "__main__":

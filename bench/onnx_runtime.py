@@ -14,11 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import tempfile
 import time
-from pathlib import Path
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def best_of(call, repeat: int) -> float:
@@ -38,31 +34,21 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=50)
     args = parser.parse_args()
 
-    home = Path(tempfile.mkdtemp(prefix="flywheel-bench-"))
-    for name in ("params.yaml", "dvc.yaml", "expectations"):
-        (shutil.copytree if (REPO / name).is_dir() else shutil.copy)(REPO / name, home / name)
-    os.environ["FLYWHEEL_HOME"] = str(home)
+    from project import exported_candidate, throwaway_project
+
+    config = throwaway_project(["2013-01", "2013-02", "2013-03"])
+    folder = exported_candidate()
 
     import onnxruntime as ort
     import pandas as pd
     import torch
 
-    from pipelines import retrain as steps
-    from pipelines.config import load_config
-    from pipelines.data.replay import land
     from pipelines.data.split import split_paths
     from pipelines.evaluation.gate import metrics
     from pipelines.export.onnx import MODEL_FILE, onnx_inputs
     from pipelines.export.quantize import quantize_file
     from pipelines.training.train import load_candidate
 
-    config = load_config()
-    for month in ("2013-01", "2013-02", "2013-03"):
-        land(config, month)
-    steps.validate()
-    versioned = steps.version_data()
-    folder = Path(steps.train(versioned["data_version"], None, None)["candidate"])
-    steps.export(str(folder))
     int8 = quantize_file(folder / MODEL_FILE, folder / "model.int8.onnx")
 
     test = pd.read_parquet(split_paths(config)["test"])
@@ -94,7 +80,7 @@ def main() -> None:
     for name, seconds in results.items():
         score = f"{quality[name]:.4f}" if name in quality else "-"
         print(f"{name:<18}{seconds * 1000:>9.3f}{args.rows / seconds:>12.0f}{baseline / seconds:>9.2f}x{score:>10}")
-    shutil.rmtree(home)
+    shutil.rmtree(config.home)
 
 
 if __name__ == "__main__":

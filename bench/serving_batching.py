@@ -11,15 +11,10 @@ model without batching (the baseline), then to the one with it, and the ratio is
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
-import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def client(url: str, model: str, home: str, seconds: float) -> tuple[list[float], int]:
@@ -91,28 +86,16 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=20)
     args = parser.parse_args()
 
-    home = Path(tempfile.mkdtemp(prefix="flywheel-bench-"))
-    for name in ("params.yaml", "dvc.yaml", "expectations"):
-        (shutil.copytree if (REPO / name).is_dir() else shutil.copy)(REPO / name, home / name)
-    os.environ["FLYWHEEL_HOME"] = str(home)
+    from project import exported_candidate, throwaway_project
 
-    import pandas as pd
+    config = throwaway_project(["2013-01", "2013-02"])
+    candidate = exported_candidate(max_epochs=2)
 
-    from pipelines import retrain as steps
-    from pipelines.config import load_config
-    from pipelines.data.replay import land
     from pipelines.serving import repository
     from pipelines.serving.triton import TritonServer
 
-    config = load_config()
-    for month in ("2013-01", "2013-02"):
-        land(config, month)
-    steps.validate()
-    versioned = steps.version_data()
-    trained = steps.train(versioned["data_version"], 2, None)
-    steps.export(trained["candidate"])
     # The same version twice: with dynamic batching (as published) and without (the baseline).
-    files = {"model.onnx": Path(trained["candidate"]) / "model.onnx", "model.py": repository.BACKEND_MODEL}
+    files = {"model.onnx": candidate / "model.onnx", "model.py": repository.BACKEND_MODEL}
     unbatched = config.model_copy(update={"model": config.model.model_copy(update={"name": config.model.name + "_unbatched"})})
     for project in (config, unbatched):
         version = repository.add_version(project.model_dir, files, {"bench": True})
@@ -134,7 +117,7 @@ def main() -> None:
             f"{result['rows/execution']:>16.1f}{result['failed']:>8}"
         )
     print(f"throughput ratio (dynamic batching / without) = {batched['requests/s'] / baseline['requests/s']:.2f}")
-    shutil.rmtree(home)
+    shutil.rmtree(config.home)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,9 @@
 Each night a month of flights lands and the retrain DAG runs, exactly as the scheduler would
 run it: the first run publishes version 1, later runs are gated against the version in
 service, one month arrives corrupted and is quarantined, and a night with no new data reuses
-everything from cache. The demo ends with one table of what happened.
+everything from cache. Triton serves throughout: promoted versions go live in it, a later
+month is sent through it as client traffic, and the rollback DAG puts the previous version
+back. The demo ends with one table of what happened.
 """
 
 from __future__ import annotations

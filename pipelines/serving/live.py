@@ -174,6 +174,8 @@ def go_live(config: ProjectConfig, version: int, run: dict, event: str) -> dict:
 
     client = connect(config)
     previous = repository.served_version(config.model_dir)
+    if previous == version:  # a retried task whose first try got this far
+        return {"event": event, "version": version, "previous": previous, "unchanged": True}
     if event == "publish":
         rows = pd.read_parquet(split_paths(config)["test"]).head(config.serving.smoke_rows)
         try:

@@ -80,7 +80,10 @@ def publish(
                 report(config, "rejected", gate)
                 raise
         else:
+            previous = repository.served_version(model_dir)
             repository.write_model_config(model_dir, repository.model_config(config, version))
+            if previous != version:  # not a retry of a publish that already got this far
+                lineage["live"] = live.record(config, "publish", version, previous, run)
             log.info("serving.triton.url is not set: version %d is in the repository, not loaded in a Triton", version)
         log.info("published %s version %d: %s", config.model.name, version, gate["reason"])
     else:
