@@ -124,7 +124,7 @@ def run(config: ProjectConfig, fresh: bool, port: int) -> tuple[list[dict], list
             result = airflow.xcom("rollback", run_id, "serve_previous_version") or {}
             serving.append(
                 f"rollback:  DAG run {state}: version {result.get('previous')} -> {result.get('version')} "
-                f"in {result.get('switch_seconds')} s, no request dropped (served now: {repository.served_version(config.model_dir)})"
+                f"in {result.get('switch_seconds')} s (served now: {repository.served_version(config.model_dir)})"
             )
     return rows, serving
 
