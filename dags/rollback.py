@@ -42,11 +42,17 @@ from airflow.sdk import Param, dag, task
 def rollback():
     @task
     def serve_previous_version(params=None, dag_run=None):
+        from airflow.exceptions import AirflowFailException
+
         from pipelines.config import load_config
         from pipelines.serving.rollback import rollback as put_back
 
         run = {"dag_id": dag_run.dag_id, "run_id": dag_run.run_id}
-        return put_back(load_config(), params["model"], params["version"], run)
+        try:
+            return put_back(load_config(), params["model"], params["version"], run)
+        except ValueError as refused:
+            # An unknown model or version, or a rejected one: retrying cannot help.
+            raise AirflowFailException(str(refused)) from refused
 
     serve_previous_version()
 

@@ -67,11 +67,11 @@ def request_inputs(config: ProjectConfig, rows: pd.DataFrame, protocol):
     return inputs
 
 
-def infer(client, config: ProjectConfig, rows: pd.DataFrame, model: str | None = None, version: str = "") -> tuple[np.ndarray, int]:
+def infer(client, config: ProjectConfig, rows: pd.DataFrame, model: str | None = None) -> tuple[np.ndarray, int]:
     """Predictions for ``rows`` and the version that answered."""
     import tritonclient.http as http
 
-    response = client.infer(model or config.model.name, request_inputs(config, rows, http), model_version=version)
+    response = client.infer(model or config.model.name, request_inputs(config, rows, http))
     return response.as_numpy(OUTPUT)[:, 0], int(response.get_response()["model_version"])
 
 
@@ -127,7 +127,7 @@ def switch(config: ProjectConfig, client, version: int) -> None:
     On failure the previous ``config.pbtxt`` is restored and Triton keeps the old version.
     """
     model_dir = config.model_dir
-    previous = (model_dir / repository.CONFIG_FILE).read_bytes() if (model_dir / repository.CONFIG_FILE).exists() else None
+    previous = repository.read_model_config(model_dir)
     repository.write_model_config(model_dir, repository.model_config(config, version))
     try:
         client.load_model(config.model.name)
@@ -135,9 +135,7 @@ def switch(config: ProjectConfig, client, version: int) -> None:
             raise SmokeTestError(f"version {version} of {config.model.name} did not become ready")
     except Exception:
         if previous is not None:
-            partial = model_dir / f".{repository.CONFIG_FILE}.partial"
-            partial.write_bytes(previous)
-            partial.replace(model_dir / repository.CONFIG_FILE)
+            repository.write_model_config(model_dir, previous)
         raise
 
 

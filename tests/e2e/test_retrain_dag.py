@@ -134,6 +134,8 @@ def test_the_rollback_dag_refuses_a_version_that_does_not_exist(airflow):
     run_id = airflow.trigger("rollback", {"model": config.model.name, "version": 9})
 
     assert airflow.wait_for_run("rollback", run_id, timeout=300) == "failed"
+    (task,) = airflow.task_instances("rollback", run_id)
+    assert task["try_number"] == 1  # a version that does not exist is not retried
     assert repository.served_version(config.model_dir) == 1
     log = "\n".join(p.read_text() for p in (airflow.airflow_home / "logs").rglob("*") if p.is_file() and run_id in str(p))
     assert "flights_delay has no version 9; the repository holds versions [1]" in log
