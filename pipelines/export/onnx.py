@@ -52,7 +52,7 @@ def _network(model, categorical: list[str], numeric: list[str], opset: int):
     example = (torch.ones(rows, len(categorical), dtype=torch.int64), torch.zeros(rows, len(numeric)))
     batch = torch.export.Dim("batch", min=1)
     program = torch.onnx.export(
-        Served(model.cpu().eval()),
+        Served(model.cpu().eval()).eval(),
         example,
         input_names=["categorical_codes", "numeric"],
         output_names=[OUTPUT],

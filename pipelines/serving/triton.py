@@ -56,7 +56,11 @@ def prepare_backends(runtime: Path) -> Path:
     version = f"{sys.version_info.major}.{sys.version_info.minor}"
     sources = [*(bundled / "backends" / "python").iterdir(), bundled / "python_backend_stubs" / version / "triton_python_backend_stub"]
     for source in sources:
-        shutil.copy2(source, python / source.name)
+        # Beside, then renamed: a stub of a server that is still shutting down may be running
+        # the old file, which cannot be overwritten in place ("Text file busy").
+        partial = python / f".{source.name}.partial"
+        shutil.copy2(source, partial)
+        os.replace(partial, python / source.name)
     return runtime / "backends"
 
 
