@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 
@@ -67,3 +68,14 @@ def airflow_db() -> None:
     from airflow.utils import db
 
     db.resetdb()
+
+
+def free_ports(count: int) -> list[int]:
+    """Loopback ports nothing listens on, for servers a test starts (Airflow, Triton)."""
+    sockets = [socket.socket() for _ in range(count)]
+    for sock in sockets:
+        sock.bind(("127.0.0.1", 0))
+    ports = [sock.getsockname()[1] for sock in sockets]
+    for sock in sockets:
+        sock.close()
+    return ports

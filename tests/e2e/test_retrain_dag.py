@@ -5,7 +5,6 @@ batch quarantined."""
 from __future__ import annotations
 
 import json
-import socket
 
 import numpy as np
 import pandas as pd
@@ -19,16 +18,10 @@ from pipelines.export.onnx import MODEL_FILE
 from pipelines.serving import repository
 from pipelines.serving.publish import run_record_path
 from pipelines.training.train import load_candidate
-from tests.conftest import REPO, make_project
+from tests.conftest import REPO, free_ports, make_project
 
 pytestmark = pytest.mark.e2e
 ROWS = 3000
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +29,7 @@ def airflow(tmp_path_factory):
     home = tmp_path_factory.mktemp("e2e")
     config = make_project(home / "project")
     local = LocalAirflow(
-        home / "airflow", REPO / "dags", REPO / "plugins", port=free_port(),
+        home / "airflow", REPO / "dags", REPO / "plugins", port=free_ports(1)[0],
         extra_env={"FLYWHEEL_HOME": str(config.home)}, scheduled=False,
     )
     with local:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import threading
 import time
 
@@ -23,22 +22,12 @@ from pipelines.serving.publish import publish
 from pipelines.serving.rollback import rollback
 from pipelines.serving.triton import TritonServer
 from pipelines.training.train import train
-from tests.conftest import make_project
+from tests.conftest import free_ports, make_project
 from tests.unit.test_split import write_raw
 
 pytestmark = pytest.mark.e2e
 # The wheel that ships tritonserver exists for x86_64 Linux only; elsewhere these cannot run.
 pytest.importorskip("pytriton", reason="nvidia-pytriton (the tritonserver binary) installs on x86_64 Linux only")
-
-
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
 
 
 def run(run_id: str) -> dict:
