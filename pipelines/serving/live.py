@@ -166,14 +166,22 @@ def mark_rejected(config: ProjectConfig, version: int, reason: str) -> None:
     write_json(path, {**read_json(path), "status": "rejected", "rejected_reason": reason})
 
 
-def go_live(config: ProjectConfig, version: int, run: dict, event: str) -> dict:
-    """Smoke-test ``version`` in Triton and make it the served one; returns the history entry."""
+def serve(config: ProjectConfig, version: int, run: dict, event: str) -> dict:
+    """Make ``version`` the served one (``event``: publish or rollback); returns the history entry.
+
+    With ``serving.triton.url`` set, it goes live in that Triton (a published version is
+    smoke-tested first); without, only ``config.pbtxt`` changes, for Triton to load at start.
+    """
     from pipelines.data.split import split_paths
 
-    client = connect(config)
     previous = repository.served_version(config.model_dir)
     if previous == version:  # a retried task whose first try got this far
         return {"event": event, "version": version, "previous": previous, "unchanged": True}
+    if not config.serving.triton.url:
+        repository.write_model_config(config.model_dir, repository.model_config(config, version))
+        log.info("serving.triton.url is not set: version %d is served by the repository, not loaded in a Triton", version)
+        return record(config, event, version, previous, run)
+    client = connect(config)
     if event == "publish":
         rows = pd.read_parquet(split_paths(config)["test"]).head(config.serving.smoke_rows)
         try:

@@ -71,20 +71,13 @@ def publish(
             files = {MODEL_FILE: folder / MODEL_FILE, repository.BACKEND_MODEL.name: repository.BACKEND_MODEL}
             version = repository.add_version(model_dir, files, lineage)
         lineage["version"] = version
-        if config.serving.triton.url:
-            try:
-                lineage["live"] = live.go_live(config, version, run, event="publish")
-            except live.SmokeTestError as failed:
-                lineage["live"] = {"event": "rejected", "reason": str(failed)}
-                write_json(run_record_path(config, run["run_id"]), lineage)
-                report(config, "rejected", gate)
-                raise
-        else:
-            previous = repository.served_version(model_dir)
-            repository.write_model_config(model_dir, repository.model_config(config, version))
-            if previous != version:  # not a retry of a publish that already got this far
-                lineage["live"] = live.record(config, "publish", version, previous, run)
-            log.info("serving.triton.url is not set: version %d is in the repository, not loaded in a Triton", version)
+        try:
+            lineage["live"] = live.serve(config, version, run, event="publish")
+        except live.SmokeTestError as failed:
+            lineage["live"] = {"event": "rejected", "reason": str(failed)}
+            write_json(run_record_path(config, run["run_id"]), lineage)
+            report(config, "rejected", gate)
+            raise
         log.info("published %s version %d: %s", config.model.name, version, gate["reason"])
     else:
         log.info("not promoted: %s; the candidate stays in %s with its metrics", gate["reason"], folder)
@@ -102,9 +95,13 @@ def report(config: ProjectConfig, outcome: str, gate: dict) -> None:
     """The publish outcome, both gate metrics and the served version, for Prometheus."""
     samples = [
         Sample("flywheel_publish_outcome", "1 for the outcome of the latest publish (promoted, not promoted, rejected).", 1.0, {"outcome": outcome.replace(" ", "_")}),
-        Sample("flywheel_served_version", "The version Triton serves (0: none yet).", float(repository.served_version(config.model_dir) or 0)),
+        served_version_sample(config),
     ]
     for role in ("challenger", "champion"):
         for metric, value in (gate.get(role) or {}).items():
             samples.append(Sample("flywheel_gate_metric", "Gate metrics of the latest challenger and champion on the same test split.", value, {"role": role, "metric": metric}))
     emit(config, "publish", samples)
+
+
+def served_version_sample(config: ProjectConfig) -> Sample:
+    return Sample("flywheel_served_version", "The version Triton serves (0: none yet).", float(repository.served_version(config.model_dir) or 0))

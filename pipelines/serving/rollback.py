@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from pipelines.config import ProjectConfig
-from pipelines.metrics import Sample, emit
+from pipelines.metrics import emit
 from pipelines.serving import live, repository
+from pipelines.serving.publish import served_version_sample
 
 
 def rollback(config: ProjectConfig, model: str, version: int, run: dict) -> dict:
@@ -20,10 +21,6 @@ def rollback(config: ProjectConfig, model: str, version: int, run: dict) -> dict
     previous = repository.served_version(config.model_dir)
     if version == previous:
         return {"model": model, "version": version, "previous": previous, "changed": False}
-    if config.serving.triton.url:
-        entry = live.go_live(config, version, run, event="rollback")
-    else:
-        repository.write_model_config(config.model_dir, repository.model_config(config, version))
-        entry = live.record(config, "rollback", version, previous, run)
-    emit(config, "rollback", [Sample("flywheel_served_version", "The version Triton serves (0: none yet).", float(version))])
+    entry = live.serve(config, version, run, event="rollback")
+    emit(config, "rollback", [served_version_sample(config)])
     return {"model": model, "version": version, "previous": previous, "changed": True, "switch_seconds": entry.get("switch_seconds")}

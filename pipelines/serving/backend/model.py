@@ -3,21 +3,17 @@
 The CPU rendering of a version (``serving.profile: cpu``): Triton's embedded server on a
 machine without the ONNX Runtime backend serves the very file that the GPU rendering serves
 with ``platform: onnxruntime_onnx``. Copied next to ``model.onnx`` in every version folder.
+It runs in the backend's own environment (numpy 1, ONNX Runtime; see
+``pipelines/serving/triton.py``), not in the project's.
 """
 
 import json
 import os
-import site
 from pathlib import Path
 
-# The backend's embedded interpreter ignores PYTHONPATH; the server's launcher sets it to the
-# environment that has ONNX Runtime, so add it here.
-for entry in filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep)):
-    site.addsitedir(entry)
-
-import numpy as np  # noqa: E402
-import onnxruntime as ort  # noqa: E402
-import triton_python_backend_utils as pb_utils  # noqa: E402
+import numpy as np
+import onnxruntime as ort
+import triton_python_backend_utils as pb_utils
 
 MODEL_FILE = "model.onnx"
 
