@@ -7,9 +7,22 @@ BIN := $(VENV)/bin
 BACKEND_REQUIREMENTS := pipelines/serving/backend/requirements.txt
 export FLYWHEEL_HOME ?= $(CURDIR)
 
-.PHONY: install demo test test-fast up constraints clean
+.PHONY: install system-packages demo test test-fast up constraints clean
 
-install: $(VENV)/.installed
+# Debian packages the tests start for real: Prometheus and its Pushgateway (alert rules,
+# metrics), Chromium (the browser test of the Airflow UI pages).
+SYSTEM_PACKAGES := prometheus prometheus-pushgateway chromium
+SYSTEM_COMMANDS := promtool prometheus prometheus-pushgateway chromium
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+install: $(VENV)/.installed system-packages
+
+system-packages:
+	@for c in $(SYSTEM_COMMANDS); do command -v $$c >/dev/null || missing=1; done; \
+	if [ -n "$$missing" ]; then \
+		$(SUDO) apt-get update -q && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends $(SYSTEM_PACKAGES); \
+	fi
 
 # torch first, with pip: pip takes the CPU build on disk, where other installers would download a CUDA one.
 $(VENV)/.installed: pyproject.toml constraints.txt $(BACKEND_REQUIREMENTS)

@@ -1,7 +1,7 @@
 """
 ### retrain
 
-Nightly: validate the batches that landed, version the split with DVC, train a challenger,
+Nightly, and when the drift DAG emits the Asset `drift_detected`: validate the batches that landed, version the split with DVC, train a challenger,
 export it to ONNX (parity-checked), gate it against the served champion on the same test
 split, and publish it as a new Triton model version if it wins.
 
@@ -11,6 +11,7 @@ split, and publish it as a new Triton model version if it wins.
   fails is marked rejected, the served version keeps answering, and the run fails.
 * A challenger that loses is kept with its metrics; the run succeeds with the decision
   "not promoted" in the `publish` task's result and the run's lineage record.
+* Why a run ran (schedule, drift with its report, manual) is in its lineage record.
 * **Params**: `force_publish` (with a `force_reason`) overrides the gate; `max_epochs` and
   `learning_rate` override `params.yaml` for this run.
 
@@ -22,7 +23,9 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pendulum
-from airflow.sdk import Param, dag, task
+from airflow.sdk import Asset, AssetOrTimeSchedule, CronTriggerTimetable, Param, dag, task
+
+from pipelines.drift import DRIFT_DETECTED
 
 DEFAULT_ARGS = {
     "owner": "ml-platform",
@@ -35,7 +38,9 @@ DEFAULT_ARGS = {
 
 @dag(
     dag_id="retrain",
-    schedule="0 2 * * *",
+    schedule=AssetOrTimeSchedule(
+        timetable=CronTriggerTimetable("0 2 * * *", timezone="UTC"), assets=[Asset(DRIFT_DETECTED)]
+    ),
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
     max_active_runs=1,  # DVC's repository lock allows one `dvc repro` at a time
@@ -85,7 +90,7 @@ def retrain():
         return steps.gate(trained["candidate"], params["force_publish"], params["force_reason"])
 
     @task
-    def publish(trained, decision, versioned, params=None, dag_run=None):
+    def publish(trained, decision, versioned, params=None, dag_run=None, triggering_asset_events=None):
         from airflow.exceptions import AirflowFailException
 
         from pipelines.serving.live import SmokeTestError
@@ -95,6 +100,10 @@ def retrain():
             "run_id": dag_run.run_id,
             "run_type": getattr(dag_run.run_type, "value", dag_run.run_type),  # an enum: keep "manual", not its repr
             "logical_date": str(dag_run.logical_date),
+            "trigger": steps.trigger(
+                getattr(dag_run.run_type, "value", dag_run.run_type),
+                [e.extra for events in (triggering_asset_events or {}).values() for e in events],
+            ),
         }
         try:
             return steps.publish(trained["candidate"], decision, versioned["data_version"], run, dict(params))

@@ -165,6 +165,29 @@ class MetricsConfig(Strict):
     textfile_dir: Path = Path("reports/metrics")
 
 
+class DriftTest(Strict):
+    # An Evidently stattest name (checked when the drift check runs) and its threshold: a
+    # distance drifts at or above it, a p-value below it.
+    method: str = Field(min_length=1)
+    threshold: float = Field(gt=0)
+
+
+class DriftTests(Strict):
+    numeric: DriftTest = DriftTest(method="wasserstein", threshold=0.1)
+    categorical: DriftTest = DriftTest(method="jensenshannon", threshold=0.1)
+    text: DriftTest = DriftTest(method="perc_text_content_drift", threshold=0.55)
+
+
+class MonitoringConfig(Strict):
+    reference_rows: int = Field(default=20000, ge=100, description="training rows stored with each version")
+    min_rows: int = Field(default=200, ge=1, description="fewer logged rows in a window give no verdict")
+    drift_share: float = Field(default=0.3, gt=0, le=1, description="share of drifted columns that is dataset drift")
+    tests: DriftTests = DriftTests()
+    exclude_columns: tuple[str, ...] = ()
+    cooldown_hours: float = Field(default=24, ge=0, description="at most one drift-triggered retrain per period")
+    reports_dir: Path = Path("reports/drift")
+
+
 class ProjectConfig(Strict):
     dataset: DatasetConfig
     split: SplitConfig
@@ -175,6 +198,7 @@ class ProjectConfig(Strict):
     export: ExportConfig
     serving: ServingConfig
     metrics: MetricsConfig = MetricsConfig()
+    monitoring: MonitoringConfig = MonitoringConfig()
     # Candidates (trained models, served or not) and per-run lineage records live here.
     artifacts_dir: Path
     # Where the file was read from; relative paths in it are resolved against this.
@@ -193,6 +217,13 @@ class ProjectConfig(Strict):
                 f"gate.metric {self.gate.metric!r} does not apply to a {self.dataset.label.task.value} label; "
                 f"use one of {sorted(allowed)}"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _monitored_columns_exist(self) -> ProjectConfig:
+        unknown = sorted(set(self.monitoring.exclude_columns) - {f.name for f in self.dataset.features})
+        if unknown:
+            raise ValueError(f"monitoring.exclude_columns names {unknown}, which are not dataset.features")
         return self
 
     def path(self, relative: Path) -> Path:

@@ -47,6 +47,13 @@ def gate(candidate: str, force_publish: bool, force_reason: str | None) -> dict:
     return evaluate(load_config(), candidate, force_publish, force_reason)
 
 
+def trigger(run_type: str, drift_events: list[dict]) -> dict:
+    """Why a run ran, for its lineage: the schedule, drift (with its reports), or a person."""
+    if run_type == "asset_triggered":
+        return {"kind": "drift", "events": drift_events}
+    return {"kind": {"scheduled": "schedule"}.get(run_type, run_type)}
+
+
 def publish(candidate: str, gate: dict, data_version: dict[str, str], run: dict, overrides: dict) -> dict:
     from pipelines.serving.publish import publish as release
 

@@ -25,6 +25,51 @@ def log_dir(config: ProjectConfig) -> Path:
     return config.path(config.serving.inference_log) / config.model.name
 
 
+class InferenceLog:
+    """Appends what a model saw and answered to the inference log, in buffered parquet chunks.
+    Use as a context manager (or call ``flush``) so the last rows reach the log."""
+
+    def __init__(self, config: ProjectConfig, flush_rows: int = FLUSH_ROWS) -> None:
+        self.config = config
+        self.flush_rows = flush_rows
+        self._buffer: list[pd.DataFrame] = []
+
+    def __enter__(self) -> InferenceLog:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.flush()
+
+    def append(self, rows: pd.DataFrame, predictions: np.ndarray, version: int, served_at: datetime | None = None) -> None:
+        """``served_at`` defaults to now; a replay of past traffic passes the time it was served."""
+        dataset = self.config.dataset
+        kept = [c for c in (dataset.id_column, dataset.time_column) if c in rows.columns]
+        seen = rows[kept + [f.name for f in dataset.features]].reset_index(drop=True)
+        seen["prediction"] = predictions
+        seen["model_version"] = version
+        seen["served_at"] = pd.Timestamp(served_at or datetime.now(timezone.utc))
+        self._buffer.append(seen)
+        if sum(len(part) for part in self._buffer) >= self.flush_rows:
+            self.flush()
+
+    def flush(self) -> list[Path]:
+        """Write the buffered rows, one parquet file for each day partition they fall in."""
+        if not self._buffer:
+            return []
+        chunk = pd.concat(self._buffer, ignore_index=True)
+        self._buffer = []
+        written = []
+        for day, rows in chunk.groupby(chunk["served_at"].dt.strftime("%Y-%m-%d")):
+            folder = log_dir(self.config) / f"date={day}"
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / f"part-{datetime.now(timezone.utc):%H%M%S}-{uuid.uuid4().hex[:8]}.parquet"
+            partial = folder / f".{path.name}.partial"
+            rows.to_parquet(partial, index=False)
+            partial.replace(path)
+            written.append(path)
+        return written
+
+
 class ServedModel:
     """Predictions from the model Triton serves, each request logged. Use as a context manager
     (or call ``flush``) so the last rows reach the log."""
@@ -32,8 +77,7 @@ class ServedModel:
     def __init__(self, config: ProjectConfig, flush_rows: int = FLUSH_ROWS) -> None:
         self.config = config
         self.client = live.connect(config)
-        self.flush_rows = flush_rows
-        self._buffer: list[pd.DataFrame] = []
+        self.log = InferenceLog(config, flush_rows)
 
     def __enter__(self) -> ServedModel:
         return self
@@ -43,31 +87,11 @@ class ServedModel:
 
     def predict(self, rows: pd.DataFrame) -> np.ndarray:
         predictions, version = live.infer(self.client, self.config, rows)
-        dataset = self.config.dataset
-        kept = [c for c in (dataset.id_column, dataset.time_column) if c in rows.columns]
-        seen = rows[kept + [f.name for f in dataset.features]].reset_index(drop=True)
-        seen["prediction"] = predictions
-        seen["model_version"] = version
-        seen["served_at"] = pd.Timestamp(datetime.now(timezone.utc))
-        self._buffer.append(seen)
-        if sum(len(part) for part in self._buffer) >= self.flush_rows:
-            self.flush()
+        self.log.append(rows, predictions, version)
         return predictions
 
-    def flush(self) -> Path | None:
-        """Write the buffered rows as one parquet file in today's partition."""
-        if not self._buffer:
-            return None
-        chunk = pd.concat(self._buffer, ignore_index=True)
-        self._buffer = []
-        day = chunk["served_at"].iloc[0].strftime("%Y-%m-%d")
-        folder = log_dir(self.config) / f"date={day}"
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"part-{datetime.now(timezone.utc):%H%M%S}-{uuid.uuid4().hex[:8]}.parquet"
-        partial = folder / f".{path.name}.partial"
-        chunk.to_parquet(partial, index=False)
-        partial.replace(path)
-        return path
+    def flush(self) -> list[Path]:
+        return self.log.flush()
 
 
 def read_log(config: ProjectConfig) -> pd.DataFrame:

@@ -18,6 +18,7 @@ from pipelines.evaluation.gate import PROMOTED
 from pipelines.export.onnx import MODEL_FILE
 from pipelines.lineage import code_version, read_json, write_json
 from pipelines.metrics import Sample, emit
+from pipelines.monitoring.check import REFERENCE_FILE, write_reference
 from pipelines.serving import live, repository
 
 log = logging.getLogger(__name__)
@@ -68,7 +69,8 @@ def publish(
     if gate["decision"] == PROMOTED:
         version = _version_of_run(model_dir, run["run_id"])
         if version is None:
-            files = {MODEL_FILE: folder / MODEL_FILE, repository.BACKEND_MODEL.name: repository.BACKEND_MODEL}
+            reference = write_reference(config, folder / REFERENCE_FILE)  # what the drift check compares with
+            files = {MODEL_FILE: folder / MODEL_FILE, repository.BACKEND_MODEL.name: repository.BACKEND_MODEL, REFERENCE_FILE: reference}
             version = repository.add_version(model_dir, files, lineage)
         lineage["version"] = version
         try:

@@ -6,6 +6,7 @@ Layout (what Triton loads)::
     model_repository/<model>/<N>/model.onnx
     model_repository/<model>/<N>/model.py      the Python-backend model (cpu rendering)
     model_repository/<model>/<N>/lineage.json  where version N came from
+    model_repository/<model>/<N>/reference.parquet  a sample of its training data, for drift checks
 
 The served version is the one ``config.pbtxt`` names in its ``specific`` version policy,
 so promotion and rollback are one atomic rewrite of that file, and Triton never picks up

@@ -85,3 +85,18 @@ def test_rollback_params_refuse_what_cannot_be_a_version(dagbag):
     for bad in ({"version": 0}, {"version": "two"}, {"model": ""}):
         with pytest.raises(ParamValidationError, match=f"Invalid input for param {next(iter(bad))}"):
             ParamsDict(dag.params).update(bad)
+
+
+def test_drift_emits_the_asset_that_schedules_retrain_beside_its_nightly_cron(dagbag):
+    from datetime import timedelta
+
+    from airflow.sdk import AssetOrTimeSchedule
+
+    drift, retrain = dagbag.dags["drift"], dagbag.dags["retrain"]
+    emitter = drift.get_task("trigger_retrain")
+    assert [a.name for a in emitter.outlets] == ["drift_detected"] and drift.get_task("check") in emitter.upstream_list
+    assert isinstance(retrain.timetable, AssetOrTimeSchedule)
+    assert retrain.timetable.timetable.expression == "0 2 * * *"
+    assert [a.name for a in retrain.timetable.asset_condition.objects] == ["drift_detected"]
+    # a run at hh:00 checks the hour before it: its data interval is the window
+    assert (drift.timetable.expression, drift.timetable.interval) == ("0 * * * *", timedelta(hours=1))

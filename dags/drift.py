@@ -1,0 +1,76 @@
+"""
+### drift
+
+Hourly: test the requests the served model answered in the last hour (the inference log)
+against the reference sample of the data that version was trained on (Evidently), write the
+report under `reports/drift/<model>/`, and push the drift metrics.
+
+* When the share of drifted columns passes `monitoring.drift_share`, `trigger_retrain` emits
+  the Asset `drift_detected` (extra: model, version, report, share, columns), which starts
+  the `retrain` DAG. Not while a retrain is queued or running, at most once per
+  `monitoring.cooldown_hours`, and never from a backfill; the task is skipped with the reason.
+* Fewer than `monitoring.min_rows` requests in the window give no verdict and no report.
+* Backfill re-checks past windows, one report each:
+  `airflow backfill create --dag-id drift --from-date ... --to-date ...`.
+* The Drift page of the Airflow UI lists the reports; `docs/oncall.md` says what to do.
+
+All logic is in `pipelines.drift`; this file only wires it.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pendulum
+from airflow.sdk import Asset, CronTriggerTimetable, dag, task
+
+from pipelines.drift import DRIFT_DETECTED
+
+DEFAULT_ARGS = {
+    "owner": "ml-platform",
+    "retries": 2,
+    "retry_delay": timedelta(minutes=1),
+    "retry_exponential_backoff": True,
+    "max_retry_delay": timedelta(minutes=10),  # an hourly check must finish within its hour
+}
+drift_detected = Asset(DRIFT_DETECTED)
+
+
+@dag(
+    dag_id="drift",
+    # The run at hh:00 checks [hh-1:00, hh:00): the interval makes the window its data interval.
+    schedule=CronTriggerTimetable("0 * * * *", timezone="UTC", interval=timedelta(hours=1)),
+    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+    catchup=False,
+    max_active_runs=4,
+    default_args=DEFAULT_ARGS,
+    tags=["flywheel", "monitoring"],
+    doc_md=__doc__,
+)
+def drift():
+    from pipelines import drift as steps
+
+    @task
+    def check(data_interval_start=None, data_interval_end=None):
+        return steps.check(data_interval_start.isoformat(), data_interval_end.isoformat())
+
+    @task(inlets=[drift_detected], outlets=[drift_detected])
+    def trigger_retrain(summary, ti=None, dag_run=None, inlet_events=None, outlet_events=None):
+        from airflow.exceptions import AirflowSkipException
+
+        latest = list(inlet_events[drift_detected].ascending(False).limit(1))
+        decision = steps.decide(
+            summary,
+            latest[0].timestamp.isoformat() if latest else None,
+            ti.get_dr_count("retrain", states=["queued", "running"]),
+            getattr(dag_run.run_type, "value", dag_run.run_type),
+        )
+        if not decision["trigger"]:
+            raise AirflowSkipException(decision["reason"])  # no Asset event from a skipped task
+        outlet_events[drift_detected].extra = decision["extra"]
+        return decision
+
+    trigger_retrain(check())
+
+
+drift()

@@ -1,0 +1,160 @@
+"""The drift check of one window of the inference log against the served version's reference.
+
+Each published version carries ``reference.parquet``: a seeded sample of the training split
+it learned from (``monitoring.reference_rows``), so drift is always measured against what the
+model in service was trained on. A check writes, for the window ending at ``end``::
+
+    reports/drift/<model>/<end as YYYYmmddTHHMMSSZ>/report.html    Evidently's report
+    reports/drift/<model>/<end as YYYYmmddTHHMMSSZ>/summary.json   verdict, share, per-column tests
+
+built beside and renamed into place, so a reader never sees half a report and a re-run of
+the same window (a retry, a backfill) replaces it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pandas as pd
+
+from pipelines.config import FeatureType, ProjectConfig
+from pipelines.lineage import read_json, write_json
+from pipelines.metrics import Sample, emit
+from pipelines.monitoring.drift import ColumnKind, DriftCheckError, compare
+from pipelines.serving import repository
+
+log = logging.getLogger(__name__)
+
+REFERENCE_FILE = "reference.parquet"
+REPORT_FILE = "report.html"
+SUMMARY_FILE = "summary.json"
+FOLDER_TIME = "%Y%m%dT%H%M%SZ"
+
+
+def monitored_columns(config: ProjectConfig) -> dict[str, ColumnKind]:
+    kinds = {FeatureType.numeric: ColumnKind.numeric, FeatureType.categorical: ColumnKind.categorical}
+    excluded = set(config.monitoring.exclude_columns)
+    return {f.name: kinds[f.type] for f in config.dataset.features if f.name not in excluded}
+
+
+def write_reference(config: ProjectConfig, destination: Path) -> Path:
+    """A seeded sample of the training split's features: what a version is compared against."""
+    from pipelines.data.split import split_paths
+
+    train = pd.read_parquet(split_paths(config)["train"], columns=[f.name for f in config.dataset.features])
+    sample = train.sample(n=min(len(train), config.monitoring.reference_rows), random_state=config.train.seed)
+    sample.reset_index(drop=True).to_parquet(destination, index=False)
+    return destination
+
+
+def read_window(config: ProjectConfig, start: datetime, end: datetime) -> pd.DataFrame:
+    """The logged requests served in ``[start, end)``; only the day partitions it spans are read."""
+    import pyarrow as pa
+    import pyarrow.dataset as ds
+
+    from pipelines.serving.client import log_dir
+
+    folder = log_dir(config)
+    if not folder.is_dir():
+        return pd.DataFrame()
+    days = pd.date_range(start.date(), end.date(), freq="D").strftime("%Y-%m-%d").tolist()
+    served_at = ds.field("served_at")
+    when = pa.timestamp("us", tz="UTC")
+    rows = ds.dataset(folder, format="parquet", partitioning="hive", exclude_invalid_files=False).to_table(
+        filter=ds.field("date").isin(days) & (served_at >= pa.scalar(start, when)) & (served_at < pa.scalar(end, when))
+    )
+    return rows.to_pandas()
+
+
+def report_folder(config: ProjectConfig, end: datetime) -> Path:
+    return config.path(config.monitoring.reports_dir) / config.model.name / end.astimezone(timezone.utc).strftime(FOLDER_TIME)
+
+
+def check_window(config: ProjectConfig, start: datetime, end: datetime) -> dict:
+    """Test the requests served in ``[start, end)`` for drift; write the report; emit metrics.
+
+    Returns the summary. With no served version yet, or fewer than ``monitoring.min_rows``
+    logged rows, there is no verdict: the summary says why and no report is written.
+    """
+    summary = {
+        "model": config.model.name,
+        "window": {"start": start.isoformat(), "end": end.isoformat()},
+        "checked_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    version = repository.served_version(config.model_dir)
+    if version is None:
+        return {**summary, "status": "skipped", "reason": "no version serves yet"}
+    current = read_window(config, start, end)
+    if len(current) < config.monitoring.min_rows:
+        reason = f"{len(current)} requests logged in the window, fewer than monitoring.min_rows={config.monitoring.min_rows}"
+        log.info("no drift verdict for %s: %s", config.model.name, reason)
+        return {**summary, "version": version, "status": "skipped", "reason": reason}
+    reference_file = config.model_dir / str(version) / REFERENCE_FILE
+    if not reference_file.exists():
+        raise DriftCheckError(f"{reference_file}: missing; the served version {version} has no reference sample to compare with")
+    reference = pd.read_parquet(reference_file)
+
+    result = compare(reference, current, monitored_columns(config), config.monitoring.tests, config.monitoring.drift_share)
+
+    folder = report_folder(config, end)
+    summary = {
+        **summary,
+        "version": version,
+        "status": "checked",
+        "rows": {"reference": len(reference), "current": len(current)},
+        "versions_seen": sorted(int(v) for v in current["model_version"].unique()),
+        **result.summary(),
+        "report": str(folder / REPORT_FILE),
+    }
+    _write_report(folder, result.snapshot, summary)
+    log.info(
+        "%s drift share %.2f (threshold %.2f): %s; report %s",
+        config.model.name, result.share, result.drift_share, result.drifted_columns or "no column drifted", summary["report"],
+    )
+    emit(config, "drift", drift_samples(summary))
+    return summary
+
+
+def _write_report(folder: Path, snapshot, summary: dict) -> None:
+    """Build the report folder beside, then swap it in (replacing an earlier run of the window)."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    partial = folder.with_name(f".{folder.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir()
+    snapshot.save_html(str(partial / REPORT_FILE))
+    write_json(partial / SUMMARY_FILE, summary)
+    if folder.exists():
+        replaced = folder.with_name(f".{folder.name}.replaced")
+        shutil.rmtree(replaced, ignore_errors=True)
+        os.rename(folder, replaced)
+        os.rename(partial, folder)
+        shutil.rmtree(replaced)
+    else:
+        os.rename(partial, folder)
+
+
+def drift_samples(summary: dict) -> list[Sample]:
+    samples = [
+        Sample("flywheel_drift_share", "Share of monitored columns that drifted in the latest window.", summary["share"]),
+        Sample("flywheel_drift_detected", "1 if the latest window's drifted share passed monitoring.drift_share.", float(summary["dataset_drift"])),
+        Sample("flywheel_drift_window_rows", "Requests in the latest checked window.", float(summary["rows"]["current"])),
+        Sample("flywheel_drift_window_end_timestamp_seconds", "End of the latest checked window.", datetime.fromisoformat(summary["window"]["end"]).timestamp()),
+    ]
+    for column in summary["columns"]:
+        labels = {"column": column["column"], "method": column["method"]}
+        samples.append(Sample("flywheel_drift_column_score", "Drift score of a column in the latest window (see the method).", column["score"], labels))
+        samples.append(Sample("flywheel_drift_column_drifted", "1 if the column drifted in the latest window.", float(column["drifted"]), labels))
+    return samples
+
+
+def recent_reports(config: ProjectConfig, limit: int = 50) -> list[dict]:
+    """Summaries of the latest checked windows of the project's model, newest first."""
+    root = config.path(config.monitoring.reports_dir) / config.model.name
+    if not root.is_dir():
+        return []
+    folders = sorted((p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")), reverse=True)
+    return [read_json(p / SUMMARY_FILE) for p in folders[:limit] if (p / SUMMARY_FILE).exists()]
