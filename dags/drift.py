@@ -51,8 +51,9 @@ def drift():
     from pipelines import drift as steps
 
     @task
-    def check(data_interval_start=None, data_interval_end=None):
-        return steps.check(data_interval_start.isoformat(), data_interval_end.isoformat())
+    def check(data_interval_start=None, data_interval_end=None, dag_run=None):
+        end = data_interval_end or dag_run.run_after  # a run triggered without a logical date has no interval
+        return steps.check(data_interval_start and data_interval_start.isoformat(), end.isoformat())
 
     @task(inlets=[drift_detected], outlets=[drift_detected])
     def trigger_retrain(summary, ti=None, dag_run=None, inlet_events=None, outlet_events=None):

@@ -295,15 +295,37 @@ class LocalAirflow:
         """``GET /api/v2/importErrors``: files the dag-processor could not import."""
         return self._paged("/api/v2/importErrors", "import_errors")
 
-    def trigger(self, dag_id: str, conf: dict[str, Any], run_id: str | None = None) -> str:
-        """Start a manual run of ``dag_id`` with ``conf`` as its params; returns the run id."""
+    def trigger(
+        self, dag_id: str, conf: dict[str, Any], run_id: str | None = None, logical_date: datetime | None = None
+    ) -> str:
+        """Start a manual run of ``dag_id`` with ``conf`` as its params; returns the run id.
+
+        With a ``logical_date``, the run's data interval is the one the DAG's timetable gives it.
+        """
         # Airflow 3 requires logical_date in the body; null means "no logical date", which lets
         # several manual runs start at the same moment.
-        body: dict[str, Any] = {"logical_date": None, "conf": conf}
+        body: dict[str, Any] = {"logical_date": logical_date.isoformat() if logical_date else None, "conf": conf}
         if run_id is not None:
             body["dag_run_id"] = run_id
         response = self._request("POST", f"/api/v2/dags/{_quote(dag_id)}/dagRuns", body)
         return str(response["dag_run_id"])
+
+    def unpause(self, dag_id: str) -> None:
+        """Let the scheduler create runs of ``dag_id`` (its schedule, its Assets)."""
+        self._request("PATCH", f"/api/v2/dags/{_quote(dag_id)}", {"is_paused": False})
+
+    def backfill(self, dag_id: str, from_date: datetime, to_date: datetime) -> dict[str, Any]:
+        """``POST /api/v2/backfills``: runs for the schedule's times in ``[from_date, to_date]``."""
+        body = {"dag_id": dag_id, "from_date": from_date.isoformat(), "to_date": to_date.isoformat()}
+        return self._request("POST", "/api/v2/backfills", body)
+
+    def asset_events(self) -> list[dict[str, Any]]:
+        """Every Asset event: name, extra, timestamp, source_dag_id, source_run_id, ..."""
+        return self._paged("/api/v2/assets/events", "asset_events")
+
+    def dag_runs(self, dag_id: str) -> list[dict[str, Any]]:
+        """Every run of ``dag_id``: run_id, run_type, state, logical_date, data interval."""
+        return self._paged(f"/api/v2/dags/{_quote(dag_id)}/dagRuns", "dag_runs")
 
     def dag_run(self, dag_id: str, run_id: str) -> dict[str, Any]:
         """``GET /api/v2/dags/{dag_id}/dagRuns/{run_id}``."""

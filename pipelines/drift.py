@@ -4,7 +4,7 @@ JSON-able result. The project is the one in ``$FLYWHEEL_HOME`` (see ``pipelines.
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 from pipelines.config import load_config
 
@@ -12,11 +12,14 @@ from pipelines.config import load_config
 DRIFT_DETECTED = "drift_detected"
 
 
-def check(start: str, end: str) -> dict:
-    """Check the requests served in the window ``[start, end)`` (ISO times) for drift."""
+def check(start: str | None, end: str) -> dict:
+    """Check the requests served in the window ``[start, end)`` (ISO times) for drift; with no
+    start (a run triggered without a logical date has no data interval), the hour before ``end``."""
     from pipelines.monitoring.check import check_window
 
-    return check_window(load_config(), datetime.fromisoformat(start), datetime.fromisoformat(end))
+    until = datetime.fromisoformat(end)
+    since = datetime.fromisoformat(start) if start else until - timedelta(hours=1)
+    return check_window(load_config(), since, until)
 
 
 def decide(summary: dict, last_trigger_at: str | None, retrains_active: int, run_type: str) -> dict:

@@ -1,0 +1,151 @@
+"""The closed loop in a real Airflow (scheduler, dag-processor, api-server, LocalExecutor): a
+champion from the nightly schedule, requests logged from a later season of the real flights, the drift DAG emits
+``drift_detected``, and the retrain DAG starts by itself and ends with a gate decision. A window
+from the same season triggers nothing; a backfill writes one report a window and retrains nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from pipelines.airflow_local import LocalAirflow
+from pipelines.data.replay import land, month_batch
+from pipelines.evaluation.gate import NOT_PROMOTED, PROMOTED, predict_onnx
+from pipelines.export.onnx import MODEL_FILE
+from pipelines.monitoring.check import report_folder
+from pipelines.serving import repository
+from pipelines.serving.client import InferenceLog
+from pipelines.serving.publish import run_record_path
+from tests.conftest import REPO, free_ports, make_project
+
+pytestmark = pytest.mark.e2e
+ROWS = 4000
+# Whole hours well in the past, so that no scheduled run of the drift DAG checks them too.
+BASE = datetime.now(timezone.utc).replace(minute=0, second=0, microsecond=0) - timedelta(hours=8)
+BACKFILLED = [BASE + timedelta(hours=1), BASE + timedelta(hours=2)]
+SAME_SEASON, LATER_SEASON, STILL_LATER = (BASE + timedelta(hours=h) for h in (4, 5, 6))
+
+
+def log_traffic(config, month: str, window_end: datetime, seed: int = 0) -> None:
+    """Real flights of ``month`` answered by the served version half an hour before ``window_end``."""
+    rows = month_batch(month, 3000, seed=seed)
+    with InferenceLog(config) as log:
+        log.append(rows, predict_onnx(config.model_dir / "1" / MODEL_FILE, rows), 1, served_at=window_end - timedelta(minutes=30))
+
+
+@pytest.fixture(scope="module")
+def loop(tmp_path_factory):
+    home = tmp_path_factory.mktemp("drift-loop")
+    config = make_project(home / "project")
+    for month in ("2013-01", "2013-02"):
+        land(config, month, rows=ROWS)
+    local = LocalAirflow(
+        home / "airflow", REPO / "dags", REPO / "plugins", port=free_ports(1)[0],
+        extra_env={"FLYWHEEL_HOME": str(config.home)}, scheduled=True,  # Asset-triggered runs need the scheduler's own scheduling
+    )
+    with local:
+        for dag_id in ("drift", "retrain"):
+            local.wait_for_dag(dag_id)
+            local.unpause(dag_id)
+        # Unpaused with catchup off, retrain runs its latest nightly slot at once: the champion
+        nightly = wait_for_retrain(local, "scheduled")
+        assert local.wait_for_run("retrain", nightly, timeout=900) == "success", local.task_instances("retrain", nightly)
+        assert repository.served_version(config.model_dir) == 1
+        assert json.loads(run_record_path(config, nightly).read_text())["airflow"]["trigger"] == {"kind": "schedule"}
+        for end in BACKFILLED:
+            log_traffic(config, "2013-08", end)
+        log_traffic(config, "2013-02", SAME_SEASON, seed=1)
+        log_traffic(config, "2013-07", LATER_SEASON)
+        log_traffic(config, "2013-08", STILL_LATER)
+        land(config, "2013-07", rows=ROWS)  # the new season's labelled flights, for a retrain to learn from
+        yield local, config, nightly
+
+
+def check_window(airflow: LocalAirflow, window_end: datetime) -> tuple[str, dict]:
+    run_id = airflow.trigger("drift", {}, logical_date=window_end)
+    assert airflow.wait_for_run("drift", run_id, timeout=300) == "success", airflow.task_instances("drift", run_id)
+    return run_id, airflow.xcom("drift", run_id, "check")
+
+
+def drift_events(airflow: LocalAirflow) -> list[dict]:
+    return [e for e in airflow.asset_events() if e["name"] == "drift_detected"]
+
+
+def test_a_window_from_the_same_season_triggers_nothing(loop):
+    airflow, config, nightly = loop
+
+    run_id, summary = check_window(airflow, SAME_SEASON)
+
+    assert summary["status"] == "checked" and summary["rows"]["current"] == 3000
+    assert not summary["dataset_drift"] and summary["share"] < config.monitoring.drift_share
+    assert summary["window"] == {"start": (SAME_SEASON - timedelta(hours=1)).isoformat(), "end": SAME_SEASON.isoformat()}
+    assert {t["task_id"]: t["state"] for t in airflow.task_instances("drift", run_id)}["trigger_retrain"] == "skipped"
+    assert drift_events(airflow) == [] and [r["dag_run_id"] for r in airflow.dag_runs("retrain")] == [nightly]
+
+
+def test_a_later_season_emits_drift_detected_and_the_retrain_starts_by_itself(loop):
+    airflow, config, nightly = loop
+
+    run_id, summary = check_window(airflow, LATER_SEASON)
+
+    assert summary["dataset_drift"] and "dest" in summary["drifted_columns"]
+    assert (report_folder(config, LATER_SEASON) / "report.html").exists()
+    (event,) = drift_events(airflow)
+    assert event["source_run_id"] == run_id
+    assert event["extra"] == {
+        "model": "flights_delay", "version": 1, "window_end": LATER_SEASON.isoformat(), "report": summary["report"],
+        "share": summary["share"], "columns": summary["drifted_columns"],
+    }
+    retrain = wait_for_retrain(airflow, "asset_triggered")
+
+    # While it runs, the next drifted window is reported but does not queue a second retrain
+    _, still = check_window(airflow, STILL_LATER)
+    assert still["dataset_drift"] and len(drift_events(airflow)) == 1
+
+    assert airflow.wait_for_run("retrain", retrain, timeout=900) == "success", airflow.task_instances("retrain", retrain)
+    published = airflow.xcom("retrain", retrain, "publish")
+    assert published["decision"] in (PROMOTED, NOT_PROMOTED)  # the same gate as every night
+    record = json.loads(run_record_path(config, retrain).read_text())
+    assert record["airflow"]["run_type"] == "asset_triggered"
+    assert record["airflow"]["trigger"] == {"kind": "drift", "events": [event["extra"]]}
+    assert record["gate"]["champion_version"] == 1 and set(record["gate"]["challenger"]) == set(record["gate"]["champion"])
+    assert sorted(r["dag_run_id"] for r in airflow.dag_runs("retrain")) == sorted([nightly, retrain])
+
+
+def test_a_backfill_writes_a_report_for_each_past_window_and_retrains_nothing(loop):
+    airflow, config, nightly = loop
+    events_before = len(drift_events(airflow))
+
+    airflow.backfill("drift", BACKFILLED[0], BACKFILLED[-1])
+
+    runs = wait_for_backfill_runs(airflow, len(BACKFILLED))
+    assert sorted(datetime.fromisoformat(r["data_interval_end"]) for r in runs) == BACKFILLED
+    for end in BACKFILLED:
+        summary = json.loads((report_folder(config, end) / "summary.json").read_text())
+        assert summary["window"]["end"] == end.isoformat() and summary["dataset_drift"]
+    assert len(drift_events(airflow)) == events_before  # drifted, but a backfill only reports
+
+
+def wait_for_retrain(airflow: LocalAirflow, run_type: str, timeout: float = 120) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        runs = [r for r in airflow.dag_runs("retrain") if r["run_type"] == run_type]
+        if runs:
+            return runs[0]["dag_run_id"]
+        time.sleep(1)
+    raise AssertionError(f"no {run_type} retrain run within {timeout:.0f} s: {airflow.dag_runs('retrain')}")
+
+
+def wait_for_backfill_runs(airflow: LocalAirflow, count: int, timeout: float = 600) -> list[dict]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        runs = [r for r in airflow.dag_runs("drift") if r["run_type"] == "backfill"]
+        if len(runs) == count and all(r["state"] in ("success", "failed") for r in runs):
+            assert all(r["state"] == "success" for r in runs), runs
+            return runs
+        time.sleep(1)
+    raise AssertionError(f"backfill of drift did not finish {count} runs within {timeout:.0f} s: {airflow.dag_runs('drift')}")
