@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 from pipelines.config import ProjectConfig
 from pipelines.data.validation import BatchValidator, Outcome
 from pipelines.lineage import write_json
+from pipelines.metrics import Sample, emit
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +147,7 @@ def ingest_landing(config: ProjectConfig) -> dict:
         log.error("%s failed validation, moved to %s:\n%s", batch.name, folder, lines)
 
     summary["raw_rows"] = raw_rows(config)
+    report(config, summary)  # before raising, so a quarantine reaches Prometheus
     if problems:
         message = (
             f"{len(problems)} of {len(batches)} landing batch(es) failed validation against "
@@ -155,3 +157,20 @@ def ingest_landing(config: ProjectConfig) -> dict:
             message += f"\nBatches that passed were ingested: {summary['passed']}"
         raise BatchValidationError(message, summary)
     return summary
+
+
+def report(config: ProjectConfig, summary: dict) -> None:
+    """Rows and batches that passed or were quarantined in this run, for Prometheus. Only a run
+    that validated batches reports (like a drift check with a verdict): an empty landing leaves
+    the previous verdict in place. A metrics outage is logged, never the run's failure."""
+    samples = []
+    for result, rows, batches in (
+        ("passed", summary["rows_ingested"], summary["passed"]),
+        ("quarantined", summary["rows_quarantined"], summary["quarantined"]),
+    ):
+        samples.append(Sample("flywheel_validation_rows", "Rows of the latest ingestion run's batches, by validation result.", float(rows), {"result": result}))
+        samples.append(Sample("flywheel_validation_batches", "Batches of the latest ingestion run, by validation result.", float(len(batches)), {"result": result}))
+    try:
+        emit(config, "validate", samples)
+    except Exception:  # the batches are already handled; the error raised next matters more
+        log.exception("could not report the validation metrics of %s", summary["batches"])

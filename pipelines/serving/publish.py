@@ -24,9 +24,13 @@ from pipelines.serving import live, repository
 log = logging.getLogger(__name__)
 
 
+def runs_dir(config: ProjectConfig) -> Path:
+    """One lineage record per retrain run, promoted or not."""
+    return config.path(config.artifacts_dir) / "runs" / config.model.name
+
+
 def run_record_path(config: ProjectConfig, run_id: str) -> Path:
-    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", run_id)
-    return config.path(config.artifacts_dir) / "runs" / config.model.name / f"{safe}.json"
+    return runs_dir(config) / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', run_id)}.json"
 
 
 def _version_of_run(model_dir: Path, run_id: str) -> int | None:
@@ -75,10 +79,11 @@ def publish(
         lineage["version"] = version
         try:
             lineage["live"] = live.serve(config, version, run, event="publish")
-        except live.SmokeTestError as failed:
-            lineage["live"] = {"event": "rejected", "reason": str(failed)}
+        except Exception as failed:  # the smoke test refused it, or Triton did not answer
+            outcome = "rejected" if isinstance(failed, live.SmokeTestError) else "failed"
+            lineage["live"] = {"event": outcome, "reason": str(failed)}
             write_json(run_record_path(config, run["run_id"]), lineage)
-            report(config, "rejected", gate)
+            report(config, outcome, gate)
             raise
         log.info("published %s version %d: %s", config.model.name, version, gate["reason"])
     else:
@@ -94,15 +99,29 @@ def publish(
 
 
 def report(config: ProjectConfig, outcome: str, gate: dict) -> None:
-    """The publish outcome, both gate metrics and the served version, for Prometheus."""
+    """The publish outcome, both gate metrics, the served version and how many challengers in a
+    row the gate refused, for Prometheus."""
     samples = [
-        Sample("flywheel_publish_outcome", "1 for the outcome of the latest publish (promoted, not promoted, rejected).", 1.0, {"outcome": outcome.replace(" ", "_")}),
+        Sample("flywheel_publish_outcome", "1 for the outcome of the latest publish (promoted, not promoted, rejected, failed).", 1.0, {"outcome": outcome.replace(" ", "_")}),
         served_version_sample(config),
+        Sample("flywheel_gate_rejections_in_a_row", "Latest runs in a row whose challenger the gate did not promote.", float(rejections_in_a_row(config))),
     ]
     for role in ("challenger", "champion"):
         for metric, value in (gate.get(role) or {}).items():
             samples.append(Sample("flywheel_gate_metric", "Gate metrics of the latest challenger and champion on the same test split.", value, {"role": role, "metric": metric}))
     emit(config, "publish", samples)
+
+
+def rejections_in_a_row(config: ProjectConfig) -> int:
+    """Trailing run records (one per Airflow run, so retries count once) the gate did not promote."""
+    files = sorted(runs_dir(config).glob("*.json"), key=lambda p: p.stat().st_mtime_ns)
+    records = sorted((read_json(p) for p in files), key=lambda r: r["created_at"])  # stable: same second keeps write order
+    count = 0
+    for record in reversed(records):
+        if record["gate"]["decision"] == PROMOTED:
+            break
+        count += 1
+    return count
 
 
 def served_version_sample(config: ProjectConfig) -> Sample:

@@ -16,7 +16,7 @@ from pipelines.data.versioning import version_split
 from pipelines.evaluation.gate import NOT_PROMOTED, PROMOTED, beats, decide, evaluate, predict_onnx
 from pipelines.export.onnx import MODEL_FILE, ParityError, export, onnx_inputs
 from pipelines.serving import repository
-from pipelines.serving.publish import publish
+from pipelines.serving.publish import publish, rejections_in_a_row
 from pipelines.training.train import CANDIDATE_FILE, load_candidate, train
 from tests.conftest import REPO, make_project
 from tests.unit.test_split import write_raw
@@ -249,6 +249,18 @@ def test_int8_is_kept_only_within_the_metric_tolerance(trained, tmp_path, tolera
     assert set(record["roc_auc"]) == {"fp32", "int8"} and record["roc_auc"]["int8"] != record["roc_auc"]["fp32"]
     assert ((folder / MODEL_FILE).read_bytes() != fp32_bytes) == kept
     assert (folder / FP32_FILE).exists() == kept and not list(folder.glob(".*int8*"))
+
+
+def test_publish_counts_the_challengers_the_gate_refused_in_a_row(trained):
+    config, data_version, candidate = trained
+    refused = {**evaluate(config, candidate["candidate"]), "decision": NOT_PROMOTED}
+    before = rejections_in_a_row(config)
+
+    for run_id in ("manual__refused1", "manual__refused2", "manual__refused2"):  # the last one a retry
+        publish(config, candidate["candidate"], refused, data_version, {**RUN, "run_id": run_id})
+
+    assert rejections_in_a_row(config) == before + 2
+    assert f"flywheel_gate_rejections_in_a_row{{model=\"{config.model.name}\"}} {before + 2:.1f}" in (config.home / "reports/metrics/publish.prom").read_text()
 
 
 def test_publish_reports_its_outcome_and_both_metrics_for_prometheus(trained):
