@@ -177,6 +177,9 @@ def serve(config: ProjectConfig, version: int, run: dict, event: str) -> dict:
     previous = repository.served_version(config.model_dir)
     if previous == version:  # a retried task whose first try got this far
         return {"event": event, "version": version, "previous": previous, "unchanged": True}
+    lineage = repository.lineage_of(config.model_dir, version)
+    if lineage.get("status") == "rejected":  # e.g. a cleared publish task: never serve it on a second try
+        raise SmokeTestError(f"{config.model.name} version {version} was rejected: {lineage.get('rejected_reason')}")
     if not config.serving.triton.url:
         repository.write_model_config(config.model_dir, repository.model_config(config, version))
         log.info("serving.triton.url is not set: version %d is served by the repository, not loaded in a Triton", version)

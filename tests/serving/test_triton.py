@@ -138,6 +138,10 @@ def test_a_broken_version_is_rejected_and_the_served_one_keeps_answering(served,
     assert lineage["status"] == "rejected" and "failed to load" in lineage["rejected_reason"]
     last = json.loads(live.history_path(config).read_text().splitlines()[-1])
     assert last["event"] == "rejected" and last["version"] == 3 and last["previous"] == 2
+    # on-call clears the failed publish task: the retry finds version 3 rejected and refuses it
+    with pytest.raises(live.SmokeTestError, match="version 3 was rejected: version 3 of flights_delay failed to load"):
+        publish(config, str(broken), forced, data_version, run("night3"))
+    assert repository.served_version(config.model_dir) == 2 and repository.versions(config.model_dir) == [1, 2, 3]
 
     # and if a reload itself fails, Triton keeps the version it had and config.pbtxt is put back
     before = (config.model_dir / repository.CONFIG_FILE).read_bytes()
