@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from enum import Enum
 
+import numpy as np
 import pandas as pd
 
 from pipelines.config import DriftTests
@@ -79,25 +80,38 @@ def check_methods(tests: DriftTests) -> None:
 
 
 def prepare(reference: pd.DataFrame, current: pd.DataFrame, columns: dict[str, ColumnKind]) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The monitored columns of both frames, checked; categories as one shared ``category`` dtype
-    (counting codes, not strings, is what makes the categorical tests cheap)."""
+    """The monitored columns of both frames, checked, in the dtypes that keep Evidently cheap:
+    categories hashed once into one shared ``category`` dtype (its tests then count codes, not
+    strings), and integers in the smallest type that holds both sides (Evidently copies the
+    whole frame once per numeric column). Both are lossless: scores do not change."""
     for name, frame in (("reference", reference), ("current", current)):
         missing = [c for c in columns if c not in frame.columns]
         if missing:
             raise DriftCheckError(f"the {name} data has no column {missing}; expected the monitored columns {sorted(columns)}")
         if frame.empty:
             raise DriftCheckError(f"the {name} data has no rows")
-    reference, current = reference[list(columns)].copy(), current[list(columns)].copy()
+    prepared: tuple[dict, dict] = ({}, {})
     for column, kind in columns.items():
+        sides = (reference[column], current[column])
+        for name, values in zip(("reference", "current"), sides):
+            if values.isna().all():
+                raise DriftCheckError(f"column {column!r} of the {name} data has no values (all missing)")
         if kind == ColumnKind.numeric:
-            for name, frame in (("reference", reference), ("current", current)):
-                if not pd.api.types.is_numeric_dtype(frame[column]):
-                    raise DriftCheckError(f"column {column!r} of the {name} data is {frame[column].dtype}, expected numbers")
+            for name, values in zip(("reference", "current"), sides):
+                if not pd.api.types.is_numeric_dtype(values):
+                    raise DriftCheckError(f"column {column!r} of the {name} data is {values.dtype}, expected numbers")
+            if all(v.dtype.kind in "iu" for v in sides):  # plain numpy integers, never nullable ones
+                low, high = min(v.min() for v in sides), max(v.max() for v in sides)
+                smallest = next(t for t in ("int8", "int16", "int32", "int64") if np.iinfo(t).min <= low and high <= np.iinfo(t).max)
+                sides = tuple(v.astype(smallest) for v in sides)
         elif kind == ColumnKind.categorical:
-            categories = pd.concat([reference[column], current[column]], ignore_index=True).dropna().unique()
-            reference[column] = pd.Categorical(reference[column], categories=categories)
-            current[column] = pd.Categorical(current[column], categories=categories)
-    return reference, current
+            codes, categories = pd.factorize(pd.concat(sides, ignore_index=True))
+            dtype = pd.CategoricalDtype(categories)
+            split = len(sides[0])
+            sides = (pd.Categorical.from_codes(codes[:split], dtype=dtype), pd.Categorical.from_codes(codes[split:], dtype=dtype))
+        for out, values in zip(prepared, sides):
+            out[column] = values.to_numpy() if isinstance(values, pd.Series) else values
+    return pd.DataFrame(prepared[0]), pd.DataFrame(prepared[1])
 
 
 def compare(

@@ -1,0 +1,75 @@
+"""Server-rendered HTML of the on-call pages: Jinja2 templates, autoescaped, no scripts, no
+assets from elsewhere (the pages are embedded in the Airflow UI, which may run offline)."""
+
+from __future__ import annotations
+
+import functools
+from datetime import datetime, timezone
+from pathlib import Path
+
+import jinja2
+from starlette.requests import Request
+
+TEMPLATES = Path(__file__).resolve().parent / "templates"
+
+
+def when(value: str | None) -> str:
+    """An ISO time as ``YYYY-MM-DD HH:MM:SS UTC`` (as given if it is not one)."""
+    if not value:
+        return "—"
+    try:
+        moment = datetime.fromisoformat(value)
+    except (TypeError, ValueError):
+        return str(value)
+    if moment.tzinfo is not None:
+        moment = moment.astimezone(timezone.utc)
+    return moment.strftime("%Y-%m-%d %H:%M:%S") + (" UTC" if moment.tzinfo is not None else "")
+
+
+def number(value: float | int | None, digits: int = 4) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, bool) or isinstance(value, int):
+        return str(value)
+    return f"{value:.{digits}f}"
+
+
+def short(value: str | None, length: int = 12) -> str:
+    """A commit or a content hash cut to ``length`` characters, keeping a ``-dirty`` suffix."""
+    if not value:
+        return "—"
+    base, dirty = (value[: -len("-dirty")], "-dirty") if value.endswith("-dirty") else (value, "")
+    return base[:length] + dirty
+
+
+@functools.cache
+def environment() -> jinja2.Environment:
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(TEMPLATES),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    env.filters.update(when=when, number=number, short=short)
+    return env
+
+
+def render(template: str, request: Request, **context) -> str:
+    def url(name: str, **params) -> str:
+        # a path, with the prefix the app is mounted under: links work wherever Airflow serves it
+        return request.url_for(name, **params).path
+
+    return environment().get_template(template).render(url=url, **context)
+
+
+def drift(request: Request, view: dict) -> str:
+    return render("drift.html", request, view=view)
+
+
+def drift_report(request: Request, view: dict) -> str:
+    return render("drift_report.html", request, view=view)
+
+
+def models(request: Request, view: dict) -> str:
+    return render("models.html", request, view=view)

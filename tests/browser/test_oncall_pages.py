@@ -1,0 +1,151 @@
+"""The on-call pages in a real Airflow UI, driven by headless Chromium: refused without a login,
+reached from the navigation after one, showing the project's real drift reports and versions."""
+
+from __future__ import annotations
+
+import re
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from pipelines.airflow_local import ADMIN_USER, LocalAirflow
+from tests.browser.oncall_project import V2, write_drift_reports, write_versions
+from tests.conftest import REPO, free_ports, make_project
+
+pytestmark = pytest.mark.e2e
+playwright = pytest.importorskip("playwright.sync_api")
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+    "--disable-sync", "--no-first-run",
+]
+TIMEOUT_MS = 30_000
+
+
+@pytest.fixture(scope="module")
+def oncall(tmp_path_factory):
+    """A project with versions and two checked drift windows, and an Airflow serving its plugins."""
+    home = tmp_path_factory.mktemp("oncall")
+    config = make_project(home / "project")
+    write_versions(config)
+    calm, drifted = write_drift_reports(config)
+    assert not calm["dataset_drift"] and drifted["dataset_drift"]  # the pages must show both verdicts
+    airflow = LocalAirflow(
+        home / "airflow", REPO / "dags", REPO / "plugins", port=free_ports(1)[0],
+        extra_env={"FLYWHEEL_HOME": str(config.home)}, scheduled=False,
+    )
+    with airflow:
+        yield airflow, config, drifted
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with playwright.sync_playwright() as driver:
+        chromium = driver.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        yield chromium
+        chromium.close()
+
+
+def http_get(url: str, headers: dict | None = None) -> tuple[int, str]:
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(urllib.request.Request(url, headers=headers or {}), timeout=60) as response:
+            return response.status, response.read(2000).decode(errors="replace")
+    except urllib.error.HTTPError as refused:
+        return refused.code, refused.read().decode(errors="replace")
+
+
+def plugin_urls(airflow: LocalAirflow, folder: str) -> list[str]:
+    return [
+        f"{airflow.base_url}/flywheel/{path}"
+        for path in ("drift", "models", f"drift/{folder}", f"drift/{folder}/report.html", "api/drift", f"api/drift/{folder}", "api/models")
+    ]
+
+
+def test_nothing_is_served_without_an_airflow_login(oncall):
+    airflow, _, drifted = oncall
+    folder = Path(drifted["report"]).parent.name
+    urls = plugin_urls(airflow, folder)
+
+    anonymous = {url: http_get(url) for url in urls}
+    forged = {url: http_get(url, {"Authorization": "Bearer not-a-jwt"}) for url in urls}
+    forged_cookie = {url: http_get(url, {"Cookie": "_token=not-a-jwt"}) for url in urls}
+
+    assert {url: status for url, (status, _) in anonymous.items()} == dict.fromkeys(urls, 401)
+    assert {url: status for url, (status, _) in forged.items()} == dict.fromkeys(urls, 403)
+    assert {url: status for url, (status, _) in forged_cookie.items()} == dict.fromkeys(urls, 403)
+    assert not any("flights_delay" in body or "<html" in body.lower() for _, body in anonymous.values())
+    # the same JSON with the API's own bearer token
+    status, body = http_get(f"{airflow.base_url}/flywheel/api/drift", {"Authorization": f"Bearer {airflow.token()}"})
+    assert status == 200 and folder in body
+
+
+def test_a_logged_in_user_reads_drift_and_opens_evidentlys_report(oncall, browser, tmp_path):
+    airflow, _, drifted = oncall
+    page = logged_in_page(browser, airflow)
+
+    page.get_by_role("link", name="Drift", exact=True).click()
+
+    frame = page.frame_locator("iframe[title='Drift']")
+    newest = frame.locator("#drift-reports tbody tr").first
+    expect = playwright.expect
+    expect(newest).to_contain_text(", ".join(drifted["drifted_columns"]), timeout=TIMEOUT_MS)
+    expect(newest).to_contain_text(f"{drifted['share']:.2f} / {drifted['drift_share']:.2f}")
+    expect(newest.locator(".badge")).to_have_text("yes")
+    expect(frame.locator("#drift-reports tbody tr").nth(1).locator(".badge")).to_have_text("no")
+    page.screenshot(path=tmp_path / "drift.png")
+
+    newest.get_by_role("link", name="columns").click()
+    column = frame.locator("#drift-columns tbody tr").first
+    expect(column).to_contain_text(drifted["drifted_columns"][0], timeout=TIMEOUT_MS)
+    expect(column).to_contain_text("drifted")
+    page.screenshot(path=tmp_path / "drift_report.png")
+
+    frame.get_by_role("link", name="Open Evidently's report").click()
+    heading = frame.get_by_text(f"Drift in column '{drifted['drifted_columns'][-1]}'")
+    expect(heading).to_be_visible(timeout=TIMEOUT_MS)
+    heading.scroll_into_view_if_needed()
+    expect(heading).to_be_in_viewport()
+    page.screenshot(path=tmp_path / "evidently.png")
+    print(f"screenshots in {tmp_path}")
+
+
+def test_a_logged_in_user_sees_the_served_version_and_both_gate_metrics(oncall, browser, tmp_path):
+    airflow, _, _ = oncall
+    page = logged_in_page(browser, airflow)
+
+    page.get_by_role("link", name="Models", exact=True).click()
+
+    frame = page.frame_locator("iframe[title='Models']")
+    expect = playwright.expect
+    expect(frame.locator("#served-version")).to_have_text("version 2", timeout=TIMEOUT_MS)
+    served = frame.locator("#versions tr.serving")
+    expect(served).to_contain_text("promoted")
+    expect(served).to_contain_text("asset_triggered__2026-03-01T11:00:00+00:00")
+    # challenger and champion (version 1) on the gate's metric
+    expect(served.locator("table.metrics tr", has_text="roc_auc")).to_contain_text(f"{V2['roc_auc']:.4f}")
+    expect(served.locator("table.metrics tr", has_text="roc_auc")).to_contain_text("0.6811")
+    expect(served).to_contain_text("champion (v1)")
+    expect(frame.locator("#versions tbody tr").first).to_contain_text("rejected")
+    expect(frame.locator("#history tbody tr")).to_have_count(3)
+    expect(frame.locator("#runs tbody tr").first).to_contain_text("not promoted")
+    page.screenshot(path=tmp_path / "models.png")
+    print(f"screenshots in {tmp_path}")
+
+
+def logged_in_page(browser, airflow: LocalAirflow):
+    """A new browser session signed in through Airflow's own login form, on the home page."""
+    # The UI's links and cookies are for [api] base_url, which names localhost.
+    base = f"http://localhost:{airflow.port}"
+    context = browser.new_context(viewport={"width": 1440, "height": 900})
+    context.set_default_timeout(TIMEOUT_MS)
+    page = context.new_page()
+    page.goto(f"{base}/")
+    page.get_by_label("Username").fill(ADMIN_USER)
+    page.get_by_label("Password").fill(airflow.password)
+    page.get_by_role("button", name="Sign in").click()
+    page.wait_for_url(re.compile(rf"^{re.escape(base)}/?$"))
+    return page
