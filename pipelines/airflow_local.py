@@ -319,10 +319,6 @@ class LocalAirflow:
         body = {"dag_id": dag_id, "from_date": from_date.isoformat(), "to_date": to_date.isoformat()}
         return self._request("POST", "/api/v2/backfills", body)
 
-    def asset_events(self) -> list[dict[str, Any]]:
-        """Every Asset event: name, extra, timestamp, source_dag_id, source_run_id, ..."""
-        return self._paged("/api/v2/assets/events", "asset_events")
-
     def dag_runs(self, dag_id: str) -> list[dict[str, Any]]:
         """Every run of ``dag_id``: run_id, run_type, state, logical_date, data interval."""
         return self._paged(f"/api/v2/dags/{_quote(dag_id)}/dagRuns", "dag_runs")

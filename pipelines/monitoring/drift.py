@@ -102,7 +102,8 @@ def prepare(reference: pd.DataFrame, current: pd.DataFrame, columns: dict[str, C
                     raise DriftCheckError(f"column {column!r} of the {name} data is {values.dtype}, expected numbers")
             if all(v.dtype.kind in "iu" for v in sides):  # plain numpy integers, never nullable ones
                 low, high = min(v.min() for v in sides), max(v.max() for v in sides)
-                smallest = next(t for t in ("int8", "int16", "int32", "int64") if np.iinfo(t).min <= low and high <= np.iinfo(t).max)
+                # the span fits too, so no difference of two values can overflow
+                smallest = next(t for t in ("int8", "int16", "int32", "int64") if np.iinfo(t).min <= low and max(high, high - low) <= np.iinfo(t).max)
                 sides = tuple(v.astype(smallest) for v in sides)
         elif kind == ColumnKind.categorical:
             codes, categories = pd.factorize(pd.concat(sides, ignore_index=True))
