@@ -182,7 +182,9 @@ def drift_check(airflow, timeout: float = 120) -> tuple[str | None, str]:
 
 
 def report(config: ProjectConfig, rows: list[dict], serving: list[str]) -> str:
+    from pipelines.monitoring.check import reports_root
     from pipelines.serving.live import history_path
+    from pipelines.serving.publish import runs_dir
 
     return "\n".join(
         [
@@ -192,9 +194,9 @@ def report(config: ProjectConfig, rows: list[dict], serving: list[str]) -> str:
             "",
             f"serving history:  {history_path(config)}",
             f"model repository: {config.model_dir}",
-            f"lineage records:  {config.path(config.artifacts_dir) / 'runs' / config.model.name}",
+            f"lineage records:  {runs_dir(config)}",
             f"quarantine:       {config.path(config.dataset.quarantine_dir)}",
-            f"drift reports:    {config.path(config.monitoring.reports_dir) / config.model.name}",
+            f"drift reports:    {reports_root(config)}",
             f"data versions:    {config.home / 'dvc.lock'} (pushed to {config.versioning.remote})",
             f"Airflow UI:       run `make up`, then http://localhost:8080 (user admin, password in {REPO / '.airflow'})",
         ]

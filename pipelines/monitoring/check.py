@@ -70,8 +70,13 @@ def read_window(config: ProjectConfig, start: datetime, end: datetime) -> pd.Dat
     return rows.to_pandas()
 
 
+def reports_root(config: ProjectConfig) -> Path:
+    """Where the drift reports of the project's model are written, one folder a window."""
+    return config.path(config.monitoring.reports_dir) / config.model.name
+
+
 def report_folder(config: ProjectConfig, end: datetime) -> Path:
-    return config.path(config.monitoring.reports_dir) / config.model.name / end.astimezone(timezone.utc).strftime(FOLDER_TIME)
+    return reports_root(config) / end.astimezone(timezone.utc).strftime(FOLDER_TIME)
 
 
 def check_window(config: ProjectConfig, start: datetime, end: datetime) -> dict:
@@ -153,7 +158,7 @@ def drift_samples(summary: dict) -> list[Sample]:
 
 def recent_reports(config: ProjectConfig, limit: int = 50) -> list[dict]:
     """Summaries of the latest checked windows of the project's model, newest first."""
-    root = config.path(config.monitoring.reports_dir) / config.model.name
+    root = reports_root(config)
     if not root.is_dir():
         return []
     folders = sorted((p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")), reverse=True)

@@ -157,14 +157,9 @@ def history_rows(lines: Iterable[str]) -> list[dict[str, Any]]:
     return events[::-1]
 
 
-def reports_root(config) -> Path:
-    """Where the drift reports of the project's model are written."""
-    return config.path(config.monitoring.reports_dir) / config.model.name
-
-
 def load_drift(config, limit: int) -> dict[str, Any]:
     """The Drift page: the latest checked windows of the model, newest first."""
-    from pipelines.monitoring.check import recent_reports
+    from pipelines.monitoring.check import recent_reports, reports_root
     from pipelines.serving import repository
 
     return {
@@ -179,7 +174,7 @@ def load_drift(config, limit: int) -> dict[str, Any]:
 def load_report(config, folder: str) -> dict[str, Any]:
     """One report's summary with its per-column table; ``NotFound`` for anything else."""
     from pipelines.lineage import read_json
-    from pipelines.monitoring.check import SUMMARY_FILE
+    from pipelines.monitoring.check import SUMMARY_FILE, reports_root
 
     summary_file = report_dir(reports_root(config), folder) / SUMMARY_FILE
     if not summary_file.is_file():
@@ -190,7 +185,7 @@ def load_report(config, folder: str) -> dict[str, Any]:
 
 def report_html(config, folder: str) -> Path:
     """Evidently's HTML of one report; ``NotFound`` for anything else."""
-    from pipelines.monitoring.check import REPORT_FILE
+    from pipelines.monitoring.check import REPORT_FILE, reports_root
 
     path = report_dir(reports_root(config), folder) / REPORT_FILE
     if not path.is_file():
@@ -202,15 +197,14 @@ def load_models(config, runs_limit: int = 20) -> dict[str, Any]:
     """The Models page: the versions (newest first), the serving history, the latest retrain runs."""
     from pipelines.lineage import read_json
     from pipelines.serving import live, repository
-    from pipelines.serving.publish import run_record_path
+    from pipelines.serving.publish import runs_dir
 
     model_dir = config.model_dir
     served = repository.served_version(model_dir)
     versions = [version_row(v, repository.lineage_of(model_dir, v), served) for v in reversed(repository.versions(model_dir))]
     history_file = live.history_path(config)
     history = history_rows(history_file.read_text().splitlines()) if history_file.is_file() else []
-    runs_dir = run_record_path(config, "any").parent  # every retrain run's publish record, promoted or not
-    records = [read_json(p) for p in runs_dir.glob("*.json")] if runs_dir.is_dir() else []
+    records = [read_json(p) for p in runs_dir(config).glob("*.json")]  # every retrain run, promoted or not
     runs = sorted((run_row(r) for r in records), key=lambda r: r["created_at"] or "", reverse=True)
     return {
         "model": config.model.name,

@@ -14,6 +14,7 @@ from fastapi.testclient import TestClient
 
 from pipelines.evaluation.gate import NOT_PROMOTED
 from pipelines.lineage import write_json
+from pipelines.monitoring.check import reports_root
 from tests.browser.oncall_project import REJECTED_REASON, V1, V2, write_versions
 from tests.conftest import REPO
 
@@ -48,13 +49,13 @@ def summary(config, folder: str = FOLDER, **changes) -> dict:
         "drift_share": 0.3,
         "drifted_columns": ["dest", "distance"],
         "columns": columns,
-        "report": str(data.reports_root(config) / folder / "report.html"),
+        "report": str(reports_root(config) / folder / "report.html"),
         **changes,
     }
 
 
 def write_report(config, folder: str = FOLDER, **changes) -> Path:
-    path = data.reports_root(config) / folder
+    path = reports_root(config) / folder
     write_json(path / "summary.json", summary(config, folder, **changes))
     (path / "report.html").write_text("<html><body>Evidently report of dest</body></html>")
     return path
@@ -170,15 +171,15 @@ def test_a_report_is_named_by_its_folder_and_nothing_else(project, name):
     write_report(project)
 
     with pytest.raises(data.NotFound):
-        data.report_dir(data.reports_root(project), name)
+        data.report_dir(reports_root(project), name)
 
 
 def test_a_report_folder_that_links_outside_the_reports_dir_is_refused(project, tmp_path):
     outside = tmp_path / "elsewhere"
     outside.mkdir()
     (outside / "report.html").write_text("secret")
-    data.reports_root(project).mkdir(parents=True)
-    (data.reports_root(project) / FOLDER).symlink_to(outside)
+    reports_root(project).mkdir(parents=True)
+    (reports_root(project) / FOLDER).symlink_to(outside)
 
     with pytest.raises(data.NotFound):
         data.report_html(project, FOLDER)
@@ -187,7 +188,7 @@ def test_a_report_folder_that_links_outside_the_reports_dir_is_refused(project, 
 def test_a_report_folder_resolves_inside_the_reports_dir(project):
     folder = write_report(project)
 
-    assert data.report_dir(data.reports_root(project), FOLDER) == folder.resolve()
+    assert data.report_dir(reports_root(project), FOLDER) == folder.resolve()
 
 
 @pytest.mark.parametrize(
