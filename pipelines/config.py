@@ -189,6 +189,41 @@ class MonitoringConfig(Strict):
     reports_dir: Path = Path("reports/drift")
 
 
+class FinetuneTask(str, Enum):
+    sequence_classification = "sequence-classification"
+    causal_lm = "causal-lm"
+
+
+class FinetuneMethod(str, Enum):
+    lora = "lora"
+    qlora = "qlora"  # 4-bit nf4 base (bitsandbytes) under LoRA adapters
+
+
+class FinetuneConfig(Strict):
+    """Project settings of the finetune DAG; the run's hyperparameters are its Params."""
+
+    # The Triton model (an ensemble: tokenizer, then the merged classifier) a text classifier serves as.
+    model_name: str = Field(default="reviews_sentiment", pattern=r"^[a-z][a-z0-9_]*$")
+    datasets_dir: Path = Path("data/finetune")  # <dataset>.jsonl, one record a line
+    quarantine_dir: Path = Path("quarantine/finetune")
+    # One suite a record format: text (text, label), alpaca (instruction, input, output), chat (messages).
+    suites: dict[str, Path] = {
+        "text": Path("expectations/finetune_text.json"),
+        "alpaca": Path("expectations/finetune_alpaca.json"),
+        "chat": Path("expectations/finetune_chat.json"),
+    }
+    test_share: float = Field(default=0.2, gt=0, lt=0.5, description="records held out for evaluation, by hash")
+    val_share: float = Field(default=0.1, gt=0, lt=0.5)
+    batch_size: int = Field(default=16, ge=1)
+    seed: int = 13
+    # A fine-tuned classifier must beat the untuned base with a trained linear head by this much accuracy.
+    min_gain_over_base: float = Field(default=0.02, ge=0)
+    # ... and the served champion (same test records) by this much; a causal LM must lower held-out loss by this share.
+    min_improvement: float = Field(default=0.0, ge=0)
+    max_eval_records: int = Field(default=500, ge=10, description="test records scored per model")
+    parity_tolerance: float = Field(default=1e-4, gt=0)
+
+
 class ProjectConfig(Strict):
     dataset: DatasetConfig
     split: SplitConfig
@@ -200,6 +235,7 @@ class ProjectConfig(Strict):
     serving: ServingConfig
     metrics: MetricsConfig = MetricsConfig()
     monitoring: MonitoringConfig = MonitoringConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
     # Candidates (trained models, served or not) and per-run lineage records live here.
     artifacts_dir: Path
     # Where the file was read from; relative paths in it are resolved against this.
