@@ -28,7 +28,7 @@ def test_every_task_has_an_owner_and_retries_with_backoff(dagbag):
     for dag in dagbag.dags.values():
         for t in dag.tasks:
             assert t.owner and t.owner != "airflow", f"{dag.dag_id}.{t.task_id} has no owner"
-            if t.task_id != "validate":  # validation failures must page, not retry
+            if t.task_id not in ("validate", "check_params"):  # bad data and bad Params must page, not retry
                 assert t.retries >= 1 and t.retry_exponential_backoff, f"{dag.dag_id}.{t.task_id} does not retry"
 
 
@@ -100,3 +100,21 @@ def test_drift_emits_the_asset_that_schedules_retrain_beside_its_nightly_cron(da
     assert [a.name for a in retrain.timetable.asset_condition.objects] == ["drift_detected"]
     # a run at hh:00 checks the hour before it: its data interval is the window
     assert (drift.timetable.expression, drift.timetable.interval) == ("0 * * * *", timedelta(hours=1))
+
+
+def test_finetune_refuses_bad_params_in_the_form_and_sends_training_to_the_gpu_queue(dagbag):
+    from airflow.sdk.definitions.param import ParamsDict
+    from airflow.sdk.exceptions import ParamValidationError
+
+    dag = dagbag.dags["finetune"]
+    order = [t.task_id for t in dag.topological_sort()]
+    assert order.index("check_params") < order.index("validate") < order.index("version_data") < order.index("train")
+    assert order.index("train") < order.index("export") < order.index("evaluate") < order.index("publish")
+    assert {t.task_id for t in dag.tasks if t.queue == "gpu"} == {"train", "export"}
+    good = ParamsDict(dag.params)
+    good.update({"method": "qlora", "task": "causal-lm", "r": 4, "target_modules": ["q_proj"], "max_train_records": 64})
+    good.validate()
+    bad_values = ({"r": 0}, {"r": -2}, {"method": "dora"}, {"task": "translation"}, {"target_modules": []}, {"dropout": 1}, {"learning_rate": 0})
+    for bad in bad_values:
+        with pytest.raises(ParamValidationError, match=f"Invalid input for param {next(iter(bad))}"):
+            ParamsDict(dag.params).update(bad)

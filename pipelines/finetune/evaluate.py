@@ -1,0 +1,131 @@
+"""Evaluate a fine-tuned candidate on held-out records against the untuned base and the champion.
+
+* Sequence classification: accuracy and macro F1 of the exported model (ONNX Runtime, what
+  clients get) on the test records, against a linear head trained on the frozen base's
+  mean-pooled embeddings of the same training records (the untuned base), and against the
+  served version on the same records. Promoted only if it beats the base by
+  ``finetune.min_gain_over_base`` and the champion by ``finetune.min_improvement``.
+* Causal LM: held-out loss (and perplexity) on the answers of the test records, against the
+  untuned base. Promoted only if the loss drops by ``finetune.min_improvement`` (a share).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipelines.config import FinetuneTask, ProjectConfig
+from pipelines.evaluation.gate import NOT_PROMOTED, PROMOTED, beats
+from pipelines.lineage import read_json, write_json
+
+log = logging.getLogger(__name__)
+
+
+def classification_metrics(truth: list[str], predicted: list[str]) -> dict[str, float]:
+    from sklearn.metrics import accuracy_score, f1_score
+
+    return {"accuracy": float(accuracy_score(truth, predicted)), "f1_macro": float(f1_score(truth, predicted, average="macro"))}
+
+
+def embed(base: Path, texts: list[str], max_length: int, batch_size: int = 32) -> np.ndarray:
+    """Mean-pooled last hidden states of the untuned base (the sentence embedding MiniLM was trained for)."""
+    from transformers import AutoModel, AutoTokenizer
+
+    tokenizer, model = AutoTokenizer.from_pretrained(base), AutoModel.from_pretrained(base).eval()
+    parts = []
+    with torch.no_grad():
+        for start in range(0, len(texts), batch_size):
+            batch = tokenizer(texts[start : start + batch_size], truncation=True, max_length=max_length, padding=True, return_tensors="pt")
+            hidden = model(**batch).last_hidden_state
+            mask = batch["attention_mask"].unsqueeze(-1).float()
+            parts.append(((hidden * mask).sum(1) / mask.sum(1)).numpy())
+    return np.concatenate(parts)
+
+
+def linear_probe(base: Path, train: list[dict], test: list[dict], max_length: int, seed: int) -> list[str]:
+    """Labels the untuned base gives the test records through a logistic-regression head fitted on ``train``."""
+    from sklearn.linear_model import LogisticRegression
+
+    head = LogisticRegression(max_iter=2000, random_state=seed)
+    head.fit(embed(base, [r["text"] for r in train], max_length), [r["label"] for r in train])
+    return list(head.predict(embed(base, [r["text"] for r in test], max_length)))
+
+
+def held_out_loss(model, tokenizer, records: list[dict], max_length: int, batch_size: int) -> float:
+    """Mean loss a token over the answers of ``records`` (prompt tokens carry none)."""
+    from pipelines.finetune.train import IGNORE, collate, encode
+
+    examples = encode(records, tokenizer, FinetuneTask.causal_lm, max_length)
+    pad = collate(tokenizer.pad_token_id)
+    total, tokens = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(examples), batch_size):
+            batch = pad(examples[start : start + batch_size])
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+            targets = batch["labels"][:, 1:]
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=IGNORE, reduction="sum")
+            total += float(loss)
+            tokens += int((targets != IGNORE).sum())
+    return total / tokens
+
+
+def evaluate(config: ProjectConfig, candidate: str, export_folder: str | None) -> dict:
+    """Score the candidate, the base and (for a served task) the champion on the same test records; decide."""
+    from pipelines.finetune.data import load_splits
+    from pipelines.finetune.train import CANDIDATE_FILE, load_tokenizer, merged
+    from pipelines.finetune.params import resolve_base
+
+    settings = config.finetune
+    record = read_json(Path(candidate) / CANDIDATE_FILE)
+    params = record["inputs"]["params"]
+    splits = load_splits(config, params["dataset"])
+    test = splits["test"][: settings.max_eval_records]
+    base = resolve_base(params["base_model"])
+    if params["task"] == FinetuneTask.sequence_classification.value:
+        from pipelines.finetune import serving
+        from pipelines.finetune.export import predict_folder
+
+        train = splits["train"][: params["max_train_records"]] if params["max_train_records"] else splits["train"]
+        texts, truth = [r["text"] for r in test], [r["label"] for r in test]
+        challenger = classification_metrics(truth, predict_folder(Path(export_folder), texts)[0])
+        untuned = classification_metrics(truth, linear_probe(base, train, test, params["max_length"], settings.seed))
+        served = serving.champion_predict(config, texts)
+        champion = classification_metrics(truth, served[0]) if served else None
+        metric, margin_base = "accuracy", settings.min_gain_over_base
+        checks = [(f"the untuned base with a linear head ({untuned[metric]:.4f})", beats(metric, challenger[metric], untuned[metric], margin_base), margin_base)]
+        if champion:
+            checks.append((f"the champion ({champion[metric]:.4f})", beats(metric, challenger[metric], champion[metric], settings.min_improvement), settings.min_improvement))
+    else:
+        tokenizer = load_tokenizer(base)
+        from pipelines.finetune.model import load_base
+
+        losses = {
+            "challenger": held_out_loss(merged(candidate), tokenizer, test, params["max_length"], settings.batch_size),
+            "base": held_out_loss(load_base(base, FinetuneTask.causal_lm).eval(), tokenizer, test, params["max_length"], settings.batch_size),
+        }
+        challenger, untuned = ({"loss": losses[k], "perplexity": math.exp(losses[k])} for k in ("challenger", "base"))
+        champion, metric = None, "loss"
+        margin = settings.min_improvement * untuned["loss"]
+        checks = [(f"the untuned base ({untuned[metric]:.4f})", challenger[metric] < untuned[metric] - margin, margin)]
+    failed = [(what, margin) for what, passed, margin in checks if not passed]
+    verb = "lower than" if metric == "loss" else "beats"
+    if failed:
+        reason = "; ".join(f"{metric} {challenger[metric]:.4f} does not beat {what} by {margin:g}" for what, margin in failed)
+    else:
+        reason = "; ".join(f"{metric} {challenger[metric]:.4f} {verb} {what}" for what, _, _ in checks)
+    decision = {
+        "decision": NOT_PROMOTED if failed else PROMOTED,
+        "reason": reason,
+        "metric": metric,
+        "test_records": len(test),
+        "challenger": challenger,
+        "base": untuned,
+        "champion": champion,
+    }
+    write_json(Path(candidate) / "gate.json", decision)
+    log.info("finetune gate: %s (%s)", decision["decision"], reason)
+    return decision

@@ -1,0 +1,95 @@
+"""LoRA and QLoRA on a transformers model, trained by Lightning like the tabular model.
+
+peft wraps the base model (``get_peft_model``) so only the adapter matrices (and, for a
+classifier, its new head) are trainable; QLoRA first loads the base in 4-bit nf4 through
+bitsandbytes (``prepare_model_for_kbit_training``). ``AdapterModule`` is the
+``LightningModule`` around it: the same Trainer, callbacks, checkpoints and CSV logs as
+``pipelines.training``, with checkpoints that hold the trainable weights only.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+
+from pipelines.config import FinetuneMethod, FinetuneTask
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # weights come from disk, never from a hub at run time
+
+PEFT_TASK = {FinetuneTask.sequence_classification: "SEQ_CLS", FinetuneTask.causal_lm: "CAUSAL_LM"}
+
+
+def compute_dtype() -> torch.dtype:
+    """bf16 where a GPU has it, else fp32 (CPU kernels of 4-bit layers compute in fp32)."""
+    return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+
+
+def load_base(path: Path, task: FinetuneTask, labels: list[str] | None = None, quantized: bool = False, dtype=torch.float32):
+    """The pretrained model for ``task``; in 4-bit nf4 (bitsandbytes) when ``quantized``."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, BitsAndBytesConfig
+
+    kwargs: dict = {"dtype": dtype}
+    if quantized:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype
+        )
+    if task == FinetuneTask.sequence_classification:
+        return AutoModelForSequenceClassification.from_pretrained(
+            path,
+            num_labels=len(labels),
+            id2label=dict(enumerate(labels)),
+            label2id={label: i for i, label in enumerate(labels)},
+            **kwargs,
+        )
+    return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+
+
+def with_adapter(base, task: FinetuneTask, method: FinetuneMethod, r: int, alpha: float, dropout: float, target_modules: list[str]):
+    """The base wrapped by peft: LoRA adapters on ``target_modules``, everything else frozen."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if method == FinetuneMethod.qlora:
+        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
+    config = LoraConfig(
+        task_type=PEFT_TASK[task], r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules)
+    )
+    return get_peft_model(base, config)
+
+
+def parameter_counts(model) -> dict[str, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return {"trainable": trainable, "total": total}
+
+
+class AdapterModule(pl.LightningModule):
+    """Trains a peft model; the loss is the one transformers computes from ``labels``."""
+
+    def __init__(self, model, learning_rate: float) -> None:
+        super().__init__()
+        self.model = model
+        self.learning_rate = learning_rate
+        # Checkpoints keep the trainable weights only (a 4-bit base cannot be re-saved, and
+        # re-saving a frozen base every epoch is waste): loading them must not ask for the rest.
+        self.strict_loading = False
+
+    def _loss(self, batch: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+        loss = self.model(**batch).loss
+        self.log(f"{name}_loss", loss, prog_bar=name == "val", batch_size=len(batch["input_ids"]))
+        return loss
+
+    def training_step(self, batch, batch_idx):
+        return self._loss(batch, "train")
+
+    def validation_step(self, batch, batch_idx):
+        self._loss(batch, "val")
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=self.learning_rate)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}

@@ -1,0 +1,201 @@
+"""Fine-tuning without a scheduler: record validation and quarantine, Param checks, and real
+LoRA / QLoRA training of a small Llama-architecture causal LM on the review instructions."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from pipelines.config import FinetuneTask
+from pipelines.evaluation.gate import PROMOTED
+from pipelines.finetune import data
+from pipelines.finetune.evaluate import evaluate
+from pipelines.finetune.params import PACKAGED_MINILM, ParamsError, check, resolve_base
+from pipelines.finetune.train import ADAPTER_DIR, CANDIDATE_FILE, encode, finetune, load_tokenizer
+from tests.conftest import make_project
+
+LLAMA_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@pytest.fixture(scope="module")
+def reviews_project(tmp_path_factory):
+    """A project whose three review datasets (text, Alpaca, chat) landed and passed validation."""
+    config = make_project(tmp_path_factory.mktemp("finetune") / "project", {"finetune": {"max_eval_records": 64}})
+    data.write_review_datasets(config)
+    summaries = {name: data.ingest(config, name) for name in ("reviews", "review_instructions", "review_chat")}
+    return config, summaries
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    """A Llama-architecture causal LM built from a config (random weights, the real code path),
+    with the packaged MiniLM's WordPiece tokenizer."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = AutoTokenizer.from_pretrained(resolve_base(PACKAGED_MINILM[0]))
+    config = LlamaConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
+        bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def params(**changes) -> dict:
+    return {
+        "base_model": PACKAGED_MINILM[0], "task": "sequence-classification", "method": "lora", "r": 8, "alpha": 16,
+        "dropout": 0.0, "target_modules": ["query", "value"], "epochs": 1, "learning_rate": 1e-3, "max_length": 64,
+        "dataset": "reviews", "max_train_records": None,
+    } | changes
+
+
+# --- records: validation, quarantine, versions -------------------------------------------------
+
+
+def test_the_real_reviews_lose_only_their_duplicates_to_quarantine(reviews_project):
+    config, summaries = reviews_project
+    for name, kind in (("reviews", "text"), ("review_instructions", "alpaca"), ("review_chat", "chat")):
+        summary = summaries[name]
+        assert (summary["format"], summary["records"], summary["quarantined"]) == (kind, 4973, 27), summary
+        quarantined = data.read_records(config.home / summary["quarantine"] / "records.jsonl")
+        kept = data.read_records(data.dataset_path(config, name))
+        assert len(quarantined) + len(kept) == 5000  # nothing lost
+        # each quarantined record is a later copy of one that was kept
+        assert all(record in kept for record in quarantined)
+        report = json.loads((config.home / summary["quarantine"] / "report.json").read_text())
+        assert "unique" in report["failures"][0]
+
+
+def test_bad_records_are_quarantined_with_the_reason_and_the_rest_become_the_dataset(tmp_path):
+    config = make_project(tmp_path / "project")
+    landing = config.path(data.LANDING_DIR)
+    good = [{"messages": [{"role": "user", "content": f"question {i}"}, {"role": "assistant", "content": "answer"}]} for i in range(5)]
+    bad = [
+        {"messages": [{"role": "user", "content": "no answer"}]},  # one turn
+        {"messages": [{"role": "robot", "content": "hi"}, {"role": "assistant", "content": "x"}]},  # unknown role
+        {"messages": [{"role": "user", "content": ""}, {"role": "assistant", "content": "x"}]},  # empty message
+        good[0],  # duplicate
+    ]
+    data.write_records(landing / "support.jsonl", good[:2] + bad + good[2:])
+
+    summary = data.ingest(config, "support")
+
+    assert (summary["records"], summary["quarantined"]) == (5, 4)
+    assert data.read_records(data.dataset_path(config, "support")) == good
+    assert data.read_records(config.home / summary["quarantine"] / "records.jsonl") == bad
+    failures = " ".join(summary["failures"])
+    assert "turns" in failures and "role" in failures and "content" in failures
+    assert not (landing / "support.jsonl").exists()
+
+
+def test_a_landed_file_with_no_valid_record_fails_and_keeps_every_record(tmp_path):
+    config = make_project(tmp_path / "project")
+    records = [{"instruction": "", "input": "", "output": "x"}, {"instruction": "say hi", "input": "", "output": ""}]
+    data.write_records(config.path(data.LANDING_DIR) / "broken.jsonl", records)
+
+    with pytest.raises(data.DatasetError, match="every one of the 2 landed records failed validation"):
+        data.ingest(config, "broken")
+
+    (folder,) = (config.path(config.finetune.quarantine_dir) / "broken").iterdir()
+    assert data.read_records(folder / "records.jsonl") == records
+    assert not data.dataset_path(config, "broken").exists()
+
+
+def test_unreadable_files_name_the_line_and_the_expected_format(tmp_path):
+    path = tmp_path / "x.jsonl"
+    path.write_text('{"text": "ok", "label": "a"}\n{"text": "cut\n')
+    with pytest.raises(data.DatasetError, match=r"x.jsonl, line 2: not JSON"):
+        data.read_records(path)
+    with pytest.raises(data.DatasetError, match="expected the fields of one format"):
+        data.record_format([{"prompt": "p", "completion": "c"}], path)
+
+
+def test_a_record_keeps_its_split_when_the_dataset_grows(reviews_project):
+    config, _ = reviews_project
+    records = data.read_records(data.dataset_path(config, "reviews"))
+    before = {json.dumps(r): data.split_of(r, config) for r in records[:300]}
+    grown = records[:300] + [{"text": f"new review {i}", "label": "great"} for i in range(100)]
+    assert all(data.split_of(r, config) == before[json.dumps(r)] for r in grown[:300])
+    shares = [data.split_of(r, config) for r in records]
+    assert abs(shares.count("test") / len(shares) - config.finetune.test_share) < 0.03
+
+
+def test_data_versions_are_dvc_hashes_that_change_with_the_records(reviews_project):
+    config, _ = reviews_project
+    first = data.version(config, "review_chat")
+    (path,) = first
+    assert len(first[path]) == 32 and path == "data/finetune/review_chat.jsonl"
+    records = data.read_records(data.dataset_path(config, "review_chat"))
+    data.write_records(data.dataset_path(config, "review_chat"), records[:-1])
+    assert data.version(config, "review_chat")[path] != first[path]
+    data.write_records(data.dataset_path(config, "review_chat"), records)
+    assert data.version(config, "review_chat") == first
+
+
+# --- Params --------------------------------------------------------------------------------------
+
+
+def test_good_params_resolve_the_packaged_minilm(reviews_project):
+    config, _ = reviews_project
+    checked = check(config, params())
+    assert (resolve_base(checked["base_path"]) / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"r": 0}, r"r: Input should be greater than 0 \(got 0\)"),
+        ({"target_modules": ["query", "q_proj"]}, r"target_modules: \['q_proj'\] are not linear layers of all-MiniLM-L6-v2; it has \[.*'query'"),
+        ({"base_model": "/nowhere/model"}, r"base_model: '/nowhere/model' is not a directory"),
+        ({"base_model": "acme/unknown-7b"}, r"not a model id in the local Hugging Face cache"),
+        ({"task": "causal-lm", "target_modules": ["query"]}, r"dataset: 'reviews' holds text records; task 'causal-lm' trains on \('alpaca', 'chat'\)"),
+        ({"dataset": "missing"}, r"dataset: .*missing.jsonl: no such dataset file"),
+        ({"method": "dora"}, r"method: Input should be 'lora' or 'qlora'"),
+    ],
+)
+def test_bad_params_are_refused_with_what_was_expected(reviews_project, changes, message):
+    config, _ = reviews_project
+    with pytest.raises(ParamsError, match=message):
+        check(config, params(**changes))
+
+
+# --- training --------------------------------------------------------------------------------------
+
+
+def test_answers_keep_their_tokens_when_long_prompts_are_cut(tiny_llama):
+    tokenizer = load_tokenizer(tiny_llama)
+    record = {"instruction": "Rate it.", "input": "word " * 500, "output": "great"}
+    (example,) = encode([record], tokenizer, FinetuneTask.causal_lm, max_length=48)
+    learned = [t for t in example["labels"] if t != -100]
+    assert len(example["input_ids"]) == 48
+    assert tokenizer.decode(learned).replace(" ", "") == "great[SEP]"
+
+
+@pytest.mark.parametrize(("method", "dataset"), [("qlora", "review_instructions"), ("lora", "review_chat")])
+def test_instruction_tuning_lowers_held_out_loss(reviews_project, tiny_llama, method, dataset):
+    config, _ = reviews_project
+    checked = check(
+        config,
+        params(base_model=str(tiny_llama), task="causal-lm", method=method, r=8, alpha=16, target_modules=LLAMA_MODULES,
+               epochs=2, learning_rate=1e-2, max_length=96, dataset=dataset, max_train_records=256),
+    )
+    trained = finetune(config, checked, data.version(config, dataset))
+
+    counts = trained["parameters"]
+    assert 0 < counts["trainable"] < 0.2 * counts["total"]
+    assert trained["four_bit_layers"] == (len(LLAMA_MODULES) * 2 if method == "qlora" else 0)
+    adapter = (config.home / trained["candidate"] / ADAPTER_DIR)
+    assert {p.name for p in adapter.iterdir()} == {"adapter_model.safetensors", "adapter_config.json", "README.md"}
+    decision = evaluate(config, trained["candidate"], None)
+    assert decision["challenger"]["loss"] < 0.8 * decision["base"]["loss"], decision
+    assert decision["decision"] == PROMOTED
+    # a retried task reuses the finished candidate instead of training again
+    again = finetune(config, checked, data.version(config, dataset))
+    assert again["reused"] and again["candidate"] == trained["candidate"]
+    assert json.loads((config.home / trained["candidate"] / CANDIDATE_FILE).read_text())["inputs"]["params"]["method"] == method
