@@ -75,7 +75,7 @@ def infer(client, config: ProjectConfig, rows: pd.DataFrame, model: str | None =
     return response.as_numpy(OUTPUT)[:, 0], int(response.get_response()["model_version"])
 
 
-def _wait_ready(client, model: str, version: int, timeout: float) -> bool:
+def wait_ready(client, model: str, version: int, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if client.is_model_ready(model, str(version)):
@@ -101,7 +101,7 @@ def smoke_test(config: ProjectConfig, client, version: int, rows: pd.DataFrame) 
             client.load_model(name, config=json_format.MessageToJson(rendering), files=files)
         except Exception as exc:  # noqa: BLE001 - Triton answers a failed load with the backend's error
             raise SmokeTestError(f"version {version} of {config.model.name} failed to load in Triton: {exc}") from exc
-        if not _wait_ready(client, name, 1, config.serving.triton.load_timeout_s):
+        if not wait_ready(client, name, 1, config.serving.triton.load_timeout_s):
             raise SmokeTestError(f"version {version} of {config.model.name} did not become ready in Triton")
         try:
             served, _ = infer(client, config, rows, model=name)
@@ -131,7 +131,7 @@ def switch(config: ProjectConfig, client, version: int) -> None:
     repository.write_model_config(model_dir, repository.model_config(config, version))
     try:
         client.load_model(config.model.name)
-        if not _wait_ready(client, config.model.name, version, config.serving.triton.load_timeout_s):
+        if not wait_ready(client, config.model.name, version, config.serving.triton.load_timeout_s):
             raise SmokeTestError(f"version {version} of {config.model.name} did not become ready")
     except Exception:
         if previous is not None:
@@ -139,12 +139,13 @@ def switch(config: ProjectConfig, client, version: int) -> None:
         raise
 
 
-def history_path(config: ProjectConfig) -> Path:
-    return config.path(config.artifacts_dir) / "serving" / config.model.name / "history.jsonl"
+def history_path(config: ProjectConfig, model: str | None = None) -> Path:
+    """The serving history of ``model`` (default: the project's tabular model)."""
+    return config.path(config.artifacts_dir) / "serving" / (model or config.model.name) / "history.jsonl"
 
 
-def record(config: ProjectConfig, event: str, version: int, previous: int | None, run: dict, **details) -> dict:
-    """Append a change of the served version (or a rejected one) to the model's serving history."""
+def record(config: ProjectConfig, event: str, version: int, previous: int | None, run: dict, model: str | None = None, **details) -> dict:
+    """Append a change of the served version (or a rejected one) to the serving history of ``model``."""
     entry = {
         "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "event": event,
@@ -153,16 +154,19 @@ def record(config: ProjectConfig, event: str, version: int, previous: int | None
         "run_id": run.get("run_id"),
         **details,
     }
-    path = history_path(config)
+    path = history_path(config, model)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a") as out:
         out.write(json.dumps(entry) + "\n")
     return entry
 
 
-def mark_rejected(config: ProjectConfig, version: int, reason: str) -> None:
-    """Keep the version on disk with the reason, so it is never served or rolled back to."""
-    path = config.model_dir / str(version) / repository.LINEAGE_FILE
+def mark_rejected(config: ProjectConfig, version: int, reason: str, model_dir: Path | None = None) -> None:
+    """Keep the version on disk with the reason, so it is never served or rolled back to.
+
+    ``model_dir`` defaults to the tabular model's; an ensemble's is the folder holding its lineage.
+    """
+    path = (model_dir or config.model_dir) / str(version) / repository.LINEAGE_FILE
     write_json(path, {**read_json(path), "status": "rejected", "rejected_reason": reason})
 
 

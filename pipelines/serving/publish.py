@@ -33,13 +33,6 @@ def run_record_path(config: ProjectConfig, run_id: str) -> Path:
     return runs_dir(config) / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', run_id)}.json"
 
 
-def _version_of_run(model_dir: Path, run_id: str) -> int | None:
-    for version in repository.versions(model_dir):
-        if repository.lineage_of(model_dir, version).get("airflow", {}).get("run_id") == run_id:
-            return version
-    return None
-
-
 def publish(
     config: ProjectConfig,
     candidate: str,
@@ -71,7 +64,7 @@ def publish(
     }
     model_dir = config.model_dir
     if gate["decision"] == PROMOTED:
-        version = _version_of_run(model_dir, run["run_id"])
+        version = repository.version_of_run(model_dir, run["run_id"])
         if version is None:
             reference = write_reference(config, folder / REFERENCE_FILE)  # what the drift check compares with
             files = {MODEL_FILE: folder / MODEL_FILE, repository.BACKEND_MODEL.name: repository.BACKEND_MODEL, REFERENCE_FILE: reference}

@@ -78,7 +78,14 @@ def model_config(config: ProjectConfig, version: int):
         dynamic_batching=mc.ModelDynamicBatching(max_queue_delay_microseconds=config.serving.max_queue_delay_microseconds),
         version_policy=mc.ModelVersionPolicy(specific=mc.ModelVersionPolicy.Specific(versions=[version])),
     )
-    if config.serving.profile == ServingProfile.cpu:
+    return place(rendering, config.serving.profile)
+
+
+def place(rendering, profile: ServingProfile):
+    """Where and how Triton runs a version's ``model.onnx``, per serving profile (see ``model_config``)."""
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    if profile == ServingProfile.cpu:
         rendering.backend = "python"
         rendering.instance_group.append(mc.ModelInstanceGroup(kind=mc.ModelInstanceGroup.KIND_CPU, count=1))
     else:
@@ -102,24 +109,38 @@ def write_model_config(model_dir: Path, model_config) -> Path:
     return file
 
 
-def add_version(model_dir: Path, files: dict[str, Path], lineage: dict) -> int:
-    """Copy files into a new numbered version: built beside, then renamed into place.
+def add_version(model_dir: Path, files: dict[str, Path], lineage: dict | None, version: int | None = None) -> int:
+    """Copy files (or folders) into a new numbered version: built beside, then renamed into place.
 
-    A crash leaves at most a staging folder, never a half version; the rename fails
-    rather than overwrite if another writer took the number first.
+    ``version`` defaults to the next number; models that make one served unit (an ensemble and
+    its steps) pass the same one. ``lineage`` None writes no ``lineage.json``. A crash leaves at
+    most a staging folder, never a half version; the rename fails rather than overwrite if
+    another writer took the number first.
     """
     model_dir.mkdir(parents=True, exist_ok=True)
     for leftover in model_dir.glob(f"{STAGING_PREFIX}*"):
         shutil.rmtree(leftover)
-    version = (versions(model_dir) or [0])[-1] + 1
+    version = version or (versions(model_dir) or [0])[-1] + 1
     staging = model_dir / f"{STAGING_PREFIX}{version}"
     staging.mkdir()
     for name, source in files.items():
-        shutil.copy2(source, staging / name)
-    write_json(staging / LINEAGE_FILE, {**lineage, "version": version})
+        if source.is_dir():
+            shutil.copytree(source, staging / name)
+        else:
+            shutil.copy2(source, staging / name)
+    if lineage is not None:
+        write_json(staging / LINEAGE_FILE, {**lineage, "version": version})
     os.rename(staging, model_dir / str(version))
     return version
 
 
 def lineage_of(model_dir: Path, version: int) -> dict:
     return read_json(model_dir / str(version) / LINEAGE_FILE)
+
+
+def version_of_run(model_dir: Path, run_id: str) -> int | None:
+    """The version an Airflow run already added (a retried publish), if any."""
+    for version in versions(model_dir):
+        if lineage_of(model_dir, version).get("airflow", {}).get("run_id") == run_id:
+            return version
+    return None

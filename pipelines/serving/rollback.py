@@ -10,8 +10,14 @@ from pipelines.serving.publish import served_version_sample
 
 def rollback(config: ProjectConfig, model: str, version: int, run: dict) -> dict:
     """Put ``version`` of ``model`` back in service; refuses unknown and rejected versions."""
+    if model == config.finetune.model_name:  # the text classifier: a Triton ensemble
+        from pipelines.finetune.serving import rollback_classifier
+
+        return rollback_classifier(config, version, run)
     if model != config.model.name:
-        raise ValueError(f"model {model!r}: this project ({config.home / 'params.yaml'}) serves {config.model.name!r}")
+        raise ValueError(
+            f"model {model!r}: this project ({config.home / 'params.yaml'}) serves {config.model.name!r} and {config.finetune.model_name!r}"
+        )
     available = repository.versions(config.model_dir)
     if version not in available:
         raise ValueError(f"{model} has no version {version}; the repository holds versions {available}")

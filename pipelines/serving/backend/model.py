@@ -3,6 +3,7 @@
 The CPU rendering of a version (``serving.profile: cpu``): Triton's embedded server on a
 machine without the ONNX Runtime backend serves the very file that the GPU rendering serves
 with ``platform: onnxruntime_onnx``. Copied next to ``model.onnx`` in every version folder.
+It answers every output its ``config.pbtxt`` names (strings included), as that backend does.
 It runs in the backend's own environment (numpy 1, ONNX Runtime; see
 ``pipelines/serving/triton.py``), not in the project's.
 """
@@ -26,7 +27,7 @@ class TritonPythonModel:
         options.intra_op_num_threads = int(os.environ.get("FLYWHEEL_ORT_THREADS", "1"))
         self.session = ort.InferenceSession(str(folder / MODEL_FILE), options, providers=["CPUExecutionProvider"])
         self.inputs = {i.name: i.type for i in self.session.get_inputs()}
-        self.output = config["output"][0]["name"]
+        self.outputs = [output["name"] for output in config["output"]]
 
     def execute(self, requests):
         # The dynamic batcher hands over several requests at once: one ONNX Runtime call for all.
@@ -42,12 +43,13 @@ class TritonPythonModel:
                 rows = len(value)
             sizes.append(rows)
         try:
-            (scores,) = self.session.run([self.output], {name: np.concatenate(parts) for name, parts in columns.items()})
+            results = self.session.run(self.outputs, {name: np.concatenate(parts) for name, parts in columns.items()})
         except Exception as exc:  # noqa: BLE001 - any ONNX Runtime failure is answered, not raised into the stub
             error = pb_utils.TritonError(f"ONNX Runtime failed on a batch of {sum(sizes)} rows: {exc}")
             return [pb_utils.InferenceResponse(error=error) for _ in requests]
         responses, start = [], 0
         for rows in sizes:
-            responses.append(pb_utils.InferenceResponse([pb_utils.Tensor(self.output, scores[start : start + rows])]))
+            tensors = [pb_utils.Tensor(name, value[start : start + rows]) for name, value in zip(self.outputs, results)]
+            responses.append(pb_utils.InferenceResponse(tensors))
             start += rows
         return responses

