@@ -180,7 +180,8 @@ def _fit(config, params: dict, base: Path, labels, train_records, val_records, i
         "epochs": trainer.current_epoch,
         "resumed_after_epochs": resumed_epochs,
         "parameters": counts,
-        "four_bit_layers": sum(type(m).__name__ == "Linear4bit" for m in model.modules()),  # QLoRA's nf4 base
+        # QLoRA's nf4 base layers (peft's wrappers around them share the class name, not the module)
+        "four_bit_layers": sum(type(m).__module__.startswith("bitsandbytes") and type(m).__name__ == "Linear4bit" for m in model.modules()),
         "labels": labels,
         "accelerator": "cuda" if cuda else "cpu",
     }
