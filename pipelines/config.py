@@ -18,6 +18,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 PARAMS_FILE = "params.yaml"
+# The Celery queue of tasks that want a GPU (training, fine-tuning): on the CeleryExecutor only
+# workers started with `--queues gpu` take them; the LocalExecutor ignores queues. A constant,
+# not a setting: DAG files read it when parsed, and parsing must not read the project's files.
+GPU_QUEUE = "gpu"
 
 
 class ConfigError(ValueError):
