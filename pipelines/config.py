@@ -239,6 +239,11 @@ class ProjectConfig(Strict):
         """A configured path, resolved against the project home."""
         return relative if relative.is_absolute() else self.home / relative
 
+    def portable(self, path: Path) -> str:
+        """``path`` as task results name it: relative to the project home when inside it, so it
+        means the same on every worker, wherever that worker mounts the shared home."""
+        return path.relative_to(self.home).as_posix() if path.is_relative_to(self.home) else str(path)
+
     @cached_property
     def model_dir(self) -> Path:
         return self.path(self.serving.model_repository) / self.model.name
