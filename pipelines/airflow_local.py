@@ -390,7 +390,7 @@ class LocalAirflow:
         while True:
             for name, proc in self._procs.items():
                 if proc.poll() is not None:
-                        raise LocalAirflowError(
+                    raise LocalAirflowError(
                         f"airflow {name} exited with code {proc.returncode} during start-up; "
                         f"last lines of {self.log_of(name)}:\n{self._log_tail(name)}"
                     )

@@ -260,20 +260,20 @@ def load_config(home: Path | str | None = None) -> ProjectConfig:
     home = Path(home).resolve() if home else project_home()
     file = home / PARAMS_FILE
     raw = _read_sections(file, f"set FLYWHEEL_HOME to the directory holding {PARAMS_FILE}")
+    source = str(file)
     if overrides := os.environ.get(OVERRIDES_ENV):
-        file = Path(overrides)
-        changes = _read_sections(file, f"{OVERRIDES_ENV} names it")
+        changes = _read_sections(Path(overrides), f"{OVERRIDES_ENV} names it")
         if fixed := sorted(DVC_SECTIONS & set(changes)):
             # DVC reads these from params.yaml itself: an override would version one split and train on another.
-            raise ConfigError(f"{file}: {', '.join(fixed)} cannot be overridden (DVC reads them from {home / PARAMS_FILE}); change them there")
-        raw = _merged(raw, changes)
+            raise ConfigError(f"{overrides}: {', '.join(fixed)} cannot be overridden (DVC reads them from {file}); change them there")
+        raw, source = _merged(raw, changes), f"{file} with {overrides}"
     try:
         return ProjectConfig(**raw, home=home)
     except ValidationError as exc:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in err['loc']) or '<top>'}: {err['msg']}" for err in exc.errors()
         )
-        raise ConfigError(f"{file}: {problems}") from exc
+        raise ConfigError(f"{source}: {problems}") from exc
 
 
 def _read_sections(file: Path, hint: str) -> dict:
