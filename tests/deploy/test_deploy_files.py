@@ -20,9 +20,9 @@ from tests.conftest import REPO
 COMPOSE_FILE = REPO / "docker-compose.yml"
 ENV_EXAMPLE = REPO / "deploy" / ".env.example"
 DASHBOARDS = sorted((REPO / "deploy" / "grafana" / "dashboards").glob("*.json"))
-# Triton's metrics (:8002) the Triton dashboard uses, as named in Triton's metrics docs
-# (docs/user_guide/metrics.md of triton-inference-server/server): per model and version, and
-# per GPU (the GPU ones only where Triton sees a GPU).
+# Triton's metrics (:8002) the Triton dashboard uses. The nv_inference_* ones were read off the
+# tritonserver bundled in nvidia-pytriton after an inference (per model and version); the nv_gpu_*
+# ones are exported only where Triton sees a GPU, so they are listed as Triton's metrics docs name them.
 TRITON_METRICS = {
     "nv_inference_request_success", "nv_inference_request_failure", "nv_inference_count",
     "nv_inference_exec_count", "nv_inference_request_duration_us", "nv_inference_queue_duration_us",
