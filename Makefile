@@ -7,12 +7,13 @@ BIN := $(VENV)/bin
 BACKEND_REQUIREMENTS := pipelines/serving/backend/requirements.txt
 export FLYWHEEL_HOME ?= $(CURDIR)
 
-.PHONY: install system-packages demo test test-fast up constraints clean
+.PHONY: install system-packages demo test test-fast test-distributed up constraints clean
 
 # Debian packages the tests start for real: Prometheus and its Pushgateway (alert rules,
-# metrics), Chromium (the browser test of the Airflow UI pages).
-SYSTEM_PACKAGES := prometheus prometheus-pushgateway chromium
-SYSTEM_COMMANDS := promtool prometheus prometheus-pushgateway chromium
+# metrics), Chromium (the browser test of the Airflow UI pages), PostgreSQL and Redis (Airflow
+# on the CeleryExecutor in make test-distributed).
+SYSTEM_PACKAGES := prometheus prometheus-pushgateway chromium postgresql redis-server
+SYSTEM_COMMANDS := promtool prometheus prometheus-pushgateway chromium /usr/lib/postgresql/15/bin/pg_ctl redis-server
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 install: $(VENV)/.installed system-packages
@@ -28,7 +29,7 @@ system-packages:
 $(VENV)/.installed: pyproject.toml constraints.txt $(BACKEND_REQUIREMENTS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt torch uv
-	$(BIN)/uv pip install --quiet --python $(BIN)/python -c constraints.txt -e ".[test]"
+	$(BIN)/uv pip install --quiet --python $(BIN)/python -c constraints.txt -e ".[test,cluster]"
 	test -x $(VENV)/triton-python/bin/python || $(PYTHON) -m venv $(VENV)/triton-python
 	$(BIN)/uv pip install --quiet --python $(VENV)/triton-python/bin/python -r $(BACKEND_REQUIREMENTS)
 	touch $@
@@ -40,7 +41,11 @@ test: install
 	$(BIN)/python -m pytest
 
 test-fast: install
-	$(BIN)/python -m pytest -m "not e2e"
+	$(BIN)/python -m pytest -m "not e2e and not distributed"
+
+# Airflow on the CeleryExecutor (PostgreSQL, Redis, a default and a gpu worker) runs the retrain DAG.
+test-distributed: install
+	$(BIN)/python -m pytest -m distributed tests/distributed
 
 # Airflow (api-server, scheduler, dag-processor, triggerer) on http://localhost:8080 and
 # Triton on :8000 (HTTP), :8001 (gRPC), :8002 (metrics), until Ctrl-C.

@@ -12,6 +12,7 @@ split, and publish it as a new Triton model version if it wins.
 * A challenger that loses is kept with its metrics; the run succeeds with the decision
   "not promoted" in the `publish` task's result and the run's lineage record.
 * Why a run ran (schedule, drift with its report, manual) is in its lineage record.
+* `train` runs on the `gpu` queue: on the CeleryExecutor only GPU workers take it.
 * **Params**: `force_publish` (with a `force_reason`) overrides the gate; `max_epochs` and
   `learning_rate` override `params.yaml` for this run.
 
@@ -25,6 +26,7 @@ from datetime import timedelta
 import pendulum
 from airflow.sdk import Asset, AssetOrTimeSchedule, CronTriggerTimetable, Param, dag, task
 
+from pipelines.config import GPU_QUEUE
 from pipelines.drift import DRIFT_DETECTED
 
 DEFAULT_ARGS = {
@@ -77,7 +79,7 @@ def retrain():
     def version_data():
         return steps.version_data()
 
-    @task
+    @task(queue=GPU_QUEUE)
     def train(versioned, params=None):
         return steps.train(versioned["data_version"], params["max_epochs"], params["learning_rate"])
 

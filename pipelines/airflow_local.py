@@ -153,7 +153,7 @@ class LocalAirflow:
         self.base_url = f"http://{_LOOPBACK}:{port}"
         self.log_file = self.airflow_home / STANDALONE_LOG
         self.http_timeout = 30.0
-        self._proc: subprocess.Popen[bytes] | None = None
+        self._procs: dict[str, subprocess.Popen[bytes]] = {}
         self._token: str | None = None
         # Talk to the api-server directly even when the caller's environment sets HTTP(S)_PROXY.
         self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -172,8 +172,20 @@ class LocalAirflow:
 
     @property
     def pid(self) -> int | None:
-        """PID of the standalone process (also its process-group and session id), if running."""
-        return self._proc.pid if self._proc is not None else None
+        """PID of the first process started (also its process-group and session id), if running."""
+        return next(iter(self._procs.values())).pid if self._procs else None
+
+    def processes(self) -> dict[str, tuple[list[str], dict[str, str]]]:
+        """What ``start`` runs, by name: ``airflow`` arguments and environment changes for each.
+
+        Here one ``airflow standalone``, which starts every component with the LocalExecutor;
+        ``pipelines.airflow_cluster`` starts components one by one for other executors.
+        """
+        return {"standalone": (["standalone"], {})}
+
+    def log_of(self, name: str) -> Path:
+        """The log file of the process ``name`` (``standalone.log`` for standalone)."""
+        return self.airflow_home / f"{name}.log"
 
     @property
     def password_file(self) -> Path:
@@ -186,8 +198,8 @@ class LocalAirflow:
 
     def start(self, timeout: float = 120.0) -> None:
         """Migrate the database if it does not exist yet, start standalone, wait until healthy."""
-        if self._proc is not None:
-            raise LocalAirflowError(f"Airflow is already running (pid {self._proc.pid})")
+        if self._procs:
+            raise LocalAirflowError(f"Airflow is already running (pid {self.pid})")
         for folder in (self.airflow_home, self.dags_folder, self.plugins_folder):
             folder.mkdir(parents=True, exist_ok=True)
         self._check_port_free()
@@ -198,19 +210,20 @@ class LocalAirflow:
         # up to 30 s; only heartbeats from after this moment count as this run being healthy.
         started_at = datetime.now(timezone.utc) - timedelta(seconds=1)
         t0 = time.monotonic()
-        with self.log_file.open("ab") as out:
-            self._proc = subprocess.Popen(
-                [str(_airflow_executable()), "standalone"],
-                env={**self.env, "PYTHONUNBUFFERED": "1"},
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                # Its own session and process group: stop() can signal the whole tree at once, and
-                # a Ctrl-C meant for the caller's terminal does not reach it.
-                start_new_session=True,
-                preexec_fn=_restore_sigint,
-            )
         atexit.register(self.stop)
+        for name, (args, env) in self.processes().items():
+            with self.log_of(name).open("ab") as out:
+                self._procs[name] = subprocess.Popen(
+                    [str(_airflow_executable()), *args],
+                    env={**self.env, **env, "PYTHONUNBUFFERED": "1"},
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    # Its own session and process group: stop() can signal the whole tree at once,
+                    # and a Ctrl-C meant for the caller's terminal does not reach it.
+                    start_new_session=True,
+                    preexec_fn=_restore_sigint,
+                )
         try:
             self._wait_healthy(started_at, time.monotonic() + timeout)
         except BaseException:
@@ -219,39 +232,39 @@ class LocalAirflow:
         log.info("Airflow healthy on %s after %.1f s", self.base_url, time.monotonic() - t0)
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Stop standalone and everything it started; safe to call twice.
+        """Stop every process started and everything they started; safe to call twice.
 
-        SIGINT to the process group is what standalone shuts its components down on (like a
-        Ctrl-C in its terminal). If that does not finish within ``timeout``, SIGTERM and then
-        SIGKILL follow, and any process left in the session (task runners put themselves in
-        process groups of their own) is killed too.
+        SIGINT is what standalone shuts its components down on (like a Ctrl-C in its terminal),
+        and each component alone, a Celery worker included, stops cleanly on it too. A process
+        still running after ``timeout`` gets SIGTERM and then SIGKILL, and any process left in
+        its session (task runners put themselves in process groups of their own) is killed too.
         """
-        proc, self._proc = self._proc, None
+        procs, self._procs = self._procs, {}
         self._token = None
         atexit.unregister(self.stop)
-        if proc is None:
-            return
-        session = proc.pid
-        if proc.poll() is None:
-            os.kill(session, signal.SIGINT)
+        for proc in procs.values():
+            if proc.poll() is None:
+                os.kill(proc.pid, signal.SIGINT)
+        deadline = time.monotonic() + timeout
+        for name, proc in procs.items():
             try:
-                proc.wait(timeout)
+                proc.wait(max(deadline - time.monotonic(), 0.1))
             except subprocess.TimeoutExpired:
-                log.warning("Airflow did not stop on SIGINT within %.0f s; sending SIGTERM", timeout)
-                _signal_group(session, signal.SIGTERM)
+                log.warning("Airflow %s did not stop on SIGINT within %.0f s; sending SIGTERM", name, timeout)
+                _signal_group(proc.pid, signal.SIGTERM)
                 try:
                     proc.wait(10)
                 except subprocess.TimeoutExpired:
-                    log.warning("Airflow did not stop on SIGTERM; sending SIGKILL")
-                    _signal_group(session, signal.SIGKILL)
+                    log.warning("Airflow %s did not stop on SIGTERM; sending SIGKILL", name)
+                    _signal_group(proc.pid, signal.SIGKILL)
                     proc.wait()
-        _kill_session(session)
+            _kill_session(proc.pid)
 
     def wait(self) -> int:
-        """Block until Airflow exits (or Ctrl-C); returns its exit code."""
-        if self._proc is None:
+        """Block until the first process started exits (or Ctrl-C); returns its exit code."""
+        if not self._procs:
             raise LocalAirflowError("Airflow is not running")
-        return self._proc.wait()
+        return next(iter(self._procs.values())).wait()
 
     def token(self) -> str:
         """A JWT for the REST API from ``POST /auth/token`` with the admin credentials; cached."""
@@ -338,8 +351,8 @@ class LocalAirflow:
                 tasks = ", ".join(f"{t['task_id']}={t['state']}" for t in self.task_instances(dag_id, run_id))
                 raise LocalAirflowError(
                     f"run {run_id!r} of {dag_id!r} still {state!r} after {timeout:.0f} s "
-                    f"(tasks: {tasks or 'none yet'}); see {self.log_file} and "
-                    f"{self.airflow_home / 'logs'}"
+                    f"(tasks: {tasks or 'none yet'}); see the *.log files in {self.airflow_home} "
+                    f"and the task logs in {self.airflow_home / 'logs'}"
                 )
             time.sleep(_POLL_S)
 
@@ -375,13 +388,12 @@ class LocalAirflow:
     def _wait_healthy(self, started_at: datetime, deadline: float) -> None:
         last: Any = "no answer yet"
         while True:
-            proc = self._proc
-            if proc is None or proc.poll() is not None:
-                code = proc.returncode if proc is not None else None
-                raise LocalAirflowError(
-                    f"airflow standalone exited with code {code} during start-up; "
-                    f"last lines of {self.log_file}:\n{self._log_tail()}"
-                )
+            for name, proc in self._procs.items():
+                if proc.poll() is not None:
+                    raise LocalAirflowError(
+                        f"airflow {name} exited with code {proc.returncode} during start-up; "
+                        f"last lines of {self.log_of(name)}:\n{self._log_tail(name)}"
+                    )
             try:
                 last = self.health()
                 if all(_fresh(last.get(c) or {}, c, started_at) for c in ("scheduler", "dag_processor")):
@@ -389,9 +401,10 @@ class LocalAirflow:
             except AirflowApiError as exc:
                 last = exc
             if time.monotonic() > deadline:
+                tails = "\n".join(f"--- {self.log_of(name)}\n{self._log_tail(name)}" for name in self._procs)
                 raise LocalAirflowError(
-                    f"Airflow not healthy at {self.base_url}/api/v2/monitor/health in time "
-                    f"(last: {last}); last lines of {self.log_file}:\n{self._log_tail()}"
+                    f"Airflow not healthy at {self.base_url}/api/v2/monitor/health in time (last: {last}); "
+                    f"last lines of its logs:\n{tails}"
                 )
             time.sleep(_POLL_S)
 
@@ -493,9 +506,9 @@ class LocalAirflow:
         except OSError:
             return False
 
-    def _log_tail(self, lines: int = 40) -> str:
+    def _log_tail(self, name: str, lines: int = 40) -> str:
         try:
-            return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
+            return "\n".join(self.log_of(name).read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return "(no log)"
 

@@ -18,6 +18,14 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 PARAMS_FILE = "params.yaml"
+# A deployment's changes to params.yaml (serving profile, Triton and Pushgateway addresses), in
+# a YAML file of the same sections: deploy/params.compose.yaml in the compose deployment.
+OVERRIDES_ENV = "FLYWHEEL_PARAMS_OVERRIDES"
+DVC_SECTIONS = frozenset({"dataset", "split"})  # dvc.yaml's split stage reads these from params.yaml
+# The Celery queue of tasks that want a GPU (training, fine-tuning): on the CeleryExecutor only
+# workers started with `--queues gpu` take them; the LocalExecutor ignores queues. A constant,
+# not a setting: DAG files read it when parsed, and parsing must not read the project's files.
+GPU_QUEUE = "gpu"
 
 
 class ConfigError(ValueError):
@@ -267,6 +275,11 @@ class ProjectConfig(Strict):
         """A configured path, resolved against the project home."""
         return relative if relative.is_absolute() else self.home / relative
 
+    def portable(self, path: Path) -> str:
+        """``path`` as task results name it: relative to the project home when inside it, so it
+        means the same on every worker, wherever that worker mounts the shared home."""
+        return path.relative_to(self.home).as_posix() if path.is_relative_to(self.home) else str(path)
+
     @cached_property
     def model_dir(self) -> Path:
         return self.path(self.serving.model_repository) / self.model.name
@@ -278,21 +291,42 @@ def project_home() -> Path:
 
 
 def load_config(home: Path | str | None = None) -> ProjectConfig:
-    """Read and validate ``<home>/params.yaml``; errors name the file and the key."""
+    """Read and validate ``<home>/params.yaml``, with ``$FLYWHEEL_PARAMS_OVERRIDES`` merged over
+    it when set; errors name the file and the key."""
     home = Path(home).resolve() if home else project_home()
     file = home / PARAMS_FILE
-    try:
-        raw = yaml.safe_load(file.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{file}: no such file; set FLYWHEEL_HOME to the directory holding {PARAMS_FILE}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{file}: not valid YAML: {exc}") from exc
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{file}: expected a mapping of sections, got {type(raw).__name__}")
+    raw = _read_sections(file, f"set FLYWHEEL_HOME to the directory holding {PARAMS_FILE}")
+    source = str(file)
+    if overrides := os.environ.get(OVERRIDES_ENV):
+        changes = _read_sections(Path(overrides), f"{OVERRIDES_ENV} names it")
+        if fixed := sorted(DVC_SECTIONS & set(changes)):
+            # DVC reads these from params.yaml itself: an override would version one split and train on another.
+            raise ConfigError(f"{overrides}: {', '.join(fixed)} cannot be overridden (DVC reads them from {file}); change them there")
+        raw, source = _merged(raw, changes), f"{file} with {overrides}"
     try:
         return ProjectConfig(**raw, home=home)
     except ValidationError as exc:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in err['loc']) or '<top>'}: {err['msg']}" for err in exc.errors()
         )
-        raise ConfigError(f"{file}: {problems}") from exc
+        raise ConfigError(f"{source}: {problems}") from exc
+
+
+def _read_sections(file: Path, hint: str) -> dict:
+    try:
+        raw = yaml.safe_load(file.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{file}: no such file; {hint}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{file}: not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{file}: expected a mapping of sections, got {type(raw).__name__}")
+    return raw
+
+
+def _merged(base: dict, changes: dict) -> dict:
+    """``base`` with ``changes`` laid over it, mappings merged key by key."""
+    out = dict(base)
+    for key, value in changes.items():
+        out[key] = _merged(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+    return out

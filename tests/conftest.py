@@ -38,6 +38,9 @@ FAST = {
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "e2e: runs a real Airflow (slow)")
+    config.addinivalue_line(
+        "markers", "distributed: Airflow on Celery with PostgreSQL and Redis; run by `make test-distributed`, not `make test`"
+    )
 
 
 def merge(base: dict, changes: dict) -> dict:

@@ -119,7 +119,8 @@ def evaluate(config: ProjectConfig, candidate: str, force_publish: bool = False,
 
     champion_version = served_version(config.model_dir)
     champion_onnx = config.model_dir / str(champion_version) / MODEL_FILE if champion_version else None
-    decision = decide(config, Path(candidate) / MODEL_FILE, champion_onnx, force_publish, force_reason)
+    folder = config.path(Path(candidate))
+    decision = decide(config, folder / MODEL_FILE, champion_onnx, force_publish, force_reason)
     decision["champion_version"] = champion_version
-    write_json(Path(candidate) / "gate.json", decision)
+    write_json(folder / "gate.json", decision)
     return decision

@@ -133,7 +133,7 @@ def export(config: ProjectConfig, candidate: str) -> dict:
     from pipelines.data.split import split_paths
     from pipelines.training.train import load_candidate
 
-    folder = Path(candidate)
+    folder = config.path(Path(candidate))
     model, encoding = load_candidate(folder)
     exported = build_onnx(model, encoding, config.export.opset)
     partial = folder / f".{MODEL_FILE}.partial"
@@ -154,7 +154,7 @@ def export(config: ProjectConfig, candidate: str) -> dict:
             f"more than export.parity_tolerance={config.export.parity_tolerance:g}; nothing was published"
         )
     partial.replace(folder / MODEL_FILE)
-    record = {"onnx": str(folder / MODEL_FILE), "parity_rows": len(rows), "max_abs_diff": max_abs_diff}
+    record = {"onnx": config.portable(folder / MODEL_FILE), "parity_rows": len(rows), "max_abs_diff": max_abs_diff}
     if config.export.int8:
         from pipelines.export.quantize import quantize
 

@@ -32,7 +32,7 @@ def quantize(config: ProjectConfig, candidate: str) -> dict:
     from pipelines.data.split import split_paths
     from pipelines.evaluation.gate import metrics, predict_onnx
 
-    folder = Path(candidate)
+    folder = config.path(Path(candidate))
     fp32, int8 = folder / MODEL_FILE, folder / ".model.int8.onnx"
     quantize_file(fp32, int8)
     test = pd.read_parquet(split_paths(config)["test"])

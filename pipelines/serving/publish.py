@@ -46,7 +46,7 @@ def publish(
     ``run`` names the Airflow run (dag_id, run_id, logical_date, run_type); ``overrides`` are
     the Params the run was triggered with.
     """
-    folder = Path(candidate)
+    folder = config.path(Path(candidate))
     training = read_json(folder / "candidate.json")
     lineage = {
         "model": config.model.name,
@@ -87,7 +87,7 @@ def publish(
         "decision": gate["decision"],
         "version": lineage["version"],
         "served_version": repository.served_version(model_dir),
-        "lineage": str(record),
+        "lineage": config.portable(record),
     }
 
 

@@ -30,7 +30,8 @@ def train(
     max_epochs: int | None = None,
     learning_rate: float | None = None,
 ) -> dict:
-    """Fit a model on the current splits; return the candidate folder and its validation loss."""
+    """Fit a model on the current splits; return the candidate folder (relative to the project
+    home: the next tasks may run on other machines) and its validation loss."""
     settings = config.train.model_copy(
         update={k: v for k, v in {"max_epochs": max_epochs, "learning_rate": learning_rate}.items() if v is not None}
     )
@@ -47,7 +48,7 @@ def train(
     if (folder / CANDIDATE_FILE).exists():
         record = read_json(folder / CANDIDATE_FILE)
         log.info("candidate %s was already trained on these inputs: reusing it", key)
-        return {"candidate": str(folder), "reused": True, "best_val_loss": record["best_val_loss"], "epochs": record["epochs"]}
+        return {"candidate": config.portable(folder), "reused": True, "best_val_loss": record["best_val_loss"], "epochs": record["epochs"]}
     return _fit(config, settings, paths, inputs, folder)
 
 
@@ -104,7 +105,7 @@ def _fit(config: ProjectConfig, settings, paths: dict[str, Path], inputs: dict, 
     }
     write_json(folder / CANDIDATE_FILE, record)
     log.info("trained candidate %s: best val_loss %.5f after %d epochs", folder.name, record["best_val_loss"], record["epochs"])
-    return {"candidate": str(folder), "reused": False, "best_val_loss": record["best_val_loss"], "epochs": record["epochs"]}
+    return {"candidate": config.portable(folder), "reused": False, "best_val_loss": record["best_val_loss"], "epochs": record["epochs"]}
 
 
 def _resumable(last: Path) -> tuple[Path | None, int]:

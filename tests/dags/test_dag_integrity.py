@@ -47,6 +47,15 @@ def test_retrain_runs_one_at_a_time_in_the_expected_order(dagbag):
     assert dag.get_task("validate").retries == 0
 
 
+def test_only_training_goes_to_the_gpu_queue(dagbag):
+    from pipelines.config import GPU_QUEUE
+
+    # On the CeleryExecutor a task on the gpu queue waits for a GPU worker: only the ones that need one.
+    queues = {f"{d}.{t.task_id}": t.queue for d in ("retrain", "drift", "rollback") for t in dagbag.dags[d].tasks}
+    assert queues.pop("retrain.train") == GPU_QUEUE
+    assert set(queues.values()) == {"default"}, queues
+
+
 def test_retrain_params_validate_what_the_ui_form_sends(dagbag):
     from airflow.sdk.definitions.param import ParamsDict
     from airflow.sdk.exceptions import ParamValidationError

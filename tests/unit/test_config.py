@@ -60,3 +60,47 @@ def test_relative_paths_resolve_against_the_project_home(tmp_path):
     config = make_project(tmp_path / "elsewhere")
 
     assert config.path(config.dataset.raw_path) == tmp_path / "elsewhere" / "data/raw/flights.parquet"
+
+
+def test_the_compose_deployment_overrides_serving_and_metrics_and_keeps_the_rest(monkeypatch):
+    from pipelines.config import OVERRIDES_ENV, ServingProfile
+
+    plain = load_config(REPO)
+    monkeypatch.setenv(OVERRIDES_ENV, str(REPO / "deploy" / "params.compose.yaml"))
+
+    config = load_config(REPO)
+
+    assert config.serving.profile is ServingProfile.gpu
+    assert config.serving.triton.url == "triton:8000" and config.metrics.pushgateway == "pushgateway:9091"
+    # untouched keys of a changed section, and whole other sections, stay as params.yaml has them
+    assert config.serving.triton.metrics_port == 8002 and config.serving.max_batch_size == plain.serving.max_batch_size
+    assert config.model_dump(exclude={"serving", "metrics"}) == plain.model_dump(exclude={"serving", "metrics"})
+
+
+@pytest.mark.parametrize(
+    ("overrides", "error"),
+    [
+        ({"serving": {"profil": "gpu"}}, r"serving\.profil: Extra inputs are not permitted"),
+        ({"serving": {"profile": "tpu"}}, r"serving\.profile: Input should be 'cpu' or 'gpu'"),
+        ({"split": {"train": 0.8}}, r"split cannot be overridden \(DVC reads them from .*params.yaml\)"),
+        ({"dataset": {"raw_path": "x"}}, r"dataset cannot be overridden"),
+    ],
+)
+def test_a_bad_override_is_an_error_that_names_the_override_file_and_the_key(tmp_path, monkeypatch, overrides, error):
+    from pipelines.config import OVERRIDES_ENV
+
+    file = tmp_path / "overrides.yaml"
+    file.write_text(yaml.safe_dump(overrides))
+    monkeypatch.setenv(OVERRIDES_ENV, str(file))
+
+    with pytest.raises(ConfigError, match=f"{file}: {error}"):
+        load_config(REPO)
+
+
+def test_a_missing_override_file_is_named(tmp_path, monkeypatch):
+    from pipelines.config import OVERRIDES_ENV
+
+    monkeypatch.setenv(OVERRIDES_ENV, str(tmp_path / "nope.yaml"))
+
+    with pytest.raises(ConfigError, match=f"{tmp_path}/nope.yaml: no such file; {OVERRIDES_ENV} names it"):
+        load_config(REPO)

@@ -11,6 +11,7 @@ import pytest
 import torch
 import yaml
 
+from pipelines.config import load_config
 from pipelines.data.split import split_paths
 from pipelines.data.versioning import version_split
 from pipelines.evaluation.gate import NOT_PROMOTED, PROMOTED, beats, decide, evaluate, predict_onnx
@@ -45,6 +46,21 @@ def test_training_writes_a_complete_candidate_and_reuses_it_on_the_same_inputs(t
     record = json.loads((config.home / first["candidate"] / CANDIDATE_FILE).read_text())
     assert record["best_val_loss"] == pytest.approx(first["best_val_loss"])
     assert record["inputs"]["data"]["train"] == data_version["data/split/train.parquet"]
+
+
+def test_a_worker_that_mounts_the_project_home_elsewhere_finds_the_candidate(trained, tmp_path):
+    # On Celery, train, export, gate and publish may run on machines that mount the shared home
+    # at different paths: the candidate a task hands on must not name the trainer's mount point.
+    config, _, candidate = trained
+    assert not candidate["candidate"].startswith("/")
+    elsewhere = tmp_path / "mnt" / "flywheel"
+    shutil.copytree(config.home, elsewhere)
+    worker = load_config(elsewhere)
+
+    decision = evaluate(worker, candidate["candidate"])
+
+    assert (elsewhere / candidate["candidate"] / "gate.json").exists()
+    assert decision["challenger"] == evaluate(config, candidate["candidate"])["challenger"]
 
 
 def test_other_params_train_another_candidate(trained):
@@ -161,7 +177,7 @@ def test_a_rejected_candidate_leaves_the_repository_as_it_was(trained):
     assert repository.versions(config.model_dir) == versions_before
     after = (config.model_dir / repository.CONFIG_FILE).read_bytes() if before is not None else None
     assert after == before
-    record = json.loads(open(result["lineage"]).read())
+    record = json.loads((config.home / result["lineage"]).read_text())
     assert record["gate"]["decision"] == NOT_PROMOTED and record["version"] is None
 
 

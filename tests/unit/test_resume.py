@@ -43,7 +43,7 @@ def test_a_killed_training_resumes_from_its_last_checkpoint(tmp_path, caplog):
         result = train(config, data_version)
 
     # Then it picked up the killed run's candidate and checkpoint, and no epoch ran twice
-    assert result["candidate"] == str(folder) and (folder / CANDIDATE_FILE).exists()
+    assert config.home / result["candidate"] == folder and (folder / CANDIDATE_FILE).exists()
     record = json.loads((folder / CANDIDATE_FILE).read_text())
     done = record["resumed_after_epochs"]
     assert done >= 1 and f"resuming from {last} after {done} epoch(s)" in caplog.text

