@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.config import ProjectConfig, ServingProfile
+from pipelines.config import ProjectConfig
 from pipelines.finetune.export import INPUTS, LABEL, MODEL_FILE, SCORES, SERVING_FILE, TOKENIZER_DIR, predict_folder
 from pipelines.lineage import read_json
 from pipelines.serving import live, repository
@@ -231,7 +231,13 @@ def serve(config: ProjectConfig, version: int, run: dict, event: str) -> dict:
         repository.write_model_config(model_dir(config), ensemble_config(config, version))
         log.info("serving.triton.url is not set: version %d of %s is served by the repository, not loaded in a Triton", version, name)
         return live.record(config, event, version, previous, run, model=name)
-    client = live.connect(config)
+    with live.connect(config) as client:  # closed after: open connections hold up a server's shutdown
+        return _go_live(config, client, version, previous, run, event)
+
+
+def _go_live(config: ProjectConfig, client, version: int, previous: int | None, run: dict, event: str) -> dict:
+    """Steps 1 to 4 of the module docstring; returns the history entry."""
+    name = config.finetune.model_name
     started = time.monotonic()
     kept = [previous] if previous else []
     try:

@@ -122,24 +122,25 @@ class TritonServer:
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         with self.log_file.open("ab") as out:
             self._proc = subprocess.Popen(command, env=server_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        client = http.InferenceServerClient(self.url)
-        deadline = time.monotonic() + timeout
-        while True:
-            if self._proc.poll() is not None:
-                raise TritonUnavailable(f"tritonserver exited with code {self._proc.returncode}; see {self.log_file}:\n{self.log_tail()}")
-            try:
-                if client.is_server_ready():
-                    break
-            except Exception:  # noqa: BLE001 - connection refused while it starts
-                pass
-            if time.monotonic() > deadline:
-                self.stop()
-                raise TritonUnavailable(f"tritonserver not ready on {self.url} after {timeout:.0f} s; see {self.log_file}")
-            time.sleep(0.2)
-        for model_dir in sorted(self.repository.iterdir()):
-            if repository.served_version(model_dir) is not None:
-                client.load_model(model_dir.name)
-                log.info("loaded %s version %s", model_dir.name, repository.served_version(model_dir))
+        # Closed after: a connection left open holds up the server's shutdown by 30 s.
+        with http.InferenceServerClient(self.url) as client:
+            deadline = time.monotonic() + timeout
+            while True:
+                if self._proc.poll() is not None:
+                    raise TritonUnavailable(f"tritonserver exited with code {self._proc.returncode}; see {self.log_file}:\n{self.log_tail()}")
+                try:
+                    if client.is_server_ready():
+                        break
+                except Exception:  # noqa: BLE001 - connection refused while it starts
+                    pass
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise TritonUnavailable(f"tritonserver not ready on {self.url} after {timeout:.0f} s; see {self.log_file}")
+                time.sleep(0.2)
+            for model_dir in sorted(self.repository.iterdir()):
+                if repository.served_version(model_dir) is not None:
+                    client.load_model(model_dir.name)
+                    log.info("loaded %s version %s", model_dir.name, repository.served_version(model_dir))
         log.info("Triton ready on %s (gRPC %d, metrics %d)", self.url, self.ports.grpc_port, self.ports.metrics_port)
 
     def stop(self, timeout: float = 40) -> None:

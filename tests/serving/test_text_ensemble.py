@@ -68,6 +68,14 @@ def served(tmp_path_factory, exported):
         yield config, server
 
 
+@pytest.fixture
+def client(served):
+    """An HTTP client of the served Triton, closed after the test (open connections delay its shutdown)."""
+    config, _ = served
+    with http.InferenceServerClient(config.serving.triton.url) as client:
+        yield client
+
+
 class Traffic(threading.Thread):
     """A client sending real reviews to the served ensemble without pause, recording every answer."""
 
@@ -79,13 +87,13 @@ class Traffic(threading.Thread):
         self.done = threading.Event()
 
     def run(self) -> None:
-        client = http.InferenceServerClient(self.config.serving.triton.url)
-        while not self.done.is_set():
-            try:
-                labels, scores, version = serving.infer(client, http, self.config.finetune.model_name, self.texts)
-                self.answers.append((version, labels, scores))
-            except Exception as exc:  # noqa: BLE001 - every failure is what the test counts
-                self.failures.append(repr(exc))
+        with http.InferenceServerClient(self.config.serving.triton.url) as client:
+            while not self.done.is_set():
+                try:
+                    labels, scores, version = serving.infer(client, http, self.config.finetune.model_name, self.texts)
+                    self.answers.append((version, labels, scores))
+                except Exception as exc:  # noqa: BLE001 - every failure is what the test counts
+                    self.failures.append(repr(exc))
 
     def __enter__(self) -> Traffic:
         self.start()
@@ -146,7 +154,7 @@ def test_the_configs_of_both_profiles_parse_and_place_each_step(tmp_path, export
     assert serving.versions(config) == [1]
 
 
-def test_a_published_classifier_answers_raw_text_over_http_and_grpc(served, exported):
+def test_a_published_classifier_answers_raw_text_over_http_and_grpc(served, exported, client):
     config, _ = served
     texts = reviews(40)
 
@@ -164,7 +172,6 @@ def test_a_published_classifier_answers_raw_text_over_http_and_grpc(served, expo
     # the tokenizer step gives the token ids the graph was checked with
     from transformers import AutoTokenizer
 
-    client = http.InferenceServerClient(config.serving.triton.url)
     request = http.InferInput("text", [len(texts), 1], "BYTES")
     request.set_data_from_numpy(np.array([t.encode() for t in texts], dtype=object).reshape(-1, 1))
     ids = client.infer("reviews_sentiment_tokenizer", [request]).as_numpy("input_ids")
@@ -179,7 +186,7 @@ def test_a_published_classifier_answers_raw_text_over_http_and_grpc(served, expo
     assert json.loads(live.history_path(config, "reviews_sentiment").read_text().splitlines()[-1])["event"] == "publish"
 
 
-def test_a_new_version_replaces_the_served_one_without_a_failed_request(served, exported):
+def test_a_new_version_replaces_the_served_one_without_a_failed_request(served, exported, client):
     config, _ = served
     texts = reviews(8)
 
@@ -194,7 +201,6 @@ def test_a_new_version_replaces_the_served_one_without_a_failed_request(served, 
     np.testing.assert_allclose(scores, expected_scores, atol=config.finetune.parity_tolerance)
     assert not np.allclose(traffic.answers[0][2], expected_scores, atol=1e-3)  # the heads differ: v1 answered before
     # the old steps are retired; the champion for the gate is version 2
-    client = live.connect(config)
     assert not client.is_model_ready("reviews_sentiment_classifier", "1") and client.is_model_ready("reviews_sentiment_classifier", "2")
     champion_labels, champion_scores = serving.champion_predict(config, texts)
     assert champion_labels == expected_labels and np.allclose(champion_scores, expected_scores)
@@ -203,7 +209,7 @@ def test_a_new_version_replaces_the_served_one_without_a_failed_request(served, 
     assert again["version"] == 2 and again["live"]["unchanged"] and serving.versions(config) == [1, 2]
 
 
-def test_a_broken_version_is_rejected_and_the_served_one_keeps_answering(served, exported, tmp_path):
+def test_a_broken_version_is_rejected_and_the_served_one_keeps_answering(served, exported, client, tmp_path):
     config, _ = served
     broken = tmp_path / "broken"
     shutil.copytree(exported[1], broken)
@@ -219,7 +225,6 @@ def test_a_broken_version_is_rejected_and_the_served_one_keeps_answering(served,
     assert lineage["status"] == "rejected" and "failed to load" in lineage["rejected_reason"]
     last = json.loads(live.history_path(config, "reviews_sentiment").read_text().splitlines()[-1])
     assert last["event"] == "rejected" and last["version"] == 3 and last["previous"] == 2
-    client = live.connect(config)
     assert not client.is_model_ready("reviews_sentiment_tokenizer", "3")  # what the publish loaded is unloaded
     # on-call clears the failed task: the retry finds version 3 rejected and refuses it
     with pytest.raises(live.SmokeTestError, match="reviews_sentiment version 3 was rejected"):
@@ -246,8 +251,7 @@ def test_the_server_restarts_serving_the_version_config_pbtxt_names(served):
     config, server = served
     server.stop()
 
-    with TritonServer(config):
-        client = http.InferenceServerClient(config.serving.triton.url)
+    with TritonServer(config), http.InferenceServerClient(config.serving.triton.url) as client:
         labels, _, version = serving.infer(client, http, "reviews_sentiment", reviews(4))
         assert version == serving.served_version(config) == 1
         assert not client.is_model_ready("reviews_sentiment_classifier", "2")
