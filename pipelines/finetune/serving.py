@@ -195,10 +195,10 @@ def publish_classifier(config: ProjectConfig, folder: Path, lineage: dict, run: 
     (``live.SmokeTestError`` if it fails: the version stays on disk, rejected, and the served
     one keeps serving); without, only the configs change, for Triton to load at start.
     """
-    folder = Path(folder)
+    folder = config.path(Path(folder))  # a task result names it relative to the project home
     version = repository.version_of_run(model_dir(config), run["run_id"])
     if version is None:
-        version = add_version(config, folder, {**lineage, "model": config.finetune.model_name, "exported": str(folder), "airflow": run})
+        version = add_version(config, folder, {**lineage, "model": config.finetune.model_name, "exported": config.portable(folder), "airflow": run})
     return {"version": version, "live": serve(config, version, run, event="publish")}
 
 
