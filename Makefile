@@ -32,6 +32,8 @@ $(VENV)/.installed: pyproject.toml constraints.txt $(BACKEND_REQUIREMENTS)
 	$(BIN)/uv pip install --quiet --python $(BIN)/python -c constraints.txt -e ".[test,cluster]"
 	test -x $(VENV)/triton-python/bin/python || $(PYTHON) -m venv $(VENV)/triton-python
 	$(BIN)/uv pip install --quiet --python $(VENV)/triton-python/bin/python -r $(BACKEND_REQUIREMENTS)
+	# No bytecode beside the models: Triton would see a changed version folder and reload it.
+	echo "import sys; sys.dont_write_bytecode = True" > $$($(VENV)/triton-python/bin/python -c "import sysconfig; print(sysconfig.get_path('purelib'))")/sitecustomize.py
 	touch $@
 
 demo: install
@@ -54,7 +56,7 @@ up: install
 
 constraints:
 	$(BIN)/uv pip freeze --python $(BIN)/python | grep -v -E '^(flywheel|-e )' | sed 's/+cpu$$//' > constraints.new
-	{ sed -n '1,3p' constraints.txt; cat constraints.new; } > constraints.txt && rm constraints.new
+	{ sed -n '1,3p' constraints.txt; cat constraints.new; } > constraints.tmp && mv constraints.tmp constraints.txt && rm constraints.new
 
 clean:
 	rm -rf $(VENV) .airflow

@@ -27,7 +27,7 @@ from datetime import timedelta
 import pendulum
 from airflow.sdk import Param, dag, task
 
-GPU_QUEUE = "gpu"
+from pipelines.config import GPU_QUEUE
 
 DEFAULT_ARGS = {
     "owner": "ml-platform",

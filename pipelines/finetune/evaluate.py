@@ -80,7 +80,8 @@ def evaluate(config: ProjectConfig, candidate: str, export_folder: str | None) -
     from pipelines.finetune.params import resolve_base
 
     settings = config.finetune
-    record = read_json(Path(candidate) / CANDIDATE_FILE)
+    candidate = config.path(Path(candidate))
+    record = read_json(candidate / CANDIDATE_FILE)
     params = record["inputs"]["params"]
     splits = load_splits(config, params["dataset"])
     test = splits["test"][: settings.max_eval_records]
@@ -91,7 +92,7 @@ def evaluate(config: ProjectConfig, candidate: str, export_folder: str | None) -
 
         train = splits["train"][: params["max_train_records"]] if params["max_train_records"] else splits["train"]
         texts, truth = [r["text"] for r in test], [r["label"] for r in test]
-        challenger = classification_metrics(truth, predict_folder(Path(export_folder), texts)[0])
+        challenger = classification_metrics(truth, predict_folder(config.path(Path(export_folder)), texts)[0])
         untuned = classification_metrics(truth, linear_probe(base, train, test, params["max_length"], settings.seed))
         served = serving.champion_predict(config, texts)
         champion = classification_metrics(truth, served[0]) if served else None
@@ -126,6 +127,6 @@ def evaluate(config: ProjectConfig, candidate: str, export_folder: str | None) -
         "base": untuned,
         "champion": champion,
     }
-    write_json(Path(candidate) / "gate.json", decision)
+    write_json(candidate / "gate.json", decision)
     log.info("finetune gate: %s (%s)", decision["decision"], reason)
     return decision

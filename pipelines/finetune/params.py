@@ -96,7 +96,8 @@ def check_4bit() -> None:
 
 
 def check(config: ProjectConfig, raw: dict) -> dict:
-    """Validate the Params of a run; return them with the resolved base model path."""
+    """Validate the Params of a run; return them as checked (each worker resolves the base again:
+    its path may differ from machine to machine)."""
     from pipelines.finetune.data import LANDING_DIR, dataset_path, read_records, record_format
 
     try:
@@ -130,4 +131,5 @@ def check(config: ProjectConfig, raw: dict) -> dict:
         problems.append(f"dataset: {exc}")
     if problems:
         raise ParamsError("; ".join(problems))
-    return params.model_dump(mode="json") | {"base_path": str(base)}
+    log.info("Params accepted; base model %s is %s", params.base_model, base)
+    return params.model_dump(mode="json")

@@ -50,18 +50,20 @@ def export(candidate: str) -> dict:
     from pipelines.lineage import read_json, write_json
 
     config = load_config()
-    record = read_json(Path(candidate) / CANDIDATE_FILE)
+    candidate = config.path(Path(candidate))
+    record = read_json(candidate / CANDIDATE_FILE)
     params = record["inputs"]["params"]
     if params["task"] != FinetuneTask.sequence_classification.value:
         return {"folder": None, "reason": "causal LMs are evaluated and kept as adapters; only classifiers are exported for Triton"}
     texts = [r["text"] for r in load_splits(config, params["dataset"])["val"][:64]]
-    folder = Path(candidate) / EXPORT_DIR
+    folder = candidate / EXPORT_DIR
     exported = export_classifier(
         merged(candidate), load_tokenizer(resolve_base(params["base_model"])), record["result"]["labels"],
         params["max_length"], folder, texts, config.finetune.parity_tolerance,
     )
-    write_json(Path(candidate) / "export.json", exported)
-    return {"folder": str(folder), **exported}
+    exported["onnx"] = config.portable(Path(exported["onnx"]))
+    write_json(candidate / "export.json", exported)
+    return {"folder": config.portable(folder), **exported}
 
 
 def evaluate(candidate: str, export_folder: str | None) -> dict:
@@ -77,10 +79,10 @@ def publish(candidate: str, export_folder: str | None, decision: dict, data_vers
     from pipelines.lineage import code_version, read_json, write_json
 
     config = load_config()
-    record = read_json(Path(candidate) / CANDIDATE_FILE)
+    record = read_json(config.path(Path(candidate)) / CANDIDATE_FILE)
     lineage = {
         "model": config.finetune.model_name,
-        "candidate": str(candidate),
+        "candidate": candidate,
         "base_model": record["inputs"]["base"],
         "data_version": data_version,
         "code_version": code_version(),
@@ -94,9 +96,9 @@ def publish(candidate: str, export_folder: str | None, decision: dict, data_vers
     if decision["decision"] == PROMOTED and export_folder:
         from pipelines.finetune import serving
 
-        lineage.update(serving.publish_classifier(config, Path(export_folder), lineage, run))
+        lineage.update(serving.publish_classifier(config, config.path(Path(export_folder)), lineage, run))
     elif decision["decision"] == PROMOTED:
         lineage["served"] = "no: causal LMs are not served through Triton; the adapter and its lineage are the result"
     runs = config.path(config.artifacts_dir) / "finetune" / "runs"
     path = write_json(runs / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', run['run_id'])}.json", lineage)
-    return {"decision": decision["decision"], "version": lineage["version"], "lineage": str(path)}
+    return {"decision": decision["decision"], "version": lineage["version"], "lineage": config.portable(path)}

@@ -109,17 +109,19 @@ def candidate_dir(config: ProjectConfig, dataset: str, key: str) -> Path:
 
 
 def finetune(config: ProjectConfig, params: dict, data_version: dict[str, str]) -> dict:
-    """Train adapters for checked ``params`` (see ``pipelines.finetune.params.check``) on the dataset's train split."""
+    """Train adapters for checked ``params`` (see ``pipelines.finetune.params.check``) on the dataset's
+    train split; the candidate folder is returned relative to the project home (shared storage)."""
     from pipelines.finetune.data import load_splits
+    from pipelines.finetune.params import resolve_base
 
-    base = Path(params["base_path"])
+    base = resolve_base(params["base_model"])
     splits = load_splits(config, params["dataset"])
     train_records = splits["train"][: params["max_train_records"]] if params["max_train_records"] else splits["train"]
     labels = labels_of(train_records) if params["task"] == FinetuneTask.sequence_classification.value else None
     inputs = {
         "base": {"name": params["base_model"], "sha256": base_hash(base)},
         "data": data_version,
-        "params": {k: v for k, v in params.items() if k != "base_path"},
+        "params": params,
         "train_records": len(train_records),
         "settings": config.finetune.model_dump(mode="json", include={"batch_size", "seed", "test_share", "val_share"}),
         "code": code_version(),
@@ -127,7 +129,7 @@ def finetune(config: ProjectConfig, params: dict, data_version: dict[str, str]) 
     folder = candidate_dir(config, params["dataset"], fingerprint(inputs)[:16])
     if (folder / CANDIDATE_FILE).exists():
         log.info("candidate %s was already trained on these inputs: reusing it", folder.name)
-        return {"candidate": str(folder), "reused": True, **read_json(folder / CANDIDATE_FILE)["result"]}
+        return {"candidate": config.portable(folder), "reused": True, **read_json(folder / CANDIDATE_FILE)["result"]}
     return _fit(config, params, base, labels, train_records, splits["val"], inputs, folder)
 
 
@@ -149,6 +151,7 @@ def _fit(config, params: dict, base: Path, labels, train_records, val_records, i
         load_base(base, task, labels, quantized=quantized, dtype=dtype),
         task, method, params["r"], params["alpha"], params["dropout"], params["target_modules"],
     )
+    model.train()  # from_pretrained leaves eval mode (no dropout), and Lightning keeps the mode it finds
     counts = parameter_counts(model)
     log.info("%s on %s: %d of %d parameters trainable (%.2f%%)", method.value, params["base_model"], counts["trainable"], counts["total"], 100 * counts["trainable"] / counts["total"])
     loader = lambda records, shuffle: DataLoader(  # noqa: E731
@@ -187,7 +190,7 @@ def _fit(config, params: dict, base: Path, labels, train_records, val_records, i
     }
     write_json(folder / CANDIDATE_FILE, {"inputs": inputs, "result": result})
     log.info("fine-tuned %s: best val_loss %.4f after %d epochs", folder.name, result["best_val_loss"], result["epochs"])
-    return {"candidate": str(folder), "reused": False, **result}
+    return {"candidate": config.portable(folder), "reused": False, **result}
 
 
 def merged(candidate: Path):

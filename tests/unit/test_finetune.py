@@ -144,7 +144,8 @@ def test_data_versions_are_dvc_hashes_that_change_with_the_records(reviews_proje
 def test_good_params_resolve_the_packaged_minilm(reviews_project):
     config, _ = reviews_project
     checked = check(config, params())
-    assert (resolve_base(checked["base_path"]) / "model.safetensors").exists()
+    assert checked == params()
+    assert (resolve_base(checked["base_model"]) / "model.safetensors").exists()
 
 
 @pytest.mark.parametrize(
@@ -190,7 +191,7 @@ def test_instruction_tuning_lowers_held_out_loss(reviews_project, tiny_llama, me
     counts = trained["parameters"]
     assert 0 < counts["trainable"] < 0.2 * counts["total"]
     assert trained["four_bit_layers"] == (len(LLAMA_MODULES) * 2 if method == "qlora" else 0)
-    adapter = (config.home / trained["candidate"] / ADAPTER_DIR)
+    adapter = config.home / trained["candidate"] / ADAPTER_DIR
     assert {p.name for p in adapter.iterdir()} == {"adapter_model.safetensors", "adapter_config.json", "README.md"}
     decision = evaluate(config, trained["candidate"], None)
     assert decision["challenger"]["loss"] < 0.8 * decision["base"]["loss"], decision
