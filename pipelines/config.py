@@ -19,7 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 PARAMS_FILE = "params.yaml"
 # A deployment's changes to params.yaml (serving profile, Triton and Pushgateway addresses), in
-# a YAML file of the same sections: deploy/params.compose.yaml in the compose deployment.
+# a YAML file of the same sections: in the compose deployment, docker-compose.yml's
+# `flywheel-params` config, mounted at /opt/flywheel/params.compose.yaml.
 OVERRIDES_ENV = "FLYWHEEL_PARAMS_OVERRIDES"
 DVC_SECTIONS = frozenset({"dataset", "split"})  # dvc.yaml's split stage reads these from params.yaml
 # The Celery queue of tasks that want a GPU (training, fine-tuning): on the CeleryExecutor only

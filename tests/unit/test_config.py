@@ -62,11 +62,14 @@ def test_relative_paths_resolve_against_the_project_home(tmp_path):
     assert config.path(config.dataset.raw_path) == tmp_path / "elsewhere" / "data/raw/flights.parquet"
 
 
-def test_the_compose_deployment_overrides_serving_and_metrics_and_keeps_the_rest(monkeypatch):
+def test_the_compose_deployment_overrides_serving_and_metrics_and_keeps_the_rest(tmp_path, monkeypatch):
     from pipelines.config import OVERRIDES_ENV, ServingProfile
 
     plain = load_config(REPO)
-    monkeypatch.setenv(OVERRIDES_ENV, str(REPO / "deploy" / "params.compose.yaml"))
+    # docker-compose.yml's inline `flywheel-params` config, which its Airflow containers mount
+    overrides = tmp_path / "params.compose.yaml"
+    overrides.write_text(yaml.safe_load((REPO / "docker-compose.yml").read_text())["configs"]["flywheel-params"]["content"])
+    monkeypatch.setenv(OVERRIDES_ENV, str(overrides))
 
     config = load_config(REPO)
 

@@ -1,6 +1,7 @@
 # The Airflow image of docker-compose.yml (every Airflow service and both Celery workers):
 # Airflow and Flywheel at the exact versions of constraints.txt, with the DAGs and plugins.
-# Build context: the repository root (deploy/Dockerfile.dockerignore keeps it small).
+# Build context: the repository root (.dockerignore keeps it small). The deployment's changes
+# to params.yaml are not baked in: docker-compose.yml mounts them as the `flywheel-params` config.
 FROM python:3.11.11-slim-bookworm
 
 # curl: the healthchecks of the api-server and the scheduler.
@@ -22,7 +23,6 @@ RUN pip install -c constraints.txt ".[cluster]"
 
 COPY dags/ dags/
 COPY plugins/ plugins/
-COPY deploy/params.compose.yaml deploy/
 # What airflow-init copies into an empty shared project home.
 COPY params.yaml dvc.yaml project/
 COPY expectations/ project/expectations/
