@@ -56,7 +56,7 @@ DEFAULT_ARGS = {
         "dropout": Param(0.05, type="number", minimum=0, exclusiveMaximum=1, description="LoRA dropout."),
         "target_modules": Param(["query", "value"], type="array", items={"type": "string", "minLength": 1}, minItems=1, description="Linear layers that get adapters, e.g. query, value (BERT) or q_proj, v_proj (Llama)."),
         "epochs": Param(2, type="integer", minimum=1, maximum=100),
-        "learning_rate": Param(5e-4, type="number", exclusiveMinimum=0, maximum=1),
+        "learning_rate": Param(1e-3, type="number", exclusiveMinimum=0, maximum=1),
         "max_length": Param(128, type="integer", minimum=8, maximum=8192, description="Tokens a record is cut to."),
         "dataset": Param("reviews", type="string", pattern=r"^[A-Za-z0-9_.-]+$", description="data/finetune/<dataset>.jsonl (text, Alpaca or chat records)."),
         "max_train_records": Param(None, type=["null", "integer"], minimum=8, description="Train on the first N training records only (a quick run)."),
