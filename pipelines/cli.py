@@ -20,6 +20,22 @@ def cmd_replay(args: argparse.Namespace) -> None:
         print(land(config, month, rows=args.rows, broken=args.broken))
 
 
+def cmd_finetune_data(args: argparse.Namespace) -> None:
+    from pipelines.finetune.data import write_review_datasets
+
+    for name, path in write_review_datasets(load_config()).items():
+        print(f"{name}: {path}")
+
+
+def cmd_classify(args: argparse.Namespace) -> None:
+    from pipelines.finetune.serving import classify
+
+    config = load_config()
+    labels, scores = classify(config.serving.triton.url, config.finetune.model_name, args.texts)
+    for text, label, score in zip(args.texts, labels, scores):
+        print(json.dumps({"text": text, "label": label, "score": round(float(score.max()), 4)}))
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from pipelines import demo
 
@@ -116,6 +132,13 @@ def main(argv: list[str] | None = None) -> None:
     replay.add_argument("--rows", type=int, help="a random sample of this many rows per month")
     replay.add_argument("--broken", action="store_true", help="corrupt the batch, as an upstream bug would")
     replay.set_defaults(run=cmd_replay)
+
+    finetune_data = commands.add_parser("finetune-data", help="land the review datasets (text, Alpaca, chat) for the finetune DAG")
+    finetune_data.set_defaults(run=cmd_finetune_data)
+
+    classify = commands.add_parser("classify", help="send texts to the served fine-tuned classifier")
+    classify.add_argument("texts", nargs="+")
+    classify.set_defaults(run=cmd_classify)
 
     demo = commands.add_parser("demo", help="run the retrain DAG through Airflow over several nights")
     demo.add_argument("--fresh", action="store_true", help="clear the project's data, models and DVC state first")
