@@ -136,12 +136,29 @@ class GateConfig(Strict):
     floor: float = Field(description="absolute bound the challenger must pass, champion or not")
 
 
+class TensorRTPrecision(str, Enum):
+    off = "off"
+    fp16 = "fp16"
+    int8 = "int8"  # calibrated on a sample of the training split
+
+
 class ExportConfig(Strict):
     opset: int = Field(ge=17)
     parity_rows: int = Field(ge=1)
     parity_tolerance: float = Field(gt=0)
     int8: bool = Field(default=False, description="try ONNX Runtime dynamic int8 quantisation")
     int8_tolerance: float = Field(default=0.002, ge=0, description="largest loss of the gate metric int8 may cost")
+    tensorrt: TensorRTPrecision = Field(
+        default=TensorRTPrecision.off, description="build a TensorRT engine (model.plan) where tensorrt and CUDA are present"
+    )
+    tensorrt_fp16_tolerance: float = Field(default=1e-2, gt=0, description="largest |engine - onnxruntime| an fp16 engine may show")
+    tensorrt_int8_tolerance: float = Field(default=5e-2, gt=0, description="the same for an int8 engine")
+    tensorrt_calibration_rows: int = Field(default=2048, ge=1, description="training rows that calibrate an int8 engine")
+
+    @field_validator("tensorrt", mode="before")
+    @classmethod
+    def _bare_off(cls, value: object) -> object:
+        return "off" if value is False else value  # YAML 1.1 reads a bare `off` as false
 
 
 class ServingProfile(str, Enum):

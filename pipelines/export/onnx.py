@@ -5,6 +5,11 @@ categorical columns as strings, numeric columns as float32. The category lookup 
 inside the graph (``ai.onnx.ml`` LabelEncoder, unseen values to the OOV index), prepended
 to the network exported from PyTorch, so every runtime serving the file scores exactly
 what was trained. The batch axis is dynamic.
+
+Beside it go the two halves of that file, for runtimes that cannot take strings (TensorRT):
+``lookup.onnx`` (raw columns to ``categorical_codes`` and ``numeric``) and ``network.onnx``
+(those two to ``prediction``). The codes cross between them as int32, which TensorRT handles
+natively (it narrows int64 with a warning, or refuses it).
 """
 
 from __future__ import annotations
@@ -15,12 +20,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipelines.config import ProjectConfig
+from pipelines.config import ProjectConfig, TensorRTPrecision
 from pipelines.lineage import read_json, write_json
 
 log = logging.getLogger(__name__)
 MODEL_FILE = "model.onnx"
+LOOKUP_FILE = "lookup.onnx"
+NETWORK_FILE = "network.onnx"
+PLAN_FILE = "model.plan"  # the TensorRT engine of network.onnx, where export.tensorrt built one
 OUTPUT = "prediction"
+CODES, NUMERIC = "categorical_codes", "numeric"  # the tensors between the lookup and the network
 ML_OPSET = 3  # ai.onnx.ml: LabelEncoder with tensor attributes
 
 
@@ -120,9 +129,41 @@ def build_onnx(model, encoding, opset: int):
     return merged
 
 
+def split(merged):
+    """``(lookup, network)``: the two halves of ``build_onnx``'s model, cut at ``categorical_codes``
+    and ``numeric``, with the codes crossing as int32 (a Cast on each side keeps the arithmetic
+    exactly the merged model's)."""
+    import onnx
+    from onnx import TensorProto, helper
+    from onnx.utils import Extractor
+
+    extractor = Extractor(merged)
+    raw = [i.name for i in merged.graph.input]
+    lookup = extractor.extract_model(raw, [CODES, NUMERIC])
+    network = extractor.extract_model([CODES, NUMERIC], [OUTPUT])
+
+    narrowed = f"{CODES}__int32"
+    for node in lookup.graph.node:
+        node.output[:] = [narrowed if name == CODES else name for name in node.output]
+    lookup.graph.node.append(helper.make_node("Cast", [narrowed], [CODES], to=TensorProto.INT32))
+    widened = f"{CODES}__int64"
+    for node in network.graph.node:
+        node.input[:] = [widened if name == CODES else name for name in node.input]
+    network.graph.node.insert(0, helper.make_node("Cast", [CODES], [widened], to=TensorProto.INT64))
+    for graph in (lookup.graph.output, network.graph.input):
+        for value in graph:
+            if value.name == CODES:
+                value.type.tensor_type.elem_type = TensorProto.INT32
+    for part in (lookup, network):
+        onnx.checker.check_model(part, full_check=True)
+    return lookup, network
+
+
 def export(config: ProjectConfig, candidate: str) -> dict:
     """Write ``model.onnx`` into the candidate folder after a parity check on real test rows.
 
+    Its halves ``lookup.onnx`` and ``network.onnx`` go beside it, and ``model.plan`` where
+    ``export.tensorrt`` asks for an engine and TensorRT can build one (``pipelines.export.tensorrt``).
     Raises ``ParityError`` when ONNX Runtime and PyTorch disagree by more than the configured
     tolerance, which stops the run before anything is published.
     """
@@ -154,7 +195,16 @@ def export(config: ProjectConfig, candidate: str) -> dict:
             f"more than export.parity_tolerance={config.export.parity_tolerance:g}; nothing was published"
         )
     partial.replace(folder / MODEL_FILE)
+    # Split from the fp32 graph just checked, before int8 may replace model.onnx: TensorRT takes
+    # fp32 graphs, and its own precision is export.tensorrt's.
+    for part, name in zip(split(exported), (LOOKUP_FILE, NETWORK_FILE)):
+        onnx.save(part, folder / name)
     record = {"onnx": config.portable(folder / MODEL_FILE), "parity_rows": len(rows), "max_abs_diff": max_abs_diff}
+    (folder / PLAN_FILE).unlink(missing_ok=True)  # an engine of an earlier export of this candidate is not this one's
+    if config.export.tensorrt != TensorRTPrecision.off:
+        from pipelines.export.tensorrt import export_engine
+
+        record["tensorrt"] = export_engine(config, folder, encoding)
     if config.export.int8:
         from pipelines.export.quantize import quantize
 

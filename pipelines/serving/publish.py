@@ -15,7 +15,7 @@ from pathlib import Path
 
 from pipelines.config import ProjectConfig
 from pipelines.evaluation.gate import PROMOTED
-from pipelines.export.onnx import MODEL_FILE
+from pipelines.export.onnx import MODEL_FILE, PLAN_FILE
 from pipelines.lineage import code_version, read_json, write_json
 from pipelines.metrics import Sample, emit
 from pipelines.monitoring.check import REFERENCE_FILE, write_reference
@@ -68,7 +68,10 @@ def publish(
         if version is None:
             reference = write_reference(config, folder / REFERENCE_FILE)  # what the drift check compares with
             files = {MODEL_FILE: folder / MODEL_FILE, repository.BACKEND_MODEL.name: repository.BACKEND_MODEL, REFERENCE_FILE: reference}
-            version = repository.add_version(model_dir, files, lineage)
+            version = repository.next_version(config)
+            if (folder / PLAN_FILE).is_file():  # export built a TensorRT engine: the gpu profile serves it
+                repository.add_engine_steps(config, folder, version)
+            version = repository.add_version(model_dir, files, lineage, version)
         lineage["version"] = version
         try:
             lineage["live"] = live.serve(config, version, run, event="publish")

@@ -8,6 +8,13 @@ Layout (what Triton loads)::
     model_repository/<model>/<N>/lineage.json  where version N came from
     model_repository/<model>/<N>/reference.parquet  a sample of its training data, for drift checks
 
+A version whose export built a TensorRT engine also has the two steps of its ``tensorrt_plan``
+rendering, numbered alike (written before the version itself, so a version exists once its
+lineage does)::
+
+    model_repository/<model>_lookup/<N>/model.onnx  lookup.onnx: raw columns to codes (ONNX Runtime, CPU)
+    model_repository/<model>_engine/<N>/model.plan  the engine of network.onnx (TensorRT, GPU)
+
 The served version is the one ``config.pbtxt`` names in its ``specific`` version policy,
 so promotion and rollback are one atomic rewrite of that file, and Triton never picks up
 a version just because its folder appeared.
@@ -20,7 +27,7 @@ import shutil
 from pathlib import Path
 
 from pipelines.config import FeatureType, ProjectConfig, ServingProfile
-from pipelines.export.onnx import MODEL_FILE, OUTPUT
+from pipelines.export.onnx import CODES, LOOKUP_FILE, MODEL_FILE, NUMERIC, OUTPUT, PLAN_FILE
 from pipelines.lineage import read_json, write_json
 
 CONFIG_FILE = "config.pbtxt"
@@ -29,6 +36,7 @@ CONFIG_FILE = "config.pbtxt"
 BACKEND_MODEL = Path(__file__).resolve().parent / "backend" / "model.py"
 LINEAGE_FILE = "lineage.json"
 STAGING_PREFIX = ".staging-"
+ENGINE_STEPS = ("lookup", "engine")  # the tensorrt_plan rendering's composing models, in order
 
 
 def versions(model_dir: Path) -> list[int]:
@@ -65,20 +73,114 @@ def model_config(config: ProjectConfig, version: int):
     the smoke test checks the version against it. ``cpu``: the Python backend running ONNX
     Runtime on the version's ``model.onnx`` (``model.py`` beside it). ``gpu``:
     ``onnxruntime_onnx`` with the TensorRT execution accelerator in FP16, engines cached, so
-    TensorRT builds the engine inside Triton at load time.
+    TensorRT builds the engine inside Triton at load time; or, for a version whose export built
+    an engine (``has_engine``), the ``tensorrt_plan`` ensemble of ``ensemble_config``.
+    """
+    if config.serving.profile == ServingProfile.gpu and has_engine(config, version):
+        return ensemble_config(config, version)
+    rendering = _signature(config, config.model.name, [version], _feature_inputs(config), [(OUTPUT, "TYPE_FP32", 1)])
+    return place(rendering, config.serving.profile)
+
+
+def _feature_inputs(config: ProjectConfig) -> list[tuple[str, str, int]]:
+    types = {FeatureType.categorical: "TYPE_STRING", FeatureType.numeric: "TYPE_FP32"}
+    return [(f.name, types[f.type], 1) for f in config.dataset.features]
+
+
+def _signature(config: ProjectConfig, name: str, served: list[int], inputs, outputs, batching: bool = True):
+    """A batched ModelConfig serving ``served``; inputs and outputs as (name, type, width) per row."""
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    rendering = mc.ModelConfig(
+        name=name,
+        max_batch_size=config.serving.max_batch_size,
+        input=[mc.ModelInput(name=n, data_type=mc.DataType.Value(t), dims=[w]) for n, t, w in inputs],
+        output=[mc.ModelOutput(name=n, data_type=mc.DataType.Value(t), dims=[w]) for n, t, w in outputs],
+        version_policy=mc.ModelVersionPolicy(specific=mc.ModelVersionPolicy.Specific(versions=sorted(served))),
+    )
+    if batching:  # an ensemble has no batcher of its own: its steps batch
+        rendering.dynamic_batching.CopyFrom(mc.ModelDynamicBatching(max_queue_delay_microseconds=config.serving.max_queue_delay_microseconds))
+    return rendering
+
+
+# --- the tensorrt_plan rendering: lookup (ONNX Runtime, CPU) then engine (TensorRT, GPU) ---
+
+
+def step_dir(config: ProjectConfig, step: str) -> Path:
+    """The folder of a composing model of the tensorrt_plan rendering (``ENGINE_STEPS``)."""
+    return config.model_dir.with_name(f"{config.model.name}_{step}")
+
+
+def has_engine(config: ProjectConfig, version: int) -> bool:
+    """Whether ``version`` has a TensorRT engine, so the gpu profile serves it as an ensemble."""
+    return (step_dir(config, "engine") / str(version) / PLAN_FILE).is_file()
+
+
+def _widths(config: ProjectConfig) -> tuple[int, int]:
+    kinds = [f.type for f in config.dataset.features]
+    return kinds.count(FeatureType.categorical), kinds.count(FeatureType.numeric)
+
+
+def step_configs(config: ProjectConfig, served: list[int]) -> dict[str, object]:
+    """The composing models' ModelConfigs by step, each serving the versions ``served``.
+
+    ``served`` lists more than one version only while going live switches between them.
     """
     from tritonclient.grpc import model_config_pb2 as mc
 
-    types = {FeatureType.categorical: mc.TYPE_STRING, FeatureType.numeric: mc.TYPE_FP32}
-    rendering = mc.ModelConfig(
-        name=config.model.name,
-        max_batch_size=config.serving.max_batch_size,
-        input=[mc.ModelInput(name=f.name, data_type=types[f.type], dims=[1]) for f in config.dataset.features],
-        output=[mc.ModelOutput(name=OUTPUT, data_type=mc.TYPE_FP32, dims=[1])],
-        dynamic_batching=mc.ModelDynamicBatching(max_queue_delay_microseconds=config.serving.max_queue_delay_microseconds),
-        version_policy=mc.ModelVersionPolicy(specific=mc.ModelVersionPolicy.Specific(versions=[version])),
+    categorical, numeric = _widths(config)
+    between = [(CODES, "TYPE_INT32", categorical), (NUMERIC, "TYPE_FP32", numeric)]
+    lookup = _signature(config, step_dir(config, "lookup").name, served, _feature_inputs(config), between)
+    lookup.platform = "onnxruntime_onnx"  # model.onnx: strings are for ONNX Runtime, not TensorRT
+    lookup.instance_group.append(mc.ModelInstanceGroup(kind=mc.ModelInstanceGroup.KIND_CPU, count=1))
+    engine = _signature(config, step_dir(config, "engine").name, served, between, [(OUTPUT, "TYPE_FP32", 1)])
+    engine.platform = "tensorrt_plan"  # model.plan
+    engine.instance_group.append(mc.ModelInstanceGroup(kind=mc.ModelInstanceGroup.KIND_GPU, count=1))
+    return {"lookup": lookup, "engine": engine}
+
+
+def ensemble_config(config: ProjectConfig, version: int):
+    """The served model of an engine version: raw columns -> lookup -> engine -> ``prediction``,
+    both steps pinned to ``version``; the same inputs and output as every other rendering."""
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    rendering = _signature(config, config.model.name, [version], _feature_inputs(config), [(OUTPUT, "TYPE_FP32", 1)], batching=False)
+    rendering.platform = "ensemble"
+    between = {CODES: CODES, NUMERIC: NUMERIC}
+    features = {f.name: f.name for f in config.dataset.features}
+    lookup, engine = (step_dir(config, step).name for step in ENGINE_STEPS)
+    rendering.ensemble_scheduling.step.extend(
+        [
+            mc.ModelEnsembling.Step(model_name=lookup, model_version=version, input_map=features, output_map=between),
+            mc.ModelEnsembling.Step(model_name=engine, model_version=version, input_map=between, output_map={OUTPUT: OUTPUT}),
+        ]
     )
-    return place(rendering, config.serving.profile)
+    return rendering
+
+
+def write_rendering(config: ProjectConfig, version: int) -> Path:
+    """Write the served model's ``config.pbtxt`` for ``version``, its steps' first when it is an
+    ensemble (a step's config must be there before Triton loads the ensemble naming it)."""
+    rendering = model_config(config, version)
+    for step, step_rendering in step_configs(config, [version]).items():
+        if rendering.platform == "ensemble":
+            write_model_config(step_dir(config, step), step_rendering)
+        else:  # steps an earlier version used: Triton would load them at start for nothing
+            (step_dir(config, step) / CONFIG_FILE).unlink(missing_ok=True)
+    return write_model_config(config.model_dir, rendering)
+
+
+def next_version(config: ProjectConfig) -> int:
+    """The number of the next version: above every number the model or its steps hold, so the
+    steps a crashed publish left (never served: no lineage) are never reused."""
+    taken = [v for folder in (config.model_dir, *(step_dir(config, s) for s in ENGINE_STEPS)) for v in versions(folder)]
+    return max(taken, default=0) + 1
+
+
+def add_engine_steps(config: ProjectConfig, candidate: Path, version: int) -> None:
+    """Copy a candidate's ``lookup.onnx`` and ``model.plan`` in as ``version`` of the two steps."""
+    add_version(step_dir(config, "lookup"), {MODEL_FILE: candidate / LOOKUP_FILE}, None, version)
+    add_version(step_dir(config, "engine"), {PLAN_FILE: candidate / PLAN_FILE}, None, version)
 
 
 def place(rendering, profile: ServingProfile):

@@ -1,0 +1,197 @@
+"""Route (b) of TensorRT: build an engine (``model.plan``) from a candidate's ``network.onnx``.
+
+Only where the ``tensorrt`` package is importable (the ``tensorrt`` extra, on the GPU worker
+image: its library wheels come from NVIDIA's own index, not PyPI) and a CUDA device is present.
+Elsewhere ``export_engine`` logs one warning with the reason, records ``built: false`` and
+the candidate is served through its ONNX rendering; it never raises for that.
+
+The engine takes the numeric half of the model (``network.onnx``: ``categorical_codes`` int32
+and ``numeric`` float32); the string lookup stays in ONNX Runtime (``lookup.onnx``), which the
+``tensorrt_plan`` rendering runs as the first step of a Triton ensemble. Before it is kept the
+engine is checked against ONNX Runtime on the same test rows, within the configured tolerance.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+
+from pipelines.config import ProjectConfig, TensorRTPrecision
+from pipelines.export.onnx import LOOKUP_FILE, NETWORK_FILE, OUTPUT, PLAN_FILE, ParityError, onnx_inputs
+
+log = logging.getLogger(__name__)
+Arrays = dict[str, np.ndarray]
+
+
+def tensorrt_available() -> str | None:
+    """None where an engine can be built here; otherwise the reason it cannot."""
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError as exc:
+        return f"the tensorrt package is not importable ({exc}); install the `tensorrt` extra on the GPU worker image"
+    import torch
+
+    if not torch.cuda.is_available():
+        return "no CUDA device is visible (torch.cuda.is_available() is False)"
+    return None
+
+
+def export_engine(config: ProjectConfig, folder: Path, encoding) -> dict:
+    """Build ``model.plan`` in the candidate ``folder`` as ``export.tensorrt`` asks; returns the record.
+
+    ``{"built": False, "reason": ...}`` where TensorRT is unavailable (one warning, nothing
+    raised); ``ParityError`` where the engine disagrees with ONNX Runtime beyond tolerance.
+    """
+    from pipelines.data.split import split_paths
+
+    precision = config.export.tensorrt
+    reason = tensorrt_available()
+    if reason:
+        log.warning("export.tensorrt=%s: no TensorRT engine built, %s; the ONNX rendering is published", precision.value, reason)
+        return {"built": False, "reason": reason}
+    paths = split_paths(config)
+    parity = _codes(folder / LOOKUP_FILE, pd.read_parquet(paths["test"]).head(config.export.parity_rows), encoding)
+    calibration = None
+    if precision == TensorRTPrecision.int8:
+        train = pd.read_parquet(paths["train"])
+        sample = train.sample(min(config.export.tensorrt_calibration_rows, len(train)), random_state=config.split.seed)
+        calibration = _codes(folder / LOOKUP_FILE, sample, encoding)
+    tolerance = config.export.tensorrt_int8_tolerance if precision == TensorRTPrecision.int8 else config.export.tensorrt_fp16_tolerance
+    record = build_engine(
+        folder / NETWORK_FILE, folder / PLAN_FILE, precision.value, calibration, config.serving.max_batch_size, parity, tolerance
+    )
+    log.info("built %s (%s): max |tensorrt - onnxruntime| = %.2g over %d test rows", folder / PLAN_FILE, precision.value, record["max_abs_diff"], record["parity_rows"])
+    return {"built": True, "plan": config.portable(folder / PLAN_FILE), **record}
+
+
+def _codes(lookup: Path, rows: pd.DataFrame, encoding) -> Arrays:
+    """The network's inputs for raw rows, made by the lookup graph the ensemble serves."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(lookup), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(names, onnx_inputs(rows, list(encoding.categorical), encoding.numeric))))
+
+
+def build_engine(
+    network_onnx: Path,
+    plan: Path,
+    precision: Literal["fp16", "int8"],
+    calibration: Arrays | None,
+    max_batch: int,
+    parity: Arrays,
+    tolerance: float,
+) -> dict:
+    """Build a TensorRT engine for batches 1..``max_batch``, check it, and write ``plan``.
+
+    ``calibration`` (int8 only) and ``parity`` are the network's inputs by name. The engine is
+    written beside ``plan`` and renamed into place only once its answers on ``parity`` are
+    within ``tolerance`` of ONNX Runtime's; otherwise ``ParityError``.
+    """
+    import tensorrt as trt
+
+    if (precision == "int8") != (calibration is not None):
+        given = "given" if calibration is not None else "missing"
+        raise ValueError(f"precision {precision!r} with calibration {given}: int8 needs a calibration set, fp16 takes none")
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)  # explicit batch: the only mode in TensorRT 10
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(network_onnx)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise RuntimeError(f"{network_onnx}: TensorRT's ONNX parser refused it: {errors}")
+    settings = builder.create_builder_config()
+    profile = builder.create_optimization_profile()
+    for index in range(network.num_inputs):
+        tensor = network.get_input(index)
+        width = tuple(tensor.shape)[1:]  # the batch axis is the only dynamic one
+        profile.set_shape(tensor.name, (1, *width), (max(1, max_batch // 2), *width), (max_batch, *width))
+    settings.add_optimization_profile(profile)
+    settings.set_flag(trt.BuilderFlag.FP16)  # int8 engines keep fp16 for the layers int8 does not cover
+    if precision == "int8":
+        settings.set_flag(trt.BuilderFlag.INT8)
+        settings.int8_calibrator = _calibrator(trt, calibration, max_batch)
+        settings.set_calibration_profile(profile)
+    serialized = builder.build_serialized_network(network, settings)
+    if serialized is None:
+        raise RuntimeError(f"TensorRT could not build a {precision} engine from {network_onnx} (its log above says why)")
+
+    engine = trt.Runtime(logger).deserialize_cuda_engine(serialized)
+    got = np.concatenate([_run(engine, {n: a[i : i + max_batch] for n, a in parity.items()}) for i in range(0, len(next(iter(parity.values()))), max_batch)])
+    expected = _onnxruntime(network_onnx, parity)
+    max_abs_diff = float(np.max(np.abs(got - expected)))
+    rows = len(expected)
+    if not max_abs_diff <= tolerance:
+        raise ParityError(
+            f"{plan}: the {precision} TensorRT engine and ONNX Runtime differ by {max_abs_diff:.3g} on {rows} test rows, "
+            f"more than export.tensorrt_{precision}_tolerance={tolerance:g}; no engine was kept"
+        )
+    partial = plan.with_name(f".{plan.name}.partial")
+    partial.write_bytes(bytes(serialized))
+    partial.replace(plan)
+    return {"precision": precision, "max_batch": max_batch, "parity_rows": rows, "max_abs_diff": max_abs_diff, "tolerance": tolerance}
+
+
+def _onnxruntime(network_onnx: Path, feeds: Arrays) -> np.ndarray:
+    import onnxruntime as ort
+
+    (out,) = ort.InferenceSession(str(network_onnx), providers=["CPUExecutionProvider"]).run([OUTPUT], feeds)
+    return out
+
+
+def _run(engine, feeds: Arrays) -> np.ndarray:
+    """One batch through the engine, with torch CUDA tensors as its buffers."""
+    import torch
+
+    context = engine.create_execution_context()
+    held = {}  # the buffers must outlive the asynchronous run
+    for name, array in feeds.items():
+        held[name] = torch.from_numpy(np.ascontiguousarray(array)).cuda()
+        context.set_input_shape(name, tuple(array.shape))
+        context.set_tensor_address(name, held[name].data_ptr())
+    out = torch.empty(tuple(context.get_tensor_shape(OUTPUT)), dtype=torch.float32, device="cuda")
+    context.set_tensor_address(OUTPUT, out.data_ptr())
+    stream = torch.cuda.current_stream()
+    if not context.execute_async_v3(stream.cuda_stream):
+        raise RuntimeError("TensorRT failed to run the engine on the parity rows")
+    stream.synchronize()
+    return out.cpu().numpy()
+
+
+def _calibrator(trt, calibration: Arrays, batch: int):
+    """An entropy calibrator fed ``calibration`` in batches from CUDA buffers.
+
+    TensorRT 10 deprecates implicit int8 calibration in favour of Q/DQ nodes (NVIDIA's ModelOpt),
+    which would be another dependency; the calibrator API is still supported by TensorRT 10.
+    """
+    import torch
+
+    class Calibrator(trt.IInt8EntropyCalibrator2):
+        def __init__(self) -> None:
+            super().__init__()
+            rows = len(next(iter(calibration.values())))
+            self.size = min(batch, rows)
+            self.starts = iter(range(0, rows - self.size + 1, self.size))  # whole batches only
+            self.held: list = []
+
+        def get_batch_size(self) -> int:
+            return self.size
+
+        def get_batch(self, names: list[str]) -> list[int] | None:
+            start = next(self.starts, None)
+            if start is None:
+                return None
+            self.held = [torch.from_numpy(np.ascontiguousarray(calibration[n][start : start + self.size])).cuda() for n in names]
+            return [t.data_ptr() for t in self.held]
+
+        def read_calibration_cache(self) -> None:
+            return None  # calibrate afresh: each candidate is a new model
+
+        def write_calibration_cache(self, cache) -> None:
+            pass
+
+    return Calibrator()
