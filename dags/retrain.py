@@ -83,7 +83,7 @@ def retrain():
     def train(versioned, params=None):
         return steps.train(versioned["data_version"], params["max_epochs"], params["learning_rate"])
 
-    @task
+    @task(queue=GPU_QUEUE)  # a TensorRT engine is built for the GPU it will run on (export.tensorrt)
     def export(trained):
         return steps.export(trained["candidate"])
 

@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from pipelines.config import ProjectConfig, TensorRTPrecision
-from pipelines.lineage import read_json, write_json
+from pipelines.lineage import write_json
 
 log = logging.getLogger(__name__)
 MODEL_FILE = "model.onnx"

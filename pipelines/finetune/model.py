@@ -88,7 +88,14 @@ class AdapterModule(pl.LightningModule):
         self._loss(batch, "val")
 
     def configure_optimizers(self):
-        return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=self.learning_rate)
+        from transformers import get_linear_schedule_with_warmup
+
+        optimizer = torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=self.learning_rate)
+        # Warm up over the first tenth, then decay linearly: a new head and fresh adapters at the
+        # full rate from step one can push a classifier onto its majority class and keep it there.
+        steps = int(self.trainer.estimated_stepping_batches)
+        schedule = get_linear_schedule_with_warmup(optimizer, max(1, steps // 10), steps)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         trainable = {name for name, p in self.named_parameters() if p.requires_grad}

@@ -2,7 +2,6 @@
 
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -47,12 +46,13 @@ def test_retrain_runs_one_at_a_time_in_the_expected_order(dagbag):
     assert dag.get_task("validate").retries == 0
 
 
-def test_only_training_goes_to_the_gpu_queue(dagbag):
+def test_only_training_and_export_go_to_the_gpu_queue(dagbag):
     from pipelines.config import GPU_QUEUE
 
-    # On the CeleryExecutor a task on the gpu queue waits for a GPU worker: only the ones that need one.
+    # On the CeleryExecutor a task on the gpu queue waits for a GPU worker: only the ones that need
+    # one (training; export, which builds TensorRT engines for the GPU they will run on).
     queues = {f"{d}.{t.task_id}": t.queue for d in ("retrain", "drift", "rollback") for t in dagbag.dags[d].tasks}
-    assert queues.pop("retrain.train") == GPU_QUEUE
+    assert (queues.pop("retrain.train"), queues.pop("retrain.export")) == (GPU_QUEUE, GPU_QUEUE)
     assert set(queues.values()) == {"default"}, queues
 
 

@@ -166,6 +166,20 @@ def test_bad_params_are_refused_with_what_was_expected(reviews_project, changes,
         check(config, params(**changes))
 
 
+def test_qlora_is_refused_where_4bit_kernels_do_not_run(reviews_project, monkeypatch):
+    # bitsandbytes runs nf4 on this CPU, so the missing kernel is the one fault faked here.
+    import bitsandbytes.functional
+
+    def no_kernel(*args, **kwargs):
+        raise RuntimeError("no 4-bit kernel for this device")
+
+    monkeypatch.setattr(bitsandbytes.functional, "quantize_4bit", no_kernel)
+    config, _ = reviews_project
+    with pytest.raises(ParamsError, match=r"method: 'qlora' needs bitsandbytes' 4-bit nf4 kernels.*no 4-bit kernel.*choose method 'lora'"):
+        check(config, params(method="qlora"))
+    assert check(config, params(method="lora"))["method"] == "lora"
+
+
 # --- training --------------------------------------------------------------------------------------
 
 
