@@ -7,8 +7,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +20,7 @@ from pipelines.serving import live, repository
 from pipelines.serving.rollback import rollback
 from pipelines.serving.triton import TritonServer
 from tests.conftest import free_ports, make_project
+from tests.serving.traffic import Traffic
 
 pytestmark = pytest.mark.e2e
 pytest.importorskip("pytriton", reason="nvidia-pytriton (the tritonserver binary) installs on x86_64 Linux only")
@@ -76,42 +75,14 @@ def client(served):
         yield client
 
 
-class Traffic(threading.Thread):
-    """A client sending real reviews to the served ensemble without pause, recording every answer."""
+def review_traffic(config, texts: list[str]) -> Traffic:
+    """Real reviews sent to the served ensemble without pause: (version, labels, scores) per answer."""
 
-    def __init__(self, config, texts: list[str]) -> None:
-        super().__init__(daemon=True)
-        self.config, self.texts = config, texts
-        self.answers: list[tuple[int, list[str], np.ndarray]] = []
-        self.failures: list[str] = []
-        self.done = threading.Event()
+    def ask(client) -> tuple:
+        labels, scores, version = serving.infer(client, http, config.finetune.model_name, texts)
+        return version, labels, scores
 
-    def run(self) -> None:
-        with http.InferenceServerClient(self.config.serving.triton.url) as client:
-            while not self.done.is_set():
-                try:
-                    labels, scores, version = serving.infer(client, http, self.config.finetune.model_name, self.texts)
-                    self.answers.append((version, labels, scores))
-                except Exception as exc:  # noqa: BLE001 - every failure is what the test counts
-                    self.failures.append(repr(exc))
-
-    def __enter__(self) -> Traffic:
-        self.start()
-        while not self.answers and not self.failures:
-            time.sleep(0.01)
-        assert not self.failures, self.failures[:3]
-        return self
-
-    def __exit__(self, *exc) -> None:
-        time.sleep(0.3)  # answers from after the switch
-        self.done.set()
-        self.join()
-
-    @property
-    def versions(self) -> list[int]:
-        """The versions that answered, in order, repeats collapsed."""
-        seen = [version for version, _, _ in self.answers]
-        return [v for i, v in enumerate(seen) if i == 0 or seen[i - 1] != v]
+    return Traffic(lambda: http.InferenceServerClient(config.serving.triton.url), ask)
 
 
 @pytest.mark.parametrize("profile", ["cpu", "gpu"])
@@ -190,7 +161,7 @@ def test_a_new_version_replaces_the_served_one_without_a_failed_request(served, 
     config, _ = served
     texts = reviews(8)
 
-    with Traffic(config, texts) as traffic:
+    with review_traffic(config, texts) as traffic:
         result = serving.publish_classifier(config, exported[1], {}, run("ft2"))
 
     assert result["version"] == 2 and result["live"]["previous"] == 1
@@ -215,7 +186,7 @@ def test_a_broken_version_is_rejected_and_the_served_one_keeps_answering(served,
     shutil.copytree(exported[1], broken)
     (broken / MODEL_FILE).write_bytes(b"not an onnx model")
 
-    with Traffic(config, reviews(8)) as traffic:
+    with review_traffic(config, reviews(8)) as traffic:
         with pytest.raises(live.SmokeTestError, match=r"reviews_sentiment_classifier versions \[2, 3\] failed to load"):
             serving.publish_classifier(config, broken, {}, run("ft3"))
 
@@ -235,7 +206,7 @@ def test_a_broken_version_is_rejected_and_the_served_one_keeps_answering(served,
 def test_rollback_serves_a_previous_version_again_without_a_failed_request(served):
     config, _ = served
 
-    with Traffic(config, reviews(8)) as traffic:
+    with review_traffic(config, reviews(8)) as traffic:
         result = rollback(config, "reviews_sentiment", 1, run("rollback__1"))  # what the rollback DAG calls
 
     assert result["changed"] and result["previous"] == 2 and result["version"] == 1

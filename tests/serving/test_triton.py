@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import threading
-import time
 
 import numpy as np
 import pandas as pd
@@ -23,6 +21,7 @@ from pipelines.serving.rollback import rollback
 from pipelines.serving.triton import TritonServer
 from pipelines.training.train import train
 from tests.conftest import free_ports, make_project
+from tests.serving.traffic import Traffic
 from tests.unit.test_split import write_raw
 
 pytestmark = pytest.mark.e2e
@@ -34,42 +33,9 @@ def run(run_id: str) -> dict:
     return {"dag_id": "retrain", "run_id": run_id, "run_type": "manual", "logical_date": None}
 
 
-class Traffic(threading.Thread):
-    """A client sending real rows to the served model without pause, recording every answer."""
-
-    def __init__(self, config, rows: pd.DataFrame) -> None:
-        super().__init__(daemon=True)
-        self.config, self.rows = config, rows
-        self.answers: list[tuple[int, np.ndarray]] = []
-        self.failures: list[str] = []
-        self.done = threading.Event()
-
-    def run(self) -> None:
-        client = None
-        while not self.done.is_set():
-            try:
-                client = client or live.connect(self.config)
-                self.answers.append(live.infer(client, self.config, self.rows)[::-1])
-            except Exception as exc:  # noqa: BLE001 - every failure is what the test counts
-                self.failures.append(repr(exc))
-
-    def __enter__(self) -> Traffic:
-        self.start()
-        while not self.answers and not self.failures:
-            time.sleep(0.01)
-        assert not self.failures, self.failures[:3]
-        return self
-
-    def __exit__(self, *exc) -> None:
-        time.sleep(0.3)  # answers from after the switch
-        self.done.set()
-        self.join()
-
-    @property
-    def versions(self) -> list[int]:
-        """The versions that answered, in order, repeats collapsed."""
-        seen = [version for version, _ in self.answers]
-        return [v for i, v in enumerate(seen) if i == 0 or seen[i - 1] != v]
+def rows_traffic(config, rows: pd.DataFrame) -> Traffic:
+    """Real rows sent to the served model without pause: (version, predictions) per answer."""
+    return Traffic(lambda: live.connect(config), lambda client: live.infer(client, config, rows)[::-1])
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +78,7 @@ def test_a_new_version_replaces_the_served_one_without_a_failed_request(served):
     config, data_version, (_, second), rows, _ = served
     forced = evaluate(config, second, force_publish=True, force_reason="test: switch under load")
 
-    with Traffic(config, rows) as traffic:
+    with rows_traffic(config, rows) as traffic:
         result = publish(config, second, forced, data_version, run("night2"))
 
     assert result["version"] == 2
@@ -128,7 +94,7 @@ def test_a_broken_version_is_rejected_and_the_served_one_keeps_answering(served,
     (broken / MODEL_FILE).write_bytes(b"not an onnx model")
     forced = {"decision": PROMOTED, "reason": "test", "metric": "roc_auc", "challenger": {}, "champion": {}}
 
-    with Traffic(config, rows) as traffic:
+    with rows_traffic(config, rows) as traffic:
         with pytest.raises(live.SmokeTestError, match="version 3 of flights_delay failed to load"):
             publish(config, str(broken), forced, data_version, run("night3"))
 
@@ -154,7 +120,7 @@ def test_a_broken_version_is_rejected_and_the_served_one_keeps_answering(served,
 def test_rollback_serves_a_previous_version_again_without_a_failed_request(served):
     config, _, _, rows, _ = served
 
-    with Traffic(config, rows) as traffic:
+    with rows_traffic(config, rows) as traffic:
         result = rollback(config, config.model.name, 1, run("rollback__1"))
 
     assert result["changed"] and result["previous"] == 2 and result["version"] == 1
