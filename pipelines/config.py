@@ -123,7 +123,8 @@ class TrainConfig(Strict):
 
 
 Metric = Literal["roc_auc", "f1", "log_loss", "rmse", "mae"]
-LOWER_IS_BETTER: frozenset[str] = frozenset({"log_loss", "rmse", "mae"})
+# "loss": a fine-tuned causal LM's held-out loss (pipelines.finetune.evaluate).
+LOWER_IS_BETTER: frozenset[str] = frozenset({"log_loss", "rmse", "mae", "loss"})
 METRICS_FOR_TASK: dict[Task, frozenset[str]] = {
     Task.classification: frozenset({"roc_auc", "f1", "log_loss"}),
     Task.regression: frozenset({"rmse", "mae"}),

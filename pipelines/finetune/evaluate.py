@@ -73,51 +73,63 @@ def held_out_loss(model, tokenizer, records: list[dict], max_length: int, batch_
     return total / tokens
 
 
+def _score_classifier(config: ProjectConfig, params: dict, splits: dict, test: list[dict], base: Path, export_folder: Path):
+    """Accuracy and F1 of the exported model, the untuned base with a linear head, and the champion."""
+    from pipelines.finetune import serving
+    from pipelines.finetune.export import predict_folder
+
+    train = splits["train"][: params["max_train_records"]] if params["max_train_records"] else splits["train"]
+    texts, truth = [r["text"] for r in test], [r["label"] for r in test]
+    challenger = classification_metrics(truth, predict_folder(export_folder, texts)[0])
+    untuned = classification_metrics(truth, linear_probe(base, train, test, params["max_length"], config.finetune.seed))
+    served = serving.champion_predict(config, texts)
+    champion = classification_metrics(truth, served[0]) if served else None
+    return challenger, untuned, champion
+
+
+def _score_causal_lm(config: ProjectConfig, params: dict, test: list[dict], base: Path, candidate: Path):
+    """Held-out loss and perplexity of the merged model and of the untuned base."""
+    from pipelines.finetune.model import load_base
+    from pipelines.finetune.train import load_tokenizer, merged
+
+    tokenizer = load_tokenizer(base)
+    scores = []
+    for model in (merged(candidate), load_base(base, FinetuneTask.causal_lm).eval()):
+        loss = held_out_loss(model, tokenizer, test, params["max_length"], config.finetune.batch_size)
+        scores.append({"loss": loss, "perplexity": math.exp(loss)})
+    return scores[0], scores[1], None
+
+
 def evaluate(config: ProjectConfig, candidate: str, export_folder: str | None) -> dict:
     """Score the candidate, the base and (for a served task) the champion on the same test records; decide."""
     from pipelines.finetune.data import load_splits
-    from pipelines.finetune.train import CANDIDATE_FILE, load_tokenizer, merged
     from pipelines.finetune.params import resolve_base
+    from pipelines.finetune.train import CANDIDATE_FILE
 
     settings = config.finetune
     candidate = config.path(Path(candidate))
-    record = read_json(candidate / CANDIDATE_FILE)
-    params = record["inputs"]["params"]
+    params = read_json(candidate / CANDIDATE_FILE)["inputs"]["params"]
     splits = load_splits(config, params["dataset"])
     test = splits["test"][: settings.max_eval_records]
     base = resolve_base(params["base_model"])
     if params["task"] == FinetuneTask.sequence_classification.value:
-        from pipelines.finetune import serving
-        from pipelines.finetune.export import predict_folder
-
-        train = splits["train"][: params["max_train_records"]] if params["max_train_records"] else splits["train"]
-        texts, truth = [r["text"] for r in test], [r["label"] for r in test]
-        challenger = classification_metrics(truth, predict_folder(config.path(Path(export_folder)), texts)[0])
-        untuned = classification_metrics(truth, linear_probe(base, train, test, params["max_length"], settings.seed))
-        served = serving.champion_predict(config, texts)
-        champion = classification_metrics(truth, served[0]) if served else None
-        metric, margin_base = "accuracy", settings.min_gain_over_base
-        checks = [(f"the untuned base with a linear head ({untuned[metric]:.4f})", beats(metric, challenger[metric], untuned[metric], margin_base), margin_base)]
-        if champion:
-            checks.append((f"the champion ({champion[metric]:.4f})", beats(metric, challenger[metric], champion[metric], settings.min_improvement), settings.min_improvement))
+        metric = "accuracy"
+        challenger, untuned, champion = _score_classifier(config, params, splits, test, base, config.path(Path(export_folder)))
+        margins = [("the untuned base with a linear head", untuned, settings.min_gain_over_base), ("the champion", champion, settings.min_improvement)]
     else:
-        tokenizer = load_tokenizer(base)
-        from pipelines.finetune.model import load_base
-
-        losses = {
-            "challenger": held_out_loss(merged(candidate), tokenizer, test, params["max_length"], settings.batch_size),
-            "base": held_out_loss(load_base(base, FinetuneTask.causal_lm).eval(), tokenizer, test, params["max_length"], settings.batch_size),
-        }
-        challenger, untuned = ({"loss": losses[k], "perplexity": math.exp(losses[k])} for k in ("challenger", "base"))
-        champion, metric = None, "loss"
-        margin = settings.min_improvement * untuned["loss"]
-        checks = [(f"the untuned base ({untuned[metric]:.4f})", challenger[metric] < untuned[metric] - margin, margin)]
+        metric = "loss"
+        challenger, untuned, champion = _score_causal_lm(config, params, test, base, candidate)
+        margins = [("the untuned base", untuned, settings.min_improvement * untuned["loss"])]
+    checks = [
+        (f"{what} ({other[metric]:.4f})", beats(metric, challenger[metric], other[metric], margin) and challenger[metric] != other[metric], margin)
+        for what, other, margin in margins
+        if other is not None
+    ]
     failed = [(what, margin) for what, passed, margin in checks if not passed]
-    verb = "lower than" if metric == "loss" else "beats"
     if failed:
         reason = "; ".join(f"{metric} {challenger[metric]:.4f} does not beat {what} by {margin:g}" for what, margin in failed)
     else:
-        reason = "; ".join(f"{metric} {challenger[metric]:.4f} {verb} {what}" for what, _, _ in checks)
+        reason = "; ".join(f"{metric} {challenger[metric]:.4f} beats {what}" for what, _, _ in checks)
     decision = {
         "decision": NOT_PROMOTED if failed else PROMOTED,
         "reason": reason,

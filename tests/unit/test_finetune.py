@@ -217,3 +217,24 @@ def test_instruction_tuning_lowers_held_out_loss(reviews_project, tiny_llama, me
     again = finetune(config, checked, data.version(config, dataset))
     assert again["reused"] and again["candidate"] == trained["candidate"]
     assert json.loads((config.home / trained["candidate"] / CANDIDATE_FILE).read_text())["inputs"]["params"]["method"] == method
+
+
+def test_a_causal_lm_short_of_the_required_loss_drop_is_not_promoted(tmp_path, tiny_llama):
+    from pipelines.evaluation.gate import NOT_PROMOTED
+
+    # At least half the base's held-out loss must go; one epoch at a tiny rate takes off next to nothing.
+    config = make_project(tmp_path / "project", {"finetune": {"min_improvement": 0.5, "max_eval_records": 32}})
+    data.write_review_datasets(config)
+    data.ingest(config, "review_instructions")
+    checked = check(
+        config,
+        params(base_model=str(tiny_llama), task="causal-lm", target_modules=LLAMA_MODULES, learning_rate=1e-6,
+               max_length=64, dataset="review_instructions", max_train_records=32),
+    )
+    trained = finetune(config, checked, data.version(config, "review_instructions"))
+
+    decision = evaluate(config, trained["candidate"], None)
+
+    assert decision["decision"] == NOT_PROMOTED
+    assert decision["reason"].startswith(f"loss {decision['challenger']['loss']:.4f} does not beat the untuned base")
+    assert abs(decision["challenger"]["loss"] - decision["base"]["loss"]) < 0.1 * decision["base"]["loss"]
