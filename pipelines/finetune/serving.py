@@ -259,23 +259,9 @@ def _go_live(config: ProjectConfig, client, version: int, previous: int | None, 
 
 
 def _load_steps(config: ProjectConfig, client, served: list[int]) -> None:
-    """Have Triton hold exactly ``served`` of both composing models (none: unloaded).
-
-    A version that fails to load raises ``SmokeTestError``; Triton keeps what it held before.
-    """
-    _write_steps(config, served)
-    for step in STEPS:
-        name = model_dir(config, step).name
-        if not served:
-            with contextlib.suppress(Exception):  # never loaded: nothing to unload
-                client.unload_model(name)
-            continue
-        try:
-            client.load_model(name)
-        except Exception as exc:  # noqa: BLE001 - Triton answers a failed load with the backend's error
-            raise live.SmokeTestError(f"{name} versions {served} failed to load in Triton: {exc}") from exc
-        if not live.wait_ready(client, name, max(served), config.serving.triton.load_timeout_s):
-            raise live.SmokeTestError(f"{name} version {max(served)} did not become ready in Triton")
+    """Have Triton hold exactly ``served`` of both composing models (none: unloaded)."""
+    renderings = {model_dir(config, step): render(config, served) if served else None for step, render in zip(STEPS, (tokenizer_config, classifier_config))}
+    live.hold_steps(client, renderings, config.serving.triton.load_timeout_s)
 
 
 def _switch(config: ProjectConfig, client, version: int) -> None:

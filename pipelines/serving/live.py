@@ -147,31 +147,41 @@ def switch(config: ProjectConfig, client, version: int) -> None:
         raise
 
 
+def hold_steps(client, renderings: dict[Path, object | None], timeout: float) -> None:
+    """Have Triton hold what each ensemble step's rendering lists: its ``config.pbtxt`` is
+    rewritten and the step reloaded (``None``: the config removed and the step unloaded).
+
+    A version that fails to load raises ``SmokeTestError``; Triton keeps what it held.
+    """
+    for folder, rendering in renderings.items():
+        if rendering is None:
+            (folder / repository.CONFIG_FILE).unlink(missing_ok=True)
+            try:
+                client.unload_model(folder.name)
+            except Exception:  # noqa: BLE001 - never loaded: nothing to unload
+                pass
+            continue
+        repository.write_model_config(folder, rendering)
+        served = list(rendering.version_policy.specific.versions)
+        try:
+            client.load_model(folder.name)
+        except Exception as exc:  # noqa: BLE001 - Triton answers a failed load with the backend's error
+            raise SmokeTestError(f"{folder.name} versions {served} failed to load in Triton: {exc}") from exc
+        if not wait_ready(client, folder.name, max(served), timeout):
+            raise SmokeTestError(f"{folder.name} version {max(served)} did not become ready in Triton")
+
+
 def load_engine_steps(config: ProjectConfig, client, served: list[int]) -> None:
     """Have Triton hold exactly ``served`` versions of the tensorrt_plan steps (none: unloaded).
 
     The gpu profile only, on NVIDIA's Triton image: the bundled tritonserver has no TensorRT or
-    ONNX Runtime backend, so this has not run in this project's tests. A version that fails to
-    load raises ``SmokeTestError``; Triton keeps what it held.
+    ONNX Runtime backend, so this has not run in this project's tests.
     """
-    if not served and not any((repository.step_dir(config, s) / repository.CONFIG_FILE).exists() for s in repository.ENGINE_STEPS):
+    folders = {step: repository.step_dir(config, step) for step in repository.ENGINE_STEPS}
+    if not served and not any((f / repository.CONFIG_FILE).exists() for f in folders.values()):
         return  # no engine version was ever served: nothing to load or unload
-    for step in repository.ENGINE_STEPS:
-        name = repository.step_dir(config, step).name
-        if not served:
-            (repository.step_dir(config, step) / repository.CONFIG_FILE).unlink(missing_ok=True)
-            try:
-                client.unload_model(name)
-            except Exception:  # noqa: BLE001 - never loaded: nothing to unload
-                pass
-            continue
-        repository.write_model_config(repository.step_dir(config, step), repository.step_configs(config, served)[step])
-        try:
-            client.load_model(name)
-        except Exception as exc:  # noqa: BLE001 - Triton answers a failed load with the backend's error
-            raise SmokeTestError(f"{name} versions {served} failed to load in Triton: {exc}") from exc
-        if not wait_ready(client, name, max(served), config.serving.triton.load_timeout_s):
-            raise SmokeTestError(f"{name} version {max(served)} did not become ready in Triton")
+    renderings = repository.step_configs(config, served) if served else {}
+    hold_steps(client, {f: renderings.get(step) for step, f in folders.items()}, config.serving.triton.load_timeout_s)
 
 
 def history_path(config: ProjectConfig, model: str | None = None) -> Path:
