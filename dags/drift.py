@@ -24,15 +24,9 @@ from datetime import timedelta
 import pendulum
 from airflow.sdk import Asset, CronTriggerTimetable, dag, task
 
+from pipelines.config import task_defaults
 from pipelines.drift import DRIFT_DETECTED
 
-DEFAULT_ARGS = {
-    "owner": "ml-platform",
-    "retries": 2,
-    "retry_delay": timedelta(minutes=1),
-    "retry_exponential_backoff": True,
-    "max_retry_delay": timedelta(minutes=10),  # an hourly check must finish within its hour
-}
 drift_detected = Asset(DRIFT_DETECTED)
 
 
@@ -43,7 +37,7 @@ drift_detected = Asset(DRIFT_DETECTED)
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
     max_active_runs=4,
-    default_args=DEFAULT_ARGS,
+    default_args=task_defaults(max_retry_delay=timedelta(minutes=10)),  # an hourly check must finish within its hour
     tags=["flywheel", "monitoring"],
     doc_md=__doc__,
 )

@@ -22,20 +22,11 @@ All logic is in `pipelines.finetune`; this file only wires it.
 
 from __future__ import annotations
 
-from datetime import timedelta
-
 import pendulum
 from airflow.sdk import Param, dag, task
 
-from pipelines.config import GPU_QUEUE
+from pipelines.config import GPU_QUEUE, task_defaults
 
-DEFAULT_ARGS = {
-    "owner": "ml-platform",
-    "retries": 2,
-    "retry_delay": timedelta(minutes=1),
-    "retry_exponential_backoff": True,
-    "max_retry_delay": timedelta(minutes=30),
-}
 
 
 @dag(
@@ -44,7 +35,7 @@ DEFAULT_ARGS = {
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
     max_active_runs=1,  # one DVC operation at a time in the project
-    default_args=DEFAULT_ARGS,
+    default_args=task_defaults(),
     tags=["flywheel", "training", "llm"],
     doc_md=__doc__,
     params={

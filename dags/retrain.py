@@ -21,21 +21,12 @@ All logic is in `pipelines.retrain`; this file only wires it.
 
 from __future__ import annotations
 
-from datetime import timedelta
-
 import pendulum
 from airflow.sdk import Asset, AssetOrTimeSchedule, CronTriggerTimetable, Param, dag, task
 
-from pipelines.config import GPU_QUEUE
+from pipelines.config import GPU_QUEUE, task_defaults
 from pipelines.drift import DRIFT_DETECTED
 
-DEFAULT_ARGS = {
-    "owner": "ml-platform",
-    "retries": 2,
-    "retry_delay": timedelta(minutes=1),
-    "retry_exponential_backoff": True,
-    "max_retry_delay": timedelta(minutes=30),
-}
 
 
 @dag(
@@ -46,7 +37,7 @@ DEFAULT_ARGS = {
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
     max_active_runs=1,  # DVC's repository lock allows one `dvc repro` at a time
-    default_args=DEFAULT_ARGS,
+    default_args=task_defaults(),
     tags=["flywheel", "training"],
     doc_md=__doc__,
     params={

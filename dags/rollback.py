@@ -19,6 +19,8 @@ from datetime import timedelta
 import pendulum
 from airflow.sdk import Param, dag, task
 
+from pipelines.config import task_defaults
+
 
 @dag(
     dag_id="rollback",
@@ -26,12 +28,7 @@ from airflow.sdk import Param, dag, task
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
     max_active_runs=1,
-    default_args={
-        "owner": "ml-platform",
-        "retries": 1,
-        "retry_delay": timedelta(seconds=10),
-        "retry_exponential_backoff": True,
-    },
+    default_args=task_defaults(retries=1, retry_delay=timedelta(seconds=10), max_retry_delay=None),
     tags=["flywheel", "serving"],
     doc_md=__doc__,
     params={

@@ -9,6 +9,7 @@ is an error that names the key instead of a silent default.
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 from enum import Enum
 from functools import cached_property
 from pathlib import Path
@@ -27,6 +28,14 @@ DVC_SECTIONS = frozenset({"dataset", "split"})  # dvc.yaml's split stage reads t
 # workers started with `--queues gpu` take them; the LocalExecutor ignores queues. A constant,
 # not a setting: DAG files read it when parsed, and parsing must not read the project's files.
 GPU_QUEUE = "gpu"
+
+
+def task_defaults(
+    retries: int = 2, retry_delay: timedelta = timedelta(minutes=1), max_retry_delay: timedelta | None = timedelta(minutes=30)
+) -> dict:
+    """A DAG's ``default_args``: the owner on-call pages, and retries with exponential backoff."""
+    defaults = {"owner": "ml-platform", "retries": retries, "retry_delay": retry_delay, "retry_exponential_backoff": True}
+    return defaults | ({"max_retry_delay": max_retry_delay} if max_retry_delay else {})
 
 
 class ConfigError(ValueError):
