@@ -154,12 +154,11 @@ def _fit(config, params: dict, base: Path, labels, train_records, val_records, i
     model.train()  # from_pretrained leaves eval mode (no dropout), and Lightning keeps the mode it finds
     counts = parameter_counts(model)
     log.info("%s on %s: %d of %d parameters trainable (%.2f%%)", method.value, params["base_model"], counts["trainable"], counts["total"], 100 * counts["trainable"] / counts["total"])
-    loader = lambda records, shuffle: DataLoader(  # noqa: E731
-        encode(records, tokenizer, task, params["max_length"], labels),
-        batch_size=config.finetune.batch_size,
-        shuffle=shuffle,
-        collate_fn=collate(tokenizer.pad_token_id),
-    )
+
+    def loader(records: list[dict], shuffle: bool) -> DataLoader:
+        examples = encode(records, tokenizer, task, params["max_length"], labels)
+        return DataLoader(examples, batch_size=config.finetune.batch_size, shuffle=shuffle, collate_fn=collate(tokenizer.pad_token_id))
+
     checkpoints = ModelCheckpoint(dirpath=folder / "checkpoints", monitor="val_loss", save_last=True, save_top_k=1)
     cuda = torch.cuda.is_available()
     trainer = pl.Trainer(
@@ -176,7 +175,9 @@ def _fit(config, params: dict, base: Path, labels, train_records, val_records, i
     trainer.fit(module, loader(train_records, True), loader(val_records, False), ckpt_path=resume_from)
     # The best epoch's adapter is the candidate, not the last one's.
     best = torch.load(checkpoints.best_model_path, map_location="cpu", weights_only=False)["state_dict"]
-    module.load_state_dict(best, strict=False)
+    unexpected = module.load_state_dict(best, strict=False).unexpected_keys  # strict=False: the frozen base is not in it
+    if unexpected or not best:
+        raise RuntimeError(f"{checkpoints.best_model_path} does not hold this model's adapter weights (unexpected: {unexpected[:3]})")
     model.save_pretrained(folder / ADAPTER_DIR)
     result = {
         "best_val_loss": float(checkpoints.best_model_score),
