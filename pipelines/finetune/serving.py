@@ -177,8 +177,7 @@ def add_version(config: ProjectConfig, folder: Path, lineage: dict) -> int:
     missing = [name for name in (MODEL_FILE, SERVING_FILE, f"{TOKENIZER_DIR}/tokenizer.json") if not (folder / name).exists()]
     if missing:
         raise FileNotFoundError(f"{folder}: not an exported classifier, missing {missing} (pipelines.finetune.export.export_classifier writes them)")
-    taken = [v for step in (None, *STEPS) for v in repository.versions(model_dir(config, step))]
-    version = max(taken, default=0) + 1
+    version = repository.next_version(*(model_dir(config, step) for step in (None, *STEPS)))
     tokenizer_files = {"model.py": TOKENIZER_BACKEND, TOKENIZER_DIR: folder / TOKENIZER_DIR, SERVING_FILE: folder / SERVING_FILE}
     repository.add_version(model_dir(config, "tokenizer"), tokenizer_files, None, version)
     classifier_files = {MODEL_FILE: folder / MODEL_FILE, "model.py": repository.BACKEND_MODEL}

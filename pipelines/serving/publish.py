@@ -68,7 +68,7 @@ def publish(
         if version is None:
             reference = write_reference(config, folder / REFERENCE_FILE)  # what the drift check compares with
             files = {MODEL_FILE: folder / MODEL_FILE, repository.BACKEND_MODEL.name: repository.BACKEND_MODEL, REFERENCE_FILE: reference}
-            version = repository.next_version(config)
+            version = repository.next_version(model_dir, *(repository.step_dir(config, s) for s in repository.ENGINE_STEPS))
             if (folder / PLAN_FILE).is_file():  # export built a TensorRT engine: the gpu profile serves it
                 repository.add_engine_steps(config, folder, version)
             version = repository.add_version(model_dir, files, lineage, version)

@@ -162,19 +162,20 @@ def write_rendering(config: ProjectConfig, version: int) -> Path:
     """Write the served model's ``config.pbtxt`` for ``version``, its steps' first when it is an
     ensemble (a step's config must be there before Triton loads the ensemble naming it)."""
     rendering = model_config(config, version)
-    for step, step_rendering in step_configs(config, [version]).items():
-        if rendering.platform == "ensemble":
+    if rendering.platform == "ensemble":
+        for step, step_rendering in step_configs(config, [version]).items():
             write_model_config(step_dir(config, step), step_rendering)
-        else:  # steps an earlier version used: Triton would load them at start for nothing
+    else:  # steps an earlier version used: Triton would load them at start for nothing
+        for step in ENGINE_STEPS:
             (step_dir(config, step) / CONFIG_FILE).unlink(missing_ok=True)
     return write_model_config(config.model_dir, rendering)
 
 
-def next_version(config: ProjectConfig) -> int:
-    """The number of the next version: above every number the model or its steps hold, so the
-    steps a crashed publish left (never served: no lineage) are never reused."""
-    taken = [v for folder in (config.model_dir, *(step_dir(config, s) for s in ENGINE_STEPS)) for v in versions(folder)]
-    return max(taken, default=0) + 1
+def next_version(*model_dirs: Path) -> int:
+    """The number of the next version of a served unit (a model, or an ensemble and its steps):
+    above every number any of ``model_dirs`` holds, so the steps a crashed publish left (never
+    served: no lineage) are never reused."""
+    return max((v for folder in model_dirs for v in versions(folder)), default=0) + 1
 
 
 def add_engine_steps(config: ProjectConfig, candidate: Path, version: int) -> None:
