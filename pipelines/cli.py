@@ -1,21 +1,56 @@
-"""``flywheel``: the command line of a Flywheel project (the one in ``$FLYWHEEL_HOME``)."""
+"""``flywheel``: the command line of a Flywheel deployment (the one in ``$FLYWHEEL_HOME``).
+
+Every command that concerns one model names its project (``projects/<project>/``). A user
+mistake (an unknown project, a missing column, a bad file) ends with one line that says what
+was wrong and what was expected, never a traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import shutil
 import sys
 from datetime import datetime, timezone
+from pathlib import Path
 
-from pipelines.config import load_config
+from pipelines.config import load_config, load_deployment, load_project, load_text_project, project_home, project_kinds
+from pipelines.errors import NotRetryable
 from pipelines.serving.triton import TritonUnavailable
+
+
+def cmd_init(args: argparse.Namespace) -> None:
+    from pipelines.data.profile import init_project
+
+    folder, profile = init_project(
+        project_home(), args.project, args.sample, args.label, task=args.task, time_column=args.time,
+        id_column=args.id, exclude=tuple(args.exclude), force=args.force,
+    )
+    print("\n".join(profile.summary))
+    print(f"\nwrote {folder / 'params.yaml'} and {folder / 'expectations.json'}; the project's DAGs appear at the next parse:")
+    print(f"  retrain__{args.project}, drift__{args.project}, rollback__{args.project}")
+    print(f"land batches with `flywheel land {args.project} <file.csv>`")
+
+
+def cmd_land(args: argparse.Namespace) -> None:
+    """Copy a CSV batch into the project's landing folder, atomically (written as .partial, then renamed)."""
+    config = load_config(args.project)
+    if not args.file.is_file():
+        raise FileNotFoundError(f"{args.file}: no such file")
+    landing = config.path(config.dataset.landing_dir)
+    landing.mkdir(parents=True, exist_ok=True)
+    target = landing / (args.file.stem + ".csv")
+    partial = target.with_name(target.name + ".partial")
+    shutil.copyfile(args.file, partial)
+    partial.replace(target)
+    print(target)
 
 
 def cmd_replay(args: argparse.Namespace) -> None:
     from pipelines.data.replay import land
 
-    config = load_config()
+    config = load_config(args.project)
     for month in args.months:
         print(land(config, month, rows=args.rows, broken=args.broken))
 
@@ -23,14 +58,14 @@ def cmd_replay(args: argparse.Namespace) -> None:
 def cmd_finetune_data(args: argparse.Namespace) -> None:
     from pipelines.finetune.data import write_review_datasets
 
-    for name, path in write_review_datasets(load_config()).items():
+    for name, path in write_review_datasets(load_text_project(args.project)).items():
         print(f"{name}: {path}")
 
 
 def cmd_classify(args: argparse.Namespace) -> None:
     from pipelines.finetune.serving import classify
 
-    config = load_config()
+    config = load_text_project(args.project)
     labels, scores = classify(config.serving.triton.url, config.finetune.model_name, args.texts)
     for text, label, score in zip(args.texts, labels, scores):
         print(json.dumps({"text": text, "label": label, "score": round(float(score.max()), 4)}))
@@ -39,8 +74,7 @@ def cmd_classify(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     from pipelines import demo
 
-    config = load_config()
-    print(demo.report(config, *demo.run(config, fresh=args.fresh, port=args.port)))
+    print(demo.report(*demo.run(project_home(), fresh=args.fresh, port=args.port)))
 
 
 def cmd_up(args: argparse.Namespace) -> None:
@@ -48,12 +82,13 @@ def cmd_up(args: argparse.Namespace) -> None:
     from pipelines.demo import REPO
     from pipelines.serving.triton import TritonServer
 
-    config = load_config()
-    airflow = LocalAirflow(REPO / ".airflow", REPO / "dags", REPO / "plugins", port=args.port, extra_env={"FLYWHEEL_HOME": str(config.home)})
-    with TritonServer(config) as triton, airflow:
+    deployment = load_deployment()
+    airflow = LocalAirflow(REPO / ".airflow", REPO / "dags", REPO / "plugins", port=args.port, extra_env={"FLYWHEEL_HOME": str(deployment.home)})
+    with TritonServer(deployment) as triton, airflow:
         print(
             f"Airflow: http://localhost:{args.port} (user admin, password {airflow.password})\n"
-            f"Triton:  {triton.url} (gRPC :{config.serving.triton.grpc_port}, metrics :{config.serving.triton.metrics_port})\n"
+            f"Triton:  {triton.url} (gRPC :{deployment.serving.triton.grpc_port}, metrics :{deployment.serving.triton.metrics_port})\n"
+            f"Projects: {', '.join(project_kinds(deployment.home))}\n"
             "Ctrl-C stops both.",
             flush=True,
         )
@@ -66,7 +101,7 @@ def cmd_up(args: argparse.Namespace) -> None:
 def cmd_serve(args: argparse.Namespace) -> None:
     from pipelines.serving.triton import TritonServer
 
-    with TritonServer(load_config()) as triton:
+    with TritonServer(load_deployment()) as triton:
         print(f"Triton serving {triton.repository} on {triton.url}; Ctrl-C stops it.", flush=True)
         try:
             triton.wait()
@@ -75,73 +110,76 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
-    from pipelines.data.replay import month_batch
-    from pipelines.serving.client import ServedModel
+    from pipelines.serving.client import ServedModel, read_requests
 
-    config = load_config()
-    rows = month_batch(args.month, rows=args.rows)
+    config = load_config(args.project)
+    rows = read_requests(config, args.file, rows=args.rows)
     with ServedModel(config) as model:
         rows["prediction"] = model.predict(rows)
-    print(rows[[config.dataset.id_column, config.dataset.time_column, config.dataset.label.column, "prediction"]].to_string(index=False))
+    shown = [c for c in (config.dataset.id_column, config.dataset.time_column, config.dataset.label.column) if c and c in rows.columns]
+    print(rows[[*shown, "prediction"]].to_string(index=False))
 
 
 def cmd_traffic(args: argparse.Namespace) -> None:
-    from pipelines.serving.client import replay_traffic
+    from pipelines.serving.client import read_requests, send
 
-    config = load_config()
-    for month in args.months:
-        print(json.dumps(replay_traffic(config, month, rows=args.rows, batch_size=args.batch_size)))
+    config = load_config(args.project)
+    print(json.dumps(send(config, read_requests(config, args.file, rows=args.rows), batch_size=args.batch_size)))
 
 
 def cmd_rollback(args: argparse.Namespace) -> None:
     from pipelines.serving.rollback import rollback
 
     run = {"dag_id": None, "run_id": f"cli__{datetime.now(timezone.utc):%Y%m%dT%H%M%S}"}
-    print(json.dumps(rollback(load_config(), args.model, args.version, run)))
+    print(json.dumps(rollback(load_project(args.project), args.version, run)))
 
 
 def cmd_versions(args: argparse.Namespace) -> None:
-    from pipelines.serving import repository
+    from pipelines.serving.catalog import version_rows
 
-    config = load_config()
-    served = repository.served_version(config.model_dir)
-    for version in repository.versions(config.model_dir):
-        lineage = repository.lineage_of(config.model_dir, version)
-        gate = lineage["gate"]
-        print(
-            json.dumps(
-                {
-                    "version": version,
-                    "serving": version == served,
-                    "status": lineage.get("status", "published"),
-                    gate["metric"]: gate["challenger"][gate["metric"]],
-                    "decision": gate["reason"],
-                    "run_id": lineage["airflow"]["run_id"],
-                    "data": lineage["data_version"].get(str(config.dataset.raw_path)),
-                }
-            )
-        )
+    for project in [args.project] if args.project else list(project_kinds()):
+        for row in version_rows(load_project(project)):
+            print(json.dumps(row))
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="flywheel", description=__doc__)
+    parser = argparse.ArgumentParser(prog="flywheel", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    replay = commands.add_parser("replay", help="land months of the 2013 flights as batches")
+    init = commands.add_parser("init", help="add a tabular project, profiled from a sample file")
+    init.add_argument("project", help="its name: lowercase letters, digits and _")
+    init.add_argument("--from", dest="sample", type=Path, required=True, metavar="SAMPLE", help="a CSV or parquet sample of the data")
+    init.add_argument("--label", required=True, help="the column to predict")
+    init.add_argument("--task", choices=["classification", "regression"], help="default: inferred from the label")
+    init.add_argument("--time", help="a time column: the split is then by time (else a seeded hash split)")
+    init.add_argument("--id", help="an id column (else a row's id is a hash of its values)")
+    init.add_argument("--exclude", nargs="*", default=[], metavar="COLUMN", help="columns that are not features (e.g. they leak the label)")
+    init.add_argument("--force", action="store_true", help="overwrite an existing project's params.yaml and suite")
+    init.set_defaults(run=cmd_init)
+
+    land = commands.add_parser("land", help="land a CSV batch for a project's next retrain")
+    land.add_argument("project")
+    land.add_argument("file", type=Path)
+    land.set_defaults(run=cmd_land)
+
+    replay = commands.add_parser("replay", help="land months of the 2013 flights as batches of a project")
+    replay.add_argument("project")
     replay.add_argument("months", nargs="+", metavar="YYYY-MM")
     replay.add_argument("--rows", type=int, help="a random sample of this many rows per month")
     replay.add_argument("--broken", action="store_true", help="corrupt the batch, as an upstream bug would")
     replay.set_defaults(run=cmd_replay)
 
-    finetune_data = commands.add_parser("finetune-data", help="land the review datasets (text, Alpaca, chat) for the finetune DAG")
+    finetune_data = commands.add_parser("finetune-data", help="land the review datasets (text, Alpaca, chat) of a text project")
+    finetune_data.add_argument("project")
     finetune_data.set_defaults(run=cmd_finetune_data)
 
-    classify = commands.add_parser("classify", help="send texts to the served fine-tuned classifier")
+    classify = commands.add_parser("classify", help="send texts to a text project's served classifier")
+    classify.add_argument("project")
     classify.add_argument("texts", nargs="+")
     classify.set_defaults(run=cmd_classify)
 
-    demo = commands.add_parser("demo", help="run the retrain DAG through Airflow over several nights")
-    demo.add_argument("--fresh", action="store_true", help="clear the project's data, models and DVC state first")
+    demo = commands.add_parser("demo", help="the loop of three projects through one Airflow and one Triton")
+    demo.add_argument("--fresh", action="store_true", help="clear the projects' data, models and DVC state first")
     demo.add_argument("--port", type=int, default=8080)
     demo.set_defaults(run=cmd_demo)
 
@@ -152,30 +190,33 @@ def main(argv: list[str] | None = None) -> None:
     serve = commands.add_parser("serve", help="run Triton on the model repository until Ctrl-C")
     serve.set_defaults(run=cmd_serve)
 
-    predict = commands.add_parser("predict", help="score flights of a month through the served model")
-    predict.add_argument("month", metavar="YYYY-MM")
+    predict = commands.add_parser("predict", help="score rows of a file through a project's served model")
+    predict.add_argument("project")
+    predict.add_argument("file", type=Path, help="CSV or parquet with the project's feature columns")
     predict.add_argument("--rows", type=int, default=10)
     predict.set_defaults(run=cmd_predict)
 
-    traffic = commands.add_parser("traffic", help="replay months of flights through the served model, logged for drift")
-    traffic.add_argument("months", nargs="+", metavar="YYYY-MM")
-    traffic.add_argument("--rows", type=int, help="a random sample of this many rows per month")
+    traffic = commands.add_parser("traffic", help="send a file's rows to a project's served model, logged for drift")
+    traffic.add_argument("project")
+    traffic.add_argument("file", type=Path, help="CSV or parquet with the project's feature columns")
+    traffic.add_argument("--rows", type=int, help="only the first N rows")
     traffic.add_argument("--batch-size", type=int, default=32, help="rows per request")
     traffic.set_defaults(run=cmd_traffic)
 
-    rollback = commands.add_parser("rollback", help="serve a previous version again")
-    rollback.add_argument("model")
+    rollback = commands.add_parser("rollback", help="serve a previous version of a project's model again")
+    rollback.add_argument("project")
     rollback.add_argument("version", type=int)
     rollback.set_defaults(run=cmd_rollback)
 
-    versions = commands.add_parser("versions", help="list the published versions of the model")
+    versions = commands.add_parser("versions", help="the published versions of every project's model (or one project's)")
+    versions.add_argument("project", nargs="?")
     versions.set_defaults(run=cmd_versions)
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         args.run(args)
-    except (ValueError, FileNotFoundError, TritonUnavailable) as error:
+    except (NotRetryable, ValueError, FileNotFoundError, TritonUnavailable) as error:
         sys.exit(f"flywheel {args.command}: {error}")
 
 

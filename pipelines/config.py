@@ -1,14 +1,22 @@
-"""Typed project configuration, loaded once from ``params.yaml``.
+"""Typed configuration of the projects of one deployment.
 
-One file describes one project: where its batches land, the columns, how to split,
-the model, training, the gate, export and serving. DVC reads the same file for the
-split stage's parameters. Every model is frozen and forbids unknown keys, so a typo
-is an error that names the key instead of a silent default.
+A deployment home (``$FLYWHEEL_HOME``, default: the working directory) holds one folder per
+project, ``projects/<name>/params.yaml`` (plus a tabular project's expectation suite,
+``projects/<name>/expectations.json``), and ``projects/defaults.yaml``: what every project
+shares (the Triton and Pushgateway addresses, the serving profile), laid under each
+project's own file. A project is ``tabular`` (a table with a label: validate, split, train,
+gate, export, publish) or ``text`` (a fine-tuned transformers classifier).
+
+A project's file names no paths: its state lives under the home in folders named after it
+(``landing/<name>/``, ``data/<name>/``, ``quarantine/<name>/``, ``artifacts/<name>/``, ...).
+Every model is frozen and forbids unknown keys, so a typo is an error that names the file
+and the key instead of a silent default.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from datetime import timedelta
 from enum import Enum
 from functools import cached_property
@@ -18,12 +26,20 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from pipelines.errors import NotRetryable
+
+PROJECTS_DIR = "projects"
 PARAMS_FILE = "params.yaml"
+SUITE_FILE = "expectations.json"
+DEFAULTS_FILE = "defaults.yaml"  # in projects/: what every project of the deployment shares
+PROJECT_NAME = r"^[a-z][a-z0-9_]*$"
+# Without an id column, a row's id is a hash of its values (pipelines.data.ingest.row_ids).
+ROW_ID = "row_id"
 # A deployment's changes to params.yaml (serving profile, Triton and Pushgateway addresses), in
 # a YAML file of the same sections: in the compose deployment, docker-compose.yml's
 # `flywheel-params` config, mounted at /opt/flywheel/params.compose.yaml.
 OVERRIDES_ENV = "FLYWHEEL_PARAMS_OVERRIDES"
-DVC_SECTIONS = frozenset({"dataset", "split"})  # dvc.yaml's split stage reads these from params.yaml
+DVC_SECTIONS = frozenset({"dataset", "split"})  # the DVC split stage versions these (pipelines.data.versioning)
 # The Celery queue of tasks that want a GPU (training, fine-tuning): on the CeleryExecutor only
 # workers started with `--queues gpu` take them; the LocalExecutor ignores queues. A constant,
 # not a setting: DAG files read it when parsed, and parsing must not read the project's files.
@@ -38,7 +54,7 @@ def task_defaults(
     return defaults | ({"max_retry_delay": max_retry_delay} if max_retry_delay else {})
 
 
-class ConfigError(ValueError):
+class ConfigError(NotRetryable, ValueError):
     """The project configuration is missing or invalid."""
 
 
@@ -67,14 +83,16 @@ class Label(Strict):
 
 
 class DatasetConfig(Strict):
-    name: str = Field(pattern=r"^[a-z][a-z0-9_]*$")
+    name: str = Field(pattern=PROJECT_NAME)
     landing_dir: Path
-    raw_path: Path
+    raw_path: Path  # inside the project's DVC repository, the raw data's folder
     archive_dir: Path
     quarantine_dir: Path
     expectation_suite: Path
-    id_column: str
-    time_column: str
+    # Optional: without an id, a row's id is a hash of its values (a re-sent identical row
+    # replaces itself); without a time, the split is a seeded hash split.
+    id_column: str | None = None
+    time_column: str | None = None
     label: Label
     features: tuple[Feature, ...] = Field(min_length=1)
 
@@ -84,10 +102,15 @@ class DatasetConfig(Strict):
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValueError(f"dataset.features lists {duplicates} more than once")
-        reserved = {self.id_column, self.time_column, self.label.column} & set(names)
+        reserved = {self.id_column, self.time_column, self.label.column, ROW_ID} & set(names)
         if reserved:
-            raise ValueError(f"dataset.features must not include the id, time or label column: {sorted(reserved)}")
+            raise ValueError(f"dataset.features must not include the id, time or label column (or {ROW_ID!r}): {sorted(reserved)}")
         return self
+
+    @property
+    def key(self) -> str:
+        """The column that identifies a row of the raw data: the id column, or the derived row id."""
+        return self.id_column or ROW_ID
 
     def columns_of(self, kind: FeatureType) -> list[str]:
         return [f.name for f in self.features if f.type == kind]
@@ -95,11 +118,14 @@ class DatasetConfig(Strict):
     @property
     def columns(self) -> list[str]:
         """Every column a batch must carry."""
-        return [self.id_column, self.time_column, *(f.name for f in self.features), self.label.column]
+        ids = [c for c in (self.id_column, self.time_column) if c]
+        return [*ids, *(f.name for f in self.features), self.label.column]
 
 
 class SplitConfig(Strict):
     output_dir: Path
+    # Seeds the hash split of a project without a time column (and samples drawn from the split).
+    seed: int = 13
     train: float = Field(gt=0, lt=1)
     val: float = Field(gt=0, lt=1)
     test: float = Field(gt=0, lt=1)
@@ -117,10 +143,10 @@ class VersioningConfig(Strict):
 
 
 class ModelConfig(Strict):
-    name: str = Field(pattern=r"^[a-z][a-z0-9_]*$")
-    embedding_dim: int = Field(ge=1, le=256)
-    hidden_sizes: tuple[int, ...] = Field(min_length=1)
-    dropout: float = Field(ge=0, lt=1)
+    name: str = Field(pattern=PROJECT_NAME, description="its name in Triton; default: the project's")
+    embedding_dim: int = Field(default=8, ge=1, le=256)
+    hidden_sizes: tuple[int, ...] = Field(default=(64, 32), min_length=1)
+    dropout: float = Field(default=0.1, ge=0, lt=1)
 
 
 class TrainConfig(Strict):
@@ -153,9 +179,9 @@ class TensorRTPrecision(str, Enum):
 
 
 class ExportConfig(Strict):
-    opset: int = Field(ge=17)
-    parity_rows: int = Field(ge=1)
-    parity_tolerance: float = Field(gt=0)
+    opset: int = Field(default=18, ge=17)
+    parity_rows: int = Field(default=2000, ge=1)
+    parity_tolerance: float = Field(default=1e-4, gt=0)
     int8: bool = Field(default=False, description="try ONNX Runtime dynamic int8 quantisation")
     int8_tolerance: float = Field(default=0.002, ge=0, description="largest loss of the gate metric int8 may cost")
     tensorrt: TensorRTPrecision = Field(
@@ -186,10 +212,10 @@ class TritonConfig(Strict):
 
 
 class ServingConfig(Strict):
-    model_repository: Path
+    model_repository: Path = Path("model_repository")  # one Triton repository for every project
     profile: ServingProfile = ServingProfile.cpu
-    max_batch_size: int = Field(ge=1)
-    max_queue_delay_microseconds: int = Field(ge=0)
+    max_batch_size: int = Field(default=4096, ge=1)
+    max_queue_delay_microseconds: int = Field(default=2000, ge=0)
     triton: TritonConfig = TritonConfig()
     smoke_rows: int = Field(default=64, ge=1, description="real test rows sent to a new version before it serves")
     smoke_tolerance: float = Field(default=1e-5, gt=0)
@@ -236,12 +262,13 @@ class FinetuneMethod(str, Enum):
 
 
 class FinetuneConfig(Strict):
-    """Project settings of the finetune DAG; the run's hyperparameters are its Params."""
+    """Settings of a text project's finetune DAG; the run's hyperparameters are its Params."""
 
-    # The Triton model (an ensemble: tokenizer, then the merged classifier) a text classifier serves as.
-    model_name: str = Field(default="reviews_sentiment", pattern=r"^[a-z][a-z0-9_]*$")
-    datasets_dir: Path = Path("data/finetune")  # <dataset>.jsonl, one record a line
-    quarantine_dir: Path = Path("quarantine/finetune")
+    # The Triton model (an ensemble: tokenizer, then the merged classifier) the classifier serves as.
+    model_name: str = Field(pattern=PROJECT_NAME, description="default: the project's name")
+    landing_dir: Path  # <dataset>.jsonl files land here
+    datasets_dir: Path  # <dataset>.jsonl, one record a line, inside the project's DVC repository
+    quarantine_dir: Path
     # One suite a record format: text (text, label), alpaca (instruction, input, output), chat (messages).
     suites: dict[str, Path] = {
         "text": Path("expectations/finetune_text.json"),
@@ -260,27 +287,83 @@ class FinetuneConfig(Strict):
     parity_tolerance: float = Field(default=1e-4, gt=0)
 
 
-class ProjectConfig(Strict):
-    dataset: DatasetConfig
-    split: SplitConfig
-    versioning: VersioningConfig
-    model: ModelConfig
-    train: TrainConfig
-    gate: GateConfig
-    export: ExportConfig
-    serving: ServingConfig
-    metrics: MetricsConfig = MetricsConfig()
-    monitoring: MonitoringConfig = MonitoringConfig()
-    finetune: FinetuneConfig = FinetuneConfig()
-    # Candidates (trained models, served or not) and per-run lineage records live here.
-    artifacts_dir: Path
-    # Where the file was read from; relative paths in it are resolved against this.
+class ProjectKind(str, Enum):
+    tabular = "tabular"  # a table with a label: validate, split, train, export, gate, publish
+    text = "text"  # a fine-tuned transformers text classifier (the finetune DAG)
+
+
+class Homed(Strict):
+    """Something configured in a deployment home, whose relative paths resolve against it."""
+
+    # The deployment home; relative paths are resolved against it.
     home: Path = Field(exclude=True)
 
     @field_validator("home")
     @classmethod
     def _absolute(cls, home: Path) -> Path:
         return home.resolve()
+
+    def path(self, relative: Path) -> Path:
+        """A configured path, resolved against the deployment home."""
+        return relative if relative.is_absolute() else self.home / relative
+
+    def portable(self, path: Path) -> str:
+        """``path`` as task results name it: relative to the home when inside it, so it means
+        the same on every worker, wherever that worker mounts the shared home."""
+        return path.relative_to(self.home).as_posix() if path.is_relative_to(self.home) else str(path)
+
+
+class Deployment(Homed):
+    """What every project of a deployment shares (``projects/defaults.yaml``): one Triton and its
+    model repository, one metrics sink, one DVC remote."""
+
+    versioning: VersioningConfig = VersioningConfig(remote=".dvc-remote")
+    serving: ServingConfig = ServingConfig()
+    metrics: MetricsConfig = MetricsConfig()
+
+
+class Project(Deployment):
+    """What every project has, whatever its kind."""
+
+    name: str = Field(pattern=PROJECT_NAME)
+    monitoring: MonitoringConfig = MonitoringConfig()
+    # The project's DVC repository: its raw data and splits (tabular) or datasets (text).
+    data_dir: Path
+    # Candidates (trained models, served or not) and per-run lineage records live here.
+    artifacts_dir: Path
+
+    @property
+    def served_model(self) -> str:
+        """The model's name in Triton."""
+        raise NotImplementedError
+
+    @property
+    def served_model_dir(self) -> Path:
+        """The served model's folder in the model repository: its config.pbtxt and numbered versions."""
+        return self.path(self.serving.model_repository) / self.served_model
+
+    @property
+    def project_dir(self) -> Path:
+        """``projects/<name>/``: the project's params.yaml (and suite)."""
+        return self.home / PROJECTS_DIR / self.name
+
+    def _inside_data_dir(self, *paths: tuple[str, Path]) -> None:
+        root = self.path(self.data_dir)
+        outside = [f"{key}: {path}" for key, path in paths if not self.path(path).is_relative_to(root)]
+        if outside:
+            raise ValueError(f"{', '.join(outside)} must lie inside data_dir {self.data_dir} (the project's DVC repository)")
+
+
+class ProjectConfig(Project):
+    """A tabular project."""
+
+    kind: Literal[ProjectKind.tabular] = ProjectKind.tabular
+    dataset: DatasetConfig
+    split: SplitConfig
+    model: ModelConfig
+    train: TrainConfig
+    gate: GateConfig
+    export: ExportConfig = ExportConfig()
 
     @model_validator(mode="after")
     def _metric_fits_task(self) -> ProjectConfig:
@@ -299,40 +382,130 @@ class ProjectConfig(Strict):
             raise ValueError(f"monitoring.exclude_columns names {unknown}, which are not dataset.features")
         return self
 
-    def path(self, relative: Path) -> Path:
-        """A configured path, resolved against the project home."""
-        return relative if relative.is_absolute() else self.home / relative
+    @model_validator(mode="after")
+    def _versioned_paths(self) -> ProjectConfig:
+        self._inside_data_dir(("dataset.raw_path", self.dataset.raw_path), ("split.output_dir", self.split.output_dir))
+        return self
 
-    def portable(self, path: Path) -> str:
-        """``path`` as task results name it: relative to the project home when inside it, so it
-        means the same on every worker, wherever that worker mounts the shared home."""
-        return path.relative_to(self.home).as_posix() if path.is_relative_to(self.home) else str(path)
+    @property
+    def served_model(self) -> str:
+        """The model's name in Triton."""
+        return self.model.name
 
     @cached_property
     def model_dir(self) -> Path:
         return self.path(self.serving.model_repository) / self.model.name
 
 
+class TextProjectConfig(Project):
+    """A text project: a transformers classifier fine-tuned with LoRA/QLoRA and served as a Triton ensemble."""
+
+    kind: Literal[ProjectKind.text]
+    finetune: FinetuneConfig
+
+    @property
+    def served_model(self) -> str:
+        """The model's name in Triton: the ensemble (tokenizer, then classifier)."""
+        return self.finetune.model_name
+
+    @model_validator(mode="after")
+    def _versioned_paths(self) -> TextProjectConfig:
+        self._inside_data_dir(("finetune.datasets_dir", self.finetune.datasets_dir))
+        return self
+
+
+AnyProject = ProjectConfig | TextProjectConfig
+
+
 def project_home() -> Path:
-    """The directory holding ``params.yaml``: ``$FLYWHEEL_HOME``, else the working directory."""
+    """The deployment home: ``$FLYWHEEL_HOME``, else the working directory."""
     return Path(os.environ.get("FLYWHEEL_HOME") or Path.cwd()).resolve()
 
 
-def load_config(home: Path | str | None = None) -> ProjectConfig:
-    """Read and validate ``<home>/params.yaml``, with ``$FLYWHEEL_PARAMS_OVERRIDES`` merged over
-    it when set; errors name the file and the key."""
+def project_kinds(home: Path | str | None = None) -> dict[str, ProjectKind]:
+    """Every project of the deployment and its kind, by name (sorted). Reads only YAML: DAG files
+    call it when parsed. A folder without params.yaml is not a project; one whose file cannot be
+    read is left out here and fails where it is loaded, with the reason."""
+    root = (Path(home).resolve() if home else project_home()) / PROJECTS_DIR
+    kinds: dict[str, ProjectKind] = {}
+    for file in sorted(root.glob(f"*/{PARAMS_FILE}")):
+        try:
+            raw = yaml.safe_load(file.read_text())
+            kinds[file.parent.name] = ProjectKind((raw or {}).get("kind", ProjectKind.tabular.value))
+        except (OSError, yaml.YAMLError, ValueError, AttributeError):
+            continue
+    return kinds
+
+
+def load_deployment(home: Path | str | None = None) -> Deployment:
+    """The shared settings of the deployment in ``home``: ``projects/defaults.yaml`` (its
+    ``versioning``, ``serving`` and ``metrics`` sections), with ``$FLYWHEEL_PARAMS_OVERRIDES`` over it."""
     home = Path(home).resolve() if home else project_home()
-    file = home / PARAMS_FILE
-    raw = _read_sections(file, f"set FLYWHEEL_HOME to the directory holding {PARAMS_FILE}")
-    source = str(file)
+    file = home / PROJECTS_DIR / DEFAULTS_FILE
+    raw = _read_sections(file, "") if file.exists() else {}
+    if overrides := os.environ.get(OVERRIDES_ENV):
+        raw = _merged(raw, _read_sections(Path(overrides), f"{OVERRIDES_ENV} names it"))
+    shared = {key: raw[key] for key in ("versioning", "serving", "metrics") if key in raw}
+    try:
+        return Deployment(**shared, home=home)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors())
+        raise ConfigError(f"{file}: {problems}") from exc
+
+
+def state_defaults(name: str, kind: ProjectKind) -> dict:
+    """Where a project's state lives unless its params.yaml says otherwise: folders named after it."""
+    data = f"data/{name}"
+    defaults: dict = {"name": name, "data_dir": data, "artifacts_dir": f"artifacts/{name}", "metrics": {"textfile_dir": f"reports/metrics/{name}"}}
+    if kind == ProjectKind.tabular:
+        defaults |= {
+            "dataset": {
+                "name": name,
+                "landing_dir": f"landing/{name}",
+                "raw_path": f"{data}/raw.parquet",
+                "archive_dir": f"{data}/archive",
+                "quarantine_dir": f"quarantine/{name}",
+                "expectation_suite": f"{PROJECTS_DIR}/{name}/{SUITE_FILE}",
+            },
+            "split": {"output_dir": f"{data}/split"},
+            "model": {"name": name},
+        }
+    else:
+        defaults["finetune"] = {
+            "model_name": name,
+            "landing_dir": f"landing/{name}",
+            "datasets_dir": f"{data}/datasets",
+            "quarantine_dir": f"quarantine/{name}",
+        }
+    return defaults
+
+
+def load_project(name: str, home: Path | str | None = None) -> AnyProject:
+    """Read and validate ``projects/<name>/params.yaml`` of the deployment in ``home``, laid over
+    ``projects/defaults.yaml`` and the state folders named after the project, with
+    ``$FLYWHEEL_PARAMS_OVERRIDES`` laid over it when set; ``ConfigError`` names the file and key."""
+    home = Path(home).resolve() if home else project_home()
+    if not re.fullmatch(PROJECT_NAME, name):
+        raise ConfigError(f"project {name!r}: a project name is lowercase letters, digits and _, starting with a letter")
+    file = home / PROJECTS_DIR / name / PARAMS_FILE
+    known = sorted(project_kinds(home))
+    raw = _read_sections(file, f"the projects of {home} are {known}; `flywheel init {name} --from <sample.csv> --label <column>` adds one")
+    try:
+        kind = ProjectKind(raw.get("kind", ProjectKind.tabular.value))
+    except ValueError:
+        raise ConfigError(f"{file}: kind: {raw.get('kind')!r} is not one of {[k.value for k in ProjectKind]}") from None
+    defaults_file = home / PROJECTS_DIR / DEFAULTS_FILE
+    shared = _read_sections(defaults_file, "") if defaults_file.exists() else {}
+    merged, source = _merged(_merged(state_defaults(name, kind), shared), raw), str(file)
     if overrides := os.environ.get(OVERRIDES_ENV):
         changes = _read_sections(Path(overrides), f"{OVERRIDES_ENV} names it")
         if fixed := sorted(DVC_SECTIONS & set(changes)):
-            # DVC reads these from params.yaml itself: an override would version one split and train on another.
-            raise ConfigError(f"{overrides}: {', '.join(fixed)} cannot be overridden (DVC reads them from {file}); change them there")
-        raw, source = _merged(raw, changes), f"{file} with {overrides}"
+            # DVC versions these with the data: an override would version one split and train on another.
+            raise ConfigError(f"{overrides}: {', '.join(fixed)} cannot be overridden (DVC versions them with the data); change them in {file}")
+        merged, source = _merged(merged, changes), f"{file} with {overrides}"
+    model = ProjectConfig if kind == ProjectKind.tabular else TextProjectConfig
     try:
-        return ProjectConfig(**raw, home=home)
+        return model(**merged, home=home)
     except ValidationError as exc:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in err['loc']) or '<top>'}: {err['msg']}" for err in exc.errors()
@@ -340,11 +513,27 @@ def load_config(home: Path | str | None = None) -> ProjectConfig:
         raise ConfigError(f"{source}: {problems}") from exc
 
 
+def load_config(name: str, home: Path | str | None = None) -> ProjectConfig:
+    """A tabular project (``load_project``); ``ConfigError`` if ``name`` is of another kind."""
+    config = load_project(name, home)
+    if not isinstance(config, ProjectConfig):
+        raise ConfigError(f"project {name!r} is a {config.kind.value} project; this needs a tabular one")
+    return config
+
+
+def load_text_project(name: str, home: Path | str | None = None) -> TextProjectConfig:
+    """A text project (``load_project``); ``ConfigError`` if ``name`` is of another kind."""
+    config = load_project(name, home)
+    if not isinstance(config, TextProjectConfig):
+        raise ConfigError(f"project {name!r} is a {config.kind.value} project; this needs a text one")
+    return config
+
+
 def _read_sections(file: Path, hint: str) -> dict:
     try:
         raw = yaml.safe_load(file.read_text())
     except FileNotFoundError:
-        raise ConfigError(f"{file}: no such file; {hint}") from None
+        raise ConfigError(f"{file}: no such file" + (f"; {hint}" if hint else "")) from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{file}: not valid YAML: {exc}") from exc
     if not isinstance(raw, dict):

@@ -3,7 +3,7 @@
 A nightly task is gone before Prometheus could scrape it, so each job's metrics are pushed
 to a Pushgateway when ``metrics.pushgateway`` is set (the convention for batch jobs), else
 written to ``<metrics.textfile_dir>/<job>.prom`` for node_exporter's textfile collector.
-Every push replaces the job's previous values for the same model.
+Every push replaces the job's previous values for the same project and model.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from pipelines.config import ProjectConfig
+from pipelines.config import AnyProject
 
 log = logging.getLogger(__name__)
 
@@ -25,19 +25,19 @@ class Sample:
     labels: dict[str, str] = field(default_factory=dict)
 
 
-def emit(config: ProjectConfig, job: str, samples: list[Sample]) -> str:
-    """Push or write ``samples`` (all labelled with the model) as job ``job``; returns where they went."""
+def emit(config: AnyProject, job: str, samples: list[Sample]) -> str:
+    """Push or write ``samples`` (all labelled with the project and its model) as job ``job``; returns where they went."""
     from prometheus_client import CollectorRegistry, Gauge, push_to_gateway, write_to_textfile
 
     registry = CollectorRegistry()
     gauges: dict[str, Gauge] = {}
     for sample in [*samples, Sample(f"flywheel_{job}_last_run_timestamp_seconds", f"When the {job} job last reported.", time.time())]:
-        labels = {"model": config.model.name, **sample.labels}
+        labels = {"project": config.name, "model": config.served_model, **sample.labels}
         if sample.name not in gauges:
             gauges[sample.name] = Gauge(sample.name, sample.help, sorted(labels), registry=registry)
         gauges[sample.name].labels(**labels).set(sample.value)
     if config.metrics.pushgateway:
-        push_to_gateway(config.metrics.pushgateway, job=f"flywheel_{job}", registry=registry, grouping_key={"model": config.model.name})
+        push_to_gateway(config.metrics.pushgateway, job=f"flywheel_{job}", registry=registry, grouping_key={"project": config.name, "model": config.served_model})
         return config.metrics.pushgateway
     path = config.path(config.metrics.textfile_dir) / f"{job}.prom"
     path.parent.mkdir(parents=True, exist_ok=True)

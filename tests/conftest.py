@@ -1,4 +1,4 @@
-"""Shared fixtures: a throwaway Flywheel project home built from the repository's own files."""
+"""Shared fixtures: a throwaway Flywheel deployment home with projects built from the repository's own files."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipelines.config import ProjectConfig, load_config
+from pipelines.config import ProjectConfig, TextProjectConfig, load_config, load_text_project
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -32,7 +32,6 @@ FAST = {
     "train": {"max_epochs": 3, "batch_size": 256, "patience": 2},
     "gate": {"floor": 0.5},
     "export": {"parity_rows": 300},
-    "serving": {"triton": {"url": None}},
 }
 
 
@@ -50,14 +49,38 @@ def merge(base: dict, changes: dict) -> dict:
     return out
 
 
-def make_project(home: Path, changes: dict | None = None) -> ProjectConfig:
-    """A project home with the repository's params.yaml (plus ``changes``), dvc.yaml and suites."""
-    home.mkdir(parents=True, exist_ok=True)
-    params = merge(yaml.safe_load((REPO / "params.yaml").read_text()), merge(FAST, changes or {}))
-    (home / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    shutil.copy(REPO / "dvc.yaml", home / "dvc.yaml")
+def make_home(home: Path, defaults: dict | None = None) -> Path:
+    """A deployment home: ``projects/defaults.yaml`` (the repository's, no Triton unless
+    ``defaults`` names one) and the shared suites in ``expectations/``."""
+    (home / "projects").mkdir(parents=True, exist_ok=True)
+    shared = merge(yaml.safe_load((REPO / "projects" / "defaults.yaml").read_text()), merge({"serving": {"triton": {"url": None}}}, defaults or {}))
+    (home / "projects" / "defaults.yaml").write_text(yaml.safe_dump(shared, sort_keys=False))
     shutil.copytree(REPO / "expectations", home / "expectations", dirs_exist_ok=True)
-    return load_config(home)
+    return home
+
+
+def make_project(home: Path, changes: dict | None = None, name: str = "flights") -> ProjectConfig:
+    """A tabular project ``name`` in the deployment home ``home``: the repository's flights
+    project (plus ``changes``) and its suite."""
+    if not (home / "projects" / "defaults.yaml").exists():
+        make_home(home)
+    folder = home / "projects" / name
+    folder.mkdir(parents=True, exist_ok=True)
+    params = merge(yaml.safe_load((REPO / "projects" / "flights" / "params.yaml").read_text()), merge(FAST, changes or {}))
+    (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    shutil.copy(REPO / "projects" / "flights" / "expectations.json", folder / "expectations.json")
+    return load_config(name, home)
+
+
+def make_text_project(home: Path, changes: dict | None = None, name: str = "reviews") -> TextProjectConfig:
+    """A text project ``name`` in the deployment home ``home``: the repository's reviews project (plus ``changes``)."""
+    if not (home / "projects" / "defaults.yaml").exists():
+        make_home(home)
+    folder = home / "projects" / name
+    folder.mkdir(parents=True, exist_ok=True)
+    params = merge(yaml.safe_load((REPO / "projects" / "reviews" / "params.yaml").read_text()), changes or {})
+    (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return load_text_project(name, home)
 
 
 @pytest.fixture

@@ -23,8 +23,9 @@ from pathlib import Path
 import pandas as pd
 import pyarrow.parquet as pq
 
-from pipelines.config import ProjectConfig
+from pipelines.config import ROW_ID, ProjectConfig
 from pipelines.data.validation import BatchValidator, Outcome
+from pipelines.errors import NotRetryable
 from pipelines.lineage import write_json
 from pipelines.metrics import Sample, emit
 
@@ -34,7 +35,7 @@ RESULT_FILE = "validation_result.json"
 DOCS_FILE = "data_docs.html"
 
 
-class BatchValidationError(Exception):
+class BatchValidationError(NotRetryable):
     """One or more batches failed validation and were quarantined; ``summary`` says what happened to each."""
 
     def __init__(self, message: str, summary: dict) -> None:
@@ -65,15 +66,25 @@ def raw_rows(config: ProjectConfig) -> int:
     return pq.ParquetFile(path).metadata.num_rows if path.exists() else 0
 
 
+def row_ids(rows: pd.DataFrame) -> pd.Series:
+    """A stable id per row for a dataset without an id column: a hash of the row's values
+    (pandas' ``hash_pandas_object``), so an identical row sent again replaces itself."""
+    return pd.Series(pd.util.hash_pandas_object(rows, index=False).to_numpy().view("int64"), index=rows.index, name=ROW_ID)
+
+
 def append_to_raw(config: ProjectConfig, batch: pd.DataFrame) -> int:
     """Add a batch to the raw dataset (newer copies of an id win); returns the row count."""
     dataset = config.dataset
     path = config.path(dataset.raw_path)
+    rows = batch[dataset.columns]
+    if dataset.id_column is None:
+        rows = rows.assign(**{ROW_ID: row_ids(rows)})
     parts = [pd.read_parquet(path)] if path.exists() else []
+    order = [c for c in (dataset.time_column, dataset.key) if c]
     combined = (
-        pd.concat([*parts, batch[dataset.columns]], ignore_index=True)
-        .drop_duplicates(subset=[dataset.id_column], keep="last")
-        .sort_values([dataset.time_column, dataset.id_column], kind="stable")
+        pd.concat([*parts, rows], ignore_index=True)
+        .drop_duplicates(subset=[dataset.key], keep="last")
+        .sort_values(order, kind="stable")
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.partial")

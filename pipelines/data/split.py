@@ -1,16 +1,20 @@
-"""The DVC ``split`` stage: cut the raw dataset into train/val/test by time.
+"""The DVC ``split`` stage: cut the raw dataset into train/val/test.
 
-Cut by time, not at random: every test row is later than every training row, as it is
-for the model in service, so the test score is not flattered by leakage from the future.
-Run by ``dvc repro`` (see ``dvc.yaml``) as ``python -m pipelines.data.split`` in the
-project home.
+With a time column the cut is by time, not at random: every test row is later than every
+training row, as it is for the model in service, so the test score is not flattered by
+leakage from the future. Without one the split is a seeded hash of each row's id: stable (a
+row keeps its part as the data grows) but with no guarantee against time leakage, since
+rows of the same period land on both sides. Run by ``dvc repro`` (see ``dvc.yaml``) as
+``python -m pipelines.data.split --home <home> --project <name>`` in the project's DVC repository.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from pipelines.config import ProjectConfig, load_config
@@ -54,34 +58,58 @@ def split_by_time(frame: pd.DataFrame, time_column: str, id_column: str, train: 
     return {name: part.reset_index(drop=True) for name, part in parts.items()}
 
 
-def summarise(parts: dict[str, pd.DataFrame], time_column: str, label: str) -> dict:
+def split_by_hash(frame: pd.DataFrame, key: str, seed: int, train: float, val: float) -> dict[str, pd.DataFrame]:
+    """Each row to train, val or test by a seeded hash of its ``key`` value: the same row always
+    lands in the same part, whatever else the data holds (pandas' ``hash_pandas_object``, which
+    is stable across runs for the same values and hash key)."""
+    # The seed is hashed with the key as a second column (a hash_key would not reach integer keys).
+    hashed = pd.util.hash_pandas_object(pd.DataFrame({"key": frame[key].to_numpy(), "seed": seed}), index=False)
+    bucket = hashed.to_numpy(np.uint64) / np.float64(2**64)
+    ordered = frame.assign(_bucket=bucket)
+    parts = {
+        "train": ordered[bucket < train],
+        "val": ordered[(bucket >= train) & (bucket < train + val)],
+        "test": ordered[bucket >= train + val],
+    }
+    empty = [name for name, part in parts.items() if part.empty]
+    if empty:
+        raise ValueError(f"cannot split {len(frame)} rows by hash: the {'/'.join(empty)} split is empty; land more rows")
+    return {name: part.drop(columns="_bucket").sort_values(key, kind="stable").reset_index(drop=True) for name, part in parts.items()}
+
+
+def summarise(parts: dict[str, pd.DataFrame], time_column: str | None, label: str) -> dict:
+    def span(part: pd.DataFrame) -> dict:
+        return {"from": str(part[time_column].min()), "to": str(part[time_column].max())} if time_column else {}
+
     return {
-        name: {
-            "rows": len(part),
-            "from": str(part[time_column].min()),
-            "to": str(part[time_column].max()),
-            "label_mean": round(float(part[label].mean()), 6),
-        }
+        name: {"rows": len(part), **span(part), "label_mean": round(float(part[label].mean()), 6)}
         for name, part in parts.items()
     }
 
 
 def run(config: ProjectConfig) -> dict:
     """Split the raw dataset and write the parts and ``summary.json`` (DVC's metric)."""
-    parts = split_by_time(
-        pd.read_parquet(raw_path(config)), config.dataset.time_column, config.dataset.id_column, config.split.train, config.split.val
-    )
+    dataset, split = config.dataset, config.split
+    raw = pd.read_parquet(raw_path(config))
+    if dataset.time_column:
+        parts = split_by_time(raw, dataset.time_column, dataset.key, split.train, split.val)
+    else:
+        parts = split_by_hash(raw, dataset.key, split.seed, split.train, split.val)
     paths = split_paths(config)
     for name, part in parts.items():
         paths[name].parent.mkdir(parents=True, exist_ok=True)
         partial = paths[name].with_name(f".{paths[name].name}.partial")
         part.to_parquet(partial, index=False)
         os.replace(partial, paths[name])
-    summary = summarise(parts, config.dataset.time_column, config.dataset.label.column)
+    summary = summarise(parts, dataset.time_column, dataset.label.column)
     write_json(config.path(config.split.output_dir) / "summary.json", summary)
     return summary
 
 
 if __name__ == "__main__":
-    # DVC runs this in the project home (the directory of dvc.yaml), whatever FLYWHEEL_HOME says.
-    run(load_config(Path.cwd()))
+    # DVC runs this in the project's repository; the stage names the home relative to it.
+    parser = argparse.ArgumentParser(description="the split stage of one project (run by dvc repro)")
+    parser.add_argument("--home", type=Path, required=True)
+    parser.add_argument("--project", required=True)
+    args = parser.parse_args()
+    run(load_config(args.project, args.home))

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from pipelines.errors import NotRetryable
 from pipelines.config import ProjectConfig
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")  # no phoning home from a nightly job
@@ -23,7 +24,7 @@ os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")  # no phoning home from a
 SAMPLE_VALUES = 5
 
 
-class SuiteError(ValueError):
+class SuiteError(NotRetryable, ValueError):
     """The expectation suite is missing or invalid: the project is broken, not the data."""
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from pipelines.errors import NotRetryable
 from pipelines.config import ProjectConfig, TensorRTPrecision
 from pipelines.lineage import write_json
 
@@ -33,7 +34,7 @@ CODES, NUMERIC = "categorical_codes", "numeric"  # the tensors between the looku
 ML_OPSET = 3  # ai.onnx.ml: LabelEncoder with tensor attributes
 
 
-class ParityError(RuntimeError):
+class ParityError(NotRetryable, RuntimeError):
     """The exported ONNX model does not score like the PyTorch model it came from."""
 
 

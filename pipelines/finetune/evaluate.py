@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipelines.config import FinetuneTask, ProjectConfig
+from pipelines.config import FinetuneTask, TextProjectConfig
 from pipelines.evaluation.gate import NOT_PROMOTED, PROMOTED, beats
 from pipelines.lineage import read_json, write_json
 
@@ -73,7 +73,7 @@ def held_out_loss(model, tokenizer, records: list[dict], max_length: int, batch_
     return total / tokens
 
 
-def _score_classifier(config: ProjectConfig, params: dict, splits: dict, test: list[dict], base: Path, export_folder: Path):
+def _score_classifier(config: TextProjectConfig, params: dict, splits: dict, test: list[dict], base: Path, export_folder: Path):
     """Accuracy and F1 of the exported model, the untuned base with a linear head, and the champion."""
     from pipelines.finetune import serving
     from pipelines.finetune.export import predict_folder
@@ -87,7 +87,7 @@ def _score_classifier(config: ProjectConfig, params: dict, splits: dict, test: l
     return challenger, untuned, champion
 
 
-def _score_causal_lm(config: ProjectConfig, params: dict, test: list[dict], base: Path, candidate: Path):
+def _score_causal_lm(config: TextProjectConfig, params: dict, test: list[dict], base: Path, candidate: Path):
     """Held-out loss and perplexity of the merged model and of the untuned base."""
     from pipelines.finetune.model import load_base
     from pipelines.finetune.train import load_tokenizer, merged
@@ -100,7 +100,7 @@ def _score_causal_lm(config: ProjectConfig, params: dict, test: list[dict], base
     return scores[0], scores[1], None
 
 
-def evaluate(config: ProjectConfig, candidate: str, export_folder: str | None) -> dict:
+def evaluate(config: TextProjectConfig, candidate: str, export_folder: str | None) -> dict:
     """Score the candidate, the base and (for a served task) the champion on the same test records; decide."""
     from pipelines.finetune.data import load_splits
     from pipelines.finetune.params import resolve_base

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipelines.errors import NotRetryable
 from pipelines.lineage import read_json, write_json
 
 log = logging.getLogger(__name__)
@@ -29,7 +30,7 @@ OPSET = 18
 ML_OPSET = 3
 
 
-class ParityError(RuntimeError):
+class ParityError(NotRetryable, RuntimeError):
     """The exported graph does not score like the merged PyTorch model."""
 
 

@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 from pydantic import Field, ValidationError
 
-from pipelines.config import FinetuneMethod, FinetuneTask, ProjectConfig, Strict
+from pipelines.errors import NotRetryable
+from pipelines.config import FinetuneMethod, FinetuneTask, TextProjectConfig, Strict
 
 log = logging.getLogger(__name__)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -25,7 +26,7 @@ PACKAGED_MINILM = ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")
 FORMATS_FOR_TASK = {FinetuneTask.sequence_classification: ("text",), FinetuneTask.causal_lm: ("alpaca", "chat")}
 
 
-class ParamsError(ValueError):
+class ParamsError(NotRetryable, ValueError):
     """One or more Params are invalid; the message names each and what was expected."""
 
 
@@ -95,10 +96,10 @@ def check_4bit() -> None:
         raise ParamsError(f"method: 'qlora': bitsandbytes' 4-bit round trip is off by {error:.3f} on average here; choose method 'lora'")
 
 
-def check(config: ProjectConfig, raw: dict) -> dict:
+def check(config: TextProjectConfig, raw: dict) -> dict:
     """Validate the Params of a run; return them as checked (each worker resolves the base again:
     its path may differ from machine to machine)."""
-    from pipelines.finetune.data import LANDING_DIR, dataset_path, read_records, record_format
+    from pipelines.finetune.data import dataset_path, read_records, record_format
 
     try:
         params = FinetuneParams(**raw)
@@ -121,7 +122,7 @@ def check(config: ProjectConfig, raw: dict) -> dict:
             check_4bit()
         except ParamsError as exc:
             problems.append(str(exc))
-    landed = config.path(LANDING_DIR) / f"{params.dataset}.jsonl"
+    landed = config.path(config.finetune.landing_dir) / f"{params.dataset}.jsonl"
     source = landed if landed.exists() else dataset_path(config, params.dataset)
     try:
         kind = record_format(read_records(source), source)

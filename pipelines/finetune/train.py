@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from pipelines.config import FinetuneMethod, FinetuneTask, ProjectConfig
+from pipelines.config import FinetuneMethod, FinetuneTask, TextProjectConfig
 from pipelines.lineage import code_version, fingerprint, read_json, write_json
 
 log = logging.getLogger(__name__)
@@ -104,11 +104,11 @@ def load_tokenizer(path: Path):
     return tokenizer
 
 
-def candidate_dir(config: ProjectConfig, dataset: str, key: str) -> Path:
+def candidate_dir(config: TextProjectConfig, dataset: str, key: str) -> Path:
     return config.path(config.artifacts_dir) / "finetune" / dataset / key
 
 
-def finetune(config: ProjectConfig, params: dict, data_version: dict[str, str]) -> dict:
+def finetune(config: TextProjectConfig, params: dict, data_version: dict[str, str]) -> dict:
     """Train adapters for checked ``params`` (see ``pipelines.finetune.params.check``) on the dataset's
     train split; the candidate folder is returned relative to the project home (shared storage)."""
     from pipelines.finetune.data import load_splits

@@ -16,6 +16,7 @@ from enum import Enum
 import numpy as np
 import pandas as pd
 
+from pipelines.errors import NotRetryable
 from pipelines.config import DriftTests
 
 
@@ -25,7 +26,7 @@ class ColumnKind(str, Enum):
     text = "text"
 
 
-class DriftCheckError(ValueError):
+class DriftCheckError(NotRetryable, ValueError):
     """The drift check cannot run on these inputs; says which column or setting, and why."""
 
 

@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipelines.config import ProjectConfig
+from pipelines.config import FeatureType, ProjectConfig
+from pipelines.errors import NotRetryable
 from pipelines.serving import live
 
 FLUSH_ROWS = 5000
@@ -102,12 +103,40 @@ def read_log(config: ProjectConfig) -> pd.DataFrame:
     return pd.read_parquet(folder)
 
 
-def replay_traffic(config: ProjectConfig, month: str, rows: int | None = None, batch_size: int = 32) -> dict:
-    """Send a month of real flights to the served model in client-sized requests, logged."""
-    from pipelines.data.replay import month_batch
+class RequestError(NotRetryable, ValueError):
+    """Rows that cannot be sent to a project's model: a missing column, a value of the wrong type."""
 
-    flights = month_batch(month, rows)
+
+def read_requests(config: ProjectConfig, path: Path, rows: int | None = None) -> pd.DataFrame:
+    """The rows of a CSV or parquet file, checked against the project's features: every feature
+    column present, numbers parse as numbers. Extra columns (an id, the label) are kept.
+
+    ``RequestError`` names the project, the file, the column and what was expected.
+    """
+    where = f"project {config.name}: {path}"
+    try:
+        frame = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
+    except FileNotFoundError:
+        raise RequestError(f"{where}: no such file") from None
+    except Exception as exc:  # noqa: BLE001 - pandas and pyarrow raise many kinds for a bad file
+        raise RequestError(f"{where}: not a readable {'parquet' if path.suffix == '.parquet' else 'CSV'} file ({type(exc).__name__}: {exc})") from exc
+    features = config.dataset.features
+    missing = [f.name for f in features if f.name not in frame.columns]
+    if missing:
+        raise RequestError(f"{where}: missing feature columns {missing}; the model expects {[f.name for f in features]}")
+    frame = frame.head(rows) if rows is not None else frame
+    for feature in config.dataset.columns_of(FeatureType.numeric):
+        numbers = pd.to_numeric(frame[feature], errors="coerce")
+        bad = frame[feature][numbers.isna() & frame[feature].notna()]
+        if len(bad):
+            raise RequestError(f"{where}: column {feature!r} must be numeric, got {bad.astype(str).unique()[:5].tolist()}")
+        frame[feature] = numbers
+    return frame.reset_index(drop=True)
+
+
+def send(config: ProjectConfig, rows: pd.DataFrame, batch_size: int = 32) -> dict:
+    """Send ``rows`` to the project's served model in client-sized requests, each one logged."""
     with ServedModel(config) as served:
-        for start in range(0, len(flights), batch_size):
-            served.predict(flights.iloc[start : start + batch_size])
-    return {"month": month, "rows": len(flights), "requests": -(-len(flights) // batch_size)}
+        for start in range(0, len(rows), batch_size):
+            served.predict(rows.iloc[start : start + batch_size])
+    return {"project": config.name, "rows": len(rows), "requests": -(-len(rows) // batch_size)}

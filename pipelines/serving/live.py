@@ -29,7 +29,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipelines.config import FeatureType, ProjectConfig
+from pipelines.errors import NotRetryable
+from pipelines.config import AnyProject, Deployment, FeatureType, ProjectConfig
 from pipelines.export.onnx import MODEL_FILE, OUTPUT
 from pipelines.lineage import read_json, write_json
 from pipelines.serving import repository
@@ -39,11 +40,11 @@ log = logging.getLogger(__name__)
 SMOKE_SUFFIX = "__smoke"
 
 
-class SmokeTestError(RuntimeError):
+class SmokeTestError(NotRetryable, RuntimeError):
     """A new version did not load, or answered differently from ONNX Runtime run locally."""
 
 
-def connect(config: ProjectConfig):
+def connect(config: Deployment):
     """An HTTP client of the configured Triton; ``TritonUnavailable`` names the URL if it is down."""
     import tritonclient.http as http
 
@@ -184,12 +185,12 @@ def load_engine_steps(config: ProjectConfig, client, served: list[int]) -> None:
     hold_steps(client, {f: renderings.get(step) for step, f in folders.items()}, config.serving.triton.load_timeout_s)
 
 
-def history_path(config: ProjectConfig, model: str | None = None) -> Path:
-    """The serving history of ``model`` (default: the project's tabular model)."""
-    return config.path(config.artifacts_dir) / "serving" / (model or config.model.name) / "history.jsonl"
+def history_path(config: AnyProject, model: str | None = None) -> Path:
+    """The serving history of ``model`` (default: the project's served model)."""
+    return config.path(config.artifacts_dir) / "serving" / (model or config.served_model) / "history.jsonl"
 
 
-def record(config: ProjectConfig, event: str, version: int, previous: int | None, run: dict, model: str | None = None, **details) -> dict:
+def record(config: AnyProject, event: str, version: int, previous: int | None, run: dict, model: str | None = None, **details) -> dict:
     """Append a change of the served version (or a rejected one) to the serving history of ``model``."""
     entry = {
         "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -206,7 +207,7 @@ def record(config: ProjectConfig, event: str, version: int, previous: int | None
     return entry
 
 
-def mark_rejected(config: ProjectConfig, version: int, reason: str, model_dir: Path | None = None) -> None:
+def mark_rejected(config: AnyProject, version: int, reason: str, model_dir: Path | None = None) -> None:
     """Keep the version on disk with the reason, so it is never served or rolled back to.
 
     ``model_dir`` defaults to the tabular model's; an ensemble's is the folder holding its lineage.

@@ -13,7 +13,7 @@ import re
 from datetime import datetime, timezone
 from pathlib import Path
 
-from pipelines.config import ProjectConfig
+from pipelines.config import AnyProject, ProjectConfig
 from pipelines.evaluation.gate import PROMOTED
 from pipelines.export.onnx import MODEL_FILE, PLAN_FILE
 from pipelines.lineage import code_version, read_json, write_json
@@ -24,12 +24,12 @@ from pipelines.serving import live, repository
 log = logging.getLogger(__name__)
 
 
-def runs_dir(config: ProjectConfig) -> Path:
-    """One lineage record per retrain run, promoted or not."""
-    return config.path(config.artifacts_dir) / "runs" / config.model.name
+def runs_dir(config: AnyProject) -> Path:
+    """One lineage record per training run (retrain or finetune) of the project, promoted or not."""
+    return config.path(config.artifacts_dir) / "runs"
 
 
-def run_record_path(config: ProjectConfig, run_id: str) -> Path:
+def run_record_path(config: AnyProject, run_id: str) -> Path:
     return runs_dir(config) / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', run_id)}.json"
 
 

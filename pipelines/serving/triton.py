@@ -27,7 +27,7 @@ import sysconfig
 import time
 from pathlib import Path
 
-from pipelines.config import ProjectConfig
+from pipelines.config import Deployment
 from pipelines.serving import repository
 
 log = logging.getLogger(__name__)
@@ -78,7 +78,7 @@ def server_env() -> dict[str, str]:
 class TritonServer:
     """``tritonserver`` on the project's model repository, loopback ports from ``serving.triton``."""
 
-    def __init__(self, config: ProjectConfig, host: str = "127.0.0.1") -> None:
+    def __init__(self, config: Deployment, host: str = "127.0.0.1") -> None:
         self.config = config
         self.repository = config.path(config.serving.model_repository)
         self.runtime = config.home / RUNTIME_DIR

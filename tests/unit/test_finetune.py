@@ -77,7 +77,7 @@ def test_the_real_reviews_lose_only_their_duplicates_to_quarantine(reviews_proje
 
 def test_bad_records_are_quarantined_with_the_reason_and_the_rest_become_the_dataset(tmp_path):
     config = make_project(tmp_path / "project")
-    landing = config.path(data.LANDING_DIR)
+    landing = config.path(config.finetune.landing_dir)
     good = [{"messages": [{"role": "user", "content": f"question {i}"}, {"role": "assistant", "content": "answer"}]} for i in range(5)]
     bad = [
         {"messages": [{"role": "user", "content": "no answer"}]},  # one turn
@@ -100,7 +100,7 @@ def test_bad_records_are_quarantined_with_the_reason_and_the_rest_become_the_dat
 def test_a_landed_file_with_no_valid_record_fails_and_keeps_every_record(tmp_path):
     config = make_project(tmp_path / "project")
     records = [{"instruction": "", "input": "", "output": "x"}, {"instruction": "say hi", "input": "", "output": ""}]
-    data.write_records(config.path(data.LANDING_DIR) / "broken.jsonl", records)
+    data.write_records(config.path(config.finetune.landing_dir) / "broken.jsonl", records)
 
     with pytest.raises(data.DatasetError, match="every one of the 2 landed records failed validation"):
         data.ingest(config, "broken")

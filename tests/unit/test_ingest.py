@@ -269,9 +269,39 @@ def test_missing_suite_stops_before_touching_any_batch(project):
     land(project, "2013-01", rows=ROWS)
     project.path(project.dataset.expectation_suite).unlink()
 
-    with pytest.raises(SuiteError, match="expectations/flights.json: expectation suite file not found"):
+    with pytest.raises(SuiteError, match="projects/flights/expectations.json: expectation suite file not found"):
         ingest_landing(project)
 
     # Then the batch waits in landing for the fix instead of being quarantined
     assert (landing(project) / "2013-01.csv").is_file()
     assert not project.path(project.dataset.quarantine_dir).exists()
+
+
+def test_without_an_id_column_a_resent_row_replaces_itself_and_a_changed_row_is_new(tmp_path):
+    from pipelines.config import ROW_ID
+    from tests.conftest import make_project
+
+    # Given a project that names no id column (its suite does not require flight_id either)
+    config = make_project(tmp_path, {"dataset": {"id_column": None}})
+    suite_file = config.path(config.dataset.expectation_suite)
+    suite = json.loads(suite_file.read_text())
+    suite["expectations"] = [e for e in suite["expectations"] if e["kwargs"].get("column") != "flight_id"]
+    for expectation in suite["expectations"]:
+        if expectation["type"] == "expect_table_columns_to_match_set":
+            expectation["kwargs"]["column_set"].remove("flight_id")
+    suite_file.write_text(json.dumps(suite))
+    batch = month_batch("2013-01", rows=ROWS).drop(columns="flight_id")
+    landing(config).mkdir(parents=True)
+    batch.to_csv(landing(config) / "first.csv", index=False)
+    ingest_landing(config)
+
+    # When the same rows arrive again, one of them changed
+    again = batch.copy()
+    again.loc[0, "distance"] += 1
+    again.to_csv(landing(config) / "again.csv", index=False)
+    ingest_landing(config)
+
+    # Then each row has a derived id, the identical rows were not doubled, the changed one is a new row
+    stored = raw(config)
+    assert ROW_ID in stored.columns and stored[ROW_ID].is_unique
+    assert len(stored) == ROWS + 1

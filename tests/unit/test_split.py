@@ -2,8 +2,9 @@ import pandas as pd
 import pytest
 
 from pipelines.data.replay import month_batch
-from pipelines.data.split import split_by_time
+from pipelines.data.split import split_by_hash, split_by_time
 from pipelines.data.versioning import data_version, version_split
+from tests.conftest import make_project
 
 
 def write_raw(config, *months, rows=2000):
@@ -43,14 +44,49 @@ def test_dvc_split_reruns_only_when_raw_data_changes(project):
 
     assert not first["cache_hit"] and again["cache_hit"] and not grown["cache_hit"]
     assert again["data_version"] == first["data_version"]
-    assert grown["data_version"]["data/raw/flights.parquet"] != first["data_version"]["data/raw/flights.parquet"]
+    assert grown["data_version"]["data/flights/raw.parquet"] != first["data_version"]["data/flights/raw.parquet"]
     assert grown["data_version"] == data_version(project)
     # every version is pushed to the remote: its cache holds the train split's hash
-    train_md5 = grown["data_version"]["data/split/train.parquet"]
+    train_md5 = grown["data_version"]["data/flights/split/train.parquet"]
     remote = project.home / project.versioning.remote
     assert any(train_md5[2:] in p.name for p in remote.rglob("*"))
 
 
 def test_split_without_raw_data_names_the_missing_file(project):
-    with pytest.raises(FileNotFoundError, match="data/raw/flights.parquet: no raw dataset yet"):
+    with pytest.raises(FileNotFoundError, match="data/flights/raw.parquet: no raw dataset yet"):
         version_split(project)
+
+
+def test_hash_split_keeps_each_row_in_its_part_as_the_data_grows():
+    january = month_batch("2013-01", rows=3000)
+    grown = pd.concat([january, month_batch("2013-02", rows=3000)])
+
+    before = split_by_hash(january, "flight_id", seed=13, train=0.7, val=0.15)
+    after = split_by_hash(grown, "flight_id", seed=13, train=0.7, val=0.15)
+
+    for part in ("train", "val", "test"):
+        assert set(before[part]["flight_id"]) <= set(after[part]["flight_id"]), part
+    assert sum(len(p) for p in after.values()) == len(grown)
+    assert 0.65 < len(after["train"]) / len(grown) < 0.75
+    # another seed is another split
+    reseeded = split_by_hash(grown, "flight_id", seed=14, train=0.7, val=0.15)
+    assert set(reseeded["test"]["flight_id"]) != set(after["test"]["flight_id"])
+
+
+def test_two_projects_version_their_data_in_their_own_repositories(tmp_path):
+    flights = make_project(tmp_path, name="flights")
+    no_time = make_project(tmp_path, {"dataset": {"time_column": None}}, name="hashed")
+    write_raw(flights, "2013-01", "2013-02")
+    write_raw(no_time, "2013-03")
+
+    versions = {config.name: version_split(config) for config in (flights, no_time)}
+
+    assert set(versions["flights"]["data_version"]) == {f"data/flights/{p}" for p in ("raw.parquet", "split/train.parquet", "split/val.parquet", "split/test.parquet", "split/summary.json")}
+    assert all(path.startswith("data/hashed/") for path in versions["hashed"]["data_version"])
+    assert (tmp_path / "data" / "flights" / "dvc.lock").is_file() and (tmp_path / "data" / "hashed" / "dvc.lock").is_file()
+    # the project without a time column was split by hash: its test rows are not the latest ones
+    test = pd.read_parquet(tmp_path / "data" / "hashed" / "split" / "test.parquet")
+    train = pd.read_parquet(tmp_path / "data" / "hashed" / "split" / "train.parquet")
+    assert test["time_hour"].min() < train["time_hour"].max()
+    # nothing was copied into the home by hand: no stage file at its top
+    assert not (tmp_path / "dvc.yaml").exists()

@@ -1,0 +1,244 @@
+"""The step functions of every DAG: one function a task, with plain arguments (the project's
+name, paths relative to the deployment home, small dicts) and a small JSON-able result.
+
+Each loads the project's config once and hands the stage function the config it needs. DAG
+files call them through ``run``, the one place where a ``NotRetryable`` error becomes
+Airflow's ``AirflowFailException`` (failed at once, no retries); everything else keeps the
+task's retries.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any, TypeVar
+
+from pipelines.config import FinetuneTask, load_config, load_project, load_text_project
+from pipelines.errors import NotRetryable
+
+T = TypeVar("T")
+# The Asset a project's drift DAG emits and its retrain DAG is scheduled on: one per project,
+# so drift in one project never retrains another's model.
+DRIFT_DETECTED = "drift_detected"
+FINETUNE_EXPORT_DIR = "export"
+
+
+def drift_asset(project: str) -> str:
+    return f"flywheel://{project}/{DRIFT_DETECTED}"
+
+
+def run(step: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Call ``step``; a ``NotRetryable`` error fails the Airflow task without its retries."""
+    try:
+        return step(*args, **kwargs)
+    except NotRetryable as error:
+        from airflow.exceptions import AirflowFailException
+
+        raise AirflowFailException(f"{error} [{type(error).__name__}: not retried, the same inputs fail the same way]") from error
+
+
+def airflow_run(dag_run, trigger: dict | None = None) -> dict:
+    """What lineage records of an Airflow run: ids, type, logical date (and why it ran)."""
+    run_type = getattr(dag_run.run_type, "value", dag_run.run_type)  # an enum: keep "manual", not its repr
+    record = {"dag_id": dag_run.dag_id, "run_id": dag_run.run_id, "run_type": run_type, "logical_date": str(dag_run.logical_date)}
+    return record | ({"trigger": trigger} if trigger is not None else {})
+
+
+# --- retrain__<project> ---------------------------------------------------------------------
+
+
+def check_params(project: str, force_publish: bool, force_reason: str | None) -> dict:
+    """Refuse a broken project config or bad combinations of Params before any work is done."""
+    from pipelines.evaluation.gate import check_override
+
+    load_config(project)
+    check_override(force_publish, force_reason)
+    return {"force_publish": force_publish}
+
+
+def validate(project: str) -> dict:
+    """Validate new landing batches; passing ones join the raw data, failing ones go to quarantine."""
+    from pipelines.data.ingest import ingest_landing
+
+    return ingest_landing(load_config(project))
+
+
+def version_data(project: str) -> dict:
+    """Reproduce and push the project's DVC split stage; return the data version."""
+    from pipelines.data.versioning import version_split
+
+    return version_split(load_config(project))
+
+
+def train(project: str, data_version: dict[str, str], max_epochs: int | None, learning_rate: float | None) -> dict:
+    from pipelines.training.train import train as fit
+
+    return fit(load_config(project), data_version, max_epochs=max_epochs, learning_rate=learning_rate)
+
+
+def export(project: str, candidate: str) -> dict:
+    from pipelines.export.onnx import export as to_onnx
+
+    return to_onnx(load_config(project), candidate)
+
+
+def gate(project: str, candidate: str, force_publish: bool, force_reason: str | None) -> dict:
+    from pipelines.evaluation.gate import evaluate
+
+    return evaluate(load_config(project), candidate, force_publish, force_reason)
+
+
+def trigger(run_type: str, drift_events: list[dict]) -> dict:
+    """Why a run ran, for its lineage: the schedule, drift (with its reports), or a person."""
+    if run_type == "asset_triggered":
+        return {"kind": "drift", "events": drift_events}
+    return {"kind": {"scheduled": "schedule"}.get(run_type, run_type)}
+
+
+def publish(project: str, candidate: str, gate: dict, data_version: dict[str, str], run: dict, overrides: dict) -> dict:
+    from pipelines.serving.publish import publish as release
+
+    return release(load_config(project), candidate, gate, data_version, run, overrides)
+
+
+# --- drift__<project> -----------------------------------------------------------------------
+
+
+def drift_check(project: str, start: str | None, end: str) -> dict:
+    """Check the requests served in the window ``[start, end)`` (ISO times) for drift; with no
+    start (a run triggered without a logical date has no data interval), the hour before ``end``."""
+    from pipelines.monitoring.check import check_window
+
+    until = datetime.fromisoformat(end)
+    since = datetime.fromisoformat(start) if start else until - timedelta(hours=1)
+    return check_window(load_config(project), since, until)
+
+
+def drift_decide(project: str, summary: dict, last_trigger_at: str | None, retrains_active: int, run_type: str) -> dict:
+    """Whether this window's drift should start a retrain; the event's extra when it should."""
+    from pipelines.monitoring.trigger import decide as verdict
+
+    config = load_config(project)
+    decision = verdict(
+        summary,
+        last_trigger_at=datetime.fromisoformat(last_trigger_at) if last_trigger_at else None,
+        retrains_active=retrains_active,
+        run_type=run_type,
+        now=datetime.now(timezone.utc),
+        cooldown_hours=config.monitoring.cooldown_hours,
+    )
+    if decision["trigger"]:
+        decision["extra"] = {
+            "project": project,
+            "model": summary["model"],
+            "version": summary["version"],
+            "window_end": summary["window"]["end"],
+            "report": summary["report"],
+            "share": summary["share"],
+            "columns": summary["drifted_columns"],
+        }
+    return decision
+
+
+# --- rollback__<project> --------------------------------------------------------------------
+
+
+def rollback(project: str, version: int, run: dict) -> dict:
+    """Put ``version`` of the project's served model back in service."""
+    from pipelines.serving.rollback import rollback as put_back
+
+    return put_back(load_project(project), version, run)
+
+
+# --- finetune__<project> --------------------------------------------------------------------
+
+
+def finetune_check_params(project: str, raw: dict) -> dict:
+    """Refuse bad Params before any work; the checked Params, with the base model's path."""
+    from pipelines.finetune.params import check
+
+    return check(load_text_project(project), raw)
+
+
+def finetune_validate(project: str, dataset: str) -> dict:
+    """Validate a landed file of the dataset, if any: bad records to quarantine, the rest become the dataset."""
+    from pipelines.finetune.data import ingest
+
+    return ingest(load_text_project(project), dataset)
+
+
+def finetune_version_data(project: str, dataset: str) -> dict:
+    from pipelines.finetune.data import version
+
+    return {"data_version": version(load_text_project(project), dataset)}
+
+
+def finetune_train(project: str, checked: dict, data_version: dict[str, str]) -> dict:
+    from pipelines.finetune.train import finetune as fit
+
+    return fit(load_text_project(project), checked, data_version)
+
+
+def finetune_export(project: str, candidate: str) -> dict:
+    """Merge the adapter and export a classifier to ONNX (parity-checked); a causal LM is kept as an adapter."""
+    from pipelines.finetune.data import load_splits
+    from pipelines.finetune.export import export_classifier
+    from pipelines.finetune.params import resolve_base
+    from pipelines.finetune.train import CANDIDATE_FILE, load_tokenizer, merged
+    from pipelines.lineage import read_json, write_json
+
+    config = load_text_project(project)
+    folder = config.path(Path(candidate))
+    record = read_json(folder / CANDIDATE_FILE)
+    params = record["inputs"]["params"]
+    if params["task"] != FinetuneTask.sequence_classification.value:
+        return {"folder": None, "reason": "causal LMs are evaluated and kept as adapters; only classifiers are exported for Triton"}
+    texts = [r["text"] for r in load_splits(config, params["dataset"])["val"][:64]]
+    out = folder / FINETUNE_EXPORT_DIR
+    exported = export_classifier(
+        merged(folder), load_tokenizer(resolve_base(params["base_model"])), record["result"]["labels"],
+        params["max_length"], out, texts, config.finetune.parity_tolerance,
+    )
+    exported["onnx"] = config.portable(Path(exported["onnx"]))
+    write_json(folder / "export.json", exported)
+    return {"folder": config.portable(out), **exported}
+
+
+def finetune_evaluate(project: str, candidate: str, export_folder: str | None) -> dict:
+    from pipelines.finetune.evaluate import evaluate as score
+
+    return score(load_text_project(project), candidate, export_folder)
+
+
+def finetune_publish(project: str, candidate: str, export_folder: str | None, decision: dict, data_version: dict[str, str], run: dict) -> dict:
+    """Record the run's lineage; a promoted classifier becomes a served version of the ensemble."""
+    from pipelines.evaluation.gate import PROMOTED
+    from pipelines.finetune.train import CANDIDATE_FILE
+    from pipelines.lineage import code_version, read_json, write_json
+    from pipelines.serving.publish import run_record_path
+
+    config = load_text_project(project)
+    record = read_json(config.path(Path(candidate)) / CANDIDATE_FILE)
+    lineage = {
+        "project": project,
+        "model": config.finetune.model_name,
+        "candidate": candidate,
+        "base_model": record["inputs"]["base"],
+        "data_version": data_version,
+        "code_version": code_version(),
+        "params": record["inputs"]["params"],
+        "training": record["result"],
+        "gate": decision,
+        "airflow": run,
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "version": None,
+    }
+    if decision["decision"] == PROMOTED and export_folder:
+        from pipelines.finetune import serving
+
+        lineage.update(serving.publish_classifier(config, config.path(Path(export_folder)), lineage, run))
+    elif decision["decision"] == PROMOTED:
+        lineage["served"] = "no: causal LMs are not served through Triton; the adapter and its lineage are the result"
+    path = write_json(run_record_path(config, run["run_id"]), lineage)
+    return {"decision": decision["decision"], "version": lineage["version"], "lineage": config.portable(path)}
