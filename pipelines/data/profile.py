@@ -33,8 +33,7 @@ from pathlib import Path
 import pandas as pd
 from pandas.api import types
 
-PROJECT_NAME = re.compile(r"^[a-z][a-z0-9_]*$")  # as the plan's projects/<name>/ and pipelines.config
-PARAMS_FILE, SUITE_FILE = "params.yaml", "expectations.json"
+from pipelines.config import PARAMS_FILE, PROJECT_NAME, ROW_ID, SUITE_FILE
 
 CLASSIFICATION, REGRESSION = "classification", "regression"
 LABEL_NULLS_MAX = 0.05  # a label blank in more rows than this is not a label column yet
@@ -109,8 +108,11 @@ def profile(
     if frame.empty:
         raise ProfileError("the sample has no rows: profile from a file with some data in it")
     columns = [str(c) for c in frame.columns]
+    repeated = sorted({c for c in columns if columns.count(c) > 1})
+    if repeated:
+        raise ProfileError(f"the sample names column(s) {', '.join(map(repr, repeated))} more than once; columns need distinct names")
     frame = frame.set_axis(columns, axis=1)
-    exclude = list(dict.fromkeys(exclude))
+    exclude = list(dict.fromkeys([exclude] if isinstance(exclude, str) else exclude))
     if label not in columns:
         raise ProfileError(f"label column {label!r} is not in the sample; its columns are: {', '.join(columns)}")
     for option, names in (("--time", [time_column]), ("--id", [id_column]), ("--exclude", exclude)):
@@ -125,6 +127,11 @@ def profile(
         if name in seen:
             raise ProfileError(f"column {name!r} is given as both {seen[name]} and {role}; a column has one role")
         seen[name] = role
+    if ROW_ID in columns and seen.get(ROW_ID) not in ("--id", "--exclude"):
+        raise ProfileError(
+            f"column {ROW_ID!r} is the name Flywheel gives the row id it derives when there is no --id: "
+            f"pass --id {ROW_ID} if it identifies rows, or --exclude it"
+        )
 
     expectations: list[dict] = [
         _expect(
@@ -499,6 +506,8 @@ def _feature(column: pd.Series, name: str) -> tuple[str, list[str], list[dict]]:
             if whole and len(distinct) <= FEW_VALUES
             else ""
         )
+        if whole and len(distinct) == len(values) > FEW_VALUES:
+            codes = "; every value is a distinct whole number: if it is a row id, pass it as --id (later ids fall outside this range)"
         line = (
             f"feature {name}: numeric ({column.dtype}), {_range_text(values)}, nulls {nulls:.1%}"
             f" -> expected within [{low:g}, {high:g}]{codes}"
@@ -620,7 +629,7 @@ def _expect(kind: str, kwargs: dict, notes: str) -> dict:
 
 
 def _check_name(project: str) -> None:
-    if not isinstance(project, str) or not PROJECT_NAME.fullmatch(project):
+    if not isinstance(project, str) or not re.fullmatch(PROJECT_NAME, project):
         raise ProfileError(
             f"project name {project!r}: expected lowercase letters, digits and underscores, starting with a letter"
         )

@@ -14,13 +14,14 @@ engine is checked against ONNX Runtime on the same test rows, within the configu
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import pandas as pd
 
-from pipelines.config import ProjectConfig, TensorRTPrecision
+from pipelines.config import ExportConfig, ProjectConfig, TensorRTPrecision
 from pipelines.export.onnx import LOOKUP_FILE, NETWORK_FILE, OUTPUT, PLAN_FILE, ParityError, onnx_inputs
 
 log = logging.getLogger(__name__)
@@ -43,8 +44,11 @@ def tensorrt_available() -> str | None:
 def export_engine(config: ProjectConfig, folder: Path, encoding) -> dict:
     """Build ``model.plan`` in the candidate ``folder`` as ``export.tensorrt`` asks; returns the record.
 
-    ``{"built": False, "reason": ...}`` where TensorRT is unavailable (one warning, nothing
-    raised); ``ParityError`` where the engine disagrees with ONNX Runtime beyond tolerance.
+    The project-level entry (``pipelines.export.onnx.export`` calls it): it hands the builder
+    only what it needs, the ``export`` section, ``serving.max_batch_size``, the split files and
+    ``train.seed`` (the seed of the int8 calibration sample). ``{"built": False, "reason": ...}``
+    where TensorRT is unavailable (one warning, nothing raised); ``ParityError`` where the
+    engine disagrees with ONNX Runtime beyond tolerance.
     """
     from pipelines.data.split import split_paths
 
@@ -53,19 +57,50 @@ def export_engine(config: ProjectConfig, folder: Path, encoding) -> dict:
     if reason:
         log.warning("export.tensorrt=%s: no TensorRT engine built, %s; the ONNX rendering is published", precision.value, reason)
         return {"built": False, "reason": reason}
-    paths = split_paths(config)
-    parity = _codes(folder / LOOKUP_FILE, pd.read_parquet(paths["test"]).head(config.export.parity_rows), encoding)
-    calibration = None
-    if precision == TensorRTPrecision.int8:
-        train = pd.read_parquet(paths["train"])
-        sample = train.sample(min(config.export.tensorrt_calibration_rows, len(train)), random_state=config.split.seed)
-        calibration = _codes(folder / LOOKUP_FILE, sample, encoding)
-    tolerance = config.export.tensorrt_int8_tolerance if precision == TensorRTPrecision.int8 else config.export.tensorrt_fp16_tolerance
-    record = build_engine(
-        folder / NETWORK_FILE, folder / PLAN_FILE, precision.value, calibration, config.serving.max_batch_size, parity, tolerance
-    )
-    log.info("built %s (%s): max |tensorrt - onnxruntime| = %.2g over %d test rows", folder / PLAN_FILE, precision.value, record["max_abs_diff"], record["parity_rows"])
+    record = build_candidate_engine(config.export, config.train.seed, config.serving.max_batch_size, folder, encoding, split_paths(config))
     return {"built": True, "plan": config.portable(folder / PLAN_FILE), **record}
+
+
+def build_candidate_engine(export: ExportConfig, seed: int, max_batch: int, folder: Path, encoding, splits: Mapping[str, Path]) -> dict:
+    """Build and check ``folder/model.plan`` from ``folder/network.onnx``; the record of ``build_engine``.
+
+    ``export`` is the project's ``export`` section (its ``tensorrt`` precision, fp16 or int8, the
+    parity rows and tolerances), ``seed`` seeds the int8 calibration sample, ``max_batch`` is the
+    largest batch the engine takes (``serving.max_batch_size``), ``splits`` the split files by
+    part (``train`` and ``test`` are read). Needs TensorRT and CUDA (``tensorrt_available()``).
+    """
+    precision = export.tensorrt
+    if precision == TensorRTPrecision.off:
+        raise ValueError("export.tensorrt is off: no engine to build")
+    parity, calibration = engine_feeds(export, seed, folder, encoding, splits)
+    tolerance = export.tensorrt_int8_tolerance if precision == TensorRTPrecision.int8 else export.tensorrt_fp16_tolerance
+    record = build_engine(folder / NETWORK_FILE, folder / PLAN_FILE, precision.value, calibration, max_batch, parity, tolerance)
+    log.info("built %s (%s): max |tensorrt - onnxruntime| = %.2g over %d test rows", folder / PLAN_FILE, precision.value, record["max_abs_diff"], record["parity_rows"])
+    return record
+
+
+def engine_feeds(export: ExportConfig, seed: int, folder: Path, encoding, splits: Mapping[str, Path]) -> tuple[Arrays, Arrays | None]:
+    """The engine's parity rows and (int8 only, else None) calibration rows, as the network's inputs.
+
+    Parity: the first ``export.parity_rows`` rows of ``splits["test"]``. Calibration: the
+    seeded sample of ``splits["train"]`` that ``calibration_rows`` picks. Both go through the
+    candidate's ``lookup.onnx`` (``folder``), so each is ``{"categorical_codes": int32 (rows,
+    categorical), "numeric": float32 (rows, numeric)}``. Runs on CPU (ONNX Runtime), no TensorRT.
+    """
+    lookup = folder / LOOKUP_FILE
+    parity = _codes(lookup, pd.read_parquet(splits["test"]).head(export.parity_rows), encoding)
+    calibration = None
+    if export.tensorrt == TensorRTPrecision.int8:
+        sample = calibration_rows(pd.read_parquet(splits["train"]), export.tensorrt_calibration_rows, seed)
+        calibration = _codes(lookup, sample, encoding)
+    return parity, calibration
+
+
+def calibration_rows(train: pd.DataFrame, rows: int, seed: int) -> pd.DataFrame:
+    """The rows that calibrate an int8 engine: ``min(rows, len(train))`` of ``train``, sampled
+    without replacement with ``seed`` (the same seed and split give the same rows, in the order
+    drawn). The caller passes the project's ``train.seed``."""
+    return train.sample(min(rows, len(train)), random_state=seed)
 
 
 def _codes(lookup: Path, rows: pd.DataFrame, encoding) -> Arrays:
@@ -121,7 +156,7 @@ def build_engine(
         raise RuntimeError(f"TensorRT could not build a {precision} engine from {network_onnx} (its log above says why)")
 
     engine = trt.Runtime(logger).deserialize_cuda_engine(serialized)
-    got = np.concatenate([_run(engine, {n: a[i : i + max_batch] for n, a in parity.items()}) for i in range(0, len(next(iter(parity.values()))), max_batch)])
+    got = run_engine(engine, parity, max_batch)
     expected = _onnxruntime(network_onnx, parity)
     max_abs_diff = float(np.max(np.abs(got - expected)))
     rows = len(expected)
@@ -141,6 +176,13 @@ def _onnxruntime(network_onnx: Path, feeds: Arrays) -> np.ndarray:
 
     (out,) = ort.InferenceSession(str(network_onnx), providers=["CPUExecutionProvider"]).run([OUTPUT], feeds)
     return out
+
+
+def run_engine(engine, feeds: Arrays, max_batch: int) -> np.ndarray:
+    """The engine's ``prediction`` (float32, (rows, 1)) for the network's inputs ``feeds``, in
+    batches of at most ``max_batch`` rows (the engine's optimization profile). Needs CUDA."""
+    rows = len(next(iter(feeds.values())))
+    return np.concatenate([_run(engine, {n: a[i : i + max_batch] for n, a in feeds.items()}) for i in range(0, rows, max_batch)])
 
 
 def _run(engine, feeds: Arrays) -> np.ndarray:

@@ -1,5 +1,6 @@
 """The on-call pages in a real Airflow UI, driven by headless Chromium: refused without a login,
-reached from the navigation after one, showing the project's real drift reports and versions."""
+reached from the navigation after one: the index of the deployment's two projects (the
+tabular ``flights`` and the text ``reviews``), and each project's real drift reports and versions."""
 
 from __future__ import annotations
 
@@ -11,8 +12,17 @@ from pathlib import Path
 import pytest
 
 from pipelines.airflow_local import ADMIN_USER, LocalAirflow
-from tests.browser.oncall_project import V2, write_drift_reports, write_versions
-from tests.conftest import REPO, free_ports, make_project
+from tests.browser.oncall_project import (
+    BASE_MODEL,
+    TEXT_BASE,
+    TEXT_V2,
+    TEXT_V2_RUN,
+    V2,
+    write_drift_reports,
+    write_text_versions,
+    write_versions,
+)
+from tests.conftest import REPO, free_ports, make_project, make_text_project
 
 pytestmark = pytest.mark.e2e
 playwright = pytest.importorskip("playwright.sync_api")
@@ -27,14 +37,16 @@ TIMEOUT_MS = 30_000
 
 @pytest.fixture(scope="module")
 def oncall(tmp_path_factory):
-    """A project with versions and two checked drift windows, and an Airflow serving its plugins."""
-    home = tmp_path_factory.mktemp("oncall")
-    config = make_project(home / "project")
+    """A deployment of two projects, ``flights`` (versions and two checked drift windows) and
+    ``reviews`` (two versions of its text classifier, no drift check), and an Airflow serving its plugins."""
+    root = tmp_path_factory.mktemp("oncall")
+    config = make_project(root / "home")
     write_versions(config)
     calm, drifted = write_drift_reports(config)
     assert not calm["dataset_drift"] and drifted["dataset_drift"]  # the pages must show both verdicts
+    write_text_versions(make_text_project(root / "home"))
     airflow = LocalAirflow(
-        home / "airflow", REPO / "dags", REPO / "plugins", port=free_ports(1)[0],
+        root / "airflow", REPO / "dags", REPO / "plugins", port=free_ports(1)[0],
         extra_env={"FLYWHEEL_HOME": str(config.home)}, scheduled=False,
     )
     with airflow:
@@ -59,9 +71,16 @@ def http_get(url: str, headers: dict | None = None) -> tuple[int, str]:
 
 
 def plugin_urls(airflow: LocalAirflow, folder: str) -> list[str]:
+    flights = "projects/flights"
     return [
         f"{airflow.base_url}/flywheel/{path}"
-        for path in ("drift", "models", f"drift/{folder}", f"drift/{folder}/report.html", "api/drift", f"api/drift/{folder}", "api/models")
+        for path in (
+            "projects", "api/projects",
+            f"{flights}/drift", f"{flights}/models", f"{flights}/drift/{folder}", f"{flights}/drift/{folder}/report.html",
+            f"api/{flights}/drift", f"api/{flights}/drift/{folder}", f"api/{flights}/models",
+            "projects/reviews/models", "projects/reviews/drift", "api/projects/reviews/models",
+            "projects/nope/models",
+        )
     ]
 
 
@@ -77,19 +96,44 @@ def test_nothing_is_served_without_an_airflow_login(oncall):
     assert {url: status for url, (status, _) in anonymous.items()} == dict.fromkeys(urls, 401)
     assert {url: status for url, (status, _) in forged.items()} == dict.fromkeys(urls, 403)
     assert {url: status for url, (status, _) in forged_cookie.items()} == dict.fromkeys(urls, 403)
-    assert not any("flights_delay" in body or "<html" in body.lower() for _, body in anonymous.values())
+    assert not any("flights" in body or "reviews" in body or "<html" in body.lower() for _, body in anonymous.values())
     # the same JSON with the API's own bearer token
-    status, body = http_get(f"{airflow.base_url}/flywheel/api/drift", {"Authorization": f"Bearer {airflow.token()}"})
+    bearer = {"Authorization": f"Bearer {airflow.token()}"}
+    status, body = http_get(f"{airflow.base_url}/flywheel/api/projects/flights/drift", bearer)
     assert status == 200 and folder in body
+    status, body = http_get(f"{airflow.base_url}/flywheel/api/projects/nope/models", bearer)
+    assert status == 404 and "['flights', 'reviews']" in body
+
+
+def test_the_index_lists_both_projects_with_their_served_versions(oncall, browser, tmp_path):
+    airflow, _, drifted = oncall
+    page = logged_in_page(browser, airflow)
+
+    frame = open_index(page)
+
+    expect = playwright.expect
+    flights, reviews = frame.locator("#projects tr[data-project='flights']"), frame.locator("#projects tr[data-project='reviews']")
+    expect(frame.locator("#projects tbody tr")).to_have_count(2, timeout=TIMEOUT_MS)
+    expect(flights).to_contain_text("tabular")
+    expect(flights).to_contain_text("flights_delay")
+    expect(flights.locator("td.served")).to_have_text("2")
+    expect(flights.locator("td.drift")).to_contain_text(f"{drifted['share']:.2f} / {drifted['drift_share']:.2f}")
+    expect(flights.locator("td.drift .badge")).to_have_text("drift")
+    expect(reviews).to_contain_text("text")
+    expect(reviews).to_contain_text("reviews_sentiment")
+    expect(reviews.locator("td.served")).to_have_text("2")
+    expect(reviews.locator("td.drift")).to_contain_text("no drift check for this project yet")
+    page.screenshot(path=tmp_path / "index.png")
+    print(f"screenshots in {tmp_path}")
 
 
 def test_a_logged_in_user_reads_drift_and_opens_evidentlys_report(oncall, browser, tmp_path):
     airflow, _, drifted = oncall
     page = logged_in_page(browser, airflow)
+    frame = open_index(page)
 
-    page.get_by_role("link", name="Drift", exact=True).click()
+    frame.locator("#projects tr[data-project='flights']").get_by_role("link", name="Drift", exact=True).click()
 
-    frame = page.frame_locator("iframe[title='Drift']")
     newest = frame.locator("#drift-reports tbody tr").first
     expect = playwright.expect
     expect(newest).to_contain_text(", ".join(drifted["drifted_columns"]), timeout=TIMEOUT_MS)
@@ -116,10 +160,10 @@ def test_a_logged_in_user_reads_drift_and_opens_evidentlys_report(oncall, browse
 def test_a_logged_in_user_sees_the_served_version_and_both_gate_metrics(oncall, browser, tmp_path):
     airflow, _, _ = oncall
     page = logged_in_page(browser, airflow)
+    frame = open_index(page)
 
-    page.get_by_role("link", name="Models", exact=True).click()
+    frame.locator("#projects tr[data-project='flights']").get_by_role("link", name="Models", exact=True).click()
 
-    frame = page.frame_locator("iframe[title='Models']")
     expect = playwright.expect
     expect(frame.locator("#served-version")).to_have_text("version 2", timeout=TIMEOUT_MS)
     served = frame.locator("#versions tr.serving")
@@ -134,6 +178,42 @@ def test_a_logged_in_user_sees_the_served_version_and_both_gate_metrics(oncall, 
     expect(frame.locator("#runs tbody tr").first).to_contain_text("not promoted")
     page.screenshot(path=tmp_path / "models.png")
     print(f"screenshots in {tmp_path}")
+
+
+def test_the_text_projects_models_page_lists_its_versions_against_base_and_champion(oncall, browser, tmp_path):
+    airflow, _, _ = oncall
+    page = logged_in_page(browser, airflow)
+    frame = open_index(page)
+
+    frame.locator("#projects tr[data-project='reviews']").get_by_role("link", name="Models", exact=True).click()
+
+    expect = playwright.expect
+    expect(frame.locator("#served-version")).to_have_text("version 2", timeout=TIMEOUT_MS)
+    expect(frame.locator("#versions > tbody > tr")).to_have_count(2)
+    served = frame.locator("#versions tr.serving")
+    expect(served).to_contain_text("promoted")
+    expect(served).to_contain_text(TEXT_V2_RUN)
+    expect(served).to_contain_text(BASE_MODEL)
+    accuracy = served.locator("table.metrics tr", has_text="accuracy")
+    expect(accuracy).to_contain_text(f"{TEXT_V2['accuracy']:.4f}")  # challenger
+    expect(accuracy).to_contain_text("0.7920")  # the champion, version 1
+    expect(accuracy).to_contain_text(f"{TEXT_BASE['accuracy']:.4f}")  # the untuned base with a linear head
+    expect(frame.locator("#promotion-rule")).to_contain_text("0.020")
+    expect(frame.locator("#history tbody tr")).to_have_count(2)
+    expect(frame.locator("#runs tbody tr").first).to_contain_text("not promoted")
+    page.screenshot(path=tmp_path / "text_models.png")
+
+    frame.get_by_role("link", name="Drift", exact=True).click()
+    expect(frame.locator("#no-drift-check")).to_contain_text("No drift check for this project yet", timeout=TIMEOUT_MS)
+    print(f"screenshots in {tmp_path}")
+
+
+def open_index(page):
+    """The Flywheel entry of the navigation: the index of projects, in the UI's iframe."""
+    page.get_by_role("link", name="Flywheel", exact=True).click()
+    frame = page.frame_locator("iframe[title='Flywheel']")
+    playwright.expect(frame.locator("#projects")).to_be_visible(timeout=TIMEOUT_MS)
+    return frame
 
 
 def logged_in_page(browser, airflow: LocalAirflow):

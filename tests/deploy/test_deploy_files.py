@@ -136,12 +136,12 @@ def test_every_airflow_container_gets_the_params_overrides_where_the_variable_po
     for name in AIRFLOW_SERVICES:
         target = services[name]["environment"][OVERRIDES_ENV]
         assert services[name]["configs"] == [{"source": "flywheel-params", "target": target}], name
-    # the inline config, as compose hands it over, is a valid override of the project's params.yaml
+    # the inline config, as compose hands it over, is a valid override of every project's params.yaml
     overrides = tmp_path / "params.compose.yaml"
     overrides.write_text(resolved["configs"]["flywheel-params"]["content"])
     monkeypatch.setenv(OVERRIDES_ENV, str(overrides))
 
-    config = load_config(REPO)
+    config = load_config("flights", REPO)
 
     assert config.serving.profile is ServingProfile.gpu
     assert config.serving.triton.url == "triton:8000" and config.metrics.pushgateway == "pushgateway:9091"

@@ -16,7 +16,7 @@ ROWS = 200
 
 def samples(config) -> dict[str, float]:
     """``name{labels}`` -> value of the validate job's textfile (the timestamp left out)."""
-    text = (config.home / "reports/metrics/validate.prom").read_text()
+    text = (config.path(config.metrics.textfile_dir) / "validate.prom").read_text()
     lines = [line.rsplit(" ", 1) for line in text.splitlines() if line and not line.startswith("#")]
     return {key: float(value) for key, value in lines if not key.startswith("flywheel_validate_last_run")}
 
@@ -31,12 +31,12 @@ def test_a_mixed_night_reports_rows_and_batches_passed_and_quarantined(project):
         ingest_landing(project)
 
     assert samples(project) == {
-        f'flywheel_validation_rows{{model="{model}",result="passed"}}': 2 * ROWS,
-        f'flywheel_validation_rows{{model="{model}",result="quarantined"}}': ROWS,
-        f'flywheel_validation_batches{{model="{model}",result="passed"}}': 2,
-        f'flywheel_validation_batches{{model="{model}",result="quarantined"}}': 1,
+        f'flywheel_validation_rows{{model="{model}",project="flights",result="passed"}}': 2 * ROWS,
+        f'flywheel_validation_rows{{model="{model}",project="flights",result="quarantined"}}': ROWS,
+        f'flywheel_validation_batches{{model="{model}",project="flights",result="passed"}}': 2,
+        f'flywheel_validation_batches{{model="{model}",project="flights",result="quarantined"}}': 1,
     }
-    assert "flywheel_validate_last_run_timestamp_seconds" in (project.home / "reports/metrics/validate.prom").read_text()
+    assert "flywheel_validate_last_run_timestamp_seconds" in (project.path(project.metrics.textfile_dir) / "validate.prom").read_text()
 
 
 def test_a_night_with_nothing_landed_leaves_the_last_verdict_in_place(project):

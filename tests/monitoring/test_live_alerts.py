@@ -221,7 +221,7 @@ def test_a_drifted_window_fires_drift_detected_and_a_clean_one_does_not(project,
 
     # Then FlywheelDriftDetected fires for the model, its value the drifted share
     alert = wait_for("FlywheelDriftDetected firing", lambda: monitoring.firing("FlywheelDriftDetected", model=model), monitoring.logs)
-    assert alert["labels"] == {"alertname": "FlywheelDriftDetected", "severity": "warning", "job": "flywheel_drift", "model": model}
+    assert alert["labels"] == {"alertname": "FlywheelDriftDetected", "severity": "warning", "job": "flywheel_drift", "model": model, "project": project.name}
     assert float(alert["value"]) == summer["share"]
     assert alert["annotations"]["summary"] == f"Drift detected for model {model}"
     assert f"reports/drift/{model}/" in alert["annotations"]["description"]
@@ -266,6 +266,7 @@ def test_a_quarantined_batch_fires_validation_failures_and_a_clean_ingestion_doe
         "severity": "critical",
         "job": "flywheel_validate",
         "model": model,
+        "project": project.name,
         "result": "quarantined",
     }
     assert float(alert["value"]) == 1

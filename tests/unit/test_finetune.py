@@ -14,7 +14,7 @@ from pipelines.finetune import data
 from pipelines.finetune.evaluate import evaluate
 from pipelines.finetune.params import PACKAGED_MINILM, ParamsError, check, resolve_base
 from pipelines.finetune.train import ADAPTER_DIR, CANDIDATE_FILE, encode, finetune, load_tokenizer
-from tests.conftest import make_project
+from tests.conftest import make_text_project
 
 LLAMA_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -22,7 +22,7 @@ LLAMA_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
 @pytest.fixture(scope="module")
 def reviews_project(tmp_path_factory):
     """A project whose three review datasets (text, Alpaca, chat) landed and passed validation."""
-    config = make_project(tmp_path_factory.mktemp("finetune") / "project", {"finetune": {"max_eval_records": 64}})
+    config = make_text_project(tmp_path_factory.mktemp("finetune") / "project", {"finetune": {"max_eval_records": 64}})
     data.write_review_datasets(config)
     summaries = {name: data.ingest(config, name) for name in ("reviews", "review_instructions", "review_chat")}
     return config, summaries
@@ -76,7 +76,7 @@ def test_the_real_reviews_lose_only_their_duplicates_to_quarantine(reviews_proje
 
 
 def test_bad_records_are_quarantined_with_the_reason_and_the_rest_become_the_dataset(tmp_path):
-    config = make_project(tmp_path / "project")
+    config = make_text_project(tmp_path / "project")
     landing = config.path(config.finetune.landing_dir)
     good = [{"messages": [{"role": "user", "content": f"question {i}"}, {"role": "assistant", "content": "answer"}]} for i in range(5)]
     bad = [
@@ -98,7 +98,7 @@ def test_bad_records_are_quarantined_with_the_reason_and_the_rest_become_the_dat
 
 
 def test_a_landed_file_with_no_valid_record_fails_and_keeps_every_record(tmp_path):
-    config = make_project(tmp_path / "project")
+    config = make_text_project(tmp_path / "project")
     records = [{"instruction": "", "input": "", "output": "x"}, {"instruction": "say hi", "input": "", "output": ""}]
     data.write_records(config.path(config.finetune.landing_dir) / "broken.jsonl", records)
 
@@ -133,7 +133,7 @@ def test_data_versions_are_dvc_hashes_that_change_with_the_records(reviews_proje
     config, _ = reviews_project
     first = data.version(config, "review_chat")
     (path,) = first
-    assert len(first[path]) == 32 and path == "data/finetune/review_chat.jsonl"
+    assert len(first[path]) == 32 and path == "data/reviews/datasets/review_chat.jsonl"
     records = data.read_records(data.dataset_path(config, "review_chat"))
     data.write_records(data.dataset_path(config, "review_chat"), records[:-1])
     assert data.version(config, "review_chat")[path] != first[path]
@@ -223,7 +223,7 @@ def test_a_causal_lm_short_of_the_required_loss_drop_is_not_promoted(tmp_path, t
     from pipelines.evaluation.gate import NOT_PROMOTED
 
     # At least half the base's held-out loss must go; one epoch at a tiny rate takes off next to nothing.
-    config = make_project(tmp_path / "project", {"finetune": {"min_improvement": 0.5, "max_eval_records": 32}})
+    config = make_text_project(tmp_path / "project", {"finetune": {"min_improvement": 0.5, "max_eval_records": 32}})
     data.write_review_datasets(config)
     data.ingest(config, "review_instructions")
     checked = check(

@@ -45,7 +45,7 @@ def test_training_writes_a_complete_candidate_and_reuses_it_on_the_same_inputs(t
     assert again["candidate"] == first["candidate"]
     record = json.loads((config.home / first["candidate"] / CANDIDATE_FILE).read_text())
     assert record["best_val_loss"] == pytest.approx(first["best_val_loss"])
-    assert record["inputs"]["data"]["train"] == data_version["data/split/train.parquet"]
+    assert record["inputs"]["data"]["train"] == data_version["data/flights/split/train.parquet"]
 
 
 def test_a_worker_that_mounts_the_project_home_elsewhere_finds_the_candidate(trained, tmp_path):
@@ -55,7 +55,7 @@ def test_a_worker_that_mounts_the_project_home_elsewhere_finds_the_candidate(tra
     assert not candidate["candidate"].startswith("/")
     elsewhere = tmp_path / "mnt" / "flywheel"
     shutil.copytree(config.home, elsewhere)
-    worker = load_config(elsewhere)
+    worker = load_config(config.name, elsewhere)
 
     decision = evaluate(worker, candidate["candidate"])
 
@@ -198,7 +198,7 @@ def test_a_crash_mid_publish_leaves_no_half_version(tmp_path):
 
 def test_a_regression_project_is_a_config_change_not_a_code_change(tmp_path):
     # Given another project over the same rows: predict a flight's distance from its route and times
-    features = [f for f in yaml.safe_load((REPO / "params.yaml").read_text())["dataset"]["features"] if f["name"] != "distance"]
+    features = [f for f in yaml.safe_load((REPO / "projects" / "flights" / "params.yaml").read_text())["dataset"]["features"] if f["name"] != "distance"]
     config = make_project(
         tmp_path / "project",
         {
@@ -276,7 +276,7 @@ def test_publish_counts_the_challengers_the_gate_refused_in_a_row(trained):
         publish(config, candidate["candidate"], refused, data_version, {**RUN, "run_id": run_id})
 
     assert rejections_in_a_row(config) == before + 2
-    assert f"flywheel_gate_rejections_in_a_row{{model=\"{config.model.name}\"}} {before + 2:.1f}" in (config.home / "reports/metrics/publish.prom").read_text()
+    assert f"flywheel_gate_rejections_in_a_row{{model=\"{config.model.name}\",project=\"{config.name}\"}} {before + 2:.1f}" in (config.path(config.metrics.textfile_dir) / "publish.prom").read_text()
 
 
 def test_publish_reports_its_outcome_and_both_metrics_for_prometheus(trained):
@@ -287,11 +287,11 @@ def test_publish_reports_its_outcome_and_both_metrics_for_prometheus(trained):
 
     publish(config, candidate["candidate"], decision, data_version, {**RUN, "run_id": "manual__metrics"})
 
-    text = (config.home / "reports" / "metrics" / "publish.prom").read_text()
+    text = (config.path(config.metrics.textfile_dir) / "publish.prom").read_text()
     samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in text_string_to_metric_families(text) for s in f.samples}
-    model = ("model", config.model.name)
+    model, project = ("model", config.model.name), ("project", config.name)
     outcome = decision["decision"].replace(" ", "_")
-    assert samples[("flywheel_publish_outcome", (model, ("outcome", outcome)))] == 1.0
-    assert samples[("flywheel_served_version", (model,))] == repository.served_version(config.model_dir)
-    challenger = samples[("flywheel_gate_metric", (("metric", "roc_auc"), model, ("role", "challenger")))]
+    assert samples[("flywheel_publish_outcome", (model, ("outcome", outcome), project))] == 1.0
+    assert samples[("flywheel_served_version", (model, project))] == repository.served_version(config.model_dir)
+    challenger = samples[("flywheel_gate_metric", (("metric", "roc_auc"), model, project, ("role", "challenger")))]
     assert challenger == pytest.approx(decision["challenger"]["roc_auc"])

@@ -57,9 +57,9 @@ def test_a_later_season_drifts_and_the_same_season_does_not(served):
     assert json.loads((folder / "summary.json").read_text()) == summer
     assert "dest" in (folder / "report.html").read_text()
     assert [r["window"]["end"] for r in recent_reports(served)] == [summer["window"]["end"], winter["window"]["end"]]
-    prom = (served.home / "reports/metrics/drift.prom").read_text()
-    assert 'flywheel_drift_detected{model="flights_delay"} 1.0' in prom
-    assert 'flywheel_drift_column_drifted{column="dest",method="jensenshannon",model="flights_delay"} 1.0' in prom
+    prom = (served.path(served.metrics.textfile_dir) / "drift.prom").read_text()
+    assert 'flywheel_drift_detected{model="flights_delay",project="flights"} 1.0' in prom
+    assert 'flywheel_drift_column_drifted{column="dest",method="jensenshannon",model="flights_delay",project="flights"} 1.0' in prom
 
 
 def test_a_rerun_of_a_window_replaces_its_report_and_leaves_nothing_half_written(served):

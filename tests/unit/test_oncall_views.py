@@ -1,6 +1,7 @@
-"""The on-call plugin without a server: how drift summaries, lineage and the serving history are
-shaped for the pages, that a report is served only from the reports folder, and that every
-route refuses a caller without an Airflow login."""
+"""The on-call plugin without a server: how drift summaries, lineage, the serving history and the
+deployment's projects are shaped for the pages, that a project and a report are named by
+their names only, that every route refuses a caller without an Airflow login, and that the
+auth manager decides per project (its retrain or finetune DAG, its drift DAG) who reads what."""
 
 from __future__ import annotations
 
@@ -9,14 +10,25 @@ import sys
 from pathlib import Path
 
 import pytest
-from fastapi import FastAPI
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.testclient import TestClient
 
-from pipelines.evaluation.gate import NOT_PROMOTED
+from pipelines.evaluation.gate import NOT_PROMOTED, PROMOTED
 from pipelines.lineage import write_json
 from pipelines.monitoring.check import reports_root
-from tests.browser.oncall_project import REJECTED_REASON, V1, V2, write_versions
-from tests.conftest import REPO
+from tests.browser.oncall_project import (
+    BASE_MODEL,
+    REJECTED_REASON,
+    TEXT_BASE,
+    TEXT_V1,
+    TEXT_V2,
+    TEXT_V2_RUN,
+    V1,
+    V2,
+    write_text_versions,
+    write_versions,
+)
+from tests.conftest import REPO, make_project, make_text_project
 
 # Airflow puts its plugins folder on sys.path and imports the plugin from there; so do the tests.
 if str(REPO / "plugins") not in sys.path:
@@ -62,23 +74,62 @@ def write_report(config, folder: str = FOLDER, **changes) -> Path:
 
 
 @pytest.fixture
+def home(tmp_path) -> Path:
+    return tmp_path / "home"
+
+
+@pytest.fixture
+def project(home):
+    """The tabular project ``flights``."""
+    return make_project(home)
+
+
+@pytest.fixture
+def text_project(home, project):
+    """The text project ``reviews``, in the same deployment as ``flights``."""
+    return make_text_project(home)
+
+
+@pytest.fixture
 def plugin_app():
     return oncall.create_app()
 
 
 @pytest.fixture
-def client(plugin_app, project, monkeypatch):
-    """The plugin's app mounted as the api-server mounts it, the project in FLYWHEEL_HOME."""
-    monkeypatch.setenv("FLYWHEEL_HOME", str(project.home))
+def client(plugin_app, home, text_project, monkeypatch):
+    """The plugin's app mounted as the api-server mounts it; the deployment (flights and reviews) in FLYWHEEL_HOME."""
+    monkeypatch.setenv("FLYWHEEL_HOME", str(home))
     root = FastAPI()
     root.mount(oncall.URL_PREFIX, plugin_app)
     return TestClient(root)
 
 
+class Allowed(oncall.Access):
+    """A logged-in user the auth manager lets read ``dags`` (every DAG when None)."""
+
+    dags: set[str] | None = None
+
+    def require(self, dag_id: str) -> None:
+        if self.dags is not None and dag_id not in self.dags:
+            raise HTTPException(403, "Forbidden")
+
+
+def log_in(plugin_app, dags: set[str] | None = None) -> None:
+    class Caller(Allowed):
+        pass
+
+    Caller.dags = dags
+
+    def caller(request: Request) -> oncall.Access:
+        return Caller(request, "viewer")
+
+    plugin_app.dependency_overrides = {oncall.access: caller}
+
+
 @pytest.fixture
 def logged_in(client, plugin_app):
-    """As a user the auth manager lets read the drift and retrain DAGs."""
-    plugin_app.dependency_overrides = {oncall.can_read_drift: lambda: None, oncall.can_read_retrain: lambda: None}
+    """As a user the auth manager lets read every DAG."""
+    log_in(plugin_app)
     return client
 
 
@@ -110,15 +161,24 @@ def test_gate_metrics_put_the_deciding_metric_first_and_show_a_missing_champion(
     second = data.gate_metrics({"metric": "roc_auc", "challenger": V2, "champion": V1})
 
     assert [m["metric"] for m in first] == ["roc_auc", "f1", "log_loss"]
-    assert first[0] == {"metric": "roc_auc", "challenger": V1["roc_auc"], "champion": None, "deciding": True}
+    assert first[0] == {"metric": "roc_auc", "challenger": V1["roc_auc"], "champion": None, "base": None, "deciding": True}
     assert second[0]["challenger"] == V2["roc_auc"] and second[0]["champion"] == V1["roc_auc"]
+
+
+def test_a_text_gate_shows_the_untuned_base_beside_challenger_and_champion():
+    metrics = data.gate_metrics({"metric": "accuracy", "challenger": TEXT_V2, "champion": TEXT_V1, "base": TEXT_BASE})
+
+    assert [m["metric"] for m in metrics] == ["accuracy", "f1_macro"]
+    assert metrics[0] == {
+        "metric": "accuracy", "challenger": TEXT_V2["accuracy"], "champion": TEXT_V1["accuracy"], "base": TEXT_BASE["accuracy"], "deciding": True,
+    }
 
 
 def test_a_version_row_says_whether_it_serves_and_why_it_was_rejected():
     lineage = {
         "gate": {"decision": "promoted", "reason": "beats", "metric": "roc_auc", "challenger": V2, "champion": V1, "champion_version": 1},
-        "airflow": {"dag_id": "retrain", "run_id": "manual__1", "run_type": "manual", "trigger": {"kind": "manual"}},
-        "data_version": {"data/raw/flights.parquet": "abc"},
+        "airflow": {"dag_id": "retrain__flights", "run_id": "manual__1", "run_type": "manual", "trigger": {"kind": "manual"}},
+        "data_version": {"data/flights/raw.parquet": "abc"},
         "code_version": "0123456789abcdef-dirty",
         "created_at": "2026-03-01T11:21:40+00:00",
         "status": "rejected",
@@ -128,9 +188,18 @@ def test_a_version_row_says_whether_it_serves_and_why_it_was_rejected():
     row = data.version_row(3, lineage, served=2)
 
     assert row["serving"] is False and row["status"] == "rejected" and row["rejected_reason"] == REJECTED_REASON
-    assert (row["run_id"], row["trigger"], row["champion_version"]) == ("manual__1", "manual", 1)
+    assert (row["run_id"], row["trigger"], row["champion_version"], row["dag_id"]) == ("manual__1", "manual", 1, "retrain__flights")
+    assert row["base_model"] is None
     assert data.version_row(2, {k: v for k, v in lineage.items() if "rejected" not in k and k != "status"}, served=2)["status"] == "published"
     assert data.version_row(2, lineage, served=2)["serving"] is True
+
+
+def test_a_text_version_row_names_the_checkpoint_it_was_fine_tuned_from():
+    lineage = {"base_model": {"name": BASE_MODEL, "sha256": "0" * 64}, "gate": {"metric": "accuracy", "challenger": TEXT_V1, "base": TEXT_BASE}}
+
+    row = data.version_row(1, lineage, served=1)
+
+    assert row["base_model"] == BASE_MODEL and row["metric"] == "accuracy" and row["metrics"][0]["base"] == TEXT_BASE["accuracy"]
 
 
 def test_the_serving_history_is_newest_first_and_a_torn_line_is_shown_not_hidden():
@@ -148,19 +217,93 @@ def test_the_serving_history_is_newest_first_and_a_torn_line_is_shown_not_hidden
     assert (events[1]["version"], events[1]["previous"], events[1]["switch_seconds"]) == (2, 1, 1.2)
 
 
+def test_a_projects_pages_are_guarded_by_the_dags_of_its_kind():
+    assert data.dag_ids("flights", "tabular") == {"models": "retrain__flights", "drift": "drift__flights"}
+    assert data.dag_ids("reviews", "text") == {"models": "finetune__reviews", "drift": "drift__reviews"}
+
+
+def test_an_index_row_shows_only_what_the_callers_pages_would(project):
+    latest = summary(project)
+
+    full = data.project_row("flights", "tabular", models=True, drift=True, served_model="flights_delay", served_version=2, latest=latest)
+    drift_only = data.project_row("flights", "tabular", models=False, drift=True, served_model="flights_delay", served_version=2, latest=latest)
+    models_only = data.project_row("flights", "tabular", models=True, drift=False, served_model="flights_delay", served_version=2, latest=latest)
+
+    assert full["served_version"] == 2
+    assert full["latest_drift"] == {"report": FOLDER, "window_end": "2026-03-02T11:00:00+00:00", "dataset_drift": True, "share": 0.5, "drift_share": 0.3}
+    assert drift_only["served_version"] is None and drift_only["latest_drift"]["share"] == 0.5
+    assert models_only["served_version"] == 2 and models_only["latest_drift"] is None
+    assert data.project_row("reviews", "text", models=True, drift=True)["drift_checked"] is False
+
+
+# --- loaders -----------------------------------------------------------------------------------
+
+
 def test_the_models_view_reads_versions_history_and_runs_from_the_project(project):
     write_versions(project)
 
     view = data.load_models(project)
 
-    assert view["served_version"] == 2
+    assert (view["project"], view["kind"], view["model"], view["served_version"]) == ("flights", "tabular", "flights_delay", 2)
+    assert view["gate"] == {"metric": "roc_auc", "min_improvement": 0.002, "floor": 0.5} and "finetune" not in view
     assert [(v["version"], v["serving"], v["status"]) for v in view["versions"]] == [(3, False, "rejected"), (2, True, "published"), (1, False, "published")]
     assert [(e["event"], e["version"]) for e in view["history"]] == [("rejected", 3), ("publish", 2), ("publish", 1)]
     assert view["runs"][0]["decision"] == NOT_PROMOTED and view["runs"][0]["version"] is None
     assert len(view["runs"]) == 4
 
 
-# --- reports only from the reports folder ------------------------------------------------------
+def test_the_models_view_of_a_text_project_reads_its_ensembles_versions_and_finetune_runs(text_project):
+    write_text_versions(text_project)
+
+    view = data.load_models(text_project)
+
+    assert (view["project"], view["kind"], view["model"], view["served_version"]) == ("reviews", "text", "reviews_sentiment", 2)
+    assert view["finetune"] == {"min_gain_over_base": 0.02, "min_improvement": 0.0} and "gate" not in view
+    assert [(v["version"], v["serving"], v["decision"], v["metric"]) for v in view["versions"]] == [(2, True, PROMOTED, "accuracy"), (1, False, PROMOTED, "accuracy")]
+    assert view["versions"][0]["run_id"] == TEXT_V2_RUN and view["versions"][0]["dag_id"] == "finetune__reviews"
+    assert view["versions"][0]["metrics"][0] == {
+        "metric": "accuracy", "challenger": TEXT_V2["accuracy"], "champion": TEXT_V1["accuracy"], "base": TEXT_BASE["accuracy"], "deciding": True,
+    }
+    assert [(e["event"], e["version"], e["previous"]) for e in view["history"]] == [("publish", 2, 1), ("publish", 1, None)]
+    assert [(r["decision"], r["version"], r["live"]) for r in view["runs"]] == [(NOT_PROMOTED, None, None), (PROMOTED, 2, "publish"), (PROMOTED, 1, "publish")]
+
+
+def test_a_text_project_has_no_drift_check_yet_and_its_drift_view_says_so(text_project):
+    view = data.load_drift(text_project, 50)
+
+    assert view["drift_checked"] is False and view["reports"] == []
+    assert view["model"] == "reviews_sentiment" and view["reports_dir"].endswith("reviews_sentiment")
+
+
+def test_the_index_lists_each_readable_project_with_its_served_version_and_latest_drift(project, text_project, home):
+    write_versions(project)
+    write_text_versions(text_project)
+    write_report(project)
+
+    view = data.load_index(home, lambda dag_id: True)
+    rows = {row["name"]: row for row in view["projects"]}
+
+    assert list(rows) == ["flights", "reviews"]
+    assert (rows["flights"]["kind"], rows["flights"]["served_model"], rows["flights"]["served_version"]) == ("tabular", "flights_delay", 2)
+    assert rows["flights"]["latest_drift"]["share"] == 0.5 and rows["flights"]["latest_drift"]["dataset_drift"] is True
+    assert (rows["reviews"]["kind"], rows["reviews"]["served_model"], rows["reviews"]["served_version"]) == ("text", "reviews_sentiment", 2)
+    assert rows["reviews"]["latest_drift"] is None and rows["reviews"]["drift_checked"] is False
+
+
+def test_the_index_leaves_out_projects_the_caller_may_not_read_and_shows_a_broken_one(project, text_project, home):
+    broken = home / "projects" / "broken"
+    broken.mkdir()
+    (broken / "params.yaml").write_text("kind: tabular\ngate: {metric: roc_auc}\n")
+
+    view = data.load_index(home, lambda dag_id: dag_id in {"retrain__flights", "retrain__broken"})
+    rows = {row["name"]: row for row in view["projects"]}
+
+    assert list(rows) == ["broken", "flights"]
+    assert rows["flights"]["models"] is True and rows["flights"]["drift"] is False and rows["flights"]["latest_drift"] is None
+    assert "ConfigError" in rows["broken"]["error"] and "params.yaml" in rows["broken"]["error"]
+
+
+# --- names only: projects and reports ------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -194,11 +337,11 @@ def test_a_report_folder_resolves_inside_the_reports_dir(project):
 @pytest.mark.parametrize(
     "path",
     [
-        "drift/..%2F..%2F..%2Fparams.yaml/report.html",
-        "drift/%2e%2e/report.html",
-        "drift/..%2Fsummary.json",
-        "api/drift/..%2F..",
-        "drift/20990101T000000Z/report.html",
+        "projects/flights/drift/..%2F..%2F..%2Fprojects%2Fflights%2Fparams.yaml/report.html",
+        "projects/flights/drift/%2e%2e/report.html",
+        "projects/flights/drift/..%2Fsummary.json",
+        "api/projects/flights/drift/..%2F..",
+        "projects/flights/drift/20990101T000000Z/report.html",
     ],
 )
 def test_paths_that_are_not_a_report_get_404(logged_in, project, path):
@@ -207,12 +350,51 @@ def test_paths_that_are_not_a_report_get_404(logged_in, project, path):
     response = logged_in.get(f"/flywheel/{path}")
 
     assert response.status_code == 404
-    assert "flights" not in response.text.replace("flights_delay", "")  # nothing of params.yaml
+    assert "arr_delayed" not in response.text  # nothing of params.yaml
+
+
+@pytest.mark.parametrize(
+    ("name", "routed"),
+    [
+        ("nope", True), ("Flights", True), ("flights_", True), ("_flights", True), ("flights.yaml", True),
+        ("flights%00", True), ("%2e%2e", True),  # decoded to "..": reaches the app, refused by name
+        ("..", False), ("..%2F..%2Fprojects%2Fflights", False),  # no route takes them: a plain 404
+    ],
+)
+def test_a_project_is_named_by_its_name_and_an_unknown_one_lists_the_known(logged_in, name, routed):
+    for path in (f"projects/{name}/models", f"api/projects/{name}/drift", f"projects/{name}/drift/{FOLDER}/report.html"):
+        response = logged_in.get(f"/flywheel/{path}")
+
+        assert response.status_code == 404, path
+        detail = response.json()["detail"]
+        assert ("the projects are ['flights', 'reviews']" in detail) if routed else detail == "Not Found"
+        assert "arr_delayed" not in response.text
+
+
+def test_an_unknown_project_is_a_404_that_names_the_known_ones(logged_in):
+    response = logged_in.get("/flywheel/api/projects/taxis/models")
+
+    assert response.status_code == 404
+    assert "no project 'taxis'" in response.json()["detail"] and "['flights', 'reviews']" in response.json()["detail"]
 
 
 # --- over HTTP ---------------------------------------------------------------------------------
 
-ROUTES = ["drift", f"drift/{FOLDER}", f"drift/{FOLDER}/report.html", "models", "api/drift", f"api/drift/{FOLDER}", "api/models"]
+ROUTES = [
+    "projects",
+    "api/projects",
+    "projects/flights/drift",
+    f"projects/flights/drift/{FOLDER}",
+    f"projects/flights/drift/{FOLDER}/report.html",
+    "projects/flights/models",
+    "api/projects/flights/drift",
+    f"api/projects/flights/drift/{FOLDER}",
+    "api/projects/flights/models",
+    "projects/reviews/models",
+    "projects/reviews/drift",
+    "api/projects/reviews/models",
+    "projects/nope/models",  # an unknown project: 401 first, nothing about the projects
+]
 
 
 @pytest.mark.parametrize("route", ROUTES)
@@ -225,36 +407,71 @@ def test_every_route_refuses_a_caller_without_a_token(client, project, route):
     assert response.json() == {"detail": "Not authenticated"}
 
 
-def test_the_auth_manager_decides_per_dag_who_reads_what(client, project, monkeypatch):
+def test_the_auth_manager_decides_per_project_dag_who_reads_what(client, project, text_project, home, monkeypatch):
     from airflow.api_fastapi.core_api import security
 
+    make_project(home, {"model": {"name": "taxis_delay"}}, name="taxis")  # nothing of it readable
+    allowed = {"drift__flights", "finetune__reviews"}
     asked = []
 
-    class DriftOnlyManager:
+    class PerDagManager:
         def is_authorized_dag(self, *, method, access_entity=None, details, user):
             asked.append((method, details.id, user))
-            return details.id == "drift"
+            return details.id in allowed
 
     async def viewer(request, _oauth_token=None, bearer_credentials=None):
         return "viewer"
 
     monkeypatch.setattr(security, "get_user", viewer)
-    monkeypatch.setattr(security, "get_auth_manager", DriftOnlyManager)
+    monkeypatch.setattr(security, "get_auth_manager", PerDagManager)
     monkeypatch.setattr(security.DagModel, "get_team_name", staticmethod(lambda dag_id: None))
+    write_versions(project)
+    write_text_versions(text_project)
     write_report(project)
 
-    assert client.get("/flywheel/api/drift").status_code == 200
-    assert client.get("/flywheel/models").status_code == 403
-    assert asked == [("GET", "drift", "viewer"), ("GET", "retrain", "viewer")]
+    assert client.get("/flywheel/api/projects/flights/drift").status_code == 200
+    assert client.get("/flywheel/projects/flights/models").status_code == 403
+    assert client.get("/flywheel/api/projects/reviews/models").status_code == 200
+    assert client.get("/flywheel/projects/reviews/drift").status_code == 403
+    assert asked == [
+        ("GET", "drift__flights", "viewer"), ("GET", "retrain__flights", "viewer"),
+        ("GET", "finetune__reviews", "viewer"), ("GET", "drift__reviews", "viewer"),
+    ]
+
+    rows = {row["name"]: row for row in client.get("/flywheel/api/projects").json()["projects"]}
+
+    assert list(rows) == ["flights", "reviews"]  # taxis: neither of its DAGs is readable
+    assert (rows["flights"]["served_version"], rows["flights"]["latest_drift"]["share"]) == (None, 0.5)
+    assert (rows["reviews"]["served_version"], rows["reviews"]["latest_drift"]) == (2, None)
+    index = client.get("/flywheel/projects").text
+    assert 'href="/flywheel/projects/flights/drift"' in index and 'href="/flywheel/projects/flights/models"' not in index
+    assert 'href="/flywheel/projects/reviews/models"' in index and 'href="/flywheel/projects/reviews/drift"' not in index
+    assert "taxis" not in index
+
+
+def test_the_index_page_links_each_projects_pages_under_the_mount_prefix(logged_in, project, text_project):
+    write_versions(project)
+    write_text_versions(text_project)
+    write_report(project)
+
+    page = logged_in.get("/flywheel/projects").text
+
+    for name in ("flights", "reviews"):
+        assert f'href="/flywheel/projects/{name}/drift"' in page and f'href="/flywheel/projects/{name}/models"' in page
+    assert "flights_delay" in page and "reviews_sentiment" in page
+    assert "0.50" in page and "no drift check for this project yet" in page
+    assert logged_in.get("/flywheel/", follow_redirects=False).headers["location"] == "/flywheel/projects"
 
 
 def test_the_drift_pages_link_each_report_under_the_mount_prefix(logged_in, project):
     write_report(project)
 
-    page = logged_in.get("/flywheel/drift").text
-    detail = logged_in.get(f"/flywheel/drift/{FOLDER}").text
+    page = logged_in.get("/flywheel/projects/flights/drift").text
+    detail = logged_in.get(f"/flywheel/projects/flights/drift/{FOLDER}").text
 
-    assert f'href="/flywheel/drift/{FOLDER}/report.html"' in page and f'href="/flywheel/drift/{FOLDER}"' in page
+    assert f'href="/flywheel/projects/flights/drift/{FOLDER}/report.html"' in page
+    assert f'href="/flywheel/projects/flights/drift/{FOLDER}"' in page
+    assert 'href="/flywheel/projects"' in page and 'href="/flywheel/projects/flights/models"' in page
     assert "dest, distance" in page and "0.50" in page
     assert detail.index("dest") < detail.index("carrier")  # drifted first
 
@@ -262,7 +479,7 @@ def test_the_drift_pages_link_each_report_under_the_mount_prefix(logged_in, proj
 def test_evidentlys_report_is_served_in_a_sandbox_of_its_own(logged_in, project):
     write_report(project)
 
-    response = logged_in.get(f"/flywheel/drift/{FOLDER}/report.html")
+    response = logged_in.get(f"/flywheel/projects/flights/drift/{FOLDER}/report.html")
 
     assert response.status_code == 200 and "Evidently report of dest" in response.text
     assert response.headers["content-type"].startswith("text/html")
@@ -274,7 +491,7 @@ def test_values_from_served_requests_are_escaped_in_the_pages(logged_in, project
     columns = [{"column": hostile, "kind": "categorical", "method": "jensenshannon", "score": 0.2, "threshold": 0.1, "drifted": True}]
     write_report(project, drifted_columns=[hostile], columns=columns)
 
-    for path in ("drift", f"drift/{FOLDER}"):
+    for path in ("projects/flights/drift", f"projects/flights/drift/{FOLDER}"):
         html = logged_in.get(f"/flywheel/{path}").text
         assert hostile not in html and "&lt;img src=x onerror=" in html
 
@@ -282,16 +499,44 @@ def test_values_from_served_requests_are_escaped_in_the_pages(logged_in, project
 def test_the_models_page_shows_the_served_version_and_both_metrics(logged_in, project):
     write_versions(project)
 
-    html = logged_in.get("/flywheel/models").text
+    html = logged_in.get("/flywheel/projects/flights/models").text
 
     assert '<div class="value" id="served-version">version 2</div>' in html
     assert f"{V2['roc_auc']:.4f}" in html and f"{V1['roc_auc']:.4f}" in html and "champion (v1)" in html
-    assert REJECTED_REASON in html
+    assert REJECTED_REASON in html and "Latest retrain runs" in html
 
 
-def test_without_a_project_the_pages_say_what_to_set(logged_in, monkeypatch, tmp_path):
+def test_the_models_page_of_a_text_project_shows_its_versions_the_base_and_the_finetune_margins(logged_in, text_project):
+    write_text_versions(text_project)
+
+    html = logged_in.get("/flywheel/projects/reviews/models").text
+
+    assert '<div class="value" id="served-version">version 2</div>' in html
+    assert TEXT_V2_RUN in html and BASE_MODEL in html and "finetune__reviews" in html
+    assert f"{TEXT_V2['accuracy']:.4f}" in html and f"{TEXT_BASE['accuracy']:.4f}" in html and '<th class="num">base</th>' in html
+    assert "min_gain_over_base" in html and "0.020" in html and "Latest finetune runs" in html
+
+
+def test_the_drift_page_of_a_text_project_says_there_is_no_drift_check_yet(logged_in, text_project):
+    response = logged_in.get("/flywheel/projects/reviews/drift")
+
+    assert response.status_code == 200 and 'id="no-drift-check"' in response.text
+    assert logged_in.get("/flywheel/api/projects/reviews/drift").json()["reports"] == []
+
+
+def test_without_projects_the_index_says_what_to_set(logged_in, monkeypatch, tmp_path):
     monkeypatch.setenv("FLYWHEEL_HOME", str(tmp_path / "nowhere"))
 
-    response = logged_in.get("/flywheel/api/drift")
+    index = logged_in.get("/flywheel/projects")
+    project = logged_in.get("/flywheel/api/projects/flights/drift")
 
-    assert response.status_code == 503 and "FLYWHEEL_HOME" in response.json()["detail"]
+    assert index.status_code == 200 and "FLYWHEEL_HOME" in index.text and str(tmp_path / "nowhere" / "projects") in index.text
+    assert project.status_code == 404 and "FLYWHEEL_HOME" in project.json()["detail"]
+
+
+def test_a_project_whose_params_cannot_be_read_is_a_503_that_names_the_file(logged_in, home):
+    (home / "projects" / "flights" / "params.yaml").write_text("kind: tabular\ngate: {metric: roc_auc}\n")
+
+    response = logged_in.get("/flywheel/api/projects/flights/models")
+
+    assert response.status_code == 503 and "projects/flights/params.yaml" in response.json()["detail"]

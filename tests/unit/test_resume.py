@@ -18,7 +18,7 @@ TRAIN_IN_A_WORKER = """
 import json, sys
 from pipelines.config import load_config
 from pipelines.training.train import train
-train(load_config(sys.argv[1]), json.loads(sys.argv[2]))
+train(load_config("flights", sys.argv[1]), json.loads(sys.argv[2]))
 """
 
 

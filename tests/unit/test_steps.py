@@ -1,0 +1,44 @@
+"""The one way a step marks what a retry cannot fix, for every DAG."""
+
+import pytest
+from airflow.exceptions import AirflowFailException
+
+from pipelines import steps
+from pipelines.config import ConfigError
+from pipelines.errors import NotRetryable
+from tests.conftest import make_project
+
+
+def test_a_not_retryable_error_fails_the_task_at_once_with_its_message():
+    def refuse():
+        raise ConfigError("projects/x/params.yaml: train.max_epoch: Extra inputs are not permitted")
+
+    with pytest.raises(AirflowFailException, match=r"train\.max_epoch: Extra inputs are not permitted \[ConfigError: not retried") as failed:
+        steps.run(refuse)
+    assert isinstance(failed.value.__cause__, NotRetryable)
+
+
+def test_a_transient_error_keeps_the_tasks_retries():
+    def flaky():
+        raise ConnectionRefusedError("Triton at 127.0.0.1:8000 is not reachable")
+
+    with pytest.raises(ConnectionRefusedError):
+        steps.run(flaky)
+
+
+def test_a_broken_project_config_fails_the_first_task_without_retries(tmp_path, monkeypatch):
+    config = make_project(tmp_path)
+    monkeypatch.setenv("FLYWHEEL_HOME", str(tmp_path))
+    params = config.project_dir / "params.yaml"
+    params.write_text(params.read_text().replace("max_epochs:", "max_epoch:"))
+
+    with pytest.raises(AirflowFailException, match=r"train\.max_epoch"):
+        steps.run(steps.check_params, config.name, False, "")
+
+
+def test_an_unknown_project_is_named_with_the_known_ones(tmp_path, monkeypatch):
+    make_project(tmp_path)
+    monkeypatch.setenv("FLYWHEEL_HOME", str(tmp_path))
+
+    with pytest.raises(AirflowFailException, match=r"projects/boats/params.yaml: no such file; the projects of .* are \['flights'\]"):
+        steps.run(steps.validate, "boats")
