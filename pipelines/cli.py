@@ -135,7 +135,7 @@ def cmd_rollback(args: argparse.Namespace) -> None:
 
 
 def cmd_versions(args: argparse.Namespace) -> None:
-    from pipelines.serving.catalog import version_rows
+    from pipelines.serving.repository import version_rows
 
     for project in [args.project] if args.project else list(project_kinds()):
         for row in version_rows(load_project(project)):

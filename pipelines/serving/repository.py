@@ -26,7 +26,7 @@ import os
 import shutil
 from pathlib import Path
 
-from pipelines.config import FeatureType, ProjectConfig, ServingProfile
+from pipelines.config import AnyProject, FeatureType, ProjectConfig, ServingProfile
 from pipelines.export.onnx import CODES, LOOKUP_FILE, MODEL_FILE, NUMERIC, OUTPUT, PLAN_FILE
 from pipelines.lineage import read_json, write_json
 
@@ -247,3 +247,30 @@ def version_of_run(model_dir: Path, run_id: str) -> int | None:
         if lineage_of(model_dir, version).get("airflow", {}).get("run_id") == run_id:
             return version
     return None
+
+
+def version_rows(config: AnyProject) -> list[dict]:
+    """One line per version of a project's served model (tabular or text), oldest first: whether it
+    serves, its status, the gate's deciding metric and reason, the run that made it, its data."""
+    folder = config.served_model_dir
+    served = served_version(folder)
+    rows = []
+    for version in versions(folder):
+        lineage = lineage_of(folder, version)
+        gate = lineage.get("gate") or {}
+        metric = gate.get("metric")
+        rows.append(
+            {
+                "project": config.name,
+                "model": config.served_model,
+                "version": version,
+                "serving": version == served,
+                "status": lineage.get("status", "published"),
+                "metric": metric,
+                "value": (gate.get("challenger") or {}).get(metric),
+                "decision": gate.get("reason"),
+                "run_id": (lineage.get("airflow") or {}).get("run_id"),
+                "data_version": lineage.get("data_version"),
+            }
+        )
+    return rows

@@ -1,26 +1,44 @@
 """The on-call pages as a FastAPI app, mounted into Airflow's api-server by the plugin.
 
-Every route needs a logged-in Airflow user allowed to read a DAG: the ``drift`` DAG for drift
-reports, the ``retrain`` DAG for model versions. The user comes from Airflow's own
-``get_user`` (the bearer token of an API client, else the ``_token`` cookie the UI sets at
-login, which the page embedded in the UI sends), the permission from the auth manager
-through ``requires_access_dag``. No token: 401; a bad one or no permission: 403.
+One deployment, many projects: ``/projects`` lists them, and each project has its own pages
+under ``/projects/<project>/`` (JSON twins under ``/api/``)::
+
+    /projects                                   index: every project the caller may read
+    /projects/<project>/drift                   latest checked windows of its served model
+    /projects/<project>/drift/<folder>          one window's per-column table
+    /projects/<project>/drift/<folder>/report.html   Evidently's report (CSP sandbox)
+    /projects/<project>/models                  versions, gate decisions, serving history, runs
+    /api/projects, /api/projects/<project>/drift, /api/projects/<project>/drift/<folder>,
+    /api/projects/<project>/models
+
+Every route needs a logged-in Airflow user: Airflow's own ``get_user`` (the bearer token of
+an API client, else the ``_token`` cookie the UI sets at login, which the page embedded in
+the UI sends); no token: 401, a bad one: 403. Then, per project, the auth manager's read
+permission on that project's DAG, through ``requires_access_dag``: its Models page needs
+``retrain__<project>`` (``finetune__<project>`` for a text project), its Drift pages
+``drift__<project>``; no permission: 403. The index lists only the projects the caller may
+read, and of each only what its pages would show them.
+
+A project name in a URL is checked against ``pipelines.config.PROJECT_NAME`` and the
+deployment's projects before it is used for anything: an unknown one is a 404 that lists the
+known ones. A report is named by its folder (``YYYYmmddTHHMMSSZ``) only.
 """
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request, status
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import FileResponse, HTMLResponse
+from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from flywheel_oncall import data, pages
 
 URL_PREFIX = "/flywheel"
-DRIFT_DAG = "drift"
-RETRAIN_DAG = "retrain"
+INDEX_PATH = "/projects"
 
 _bearer = HTTPBearer(auto_error=False)
 # Evidently's report is scripts and data from served requests: let it run, but in an origin of
@@ -28,44 +46,110 @@ _bearer = HTTPBearer(auto_error=False)
 REPORT_HEADERS = {"Content-Security-Policy": "sandbox allow-scripts", "X-Content-Type-Options": "nosniff"}
 
 
-def can_read_dag(dag_id: str):
-    """A dependency: the caller is an Airflow user who may read ``dag_id``."""
+class Access:
+    """A logged-in Airflow user, and what the auth manager lets them read."""
 
-    async def dependency(
-        request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
-    ) -> None:
-        # Imported here, not at the top: Airflow imports plugins in every task process too, and
-        # this module of the api-server takes seconds to import, which no task needs.
+    def __init__(self, request: Request, user) -> None:
+        self.request = request
+        self.user = user
+
+    def require(self, dag_id: str) -> None:
+        """403 unless the user may read ``dag_id``. Sync: asks the metadata database which team owns the DAG."""
         from airflow.api_fastapi.core_api import security
 
-        user = await security.get_user(request, _oauth_token=None, bearer_credentials=credentials)
-        # sync: asks the metadata database which team owns the DAG
-        await run_in_threadpool(security.requires_access_dag("GET", param_dag_id=dag_id), request, user)
+        security.requires_access_dag("GET", param_dag_id=dag_id)(self.request, self.user)
 
-    dependency.__name__ = f"can_read_{dag_id}_dag"
-    return dependency
-
-
-can_read_drift = can_read_dag(DRIFT_DAG)
-can_read_retrain = can_read_dag(RETRAIN_DAG)
-
-drift = APIRouter(dependencies=[Depends(can_read_drift)])
-models = APIRouter(dependencies=[Depends(can_read_retrain)])
+    def may_read(self, dag_id: str) -> bool:
+        try:
+            self.require(dag_id)
+        except HTTPException as refused:
+            if refused.status_code == status.HTTP_403_FORBIDDEN:
+                return False
+            raise
+        return True
 
 
-def project():
-    """The project in ``$FLYWHEEL_HOME``; a 503 that says what to set if it cannot be read."""
-    from pipelines.config import ConfigError, load_config
+async def access(
+    request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+) -> Access:
+    """A dependency: the caller, an Airflow user (401 without a token, 403 with a bad one)."""
+    # Imported here, not at the top: Airflow imports plugins in every task process too, and
+    # this module of the api-server takes seconds to import, which no task needs.
+    from airflow.api_fastapi.core_api import security
+
+    return Access(request, await security.get_user(request, _oauth_token=None, bearer_credentials=credentials))
+
+
+Caller = Annotated[Access, Depends(access)]
+
+
+def home() -> Path:
+    from pipelines.config import project_home
+
+    return project_home()
+
+
+def project_kind(project: str) -> str:
+    """The kind of ``project``, a project of the deployment; 404 listing the known ones otherwise.
+
+    The name is matched against the project-name pattern and the deployment's projects before
+    anything uses it: it never reaches a path unless it is one of them.
+    """
+    from pipelines.config import PROJECT_NAME, project_kinds
+
+    kinds = project_kinds(home())
+    if re.fullmatch(PROJECT_NAME, project) and project in kinds:
+        return data.kind_name(kinds[project])
+    known = sorted(kinds)
+    where = f"{home()}/projects"
+    detail = f"no project {project!r} in {where}; " + (
+        f"the projects are {known}" if known else "it holds none (set FLYWHEEL_HOME to the deployment home)"
+    )
+    raise HTTPException(status.HTTP_404_NOT_FOUND, detail)
+
+
+def load(project: str):
+    """The project's config; a 503 naming the file and key if it cannot be read."""
+    from pipelines.config import ConfigError, load_project
 
     try:
-        return load_config()
+        return load_project(project, home())
     except ConfigError as error:
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, f"Flywheel project: {error}") from error
 
 
-def _report(folder: str) -> dict:
+def _readable(project: str, caller: Access, page: str):
+    kind = project_kind(project)  # 404 first: the DAG to check depends on the kind
+    caller.require(data.dag_ids(project, kind)[page])
+    return load(project)
+
+
+# Sync dependencies: FastAPI runs them in a thread pool (the permission asks the database).
+def models_project(project: str, caller: Caller):
+    """A dependency: the project whose Models page the caller may read (its retrain or finetune DAG)."""
+    return _readable(project, caller, "models")
+
+
+def drift_project(project: str, caller: Caller):
+    """A dependency: the project whose Drift pages the caller may read (its drift DAG)."""
+    return _readable(project, caller, "drift")
+
+
+ModelsProject = Annotated[object, Depends(models_project)]
+DriftProject = Annotated[object, Depends(drift_project)]
+
+index = APIRouter()
+drift = APIRouter()
+models = APIRouter()
+
+
+def _index(caller: Access) -> dict:
+    return data.load_index(home(), caller.may_read)
+
+
+def _report(config, folder: str) -> dict:
     try:
-        return data.load_report(project(), folder)
+        return data.load_report(config, folder)
     except data.NotFound as missing:
         raise HTTPException(status.HTTP_404_NOT_FOUND, str(missing)) from missing
 
@@ -73,53 +157,70 @@ def _report(folder: str) -> dict:
 Limit = Annotated[int, Query(ge=1, le=500, description="at most this many of the latest windows")]
 
 
-@drift.get("/drift", response_class=HTMLResponse, name="drift_page")
-def drift_page(request: Request, limit: Limit = 50) -> HTMLResponse:
-    return HTMLResponse(pages.drift(request, data.load_drift(project(), limit)))
+@index.get("/", include_in_schema=False)
+async def root(caller: Caller) -> RedirectResponse:
+    return RedirectResponse(caller.request.url_for("index_page").path)
 
 
-@drift.get("/drift/{folder}", response_class=HTMLResponse, name="drift_report_page")
-def drift_report_page(request: Request, folder: str) -> HTMLResponse:
-    return HTMLResponse(pages.drift_report(request, _report(folder)))
+@index.get(INDEX_PATH, response_class=HTMLResponse, name="index_page")
+async def index_page(request: Request, caller: Caller) -> HTMLResponse:
+    view = await run_in_threadpool(_index, caller)
+    return HTMLResponse(pages.index(request, view))
 
 
-@drift.get("/drift/{folder}/report.html", name="drift_report_html")
-def drift_report_html(folder: str) -> FileResponse:
+@index.get(f"/api{INDEX_PATH}", name="index_json")
+async def index_json(caller: Caller) -> dict:
+    return await run_in_threadpool(_index, caller)
+
+
+@drift.get("/projects/{project}/drift", response_class=HTMLResponse, name="drift_page")
+def drift_page(request: Request, config: DriftProject, limit: Limit = 50) -> HTMLResponse:
+    return HTMLResponse(pages.drift(request, data.load_drift(config, limit)))
+
+
+@drift.get("/projects/{project}/drift/{folder}", response_class=HTMLResponse, name="drift_report_page")
+def drift_report_page(request: Request, config: DriftProject, folder: str) -> HTMLResponse:
+    return HTMLResponse(pages.drift_report(request, _report(config, folder)))
+
+
+@drift.get("/projects/{project}/drift/{folder}/report.html", name="drift_report_html")
+def drift_report_html(config: DriftProject, folder: str) -> FileResponse:
     try:
-        path = data.report_html(project(), folder)
+        path = data.report_html(config, folder)
     except data.NotFound as missing:
         raise HTTPException(status.HTTP_404_NOT_FOUND, str(missing)) from missing
     return FileResponse(path, media_type="text/html", headers=REPORT_HEADERS)
 
 
-@drift.get("/api/drift", name="drift_json")
-def drift_json(limit: Limit = 50) -> dict:
-    return data.load_drift(project(), limit)
+@drift.get("/api/projects/{project}/drift", name="drift_json")
+def drift_json(config: DriftProject, limit: Limit = 50) -> dict:
+    return data.load_drift(config, limit)
 
 
-@drift.get("/api/drift/{folder}", name="drift_report_json")
-def drift_report_json(folder: str) -> dict:
-    return _report(folder)
+@drift.get("/api/projects/{project}/drift/{folder}", name="drift_report_json")
+def drift_report_json(config: DriftProject, folder: str) -> dict:
+    return _report(config, folder)
 
 
-@models.get("/models", response_class=HTMLResponse, name="models_page")
-def models_page(request: Request) -> HTMLResponse:
-    return HTMLResponse(pages.models(request, data.load_models(project())))
+@models.get("/projects/{project}/models", response_class=HTMLResponse, name="models_page")
+def models_page(request: Request, config: ModelsProject) -> HTMLResponse:
+    return HTMLResponse(pages.models(request, data.load_models(config)))
 
 
-@models.get("/api/models", name="models_json")
-def models_json() -> dict:
-    return data.load_models(project())
+@models.get("/api/projects/{project}/models", name="models_json")
+def models_json(config: ModelsProject) -> dict:
+    return data.load_models(config)
 
 
 def create_app() -> FastAPI:
     app = FastAPI(
         title="Flywheel on-call",
-        description="Drift reports and model versions of the Flywheel project, for on-call (docs/oncall.md).",
+        description="Drift reports and model versions of the Flywheel projects, for on-call (docs/oncall.md).",
         docs_url=None,
         redoc_url=None,
         openapi_url=None,
     )
+    app.include_router(index)
     app.include_router(drift)
     app.include_router(models)
     return app

@@ -1,8 +1,9 @@
-"""What the on-call pages show, shaped from the project's own files.
+"""What the on-call pages show, shaped from the files of the deployment's projects.
 
 Pure functions turn one record (a drift summary, a version's lineage, a line of the serving
-history) into the plain dicts the pages and the JSON endpoints return; the ``load_*``
-functions read the project in ``$FLYWHEEL_HOME`` through ``pipelines`` and call them.
+history, a project's summary) into the plain dicts the pages and the JSON endpoints return;
+the ``load_*`` functions read one project of the deployment in ``$FLYWHEEL_HOME`` (its
+``AnyProject`` config, tabular or text) through ``pipelines`` and call them.
 
 ``pipelines`` modules are imported inside the loaders: Airflow imports every plugin in every
 process it starts (each task included), and they pull in pandas and numpy.
@@ -12,9 +13,13 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
+
+TABULAR, TEXT = "tabular", "text"  # pipelines.config.ProjectKind's values (a str enum: equal to these)
+# Kinds whose drift DAG (drift__<project>) exists; a text project's drift check is yet to come.
+DRIFT_CHECKED = frozenset({TABULAR})
 
 # The name of a report folder: the window's end, as ``pipelines.monitoring.check.FOLDER_TIME``
 # writes it. The only thing a URL may name; never a path.
@@ -23,6 +28,60 @@ REPORT_FOLDER = re.compile(r"\d{8}T\d{6}Z")
 
 class NotFound(LookupError):
     """No such report, or a name that is not a report folder's."""
+
+
+def kind_name(kind) -> str:
+    """``tabular`` or ``text``, from a ``ProjectKind`` or its value."""
+    return str(getattr(kind, "value", kind))
+
+
+def dag_ids(project: str, kind) -> dict[str, str]:
+    """The DAGs whose read permission guards a project's pages: ``models`` (the DAG that
+    publishes its versions: ``retrain__<project>``, or ``finetune__<project>`` for a text
+    project) and ``drift`` (``drift__<project>``, for either kind)."""
+    return {"models": f"{'finetune' if kind_name(kind) == TEXT else 'retrain'}__{project}", "drift": f"drift__{project}"}
+
+
+def latest_drift(summary: dict | None) -> dict[str, Any] | None:
+    """The newest checked window of a project as its index row shows it; None without one."""
+    if not summary:
+        return None
+    return {
+        "report": report_name(summary),
+        "window_end": (summary.get("window") or {}).get("end"),
+        "dataset_drift": bool(summary.get("dataset_drift")),
+        "share": summary.get("share"),
+        "drift_share": summary.get("drift_share"),
+    }
+
+
+def project_row(
+    name: str,
+    kind,
+    *,
+    models: bool,
+    drift: bool,
+    served_model: str | None = None,
+    served_version: int | None = None,
+    latest: dict | None = None,
+    error: str | None = None,
+) -> dict[str, Any]:
+    """One project of the index. ``models``/``drift``: whether the caller may read that page;
+    what they may not read is left out (None), so the row never says more than the pages would.
+    ``latest``: the newest drift summary; ``error``: why the project could not be read."""
+    kind = kind_name(kind)
+    return {
+        "name": name,
+        "kind": kind,
+        "dags": dag_ids(name, kind),
+        "models": models,
+        "drift": drift,
+        "drift_checked": kind in DRIFT_CHECKED,
+        "served_model": served_model,
+        "served_version": served_version if models else None,
+        "latest_drift": latest_drift(latest) if drift else None,
+        "error": error,
+    }
 
 
 def report_dir(reports_root: Path, folder: str) -> Path:
@@ -75,15 +134,29 @@ def column_rows(summary: dict) -> list[dict[str, Any]]:
 
 
 def gate_metrics(gate: dict) -> list[dict[str, Any]]:
-    """Challenger against champion, metric by metric, the one the gate decides on first."""
+    """Challenger against champion (and, for a text project, against the untuned ``base`` with a
+    linear head), metric by metric, the one the gate decides on first."""
     challenger = gate.get("challenger") or {}
     champion = gate.get("champion") or {}
+    base = gate.get("base") or {}
     deciding = gate.get("metric")
-    names = sorted(set(challenger) | set(champion), key=lambda name: (name != deciding, name))
+    names = sorted(set(challenger) | set(champion) | set(base), key=lambda name: (name != deciding, name))
     return [
-        {"metric": name, "challenger": challenger.get(name), "champion": champion.get(name), "deciding": name == deciding}
+        {
+            "metric": name,
+            "challenger": challenger.get(name),
+            "champion": champion.get(name),
+            "base": base.get(name),
+            "deciding": name == deciding,
+        }
         for name in names
     ]
+
+
+def base_model_name(base: dict | str | None) -> str | None:
+    """The checkpoint a text project's version was fine-tuned from: its lineage's ``base_model``
+    is ``{"name", "sha256"}`` (``pipelines.finetune.train``); None for a tabular version."""
+    return base.get("name") if isinstance(base, dict) else base
 
 
 def version_row(version: int, lineage: dict, served: int | None) -> dict[str, Any]:
@@ -109,11 +182,12 @@ def version_row(version: int, lineage: dict, served: int | None) -> dict[str, An
         "run_type": airflow.get("run_type"),
         "trigger": (airflow.get("trigger") or {}).get("kind"),
         "candidate": lineage.get("candidate"),
+        "base_model": base_model_name(lineage.get("base_model")),
     }
 
 
 def run_row(record: dict) -> dict[str, Any]:
-    """One retrain run's publish record: its gate decision, and the version it made, if any."""
+    """One training run's record (retrain or finetune): its gate decision, and the version it made, if any."""
     gate = record.get("gate") or {}
     airflow = record.get("airflow") or {}
     return {
@@ -157,35 +231,108 @@ def history_rows(lines: Iterable[str]) -> list[dict[str, Any]]:
     return events[::-1]
 
 
+# --- loaders: the deployment's projects ---------------------------------------------------------
+
+
+def load_index(home: Path, may_read: Callable[[str], bool]) -> dict[str, Any]:
+    """The index: every project of the deployment in ``home`` whose models or drift DAG
+    ``may_read`` allows (by DAG id), by name, each with what the caller may see of it.
+
+    A project that cannot be read (an invalid params.yaml, an unreadable file) keeps its row,
+    with the error instead of its data: one broken project does not hide the others.
+    """
+    from pipelines.config import PROJECTS_DIR, load_project, project_kinds
+
+    rows = []
+    for name, kind in project_kinds(home).items():
+        dags = dag_ids(name, kind)
+        models, drift = may_read(dags["models"]), may_read(dags["drift"])
+        if not (models or drift):
+            continue
+        try:
+            rows.append(load_project_row(load_project(name, home), models=models, drift=drift))
+        except Exception as error:  # noqa: BLE001 - shown in its row, with its type
+            rows.append(project_row(name, kind, models=models, drift=drift, error=f"{type(error).__name__}: {error}"))
+    return {"home": str(home), "projects_dir": str(Path(home) / PROJECTS_DIR), "projects": rows}
+
+
+# --- loaders: one project of the deployment ----------------------------------------------------
+
+
+def reports_root(config) -> Path:
+    """Where the drift reports of a project's served model are, one folder a window:
+    ``pipelines.monitoring.check.reports_root`` for a tabular project; for a text one (no drift
+    check yet) the same scheme, ``monitoring.reports_dir/<served model>``."""
+    if kind_name(config.kind) == TABULAR:
+        from pipelines.monitoring.check import reports_root as tabular_root
+
+        return tabular_root(config)
+    return config.path(config.monitoring.reports_dir) / config.served_model
+
+
+def recent_summaries(root: Path, limit: int) -> list[dict]:
+    """The summaries of the latest ``limit`` report folders under ``root``, newest first (as
+    ``pipelines.monitoring.check.recent_reports``, for a root of either kind of project)."""
+    from pipelines.lineage import read_json
+    from pipelines.monitoring.check import SUMMARY_FILE
+
+    if not root.is_dir():
+        return []
+    folders = sorted((p for p in root.iterdir() if p.is_dir() and REPORT_FOLDER.fullmatch(p.name)), reverse=True)
+    return [read_json(p / SUMMARY_FILE) for p in folders[:limit] if (p / SUMMARY_FILE).is_file()]
+
+
+def _project(config) -> dict[str, Any]:
+    kind = kind_name(config.kind)
+    return {"project": config.name, "kind": kind, "dags": dag_ids(config.name, kind), "model": config.served_model}
+
+
+def load_project_row(config, *, models: bool, drift: bool) -> dict[str, Any]:
+    """A project's row of the index: its served version (if the caller may read its models) and
+    newest drift verdict (if the caller may read its drift), read from the project's files."""
+    from pipelines.serving import repository
+
+    return project_row(
+        config.name,
+        config.kind,
+        models=models,
+        drift=drift,
+        served_model=config.served_model,
+        served_version=repository.served_version(config.served_model_dir) if models else None,
+        latest=next(iter(recent_summaries(reports_root(config), 1)), None) if drift else None,
+    )
+
+
 def load_drift(config, limit: int) -> dict[str, Any]:
-    """The Drift page: the latest checked windows of the model, newest first."""
-    from pipelines.monitoring.check import recent_reports, reports_root
+    """The Drift page of a project: the latest checked windows of its served model, newest first.
+    A project of a kind without a drift check (text, for now) shows none rather than failing."""
     from pipelines.serving import repository
 
     return {
-        "model": config.model.name,
-        "served_version": repository.served_version(config.model_dir),
+        **_project(config),
+        "served_version": repository.served_version(config.served_model_dir),
+        "drift_checked": kind_name(config.kind) in DRIFT_CHECKED,
         "drift_share": config.monitoring.drift_share,
         "reports_dir": str(reports_root(config)),
-        "reports": [drift_row(s) for s in recent_reports(config, limit)],
+        "reports": [drift_row(s) for s in recent_summaries(reports_root(config), limit)],
     }
 
 
 def load_report(config, folder: str) -> dict[str, Any]:
     """One report's summary with its per-column table; ``NotFound`` for anything else."""
     from pipelines.lineage import read_json
-    from pipelines.monitoring.check import SUMMARY_FILE, reports_root
+    from pipelines.monitoring.check import SUMMARY_FILE
 
     summary_file = report_dir(reports_root(config), folder) / SUMMARY_FILE
     if not summary_file.is_file():
         raise NotFound(f"drift report {folder} has no {SUMMARY_FILE}")
     summary = read_json(summary_file)
-    return {**drift_row(summary), "report": folder, "columns": column_rows(summary), "summary": summary}
+    return {**_project(config), **drift_row(summary), "report": folder, "columns": column_rows(summary), "summary": summary}
 
 
 def report_html(config, folder: str) -> Path:
     """Evidently's HTML of one report; ``NotFound`` for anything else."""
-    from pipelines.monitoring.check import REPORT_FILE, reports_root
+    from pipelines.monitoring.check import REPORT_FILE
 
     path = report_dir(reports_root(config), folder) / REPORT_FILE
     if not path.is_file():
@@ -193,23 +340,34 @@ def report_html(config, folder: str) -> Path:
     return path
 
 
+def promotion_rule(config) -> dict[str, Any]:
+    """What a candidate must pass to become a version: ``{"gate": ...}``, a tabular project's
+    gate section, or ``{"finetune": ...}``, a text project's margins (over the untuned base with
+    a linear head, over the champion; the metric is in each version's gate record)."""
+    if kind_name(config.kind) == TEXT:
+        settings = config.finetune
+        return {"finetune": {"min_gain_over_base": settings.min_gain_over_base, "min_improvement": settings.min_improvement}}
+    return {"gate": {"metric": config.gate.metric, "min_improvement": config.gate.min_improvement, "floor": config.gate.floor}}
+
+
 def load_models(config, runs_limit: int = 20) -> dict[str, Any]:
-    """The Models page: the versions (newest first), the serving history, the latest retrain runs."""
+    """The Models page of a project: the versions of its served model (newest first), the
+    serving history, the latest training runs (retrain or finetune), promoted or not."""
     from pipelines.lineage import read_json
     from pipelines.serving import live, repository
     from pipelines.serving.publish import runs_dir
 
-    model_dir = config.model_dir
+    model_dir = config.served_model_dir
     served = repository.served_version(model_dir)
     versions = [version_row(v, repository.lineage_of(model_dir, v), served) for v in reversed(repository.versions(model_dir))]
     history_file = live.history_path(config)
     history = history_rows(history_file.read_text().splitlines()) if history_file.is_file() else []
-    records = [read_json(p) for p in runs_dir(config).glob("*.json")]  # every retrain run, promoted or not
+    records = [read_json(p) for p in runs_dir(config).glob("*.json")]  # every training run, promoted or not
     runs = sorted((run_row(r) for r in records), key=lambda r: r["created_at"] or "", reverse=True)
     return {
-        "model": config.model.name,
+        **_project(config),
         "served_version": served,
-        "gate": {"metric": config.gate.metric, "min_improvement": config.gate.min_improvement, "floor": config.gate.floor},
+        **promotion_rule(config),
         "versions": versions,
         "history": history,
         "runs": runs[:runs_limit],

@@ -63,13 +63,18 @@ def render(template: str, request: Request, **context) -> str:
     return environment().get_template(template).render(url=url, **context)
 
 
+def index(request: Request, view: dict) -> str:
+    return render("index.html", request, view=view, project=None)
+
+
+# A project's pages: the crumbs link its other page and the index.
 def drift(request: Request, view: dict) -> str:
-    return render("drift.html", request, view=view)
+    return render("drift.html", request, view=view, project=view["project"])
 
 
 def drift_report(request: Request, view: dict) -> str:
-    return render("drift_report.html", request, view=view)
+    return render("drift_report.html", request, view=view, project=view["project"])
 
 
 def models(request: Request, view: dict) -> str:
-    return render("models.html", request, view=view)
+    return render("models.html", request, view=view, project=view["project"])

@@ -18,13 +18,14 @@ from tests.conftest import REPO, free_ports, make_project
 
 pytestmark = pytest.mark.distributed
 ROWS = 3000
+RETRAIN = "retrain__flights"
 WORKERS = {"cpu-worker": "default", "gpu-worker": GPU_QUEUE}
 
 
 def test_training_and_export_run_on_the_gpu_worker_and_the_rest_on_the_default_worker(tmp_path, postgres, redis):
     import psycopg2
 
-    config = make_project(tmp_path / "project")
+    config = make_project(tmp_path)
     land(config, "2013-01", rows=ROWS)
     land(config, "2013-02", rows=ROWS)
     cluster = CeleryAirflow(
@@ -36,15 +37,15 @@ def test_training_and_export_run_on_the_gpu_worker_and_the_rest_on_the_default_w
     )
 
     with cluster:
-        cluster.wait_for_dag("retrain")
-        run_id = cluster.trigger("retrain", {})
-        state = cluster.wait_for_run("retrain", run_id, timeout=1200)
-        published = cluster.xcom("retrain", run_id, "publish")
+        cluster.wait_for_dag(RETRAIN)
+        run_id = cluster.trigger(RETRAIN, {})
+        state = cluster.wait_for_run(RETRAIN, run_id, timeout=1200)
+        published = cluster.xcom(RETRAIN, run_id, "publish")
 
     with psycopg2.connect(postgres.replace("postgresql+psycopg2", "postgresql")) as db, db.cursor() as sql:
         sql.execute(
-            "SELECT task_id, state, queue, hostname FROM task_instance WHERE dag_id = 'retrain' AND run_id = %s",
-            (run_id,),
+            "SELECT task_id, state, queue, hostname FROM task_instance WHERE dag_id = %s AND run_id = %s",
+            (RETRAIN, run_id),
         )
         tasks = {task_id: (state, queue, host) for task_id, state, queue, host in sql.fetchall()}
         sql.execute("SELECT status, count(*) FROM celery_taskmeta GROUP BY status")

@@ -1,7 +1,10 @@
-"""The closed loop in a real Airflow (scheduler, dag-processor, api-server, LocalExecutor): a
-champion from the nightly schedule, requests logged from a later season of the real flights, the drift DAG emits
-``drift_detected``, and the retrain DAG starts by itself and ends with a gate decision. A window
-from the same season triggers nothing; a backfill writes one report a window and retrains nothing.
+"""The closed loop of two tabular projects in one real Airflow (scheduler, dag-processor,
+api-server, LocalExecutor) and one real Triton: each project's champion comes from its own
+nightly schedule and both are served side by side; requests logged from a later season of the
+real flights make ``drift__flights`` emit its ``drift_detected`` Asset, and ``retrain__flights``
+starts by itself and ends with a gate decision while ``retrain__taxis`` does not run. A window
+from the same season triggers nothing; a backfill writes one report a window and retrains
+nothing; a rollback of one project leaves the other serving as it was.
 """
 
 from __future__ import annotations
@@ -14,14 +17,17 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from pipelines.airflow_local import LocalAirflow
+from pipelines.config import load_deployment
 from pipelines.data.replay import land, month_batch
 from pipelines.evaluation.gate import NOT_PROMOTED, PROMOTED, predict_onnx
 from pipelines.export.onnx import MODEL_FILE
 from pipelines.monitoring.check import report_folder
-from pipelines.serving import repository
+from pipelines.serving import live, repository
 from pipelines.serving.client import InferenceLog
 from pipelines.serving.publish import run_record_path
-from tests.conftest import REPO, free_ports, make_project
+from pipelines.serving.triton import TritonServer
+from pipelines.steps import drift_asset
+from tests.conftest import REPO, free_ports, make_home, make_project
 
 pytestmark = pytest.mark.e2e
 ROWS = 4000
@@ -38,24 +44,34 @@ def log_traffic(config, month: str, window_end: datetime, seed: int = 0) -> None
         log.append(rows, predict_onnx(config.model_dir / "1" / MODEL_FILE, rows), 1, served_at=window_end - timedelta(minutes=30))
 
 
+RETRAIN, DRIFT = "retrain__flights", "drift__flights"
+
+
 @pytest.fixture(scope="module")
 def loop(tmp_path_factory):
     home = tmp_path_factory.mktemp("drift-loop")
-    config = make_project(home / "project")
-    for month in ("2013-01", "2013-02"):
-        land(config, month, rows=ROWS)
+    http, grpc, metrics, airflow_port = free_ports(4)
+    triton = {"url": f"127.0.0.1:{http}", "http_port": http, "grpc_port": grpc, "metrics_port": metrics}
+    make_home(home, {"serving": {"triton": triton}})
+    config = make_project(home, name="flights")
+    other = make_project(home, {"model": {"name": "taxis_delay"}}, name="taxis")
+    for project in (config, other):
+        for month in ("2013-01", "2013-02"):
+            land(project, month, rows=ROWS)
     local = LocalAirflow(
-        home / "airflow", REPO / "dags", REPO / "plugins", port=free_ports(1)[0],
-        extra_env={"FLYWHEEL_HOME": str(config.home)}, scheduled=True,  # Asset-triggered runs need the scheduler's own scheduling
+        home / "airflow", REPO / "dags", REPO / "plugins", port=airflow_port,
+        extra_env={"FLYWHEEL_HOME": str(home)}, scheduled=True,  # Asset-triggered runs need the scheduler's own scheduling
     )
-    with local:
-        for dag_id in ("drift", "retrain"):
+    with TritonServer(load_deployment(home)), local:
+        for dag_id in (DRIFT, RETRAIN, "drift__taxis", "retrain__taxis", "rollback__taxis"):
             local.wait_for_dag(dag_id)
             local.unpause(dag_id)
-        # Unpaused with catchup off, retrain runs its latest nightly slot at once: the champion
+        # Unpaused with catchup off, each retrain runs its latest nightly slot at once: the champions
         nightly = wait_for_retrain(local, "scheduled")
-        assert local.wait_for_run("retrain", nightly, timeout=900) == "success", local.task_instances("retrain", nightly)
-        assert repository.served_version(config.model_dir) == 1
+        other_nightly = wait_for_retrain(local, "scheduled", dag_id="retrain__taxis")
+        for dag_id, run_id in ((RETRAIN, nightly), ("retrain__taxis", other_nightly)):
+            assert local.wait_for_run(dag_id, run_id, timeout=900) == "success", local.task_instances(dag_id, run_id)
+        assert repository.served_version(config.model_dir) == repository.served_version(other.model_dir) == 1
         assert json.loads(run_record_path(config, nightly).read_text())["airflow"]["trigger"] == {"kind": "schedule"}
         for end in BACKFILLED:
             log_traffic(config, "2013-08", end)
@@ -63,41 +79,55 @@ def loop(tmp_path_factory):
         log_traffic(config, "2013-07", LATER_SEASON)
         log_traffic(config, "2013-08", STILL_LATER)
         land(config, "2013-07", rows=ROWS)  # the new season's labelled flights, for a retrain to learn from
-        yield local, config, nightly
+        yield local, config, other, nightly
+
+
+def test_one_triton_serves_both_projects_at_once(loop):
+    airflow, config, other, _ = loop
+    rows = month_batch("2013-03", 50)
+
+    with live.connect(config) as client:
+        answers = {project.model.name: live.infer(client, project, rows) for project in (config, other)}
+
+    for project in (config, other):
+        predictions, version = answers[project.model.name]
+        assert version == 1
+        assert abs(predictions - predict_onnx(project.model_dir / "1" / MODEL_FILE, rows)).max() < 1e-5
 
 
 def check_window(airflow: LocalAirflow, window_end: datetime) -> tuple[str, dict]:
-    run_id = airflow.trigger("drift", {}, logical_date=window_end)
-    assert airflow.wait_for_run("drift", run_id, timeout=300) == "success", airflow.task_instances("drift", run_id)
-    return run_id, airflow.xcom("drift", run_id, "check")
+    run_id = airflow.trigger(DRIFT, {}, logical_date=window_end)
+    assert airflow.wait_for_run(DRIFT, run_id, timeout=300) == "success", airflow.task_instances(DRIFT, run_id)
+    return run_id, airflow.xcom(DRIFT, run_id, "check")
 
 
-def drift_events(airflow: LocalAirflow) -> list[dict]:
-    """The ``drift_detected`` events in Airflow's metadata database, oldest first. Read from the
-    database: Airflow 3.3.2's ``GET /api/v2/assets/events`` answers 500 once an event has started
-    an asset-triggered run (that run has no logical date, which its response model requires)."""
+def drift_events(airflow: LocalAirflow, project: str = "flights") -> list[dict]:
+    """The project's ``drift_detected`` events in Airflow's metadata database, oldest first. Read
+    from the database: Airflow 3.3.2's ``GET /api/v2/assets/events`` answers 500 once an event has
+    started an asset-triggered run (that run has no logical date, which its response model requires)."""
     with sqlite3.connect(airflow.airflow_home / "airflow.db") as db:
         rows = db.execute(
             "SELECT e.extra, e.source_run_id FROM asset_event e JOIN asset a ON a.id = e.asset_id"
-            " WHERE a.name = 'drift_detected' ORDER BY e.timestamp"
+            " WHERE a.name = ? ORDER BY e.timestamp",
+            (drift_asset(project),),
         ).fetchall()
     return [{"extra": json.loads(extra), "source_run_id": run_id} for extra, run_id in rows]
 
 
 def test_a_window_from_the_same_season_triggers_nothing(loop):
-    airflow, config, nightly = loop
+    airflow, config, _, nightly = loop
 
     run_id, summary = check_window(airflow, SAME_SEASON)
 
     assert summary["status"] == "checked" and summary["rows"]["current"] == 3000
     assert not summary["dataset_drift"] and summary["share"] < config.monitoring.drift_share
     assert summary["window"] == {"start": (SAME_SEASON - timedelta(hours=1)).isoformat(), "end": SAME_SEASON.isoformat()}
-    assert {t["task_id"]: t["state"] for t in airflow.task_instances("drift", run_id)}["trigger_retrain"] == "skipped"
-    assert drift_events(airflow) == [] and [r["dag_run_id"] for r in airflow.dag_runs("retrain")] == [nightly]
+    assert {t["task_id"]: t["state"] for t in airflow.task_instances(DRIFT, run_id)}["trigger_retrain"] == "skipped"
+    assert drift_events(airflow) == [] and [r["dag_run_id"] for r in airflow.dag_runs(RETRAIN)] == [nightly]
 
 
 def test_a_later_season_emits_drift_detected_and_the_retrain_starts_by_itself(loop):
-    airflow, config, nightly = loop
+    airflow, config, other, nightly = loop
 
     run_id, summary = check_window(airflow, LATER_SEASON)
 
@@ -106,7 +136,7 @@ def test_a_later_season_emits_drift_detected_and_the_retrain_starts_by_itself(lo
     (event,) = drift_events(airflow)
     assert event["source_run_id"] == run_id
     assert event["extra"] == {
-        "model": "flights_delay", "version": 1, "window_end": LATER_SEASON.isoformat(), "report": summary["report"],
+        "project": "flights", "model": "flights_delay", "version": 1, "window_end": LATER_SEASON.isoformat(), "report": summary["report"],
         "share": summary["share"], "columns": summary["drifted_columns"],
     }
     retrain = wait_for_retrain(airflow, "asset_triggered")
@@ -115,21 +145,25 @@ def test_a_later_season_emits_drift_detected_and_the_retrain_starts_by_itself(lo
     _, still = check_window(airflow, STILL_LATER)
     assert still["dataset_drift"] and len(drift_events(airflow)) == 1
 
-    assert airflow.wait_for_run("retrain", retrain, timeout=900) == "success", airflow.task_instances("retrain", retrain)
-    published = airflow.xcom("retrain", retrain, "publish")
+    assert airflow.wait_for_run(RETRAIN, retrain, timeout=900) == "success", airflow.task_instances(RETRAIN, retrain)
+    published = airflow.xcom(RETRAIN, retrain, "publish")
     assert published["decision"] in (PROMOTED, NOT_PROMOTED)  # the same gate as every night
     record = json.loads(run_record_path(config, retrain).read_text())
     assert record["airflow"]["run_type"] == "asset_triggered"
     assert record["airflow"]["trigger"] == {"kind": "drift", "events": [event["extra"]]}
     assert record["gate"]["champion_version"] == 1 and set(record["gate"]["challenger"]) == set(record["gate"]["champion"])
-    assert sorted(r["dag_run_id"] for r in airflow.dag_runs("retrain")) == sorted([nightly, retrain])
+    assert sorted(r["dag_run_id"] for r in airflow.dag_runs(RETRAIN)) == sorted([nightly, retrain])
+    # the other project's model saw no event and no retrain
+    assert drift_events(airflow, "taxis") == []
+    assert [r["run_type"] for r in airflow.dag_runs("retrain__taxis")] == ["scheduled"]
+    assert repository.served_version(other.model_dir) == 1
 
 
 def test_a_backfill_writes_a_report_for_each_past_window_and_retrains_nothing(loop):
-    airflow, config, nightly = loop
+    airflow, config, _, nightly = loop
     events_before = len(drift_events(airflow))
 
-    airflow.backfill("drift", BACKFILLED[0], BACKFILLED[-1])
+    airflow.backfill(DRIFT, BACKFILLED[0], BACKFILLED[-1])
 
     runs = wait_for_backfill_runs(airflow, len(BACKFILLED))
     assert sorted(datetime.fromisoformat(r["data_interval_end"]) for r in runs) == BACKFILLED
@@ -139,22 +173,42 @@ def test_a_backfill_writes_a_report_for_each_past_window_and_retrains_nothing(lo
     assert len(drift_events(airflow)) == events_before  # drifted, but a backfill only reports
 
 
-def wait_for_retrain(airflow: LocalAirflow, run_type: str, timeout: float = 120) -> str:
+def test_a_rollback_of_one_project_leaves_the_other_serving_as_it_was(loop):
+    airflow, config, other, _ = loop
+    # Given a second version of taxis (the gate overridden, as an on-call engineer may)
+    forced = airflow.trigger("retrain__taxis", {"force_publish": True, "force_reason": "e2e: a second version to roll back from"})
+    assert airflow.wait_for_run("retrain__taxis", forced, timeout=900) == "success", airflow.task_instances("retrain__taxis", forced)
+    assert repository.served_version(other.model_dir) == 2
+    flights_served = repository.served_version(config.model_dir)
+
+    # When taxis is rolled back to version 1
+    run_id = airflow.trigger("rollback__taxis", {"version": 1})
+    assert airflow.wait_for_run("rollback__taxis", run_id, timeout=300) == "success"
+
+    # Then taxis serves 1 again, and flights serves what it served, answering in Triton throughout
+    assert repository.served_version(other.model_dir) == 1
+    assert repository.served_version(config.model_dir) == flights_served
+    with live.connect(config) as client:
+        assert live.infer(client, config, month_batch("2013-03", 10))[1] == flights_served
+        assert live.infer(client, other, month_batch("2013-03", 10))[1] == 1
+
+
+def wait_for_retrain(airflow: LocalAirflow, run_type: str, timeout: float = 120, dag_id: str = RETRAIN) -> str:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        runs = [r for r in airflow.dag_runs("retrain") if r["run_type"] == run_type]
+        runs = [r for r in airflow.dag_runs(dag_id) if r["run_type"] == run_type]
         if runs:
             return runs[0]["dag_run_id"]
         time.sleep(1)
-    raise AssertionError(f"no {run_type} retrain run within {timeout:.0f} s: {airflow.dag_runs('retrain')}")
+    raise AssertionError(f"no {run_type} {dag_id} run within {timeout:.0f} s: {airflow.dag_runs(dag_id)}")
 
 
 def wait_for_backfill_runs(airflow: LocalAirflow, count: int, timeout: float = 600) -> list[dict]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        runs = [r for r in airflow.dag_runs("drift") if r["run_type"] == "backfill"]
+        runs = [r for r in airflow.dag_runs(DRIFT) if r["run_type"] == "backfill"]
         if len(runs) == count and all(r["state"] in ("success", "failed") for r in runs):
             assert all(r["state"] == "success" for r in runs), runs
             return runs
         time.sleep(1)
-    raise AssertionError(f"backfill of drift did not finish {count} runs within {timeout:.0f} s: {airflow.dag_runs('drift')}")
+    raise AssertionError(f"backfill of {DRIFT} did not finish {count} runs within {timeout:.0f} s: {airflow.dag_runs(DRIFT)}")

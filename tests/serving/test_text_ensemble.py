@@ -19,7 +19,7 @@ from pipelines.finetune.export import MODEL_FILE, export_classifier, predict_fol
 from pipelines.serving import live, repository
 from pipelines.serving.rollback import rollback
 from pipelines.serving.triton import TritonServer
-from tests.conftest import free_ports, make_project
+from tests.conftest import free_ports, make_text_project
 from tests.serving.traffic import Traffic
 
 pytestmark = pytest.mark.e2e
@@ -62,7 +62,7 @@ def served(tmp_path_factory, exported):
     """A project and a Triton on its (empty) model repository."""
     http_port, grpc_port, metrics_port = free_ports(3)
     triton = {"url": f"127.0.0.1:{http_port}", "http_port": http_port, "grpc_port": grpc_port, "metrics_port": metrics_port}
-    config = make_project(tmp_path_factory.mktemp("ensemble") / "project", {"serving": {"triton": triton, "smoke_rows": 32}})
+    config = make_text_project(tmp_path_factory.mktemp("ensemble"), {"serving": {"triton": triton, "smoke_rows": 32}})
     with TritonServer(config) as server:
         yield config, server
 
@@ -90,7 +90,7 @@ def test_the_configs_of_both_profiles_parse_and_place_each_step(tmp_path, export
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2 as mc
 
-    config = make_project(tmp_path / "project", {"serving": {"profile": profile}})  # no Triton: configs only
+    config = make_text_project(tmp_path, {"serving": {"profile": profile}})  # no Triton: configs only
 
     result = serving.publish_classifier(config, exported[0], {"metrics": {"accuracy": 0.9}}, run("r1"))
 
@@ -207,15 +207,15 @@ def test_rollback_serves_a_previous_version_again_without_a_failed_request(serve
     config, _ = served
 
     with review_traffic(config, reviews(8)) as traffic:
-        result = rollback(config, "reviews_sentiment", 1, run("rollback__1"))  # what the rollback DAG calls
+        result = rollback(config, 1, run("rollback__1"))  # what the rollback DAG calls
 
     assert result["changed"] and result["previous"] == 2 and result["version"] == 1
     assert traffic.failures == [] and traffic.versions == [2, 1]
     assert json.loads(live.history_path(config, "reviews_sentiment").read_text().splitlines()[-1])["event"] == "rollback"
     with pytest.raises(ValueError, match="version 3 was rejected"):
-        rollback(config, "reviews_sentiment", 3, run("rollback__2"))
+        rollback(config, 3, run("rollback__2"))
     with pytest.raises(ValueError, match=r"has no version 9; the repository holds versions \[1, 2, 3\]"):
-        rollback(config, "reviews_sentiment", 9, run("rollback__3"))
+        rollback(config, 9, run("rollback__3"))
 
 
 def test_the_server_restarts_serving_the_version_config_pbtxt_names(served):
