@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 BACKEND_REQUIREMENTS := pipelines/serving/backend/requirements.txt
 export FLYWHEEL_HOME ?= $(CURDIR)
 
-.PHONY: install system-packages demo test test-fast test-distributed up constraints clean
+.PHONY: install system-packages demo lint test test-fast test-distributed up constraints clean
 
 # Debian packages the tests start for real: Prometheus and its Pushgateway (alert rules,
 # metrics), Chromium (the browser test of the Airflow UI pages), PostgreSQL and Redis (Airflow
@@ -39,10 +39,15 @@ $(VENV)/.installed: pyproject.toml constraints.txt $(BACKEND_REQUIREMENTS)
 demo: install
 	$(BIN)/flywheel demo --fresh
 
-test: install
+# ruff first: a lint error fails in seconds, before the 20-minute suite.
+LINTED := pipelines dags plugins tests bench
+lint: install
+	$(BIN)/ruff check $(LINTED)
+
+test: install lint
 	$(BIN)/python -m pytest
 
-test-fast: install
+test-fast: install lint
 	$(BIN)/python -m pytest -m "not e2e and not distributed"
 
 # Airflow on the CeleryExecutor (PostgreSQL, Redis, a default and a gpu worker) runs the retrain DAG.

@@ -3,10 +3,10 @@
 
 One DAG per project, hourly: test the requests the project's served model answered in the
 last hour (the inference log) against the reference sample of the data that version was
-trained on (Evidently), write the report under `reports/drift/<model>/`, and push the drift
-metrics.
+trained on (Evidently; a text project's texts with its text drift test), write the report
+under `reports/drift/<model>/`, and push the drift metrics.
 
-* When the share of drifted columns passes `monitoring.drift_share`, `trigger_retrain` emits
+* In a tabular project, when the share of drifted columns passes `monitoring.drift_share`, `trigger_retrain` emits
   the project's Asset `flywheel://<project>/drift_detected` (extra: model, version, report,
   share, columns), which starts that project's `retrain__<project>` and no other. Not while
   a retrain is queued or running, at most once per `monitoring.cooldown_hours`, and never
@@ -30,7 +30,7 @@ from pipelines.config import ProjectKind, project_kinds, task_defaults
 from pipelines.steps import drift_asset
 
 
-def drift_dag(project: str):
+def drift_dag(project: str, kind: ProjectKind):
     drift_detected = Asset(drift_asset(project))
 
     @dag(
@@ -70,11 +70,12 @@ def drift_dag(project: str):
             outlet_events[drift_detected].extra = decision["extra"]
             return decision
 
-        trigger_retrain(check())
+        checked = check()
+        if kind == ProjectKind.tabular:  # a text project's fine-tune is started by a person, not by drift
+            trigger_retrain(checked)
 
     return drift()
 
 
 for name, kind in project_kinds().items():
-    if kind == ProjectKind.tabular:
-        drift_dag(name)
+    drift_dag(name, kind)

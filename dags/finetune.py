@@ -47,11 +47,17 @@ def finetune_dag(project: str):
             "r": Param(8, type="integer", minimum=1, maximum=1024, description="LoRA rank."),
             "alpha": Param(16, type="number", exclusiveMinimum=0, description="LoRA alpha (scale alpha / r)."),
             "dropout": Param(0.05, type="number", minimum=0, exclusiveMaximum=1, description="LoRA dropout."),
-            "target_modules": Param(["query", "value"], type="array", items={"type": "string", "minLength": 1}, minItems=1, description="Linear layers that get adapters, e.g. query, value (BERT) or q_proj, v_proj (Llama)."),
+            "target_modules": Param(
+                ["query", "value"], type="array", items={"type": "string", "minLength": 1}, minItems=1,
+                description="Linear layers that get adapters, e.g. query, value (BERT) or q_proj, v_proj (Llama).",
+            ),
             "epochs": Param(2, type="integer", minimum=1, maximum=100),
             "learning_rate": Param(1e-3, type="number", exclusiveMinimum=0, maximum=1),
             "max_length": Param(128, type="integer", minimum=8, maximum=8192, description="Tokens a record is cut to."),
-            "dataset": Param("reviews", type="string", pattern=r"^[A-Za-z0-9_.-]+$", description="A dataset of the project: <dataset>.jsonl (text, Alpaca or chat records) landed in landing/<project>/."),
+            "dataset": Param(
+                "reviews", type="string", pattern=r"^[A-Za-z0-9_.-]+$",
+                description="A dataset of the project: <dataset>.jsonl (text, Alpaca or chat records) landed in landing/<project>/.",
+            ),
             "max_train_records": Param(None, type=["null", "integer"], minimum=8, description="Train on the first N training records only (a quick run)."),
         },
     )

@@ -65,8 +65,7 @@ def cmd_finetune_data(args: argparse.Namespace) -> None:
 def cmd_classify(args: argparse.Namespace) -> None:
     from pipelines.finetune.serving import classify
 
-    config = load_text_project(args.project)
-    labels, scores = classify(config.serving.triton.url, config.finetune.model_name, args.texts)
+    labels, scores = classify(load_text_project(args.project), args.texts)
     for text, label, score in zip(args.texts, labels, scores):
         print(json.dumps({"text": text, "label": label, "score": round(float(score.max()), 4)}))
 

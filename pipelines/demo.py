@@ -152,8 +152,8 @@ def land_file(home: Path, project: str, source: Path) -> None:
 def run(home: Path, fresh: bool, port: int) -> tuple[dict[str, list[dict]], list[str]]:
     """The three projects through Airflow with Triton serving; then live traffic, drift, and a rollback."""
     from pipelines.airflow_local import LocalAirflow
-    from pipelines.finetune.data import write_review_datasets
     from pipelines.data.replay import month_batch
+    from pipelines.finetune.data import write_review_datasets
     from pipelines.serving import repository
     from pipelines.serving.client import log_dir, send
     from pipelines.serving.triton import TritonServer

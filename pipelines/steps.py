@@ -112,7 +112,7 @@ def drift_check(project: str, start: str | None, end: str) -> dict:
 
     until = datetime.fromisoformat(end)
     since = datetime.fromisoformat(start) if start else until - timedelta(hours=1)
-    return check_window(load_config(project), since, until)
+    return check_window(load_project(project), since, until)
 
 
 def drift_decide(project: str, summary: dict, last_trigger_at: str | None, retrains_active: int, run_type: str) -> dict:
@@ -236,8 +236,11 @@ def finetune_publish(project: str, candidate: str, export_folder: str | None, de
     }
     if decision["decision"] == PROMOTED and export_folder:
         from pipelines.finetune import serving
+        from pipelines.monitoring.check import REFERENCE_FILE
 
-        lineage.update(serving.publish_classifier(config, config.path(Path(export_folder)), lineage, run))
+        folder = config.path(Path(export_folder))
+        serving.write_reference(config, record["inputs"]["params"]["dataset"], folder / REFERENCE_FILE)
+        lineage.update(serving.publish_classifier(config, folder, lineage, run))
     elif decision["decision"] == PROMOTED:
         lineage["served"] = "no: causal LMs are not served through Triton; the adapter and its lineage are the result"
     path = write_json(run_record_path(config, run["run_id"]), lineage)

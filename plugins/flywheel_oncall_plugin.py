@@ -16,7 +16,6 @@ from urllib.parse import quote, urlsplit
 
 from airflow.configuration import conf
 from airflow.plugins_manager import AirflowPlugin
-
 from flywheel_oncall.app import INDEX_PATH, URL_PREFIX, create_app
 
 # Behind a proxy Airflow may be served under a path ([api] base_url); the iframe's href is

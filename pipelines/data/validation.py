@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipelines.errors import NotRetryable
 from pipelines.config import ProjectConfig
+from pipelines.errors import NotRetryable
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")  # no phoning home from a nightly job
 

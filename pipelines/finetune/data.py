@@ -25,9 +25,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipelines.errors import NotRetryable
 from pipelines.config import TextProjectConfig
 from pipelines.data.validation import describe, load_suite
+from pipelines.errors import NotRetryable
 from pipelines.lineage import write_json
 
 log = logging.getLogger(__name__)

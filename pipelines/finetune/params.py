@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 from pydantic import Field, ValidationError
 
+from pipelines.config import FinetuneMethod, FinetuneTask, Strict, TextProjectConfig
 from pipelines.errors import NotRetryable
-from pipelines.config import FinetuneMethod, FinetuneTask, TextProjectConfig, Strict
 
 log = logging.getLogger(__name__)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

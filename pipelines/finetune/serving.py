@@ -12,18 +12,12 @@ The three folders of a version share its number N, and the ensemble's steps pin
 ``model_version: N``, so one served version is one consistent tokenizer and classifier. The
 ensemble's version folder is written last: a version exists once its lineage does.
 
-Going live never fails a request:
-
-1. the composing models are reloaded listing both the served version and N: Triton loads N
-   beside the served one, which keeps answering (if N fails to load, Triton keeps what it had);
-2. **smoke test**: a throwaway ensemble ``<model>__smoke`` pinned to N (loaded through the
-   repository API, nothing on disk) answers real reviews, compared with ONNX Runtime locally;
-3. the ensemble's ``config.pbtxt`` is rewritten to pin N and reloaded: Triton swaps it once the
-   new one is ready, and requests already inside the old one finish on the old steps;
-4. the composing models are reloaded listing N only, retiring the old version.
-
-A failure in 1 or 2 puts the composing models back as they were, marks N rejected and raises
-``live.SmokeTestError``; the served version never changed.
+Going live, rollback, rejection and the serving history are ``pipelines.serving.live``'s, the
+same as for a tabular model; ``text_unit`` is this kind's adapter: the composing models hold
+both the served version and N while it goes live (Triton swaps the ensemble once the new one is
+ready, and requests already inside the old one finish on the old steps), and the smoke test is
+a throwaway ensemble ``<model>__smoke`` pinned to N (loaded through the repository API, nothing
+on disk) answering real reviews, compared with ONNX Runtime locally.
 """
 
 from __future__ import annotations
@@ -31,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -40,11 +33,12 @@ import numpy as np
 from pipelines.config import TextProjectConfig
 from pipelines.finetune.export import INPUTS, LABEL, MODEL_FILE, SCORES, SERVING_FILE, TOKENIZER_DIR, predict_folder
 from pipelines.lineage import read_json
+from pipelines.monitoring.check import REFERENCE_FILE
 from pipelines.serving import live, repository
+from pipelines.serving.client import TEXT, InferenceLog
 
 log = logging.getLogger(__name__)
 TOKENIZER_BACKEND = repository.BACKEND_MODEL.parent / "tokenizer.py"
-TEXT = "text"
 STEPS = ("tokenizer", "classifier")
 
 
@@ -156,15 +150,6 @@ def ensemble_config(config: TextProjectConfig, version: int):
     )
 
 
-def _write_steps(config: TextProjectConfig, served: list[int]) -> None:
-    """The composing models' configs listing ``served``; none at all (no config.pbtxt) when empty."""
-    for step, render in zip(STEPS, (tokenizer_config, classifier_config)):
-        if served:
-            repository.write_model_config(model_dir(config, step), render(config, served))
-        else:
-            (model_dir(config, step) / repository.CONFIG_FILE).unlink(missing_ok=True)
-
-
 # --- versions ---------------------------------------------------------------------------
 
 
@@ -182,11 +167,26 @@ def add_version(config: TextProjectConfig, folder: Path, lineage: dict) -> int:
     repository.add_version(model_dir(config, "tokenizer"), tokenizer_files, None, version)
     classifier_files = {MODEL_FILE: folder / MODEL_FILE, "model.py": repository.BACKEND_MODEL}
     repository.add_version(model_dir(config, "classifier"), classifier_files, None, version)
-    return repository.add_version(model_dir(config), {}, lineage, version)
+    # The drift reference of the version (finetune_publish writes it beside the export).
+    reference = {REFERENCE_FILE: folder / REFERENCE_FILE} if (folder / REFERENCE_FILE).is_file() else {}
+    return repository.add_version(model_dir(config), reference, lineage, version)
+
+
+def write_reference(config: TextProjectConfig, dataset: str, destination: Path) -> Path:
+    """A seeded sample of the dataset's training texts (``monitoring.reference_rows``): what the
+    drift check compares the served version's logged texts with."""
+    import pandas as pd
+
+    from pipelines.finetune.data import load_splits
+
+    texts = pd.DataFrame({TEXT: [r["text"] for r in load_splits(config, dataset)["train"]]})
+    sample = texts.sample(n=min(len(texts), config.monitoring.reference_rows), random_state=config.finetune.seed)
+    sample.reset_index(drop=True).to_parquet(destination, index=False)
+    return destination
 
 
 def publish_classifier(config: TextProjectConfig, folder: Path, lineage: dict, run: dict) -> dict:
-    """Add the exported ``folder`` as a new version and serve it; returns {"version", "live"}.
+    """Add the exported ``folder`` as a new version and serve it (``live.serve``); returns {"version", "live"}.
 
     ``lineage`` says where it came from (data, code, params, metrics); ``run`` names the Airflow
     run, and a retried publish of the same run finds its version instead of adding another.
@@ -194,92 +194,30 @@ def publish_classifier(config: TextProjectConfig, folder: Path, lineage: dict, r
     (``live.SmokeTestError`` if it fails: the version stays on disk, rejected, and the served
     one keeps serving); without, only the configs change, for Triton to load at start.
     """
+    from pipelines.serving.publish import report
+
     folder = config.path(Path(folder))  # a task result names it relative to the project home
     version = repository.version_of_run(model_dir(config), run["run_id"])
     if version is None:
         version = add_version(config, folder, {**lineage, "model": config.finetune.model_name, "exported": config.portable(folder), "airflow": run})
-    return {"version": version, "live": serve(config, version, run, event="publish")}
-
-
-def rollback_classifier(config: TextProjectConfig, version: int, run: dict) -> dict:
-    """Serve a previous version again (no smoke test: it passed one); refuses unknown and rejected versions."""
-    from pipelines.serving.rollback import RollbackRefused
-
-    name, available = config.finetune.model_name, versions(config)
-    if version not in available:
-        raise RollbackRefused(f"{name} has no version {version}; the repository holds versions {available}")
-    lineage = repository.lineage_of(model_dir(config), version)
-    if lineage.get("status") == "rejected":
-        raise RollbackRefused(f"{name} version {version} was rejected and is never served: {lineage['rejected_reason']}")
-    previous = served_version(config)
-    if version == previous:
-        return {"model": name, "version": version, "previous": previous, "changed": False}
-    entry = serve(config, version, run, event="rollback")
-    return {"model": name, "version": version, "previous": previous, "changed": True, "switch_seconds": entry.get("switch_seconds")}
-
-
-def serve(config: TextProjectConfig, version: int, run: dict, event: str) -> dict:
-    """Make ``version`` the served one (``event``: publish or rollback); returns the history entry."""
-    name = config.finetune.model_name
-    previous = served_version(config)
-    if previous == version:  # a retried task whose first try got this far
-        return {"event": event, "version": version, "previous": previous, "unchanged": True}
-    lineage = repository.lineage_of(model_dir(config), version)
-    if lineage.get("status") == "rejected":
-        raise live.SmokeTestError(f"{name} version {version} was rejected: {lineage.get('rejected_reason')}")
-    if not config.serving.triton.url:
-        _write_steps(config, [version])
-        repository.write_model_config(model_dir(config), ensemble_config(config, version))
-        log.info("serving.triton.url is not set: version %d of %s is served by the repository, not loaded in a Triton", version, name)
-        return live.record(config, event, version, previous, run, model=name)
-    with live.connect(config) as client:  # closed after: open connections hold up a server's shutdown
-        return _go_live(config, client, version, previous, run, event)
-
-
-def _go_live(config: TextProjectConfig, client, version: int, previous: int | None, run: dict, event: str) -> dict:
-    """Steps 1 to 4 of the module docstring; returns the history entry."""
-    name = config.finetune.model_name
-    started = time.monotonic()
-    kept = [previous] if previous else []
+    gate = lineage.get("gate") or {}
     try:
-        _load_steps(config, client, [*kept, version])
-        if event == "publish":
-            difference = smoke_test(config, client, version)
-            log.info("smoke test of %s version %d passed: max |triton - onnxruntime| = %.2g", name, version, difference)
-        _switch(config, client, version)
+        served = live.serve(config, version, run, event="publish")
     except Exception as failed:
-        _load_steps(config, client, kept)  # unload what this loaded; the served version never changed
-        if isinstance(failed, live.SmokeTestError) and event == "publish":
-            live.mark_rejected(config, version, str(failed), model_dir(config))
-            live.record(config, "rejected", version, previous, run, model=name, reason=str(failed))
+        report(config, "rejected" if isinstance(failed, live.SmokeTestError) else "failed", gate)
         raise
-    _load_steps(config, client, [version])  # retire the old version: the ensemble no longer uses it
-    seconds = time.monotonic() - started
-    log.info("%s version %d is live (was %s) after %.1f s", name, version, previous, seconds)
-    return live.record(config, event, version, previous, run, model=name, switch_seconds=round(seconds, 3))
+    report(config, "promoted", gate)
+    return {"version": version, "live": served}
 
 
-def _load_steps(config: TextProjectConfig, client, served: list[int]) -> None:
-    """Have Triton hold exactly ``served`` of both composing models (none: unloaded)."""
-    renderings = {model_dir(config, step): render(config, served) if served else None for step, render in zip(STEPS, (tokenizer_config, classifier_config))}
-    live.hold_steps(client, renderings, config.serving.triton.load_timeout_s)
+def text_unit(config: TextProjectConfig) -> live.ServedUnit:
+    """The text classifier as ``live.ServedUnit``: the ensemble, its tokenizer and classifier
+    steps (both hold the versions going live), and a smoke test with real reviews."""
 
+    def steps(served: list[int]) -> dict[Path, object]:
+        return {model_dir(config, step): render(config, served) if served else None for step, render in zip(STEPS, (tokenizer_config, classifier_config))}
 
-def _switch(config: TextProjectConfig, client, version: int) -> None:
-    """Pin the ensemble to ``version`` and reload it; on failure its previous config.pbtxt is put back."""
-    ensemble = model_dir(config)
-    previous = repository.read_model_config(ensemble)
-    repository.write_model_config(ensemble, ensemble_config(config, version))
-    try:
-        client.load_model(ensemble.name)
-        if not live.wait_ready(client, ensemble.name, version, config.serving.triton.load_timeout_s):
-            raise live.SmokeTestError(f"{ensemble.name} version {version} did not become ready in Triton")
-    except Exception:
-        if previous is None:
-            (ensemble / repository.CONFIG_FILE).unlink()
-        else:
-            repository.write_model_config(ensemble, previous)
-        raise
+    return live.ServedUnit(model_dir(config), lambda version: ensemble_config(config, version), steps, lambda client, version: smoke_test(config, client, version))
 
 
 # --- smoke test and clients ------------------------------------------------------------
@@ -347,17 +285,23 @@ def infer(client, protocol, model: str, texts: list[str]) -> tuple[list[str], np
     return [label.decode("utf-8") for label in response.as_numpy(LABEL)[:, 0]], response.as_numpy(SCORES), int(version)
 
 
-def classify(url: str, model_name: str, texts: list[str], protocol: str = "http") -> tuple[list[str], np.ndarray]:
-    """Labels and scores of the served text classifier for raw ``texts``.
+def classify(config: TextProjectConfig, texts: list[str], url: str | None = None, protocol: str = "http") -> tuple[list[str], np.ndarray]:
+    """Labels and scores of the project's served text classifier for raw ``texts``; the texts,
+    labels and answering version are appended to the inference log, for the drift check.
 
-    ``url`` is Triton's HTTP endpoint (host:port) for ``protocol="http"``, its gRPC one for ``"grpc"``.
+    ``url`` defaults to ``serving.triton.url`` (Triton's HTTP endpoint); pass its gRPC one with
+    ``protocol="grpc"``.
     """
+    import pandas as pd
+
     if protocol == "http":
         import tritonclient.http as module
     elif protocol == "grpc":
         import tritonclient.grpc as module
     else:
         raise ValueError(f"protocol {protocol!r}: expected 'http' or 'grpc'")
-    with module.InferenceServerClient(url) as client:
-        labels, scores, _ = infer(client, module, model_name, texts)
+    with module.InferenceServerClient(url or config.serving.triton.url) as client:
+        labels, scores, version = infer(client, module, config.finetune.model_name, texts)
+    with InferenceLog(config) as log:
+        log.append(pd.DataFrame({TEXT: texts}), np.array(labels, dtype=object), version)
     return labels, scores

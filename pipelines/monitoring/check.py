@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipelines.config import FeatureType, ProjectConfig
+from pipelines.config import AnyProject, FeatureType, ProjectConfig
 from pipelines.lineage import read_json, write_json
 from pipelines.metrics import Sample, emit
 from pipelines.monitoring.drift import ColumnKind, DriftCheckError, compare
@@ -35,7 +35,12 @@ SUMMARY_FILE = "summary.json"
 FOLDER_TIME = "%Y%m%dT%H%M%SZ"
 
 
-def monitored_columns(config: ProjectConfig) -> dict[str, ColumnKind]:
+def monitored_columns(config: AnyProject) -> dict[str, ColumnKind]:
+    """The logged inputs the drift check tests, each with its kind (a text project: its text)."""
+    if not isinstance(config, ProjectConfig):
+        from pipelines.serving.client import TEXT
+
+        return {TEXT: ColumnKind.text}
     kinds = {FeatureType.numeric: ColumnKind.numeric, FeatureType.categorical: ColumnKind.categorical}
     excluded = set(config.monitoring.exclude_columns)
     return {f.name: kinds[f.type] for f in config.dataset.features if f.name not in excluded}
@@ -51,7 +56,7 @@ def write_reference(config: ProjectConfig, destination: Path) -> Path:
     return destination
 
 
-def read_window(config: ProjectConfig, start: datetime, end: datetime) -> pd.DataFrame:
+def read_window(config: AnyProject, start: datetime, end: datetime) -> pd.DataFrame:
     """The logged requests served in ``[start, end)``; only the day partitions it spans are read."""
     import pyarrow as pa
     import pyarrow.dataset as ds
@@ -70,35 +75,37 @@ def read_window(config: ProjectConfig, start: datetime, end: datetime) -> pd.Dat
     return rows.to_pandas()
 
 
-def reports_root(config: ProjectConfig) -> Path:
-    """Where the drift reports of the project's model are written, one folder a window."""
-    return config.path(config.monitoring.reports_dir) / config.model.name
+def reports_root(config: AnyProject) -> Path:
+    """Where the drift reports of the project's served model are written, one folder a window."""
+    return config.path(config.monitoring.reports_dir) / config.served_model
 
 
-def report_folder(config: ProjectConfig, end: datetime) -> Path:
+def report_folder(config: AnyProject, end: datetime) -> Path:
     return reports_root(config) / end.astimezone(timezone.utc).strftime(FOLDER_TIME)
 
 
-def check_window(config: ProjectConfig, start: datetime, end: datetime) -> dict:
+def check_window(config: AnyProject, start: datetime, end: datetime) -> dict:
     """Test the requests served in ``[start, end)`` for drift; write the report; emit metrics.
 
     Returns the summary. With no served version yet, or fewer than ``monitoring.min_rows``
     logged rows, there is no verdict: the summary says why and no report is written.
     """
+    model = config.served_model
     summary = {
-        "model": config.model.name,
+        "project": config.name,
+        "model": model,
         "window": {"start": start.isoformat(), "end": end.isoformat()},
         "checked_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    version = repository.served_version(config.model_dir)
+    version = repository.served_version(config.served_model_dir)
     if version is None:
         return {**summary, "status": "skipped", "reason": "no version serves yet"}
     current = read_window(config, start, end)
     if len(current) < config.monitoring.min_rows:
         reason = f"{len(current)} requests logged in the window, fewer than monitoring.min_rows={config.monitoring.min_rows}"
-        log.info("no drift verdict for %s: %s", config.model.name, reason)
+        log.info("no drift verdict for %s: %s", model, reason)
         return {**summary, "version": version, "status": "skipped", "reason": reason}
-    reference_file = config.model_dir / str(version) / REFERENCE_FILE
+    reference_file = config.served_model_dir / str(version) / REFERENCE_FILE
     if not reference_file.exists():
         raise DriftCheckError(f"{reference_file}: missing; the served version {version} has no reference sample to compare with")
     reference = pd.read_parquet(reference_file)
@@ -118,7 +125,7 @@ def check_window(config: ProjectConfig, start: datetime, end: datetime) -> dict:
     _write_report(folder, result.snapshot, summary)
     log.info(
         "%s drift share %.2f (threshold %.2f): %s; report %s",
-        config.model.name, result.share, result.drift_share, result.drifted_columns or "no column drifted", summary["report"],
+        model, result.share, result.drift_share, result.drifted_columns or "no column drifted", summary["report"],
     )
     emit(config, "drift", drift_samples(summary))
     return summary
@@ -156,7 +163,7 @@ def drift_samples(summary: dict) -> list[Sample]:
     return samples
 
 
-def recent_reports(config: ProjectConfig, limit: int = 50) -> list[dict]:
+def recent_reports(config: AnyProject, limit: int = 50) -> list[dict]:
     """Summaries of the latest checked windows of the project's model, newest first."""
     root = reports_root(config)
     if not root.is_dir():

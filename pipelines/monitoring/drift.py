@@ -16,8 +16,8 @@ from enum import Enum
 import numpy as np
 import pandas as pd
 
-from pipelines.errors import NotRetryable
 from pipelines.config import DriftTests
+from pipelines.errors import NotRetryable
 
 
 class ColumnKind(str, Enum):

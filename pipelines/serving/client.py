@@ -15,22 +15,35 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipelines.config import FeatureType, ProjectConfig
+from pipelines.config import AnyProject, FeatureType, ProjectConfig
 from pipelines.errors import NotRetryable
 from pipelines.serving import live
 
 FLUSH_ROWS = 5000
 
 
-def log_dir(config: ProjectConfig) -> Path:
-    return config.path(config.serving.inference_log) / config.model.name
+# A text project's one input: the raw text (the ensemble's input tensor, and the logged column).
+TEXT = "text"
+
+
+def log_dir(config: AnyProject) -> Path:
+    return config.path(config.serving.inference_log) / config.served_model
+
+
+def input_columns(config: AnyProject) -> list[str]:
+    """What the log keeps of a request: a tabular row's id and time (when the project has them) and
+    features; a text project's text."""
+    if not isinstance(config, ProjectConfig):
+        return [TEXT]
+    dataset = config.dataset
+    return [c for c in (dataset.id_column, dataset.time_column) if c] + [f.name for f in dataset.features]
 
 
 class InferenceLog:
     """Appends what a model saw and answered to the inference log, in buffered parquet chunks.
     Use as a context manager (or call ``flush``) so the last rows reach the log."""
 
-    def __init__(self, config: ProjectConfig, flush_rows: int = FLUSH_ROWS) -> None:
+    def __init__(self, config: AnyProject, flush_rows: int = FLUSH_ROWS) -> None:
         self.config = config
         self.flush_rows = flush_rows
         self._buffer: list[pd.DataFrame] = []
@@ -42,10 +55,10 @@ class InferenceLog:
         self.flush()
 
     def append(self, rows: pd.DataFrame, predictions: np.ndarray, version: int, served_at: datetime | None = None) -> None:
-        """``served_at`` defaults to now; a replay of past traffic passes the time it was served."""
-        dataset = self.config.dataset
-        kept = [c for c in (dataset.id_column, dataset.time_column) if c in rows.columns]
-        seen = rows[kept + [f.name for f in dataset.features]].reset_index(drop=True)
+        """``served_at`` defaults to now; a replay of past traffic passes the time it was served.
+        An id or time column the rows do not carry is left out; every feature (or the text) is kept."""
+        optional = {self.config.dataset.id_column, self.config.dataset.time_column} if isinstance(self.config, ProjectConfig) else set()
+        seen = rows[[c for c in input_columns(self.config) if c in rows.columns or c not in optional]].reset_index(drop=True)
         seen["prediction"] = predictions
         seen["model_version"] = version
         seen["served_at"] = pd.Timestamp(served_at or datetime.now(timezone.utc))
@@ -95,7 +108,7 @@ class ServedModel:
         return self.log.flush()
 
 
-def read_log(config: ProjectConfig) -> pd.DataFrame:
+def read_log(config: AnyProject) -> pd.DataFrame:
     """Everything logged for the project's model (the ``date`` partition as a column)."""
     folder = log_dir(config)
     if not folder.is_dir():

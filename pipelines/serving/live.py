@@ -1,4 +1,12 @@
-"""Making a version live in a running Triton, and taking it back.
+"""Making a version live in a running Triton, and taking it back: one life cycle for every
+model Triton serves.
+
+A ``ServedUnit`` is what differs between the kinds of served model (its folder, its
+``config.pbtxt`` for a version, the composing models an ensemble needs, its smoke test): a
+plain ONNX model, a lookup+engine ``tensorrt_plan`` ensemble (``tabular_unit``) and a
+tokenizer+classifier text ensemble (``pipelines.finetune.serving.text_unit``) are adapters of
+it. Everything else is written once, here: going live with zero failed requests, rejecting a
+version that fails, rolling back, the serving history.
 
 Going live is three steps, and the served version changes only in the last one:
 
@@ -11,9 +19,10 @@ Going live is three steps, and the served version changes only in the last one:
    new one is ready, so no request fails; if the load fails, Triton keeps serving the old
    one and ``config.pbtxt`` is put back.
 
-A version served as a ``tensorrt_plan`` ensemble (gpu profile, an engine built at export) has
-its two steps loaded first, listing the served version and the new one, so the ensemble being
-replaced keeps its steps until the switch; the old version's steps are retired after it.
+An ensemble's composing models are loaded first, listing the served version and the new one,
+so the ensemble being replaced keeps its steps until the switch; the old version's steps are
+retired after it. If anything before the switch fails, what was loaded is unloaded again and
+the served version never changed; a published version that failed is marked rejected.
 
 Every change of the served version is appended to ``history.jsonl`` beside the candidates.
 """
@@ -23,15 +32,18 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from pipelines.errors import NotRetryable
 from pipelines.config import AnyProject, Deployment, FeatureType, ProjectConfig
-from pipelines.export.onnx import MODEL_FILE, OUTPUT
+from pipelines.errors import NotRetryable
+from pipelines.export.onnx import MODEL_FILE, OUTPUT, parity_gap
 from pipelines.lineage import read_json, write_json
 from pipelines.serving import repository
 from pipelines.serving.triton import TritonUnavailable
@@ -117,7 +129,7 @@ def smoke_test(config: ProjectConfig, client, version: int, rows: pd.DataFrame) 
             client.unload_model(name)
         except Exception:  # noqa: BLE001 - never loaded: nothing to unload
             pass
-    difference = float(np.max(np.abs(served - predict_onnx(folder / MODEL_FILE, rows))))
+    difference = parity_gap(served, predict_onnx(folder / MODEL_FILE, rows))
     tolerance, setting = config.serving.smoke_tolerance, "serving.smoke_tolerance"
     if rendering.platform == "ensemble":  # a TensorRT engine: as close to ONNX Runtime as its export accepted
         engine = repository.lineage_of(config.model_dir, version)["export"]["tensorrt"]
@@ -125,26 +137,29 @@ def smoke_test(config: ProjectConfig, client, version: int, rows: pd.DataFrame) 
     if not difference <= tolerance:
         raise SmokeTestError(
             f"version {version} of {config.model.name} answers differently through Triton than ONNX Runtime locally: "
-            f"max difference {difference:.3g} over {len(rows)} test rows > {setting} {tolerance:g}"
+            f"max difference {difference:.3g} (relative to values above 1) over {len(rows)} test rows > {setting} {tolerance:g}"
         )
     return difference
 
 
-def switch(config: ProjectConfig, client, version: int) -> None:
+def switch(config: AnyProject, client, version: int) -> None:
     """Serve ``version``: rewrite ``config.pbtxt``, reload, wait until that version is ready.
 
-    On failure the previous ``config.pbtxt`` is restored and Triton keeps the old version.
+    On failure the previous ``config.pbtxt`` is put back (or removed, before the first version)
+    and Triton keeps what it served.
     """
-    model_dir = config.model_dir
-    previous = repository.read_model_config(model_dir)
-    repository.write_model_config(model_dir, repository.model_config(config, version))  # steps: see load_engine_steps
+    unit = served_unit(config)
+    previous = repository.read_model_config(unit.folder)
+    repository.write_model_config(unit.folder, unit.rendering(version))
     try:
-        client.load_model(config.model.name)
-        if not wait_ready(client, config.model.name, version, config.serving.triton.load_timeout_s):
-            raise SmokeTestError(f"version {version} of {config.model.name} did not become ready")
+        client.load_model(unit.name)
+        if not wait_ready(client, unit.name, version, config.serving.triton.load_timeout_s):
+            raise SmokeTestError(f"version {version} of {unit.name} did not become ready")
     except Exception:
-        if previous is not None:
-            repository.write_model_config(model_dir, previous)
+        if previous is None:
+            (unit.folder / repository.CONFIG_FILE).unlink(missing_ok=True)
+        else:
+            repository.write_model_config(unit.folder, previous)
         raise
 
 
@@ -172,26 +187,71 @@ def hold_steps(client, renderings: dict[Path, object | None], timeout: float) ->
             raise SmokeTestError(f"{folder.name} version {max(served)} did not become ready in Triton")
 
 
-def load_engine_steps(config: ProjectConfig, client, served: list[int]) -> None:
-    """Have Triton hold exactly ``served`` versions of the tensorrt_plan steps (none: unloaded).
+@dataclass(frozen=True)
+class ServedUnit:
+    """What differs between the kinds of model Triton serves; the life cycle is ``serve``."""
 
-    The gpu profile only, on NVIDIA's Triton image: the bundled tritonserver has no TensorRT or
-    ONNX Runtime backend, so this has not run in this project's tests.
-    """
-    folders = {step: repository.step_dir(config, step) for step in repository.ENGINE_STEPS}
-    if not served and not any((f / repository.CONFIG_FILE).exists() for f in folders.values()):
-        return  # no engine version was ever served: nothing to load or unload
-    renderings = repository.step_configs(config, served) if served else {}
-    hold_steps(client, {f: renderings.get(step) for step, f in folders.items()}, config.serving.triton.load_timeout_s)
+    folder: Path  # config.pbtxt, and each version's lineage.json (and reference.parquet)
+    rendering: Callable[[int], Any]  # the served model's ModelConfig for a version
+    # Each composing model's ModelConfig holding these versions (None: unloaded); {} for none.
+    steps: Callable[[list[int]], dict[Path, Any]]
+    # Load a version beside the served one, compare it with ONNX Runtime run locally: the max
+    # difference, or SmokeTestError.
+    smoke: Callable[[Any, int], float]
+
+    @property
+    def name(self) -> str:
+        return self.folder.name
 
 
-def history_path(config: AnyProject, model: str | None = None) -> Path:
-    """The serving history of ``model`` (default: the project's served model)."""
-    return config.path(config.artifacts_dir) / "serving" / (model or config.served_model) / "history.jsonl"
+def served_unit(config: AnyProject) -> ServedUnit:
+    """The adapter of the project's served model."""
+    if isinstance(config, ProjectConfig):
+        return tabular_unit(config)
+    from pipelines.finetune.serving import text_unit
+
+    return text_unit(config)
 
 
-def record(config: AnyProject, event: str, version: int, previous: int | None, run: dict, model: str | None = None, **details) -> dict:
-    """Append a change of the served version (or a rejected one) to the serving history of ``model``."""
+def tabular_unit(config: ProjectConfig) -> ServedUnit:
+    """A tabular model: one ONNX model (Python backend or ``onnxruntime_onnx``), or, for a version
+    whose export built a TensorRT engine under the gpu profile, the lookup (ONNX Runtime, CPU) ->
+    engine (``tensorrt_plan``, GPU) ensemble. The engine steps run on NVIDIA's Triton image only:
+    the bundled tritonserver has no TensorRT or ONNX Runtime backend, so they have not run in
+    this project's tests."""
+    from pipelines.data.split import split_paths
+
+    def steps(served: list[int]) -> dict[Path, Any]:
+        folders = {step: repository.step_dir(config, step) for step in repository.ENGINE_STEPS}
+        engines = [v for v in served if repository.model_config(config, v).platform == "ensemble"]
+        if not engines and not any((f / repository.CONFIG_FILE).exists() for f in folders.values()):
+            return {}  # no engine version was ever served: nothing to load or unload
+        renderings = repository.step_configs(config, engines) if engines else {}
+        return {folder: renderings.get(step) for step, folder in folders.items()}
+
+    def smoke(client, version: int) -> float:
+        rows = pd.read_parquet(split_paths(config)["test"]).head(config.serving.smoke_rows)
+        return smoke_test(config, client, version, rows)
+
+    return ServedUnit(config.model_dir, lambda version: repository.model_config(config, version), steps, smoke)
+
+
+def write_steps(renderings: dict[Path, Any]) -> None:
+    """Write each composing model's config (``None``: remove it), for a Triton started later."""
+    for folder, rendering in renderings.items():
+        if rendering is None:
+            (folder / repository.CONFIG_FILE).unlink(missing_ok=True)
+        else:
+            repository.write_model_config(folder, rendering)
+
+
+def history_path(config: AnyProject) -> Path:
+    """The serving history of the project's served model."""
+    return config.path(config.artifacts_dir) / "serving" / config.served_model / "history.jsonl"
+
+
+def record(config: AnyProject, event: str, version: int, previous: int | None, run: dict, **details) -> dict:
+    """Append a change of the served version (or a rejected one) to the project's serving history."""
     entry = {
         "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "event": event,
@@ -200,63 +260,54 @@ def record(config: AnyProject, event: str, version: int, previous: int | None, r
         "run_id": run.get("run_id"),
         **details,
     }
-    path = history_path(config, model)
+    path = history_path(config)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a") as out:
         out.write(json.dumps(entry) + "\n")
     return entry
 
 
-def mark_rejected(config: AnyProject, version: int, reason: str, model_dir: Path | None = None) -> None:
-    """Keep the version on disk with the reason, so it is never served or rolled back to.
-
-    ``model_dir`` defaults to the tabular model's; an ensemble's is the folder holding its lineage.
-    """
-    path = (model_dir or config.model_dir) / str(version) / repository.LINEAGE_FILE
+def mark_rejected(config: AnyProject, version: int, reason: str) -> None:
+    """Keep the version on disk with the reason, so it is never served or rolled back to."""
+    path = config.served_model_dir / str(version) / repository.LINEAGE_FILE
     write_json(path, {**read_json(path), "status": "rejected", "rejected_reason": reason})
 
 
-def serve(config: ProjectConfig, version: int, run: dict, event: str) -> dict:
+def serve(config: AnyProject, version: int, run: dict, event: str) -> dict:
     """Make ``version`` the served one (``event``: publish or rollback); returns the history entry.
 
     With ``serving.triton.url`` set, it goes live in that Triton (a published version is
-    smoke-tested first); without, only ``config.pbtxt`` changes, for Triton to load at start.
+    smoke-tested first); without, only the configs change, for Triton to load at start.
     """
-    from pipelines.data.split import split_paths
-
-    previous = repository.served_version(config.model_dir)
+    unit = served_unit(config)
+    previous = repository.served_version(unit.folder)
     if previous == version:  # a retried task whose first try got this far
         return {"event": event, "version": version, "previous": previous, "unchanged": True}
-    lineage = repository.lineage_of(config.model_dir, version)
+    lineage = repository.lineage_of(unit.folder, version)
     if lineage.get("status") == "rejected":  # e.g. a cleared publish task: never serve it on a second try
-        raise SmokeTestError(f"{config.model.name} version {version} was rejected: {lineage.get('rejected_reason')}")
+        raise SmokeTestError(f"{unit.name} version {version} was rejected: {lineage.get('rejected_reason')}")
     if not config.serving.triton.url:
-        repository.write_rendering(config, version)
-        log.info("serving.triton.url is not set: version %d is served by the repository, not loaded in a Triton", version)
+        write_steps(unit.steps([version]))  # a step's config must be there before its ensemble's
+        repository.write_model_config(unit.folder, unit.rendering(version))
+        log.info("serving.triton.url is not set: version %d of %s is served by the repository, not loaded in a Triton", version, unit.name)
         return record(config, event, version, previous, run)
-    client = connect(config)
-    # A tensorrt_plan ensemble's steps hold the served version and the new one while it switches.
-    served = repository.read_model_config(config.model_dir)
-    kept = [previous] if previous and served is not None and served.platform == "ensemble" else []
-    engine = repository.model_config(config, version).platform == "ensemble"
-    try:
+    timeout = config.serving.triton.load_timeout_s
+    kept = [previous] if previous else []
+    with connect(config) as client:  # closed after: open connections hold up a server's shutdown
         try:
-            load_engine_steps(config, client, [*kept, version] if engine else kept)
+            hold_steps(client, unit.steps([*kept, version]), timeout)
             if event == "publish":
-                rows = pd.read_parquet(split_paths(config)["test"]).head(config.serving.smoke_rows)
-                difference = smoke_test(config, client, version, rows)
-                log.info("smoke test of version %d passed: max |triton - onnxruntime| = %.2g over %d rows", version, difference, len(rows))
-        except SmokeTestError as failed:
-            if event == "publish":
+                difference = unit.smoke(client, version)
+                log.info("smoke test of %s version %d passed: max |triton - onnxruntime| = %.2g", unit.name, version, difference)
+            started = time.monotonic()
+            switch(config, client, version)
+        except Exception as failed:
+            hold_steps(client, unit.steps(kept), timeout)  # unload what this loaded: the served version never changed
+            if isinstance(failed, SmokeTestError) and event == "publish":
                 mark_rejected(config, version, str(failed))
                 record(config, "rejected", version, previous, run, reason=str(failed))
             raise
-        started = time.monotonic()
-        switch(config, client, version)
-    except Exception:
-        load_engine_steps(config, client, kept)  # unload what this loaded: the served version never changed
-        raise
-    load_engine_steps(config, client, [version] if engine else [])  # retire the previous version's steps
+        hold_steps(client, unit.steps([version]), timeout)  # retire the previous version's steps
     seconds = time.monotonic() - started
-    log.info("%s version %d is live (was %s) after %.1f s", config.model.name, version, previous, seconds)
+    log.info("%s version %d is live (was %s) after %.1f s", unit.name, version, previous, seconds)
     return record(config, event, version, previous, run, switch_seconds=round(seconds, 3))

@@ -94,7 +94,7 @@ def publish(
     }
 
 
-def report(config: ProjectConfig, outcome: str, gate: dict) -> None:
+def report(config: AnyProject, outcome: str, gate: dict) -> None:
     """The publish outcome, both gate metrics, the served version and how many challengers in a
     row the gate refused, for Prometheus."""
     samples = [
@@ -104,11 +104,12 @@ def report(config: ProjectConfig, outcome: str, gate: dict) -> None:
     ]
     for role in ("challenger", "champion"):
         for metric, value in (gate.get(role) or {}).items():
-            samples.append(Sample("flywheel_gate_metric", "Gate metrics of the latest challenger and champion on the same test split.", value, {"role": role, "metric": metric}))
+            if isinstance(value, int | float):  # a text project's gate also records counts and names
+                samples.append(Sample("flywheel_gate_metric", "Gate metrics of the latest challenger and champion on the same test split.", value, {"role": role, "metric": metric}))
     emit(config, "publish", samples)
 
 
-def rejections_in_a_row(config: ProjectConfig) -> int:
+def rejections_in_a_row(config: AnyProject) -> int:
     """Trailing run records (one per Airflow run, so retries count once) the gate did not promote."""
     files = sorted(runs_dir(config).glob("*.json"), key=lambda p: p.stat().st_mtime_ns)
     records = sorted((read_json(p) for p in files), key=lambda r: r["created_at"])  # stable: same second keeps write order
@@ -120,5 +121,5 @@ def rejections_in_a_row(config: ProjectConfig) -> int:
     return count
 
 
-def served_version_sample(config: ProjectConfig) -> Sample:
-    return Sample("flywheel_served_version", "The version Triton serves (0: none yet).", float(repository.served_version(config.model_dir) or 0))
+def served_version_sample(config: AnyProject) -> Sample:
+    return Sample("flywheel_served_version", "The version Triton serves (0: none yet).", float(repository.served_version(config.served_model_dir) or 0))

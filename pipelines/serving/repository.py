@@ -158,19 +158,6 @@ def ensemble_config(config: ProjectConfig, version: int):
     return rendering
 
 
-def write_rendering(config: ProjectConfig, version: int) -> Path:
-    """Write the served model's ``config.pbtxt`` for ``version``, its steps' first when it is an
-    ensemble (a step's config must be there before Triton loads the ensemble naming it)."""
-    rendering = model_config(config, version)
-    if rendering.platform == "ensemble":
-        for step, step_rendering in step_configs(config, [version]).items():
-            write_model_config(step_dir(config, step), step_rendering)
-    else:  # steps an earlier version used: Triton would load them at start for nothing
-        for step in ENGINE_STEPS:
-            (step_dir(config, step) / CONFIG_FILE).unlink(missing_ok=True)
-    return write_model_config(config.model_dir, rendering)
-
-
 def next_version(*model_dirs: Path) -> int:
     """The number of the next version of a served unit (a model, or an ensemble and its steps):
     above every number any of ``model_dirs`` holds, so the steps a crashed publish left (never

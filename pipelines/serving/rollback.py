@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pipelines.config import AnyProject, ProjectConfig
+from pipelines.config import AnyProject
 from pipelines.errors import NotRetryable
 from pipelines.metrics import emit
 from pipelines.serving import live, repository
@@ -14,19 +14,16 @@ class RollbackRefused(NotRetryable, ValueError):
 
 
 def rollback(config: AnyProject, version: int, run: dict) -> dict:
-    """Put ``version`` of the project's served model back in service; refuses unknown and rejected versions."""
-    if not isinstance(config, ProjectConfig):  # a text project: the classifier's Triton ensemble
-        from pipelines.finetune.serving import rollback_classifier
-
-        return rollback_classifier(config, version, run)
-    model = config.model.name
-    available = repository.versions(config.model_dir)
+    """Put ``version`` of the project's served model (tabular or text) back in service, with no
+    smoke test (it passed one); refuses unknown and rejected versions."""
+    model, folder = config.served_model, config.served_model_dir
+    available = repository.versions(folder)
     if version not in available:
         raise RollbackRefused(f"project {config.name}: {model} has no version {version}; the repository holds versions {available}")
-    lineage = repository.lineage_of(config.model_dir, version)
+    lineage = repository.lineage_of(folder, version)
     if lineage.get("status") == "rejected":
         raise RollbackRefused(f"project {config.name}: {model} version {version} was rejected and is never served: {lineage['rejected_reason']}")
-    previous = repository.served_version(config.model_dir)
+    previous = repository.served_version(folder)
     if version == previous:
         return {"model": model, "version": version, "previous": previous, "changed": False}
     entry = live.serve(config, version, run, event="rollback")

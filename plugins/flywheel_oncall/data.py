@@ -18,8 +18,6 @@ from pathlib import Path
 from typing import Any
 
 TABULAR, TEXT = "tabular", "text"  # pipelines.config.ProjectKind's values (a str enum: equal to these)
-# Kinds whose drift DAG (drift__<project>) exists; a text project's drift check is yet to come.
-DRIFT_CHECKED = frozenset({TABULAR})
 
 # The name of a report folder: the window's end, as ``pipelines.monitoring.check.FOLDER_TIME``
 # writes it. The only thing a URL may name; never a path.
@@ -76,7 +74,6 @@ def project_row(
         "dags": dag_ids(name, kind),
         "models": models,
         "drift": drift,
-        "drift_checked": kind in DRIFT_CHECKED,
         "served_model": served_model,
         "served_version": served_version if models else None,
         "latest_drift": latest_drift(latest) if drift else None,
@@ -260,26 +257,17 @@ def load_index(home: Path, may_read: Callable[[str], bool]) -> dict[str, Any]:
 
 
 def reports_root(config) -> Path:
-    """Where the drift reports of a project's served model are, one folder a window:
-    ``pipelines.monitoring.check.reports_root`` for a tabular project; for a text one (no drift
-    check yet) the same scheme, ``monitoring.reports_dir/<served model>``."""
-    if kind_name(config.kind) == TABULAR:
-        from pipelines.monitoring.check import reports_root as tabular_root
+    """Where the drift reports of a project's served model are, one folder a window."""
+    from pipelines.monitoring.check import reports_root as root
 
-        return tabular_root(config)
-    return config.path(config.monitoring.reports_dir) / config.served_model
+    return root(config)
 
 
-def recent_summaries(root: Path, limit: int) -> list[dict]:
-    """The summaries of the latest ``limit`` report folders under ``root``, newest first (as
-    ``pipelines.monitoring.check.recent_reports``, for a root of either kind of project)."""
-    from pipelines.lineage import read_json
-    from pipelines.monitoring.check import SUMMARY_FILE
+def recent_summaries(config, limit: int) -> list[dict]:
+    """The summaries of the project's latest ``limit`` checked windows, newest first."""
+    from pipelines.monitoring.check import recent_reports
 
-    if not root.is_dir():
-        return []
-    folders = sorted((p for p in root.iterdir() if p.is_dir() and REPORT_FOLDER.fullmatch(p.name)), reverse=True)
-    return [read_json(p / SUMMARY_FILE) for p in folders[:limit] if (p / SUMMARY_FILE).is_file()]
+    return recent_reports(config, limit)
 
 
 def _project(config) -> dict[str, Any]:
@@ -299,7 +287,7 @@ def load_project_row(config, *, models: bool, drift: bool) -> dict[str, Any]:
         drift=drift,
         served_model=config.served_model,
         served_version=repository.served_version(config.served_model_dir) if models else None,
-        latest=next(iter(recent_summaries(reports_root(config), 1)), None) if drift else None,
+        latest=next(iter(recent_summaries(config, 1)), None) if drift else None,
     )
 
 
@@ -311,10 +299,9 @@ def load_drift(config, limit: int) -> dict[str, Any]:
     return {
         **_project(config),
         "served_version": repository.served_version(config.served_model_dir),
-        "drift_checked": kind_name(config.kind) in DRIFT_CHECKED,
         "drift_share": config.monitoring.drift_share,
         "reports_dir": str(reports_root(config)),
-        "reports": [drift_row(s) for s in recent_summaries(reports_root(config), limit)],
+        "reports": [drift_row(s) for s in recent_summaries(config, limit)],
     }
 
 

@@ -177,8 +177,16 @@ def write_text_versions(config: TextProjectConfig) -> None:
     write_json(settings, {"labels": LABELS, "max_length": 128})
     dag = f"finetune__{config.name}"
     published = [
-        (_run("manual__2026-03-02T09:00:00+00:00", "manual", dag), finetune_gate(TEXT_V1, None, PROMOTED, "accuracy 0.7920 beats the untuned base with a linear head (0.7010)"), "2026-03-02T09:41:12+00:00"),
-        (_run(TEXT_V2_RUN, "manual", dag), finetune_gate(TEXT_V2, TEXT_V1, PROMOTED, "accuracy 0.8150 beats the untuned base with a linear head (0.7010); accuracy 0.8150 beats the champion (0.7920)"), "2026-03-03T09:38:50+00:00"),
+        (
+            _run("manual__2026-03-02T09:00:00+00:00", "manual", dag),
+            finetune_gate(TEXT_V1, None, PROMOTED, "accuracy 0.7920 beats the untuned base with a linear head (0.7010)"),
+            "2026-03-02T09:41:12+00:00",
+        ),
+        (
+            _run(TEXT_V2_RUN, "manual", dag),
+            finetune_gate(TEXT_V2, TEXT_V1, PROMOTED, "accuracy 0.8150 beats the untuned base with a linear head (0.7010); accuracy 0.8150 beats the champion (0.7920)"),
+            "2026-03-03T09:38:50+00:00",
+        ),
     ]
     for seed, (run, decision, created_at) in enumerate(published, start=1):
         lineage = _finetune_lineage(config, run, decision, created_at, seed)

@@ -38,7 +38,7 @@ TIMEOUT_MS = 30_000
 @pytest.fixture(scope="module")
 def oncall(tmp_path_factory):
     """A deployment of two projects, ``flights`` (versions and two checked drift windows) and
-    ``reviews`` (two versions of its text classifier, no drift check), and an Airflow serving its plugins."""
+    ``reviews`` (two versions of its text classifier, no drift window checked yet), and an Airflow serving its plugins."""
     root = tmp_path_factory.mktemp("oncall")
     config = make_project(root / "home")
     write_versions(config)
@@ -122,7 +122,7 @@ def test_the_index_lists_both_projects_with_their_served_versions(oncall, browse
     expect(reviews).to_contain_text("text")
     expect(reviews).to_contain_text("reviews_sentiment")
     expect(reviews.locator("td.served")).to_have_text("2")
-    expect(reviews.locator("td.drift")).to_contain_text("no drift check for this project yet")
+    expect(reviews.locator("td.drift")).to_contain_text("no checked window yet")
     page.screenshot(path=tmp_path / "index.png")
     print(f"screenshots in {tmp_path}")
 
@@ -204,7 +204,7 @@ def test_the_text_projects_models_page_lists_its_versions_against_base_and_champ
     page.screenshot(path=tmp_path / "text_models.png")
 
     frame.get_by_role("link", name="Drift", exact=True).click()
-    expect(frame.locator("#no-drift-check")).to_contain_text("No drift check for this project yet", timeout=TIMEOUT_MS)
+    expect(frame.locator("#no-window")).to_contain_text("No checked window yet", timeout=TIMEOUT_MS)
     print(f"screenshots in {tmp_path}")
 
 

@@ -53,9 +53,11 @@ def test_each_project_gets_the_dags_of_its_kind(dagbag):
     assert set(dagbag.dags) == {
         "retrain__flights", "drift__flights", "rollback__flights",
         "retrain__taxis", "drift__taxis", "rollback__taxis",
-        "finetune__reviews", "rollback__reviews",
+        "finetune__reviews", "drift__reviews", "rollback__reviews",
     }
     assert "project:taxis" in dagbag.dags["retrain__taxis"].tags
+    # a text project's drift is reported, but it starts no fine-tune: no Asset to emit
+    assert [t.task_id for t in dagbag.dags["drift__reviews"].tasks] == ["check"]
 
 
 def test_adding_a_project_folder_adds_its_dags_and_removing_it_removes_them(home, tmp_path):

@@ -14,8 +14,8 @@ from pipelines.airflow_local import AirflowApiError, LocalAirflow
 from pipelines.evaluation.gate import PROMOTED
 from pipelines.finetune import data, serving
 from pipelines.finetune.export import tokenize
-from pipelines.finetune.train import ADAPTER_DIR, load_tokenizer, merged
 from pipelines.finetune.params import PACKAGED_MINILM, resolve_base
+from pipelines.finetune.train import ADAPTER_DIR, load_tokenizer, merged
 from pipelines.serving.triton import TritonServer
 from tests.conftest import REPO, free_ports, make_home, make_text_project
 
@@ -82,7 +82,7 @@ def test_lora_on_minilm_beats_the_base_and_is_served_as_a_text_ensemble(stack):
     expected = [model.config.id2label[i] for i in logits.argmax(-1).tolist()]
     for protocol in ("http", "grpc"):
         url = config.serving.triton.url if protocol == "http" else f"127.0.0.1:{config.serving.triton.grpc_port}"
-        labels, scores = serving.classify(url, config.finetune.model_name, texts, protocol=protocol)
+        labels, scores = serving.classify(config, texts, url=url, protocol=protocol)
         assert labels == expected
         torch.testing.assert_close(torch.from_numpy(scores), torch.softmax(logits, -1), atol=1e-4, rtol=0)
     lineage = json.loads((config.home / published["lineage"]).read_text())

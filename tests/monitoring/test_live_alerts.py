@@ -158,7 +158,7 @@ def monitoring(tmp_path: Path):
     try:
         setup = Monitoring(f"127.0.0.1:{gateway_port}", f"http://127.0.0.1:{prometheus_port}", logs)
         for port in (gateway_port, prometheus_port):
-            wait_for(f"127.0.0.1:{port} ready", lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/-/ready", timeout=2).status == 200, logs)
+            wait_for(f"127.0.0.1:{port} ready", lambda port=port: urllib.request.urlopen(f"http://127.0.0.1:{port}/-/ready", timeout=2).status == 200, logs)
         setup.arrived('up{job="pushgateway"} == 1')  # scraping
         yield setup
     finally:

@@ -17,6 +17,7 @@ from tritonclient.utils import InferenceServerException
 from pipelines.finetune import serving
 from pipelines.finetune.export import MODEL_FILE, export_classifier, predict_folder, tokenize
 from pipelines.serving import live, repository
+from pipelines.serving.client import read_log
 from pipelines.serving.rollback import rollback
 from pipelines.serving.triton import TritonServer
 from tests.conftest import free_ports, make_text_project
@@ -135,7 +136,7 @@ def test_a_published_classifier_answers_raw_text_over_http_and_grpc(served, expo
     expected_labels, expected_scores = predict_folder(exported[0], texts)
     grpc_url = f"127.0.0.1:{config.serving.triton.grpc_port}"
     for url, protocol in ((config.serving.triton.url, "http"), (grpc_url, "grpc")):
-        labels, scores = serving.classify(url, "reviews_sentiment", texts, protocol=protocol)
+        labels, scores = serving.classify(config, texts, url=url, protocol=protocol)
         assert labels == expected_labels, protocol
         np.testing.assert_allclose(scores, expected_scores, atol=config.finetune.parity_tolerance)
     assert set(expected_labels) == set(LABELS)  # both labels come up, so equal labels say something
@@ -153,8 +154,15 @@ def test_a_published_classifier_answers_raw_text_over_http_and_grpc(served, expo
     bad.set_data_from_numpy(np.array([b"fine", b"\xff\xfe broken"], dtype=object).reshape(-1, 1))
     with pytest.raises(InferenceServerException, match="row 1 of input 'text' is not UTF-8"):
         client.infer("reviews_sentiment", [bad])
-    assert serving.classify(config.serving.triton.url, "reviews_sentiment", texts[:3])[0] == expected_labels[:3]
-    assert json.loads(live.history_path(config, "reviews_sentiment").read_text().splitlines()[-1])["event"] == "publish"
+    assert serving.classify(config, texts[:3])[0] == expected_labels[:3]
+    assert json.loads(live.history_path(config).read_text().splitlines()[-1])["event"] == "publish"
+    # what the classifier answered is in the inference log, for the drift check
+    logged = read_log(config)
+    assert sorted(logged["text"]) == sorted(texts * 2 + texts[:3]) and set(logged["model_version"]) == {1}
+    assert sorted(logged["prediction"]) == sorted(expected_labels * 2 + expected_labels[:3])
+    # and the publish reached the metrics, labelled with the project
+    prom = (config.path(config.metrics.textfile_dir) / "publish.prom").read_text()
+    assert 'flywheel_served_version{model="reviews_sentiment",project="reviews"} 1.0' in prom
 
 
 def test_a_new_version_replaces_the_served_one_without_a_failed_request(served, exported, client):
@@ -194,7 +202,7 @@ def test_a_broken_version_is_rejected_and_the_served_one_keeps_answering(served,
     assert serving.served_version(config) == 2
     lineage = repository.lineage_of(serving.model_dir(config), 3)
     assert lineage["status"] == "rejected" and "failed to load" in lineage["rejected_reason"]
-    last = json.loads(live.history_path(config, "reviews_sentiment").read_text().splitlines()[-1])
+    last = json.loads(live.history_path(config).read_text().splitlines()[-1])
     assert last["event"] == "rejected" and last["version"] == 3 and last["previous"] == 2
     assert not client.is_model_ready("reviews_sentiment_tokenizer", "3")  # what the publish loaded is unloaded
     # on-call clears the failed task: the retry finds version 3 rejected and refuses it
@@ -211,7 +219,7 @@ def test_rollback_serves_a_previous_version_again_without_a_failed_request(serve
 
     assert result["changed"] and result["previous"] == 2 and result["version"] == 1
     assert traffic.failures == [] and traffic.versions == [2, 1]
-    assert json.loads(live.history_path(config, "reviews_sentiment").read_text().splitlines()[-1])["event"] == "rollback"
+    assert json.loads(live.history_path(config).read_text().splitlines()[-1])["event"] == "rollback"
     with pytest.raises(ValueError, match="version 3 was rejected"):
         rollback(config, 3, run("rollback__2"))
     with pytest.raises(ValueError, match=r"has no version 9; the repository holds versions \[1, 2, 3\]"):

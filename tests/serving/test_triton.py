@@ -9,6 +9,7 @@ import shutil
 import numpy as np
 import pandas as pd
 import pytest
+from tritonclient.utils import InferenceServerException
 
 from pipelines.data.split import split_paths
 from pipelines.data.versioning import version_split
@@ -111,7 +112,7 @@ def test_a_broken_version_is_rejected_and_the_served_one_keeps_answering(served,
 
     # and if a reload itself fails, Triton keeps the version it had and config.pbtxt is put back
     before = (config.model_dir / repository.CONFIG_FILE).read_bytes()
-    with pytest.raises(Exception):
+    with pytest.raises(InferenceServerException):  # Triton's own answer to a failed load
         live.switch(config, live.connect(config), 3)
     assert (config.model_dir / repository.CONFIG_FILE).read_bytes() == before
     assert live.infer(live.connect(config), config, rows)[1] == 2

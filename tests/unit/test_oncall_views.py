@@ -233,7 +233,6 @@ def test_an_index_row_shows_only_what_the_callers_pages_would(project):
     assert full["latest_drift"] == {"report": FOLDER, "window_end": "2026-03-02T11:00:00+00:00", "dataset_drift": True, "share": 0.5, "drift_share": 0.3}
     assert drift_only["served_version"] is None and drift_only["latest_drift"]["share"] == 0.5
     assert models_only["served_version"] == 2 and models_only["latest_drift"] is None
-    assert data.project_row("reviews", "text", models=True, drift=True)["drift_checked"] is False
 
 
 # --- loaders -----------------------------------------------------------------------------------
@@ -268,11 +267,11 @@ def test_the_models_view_of_a_text_project_reads_its_ensembles_versions_and_fine
     assert [(r["decision"], r["version"], r["live"]) for r in view["runs"]] == [(NOT_PROMOTED, None, None), (PROMOTED, 2, "publish"), (PROMOTED, 1, "publish")]
 
 
-def test_a_text_project_has_no_drift_check_yet_and_its_drift_view_says_so(text_project):
+def test_a_text_projects_drift_view_reads_its_served_models_reports(text_project):
     view = data.load_drift(text_project, 50)
 
-    assert view["drift_checked"] is False and view["reports"] == []
-    assert view["model"] == "reviews_sentiment" and view["reports_dir"].endswith("reviews_sentiment")
+    assert view["reports"] == [] and view["kind"] == "text"
+    assert view["model"] == "reviews_sentiment" and view["reports_dir"].endswith("reports/drift/reviews_sentiment")
 
 
 def test_the_index_lists_each_readable_project_with_its_served_version_and_latest_drift(project, text_project, home):
@@ -287,7 +286,7 @@ def test_the_index_lists_each_readable_project_with_its_served_version_and_lates
     assert (rows["flights"]["kind"], rows["flights"]["served_model"], rows["flights"]["served_version"]) == ("tabular", "flights_delay", 2)
     assert rows["flights"]["latest_drift"]["share"] == 0.5 and rows["flights"]["latest_drift"]["dataset_drift"] is True
     assert (rows["reviews"]["kind"], rows["reviews"]["served_model"], rows["reviews"]["served_version"]) == ("text", "reviews_sentiment", 2)
-    assert rows["reviews"]["latest_drift"] is None and rows["reviews"]["drift_checked"] is False
+    assert rows["reviews"]["latest_drift"] is None
 
 
 def test_the_index_leaves_out_projects_the_caller_may_not_read_and_shows_a_broken_one(project, text_project, home):
@@ -459,7 +458,7 @@ def test_the_index_page_links_each_projects_pages_under_the_mount_prefix(logged_
     for name in ("flights", "reviews"):
         assert f'href="/flywheel/projects/{name}/drift"' in page and f'href="/flywheel/projects/{name}/models"' in page
     assert "flights_delay" in page and "reviews_sentiment" in page
-    assert "0.50" in page and "no drift check for this project yet" in page
+    assert "0.50" in page and "no checked window yet" in page
     assert logged_in.get("/flywheel/", follow_redirects=False).headers["location"] == "/flywheel/projects"
 
 
@@ -517,10 +516,10 @@ def test_the_models_page_of_a_text_project_shows_its_versions_the_base_and_the_f
     assert "min_gain_over_base" in html and "0.020" in html and "Latest finetune runs" in html
 
 
-def test_the_drift_page_of_a_text_project_says_there_is_no_drift_check_yet(logged_in, text_project):
+def test_the_drift_page_of_a_text_project_says_no_window_was_checked_yet(logged_in, text_project):
     response = logged_in.get("/flywheel/projects/reviews/drift")
 
-    assert response.status_code == 200 and 'id="no-drift-check"' in response.text
+    assert response.status_code == 200 and 'id="no-window"' in response.text and "started by a person" in response.text
     assert logged_in.get("/flywheel/api/projects/reviews/drift").json()["reports"] == []
 
 
