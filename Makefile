@@ -3,7 +3,7 @@ SHELL := /bin/bash
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
-# Triton's Python backend runs in its own small environment (see pipelines/serving/triton.py).
+# Triton's Python backend runs in its own small environment (see pipelines/launch/triton.py).
 BACKEND_REQUIREMENTS := pipelines/serving/backend/requirements.txt
 export FLYWHEEL_HOME ?= $(CURDIR)
 
@@ -48,7 +48,7 @@ test: install lint
 	$(BIN)/python -m pytest
 
 test-fast: install lint
-	$(BIN)/python -m pytest -m "not e2e and not distributed"
+	$(BIN)/python -m pytest -m "not e2e and not distributed and not bench"
 
 # Airflow on the CeleryExecutor (PostgreSQL, Redis, a default and a gpu worker) runs the retrain DAG.
 test-distributed: install

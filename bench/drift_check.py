@@ -11,7 +11,10 @@ not. The project's check is timed end to end, its input preparation included. Be
 is printed, the project's per-column scores must equal the scipy ones (1e-9 relative) and the
 verdicts must be identical; otherwise the run exits non-zero saying which column differs.
 
-    .venv/bin/python bench/drift_check.py [--rows 1000000] [--repeat 3] [--skip-default]
+    .venv/bin/python bench/drift_check.py [--rows 1000000] [--repeat 3] [--skip-default] [--quick]
+
+``--quick``: 20,000 rows a side, best of 2; the same checks (scores and verdicts compared
+before any time is printed), for tests/bench.
 """
 
 from __future__ import annotations
@@ -131,10 +134,15 @@ def timed(calls: dict, repeat: int) -> tuple[dict[str, float], dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", type=int, default=1_000_000)
-    parser.add_argument("--repeat", type=int, default=3, help="calls of (a) and (b), taking turns; the fastest is printed")
+    parser.add_argument("--rows", type=int, default=None, help="rows a side (default 1,000,000; --quick: 20,000)")
+    parser.add_argument("--repeat", type=int, default=None, help="calls of (a) and (b), taking turns; the fastest is printed (default 3; --quick: 2)")
     parser.add_argument("--skip-default", action="store_true", help="leave out Evidently's DataDriftPreset")
+    parser.add_argument("--quick", action="store_true", help="small data, few repeats: a check that the benchmark runs")
     args = parser.parse_args()
+    args.rows = args.rows or (20_000 if args.quick else 1_000_000)
+    args.repeat = args.repeat or (2 if args.quick else 3)
+
+    from project import QUICK_NOTE, print_ratio
 
     from pipelines.config import DriftTests
     from pipelines.monitoring import drift
@@ -193,6 +201,9 @@ def main() -> None:
     if default_s is not None:
         print(f"{'(c) Evidently DataDriftPreset (default)':<44}{default_s:>9.2f}{default_s / scipy_s:>9.2f}x")
     print(f"best of {args.repeat} for (a) and (b) (taking turns), one call for (c); CPU ({os.cpu_count()} cores)")
+    if args.quick:
+        print(QUICK_NOTE)
+    print_ratio("project drift.compare seconds / scipy seconds", project_s / scipy_s)
 
 
 if __name__ == "__main__":

@@ -10,14 +10,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import shutil
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
 from pipelines.config import load_config, load_deployment, load_project, load_text_project, project_home, project_kinds
-from pipelines.errors import NotRetryable
-from pipelines.serving.triton import TritonUnavailable
+from pipelines.errors import NotRetryable, TritonUnavailable
 
 
 def cmd_init(args: argparse.Namespace) -> None:
@@ -34,17 +32,9 @@ def cmd_init(args: argparse.Namespace) -> None:
 
 
 def cmd_land(args: argparse.Namespace) -> None:
-    """Copy a CSV batch into the project's landing folder, atomically (written as .partial, then renamed)."""
-    config = load_config(args.project)
-    if not args.file.is_file():
-        raise FileNotFoundError(f"{args.file}: no such file")
-    landing = config.path(config.dataset.landing_dir)
-    landing.mkdir(parents=True, exist_ok=True)
-    target = landing / (args.file.stem + ".csv")
-    partial = target.with_name(target.name + ".partial")
-    shutil.copyfile(args.file, partial)
-    partial.replace(target)
-    print(target)
+    from pipelines.data.ingest import land_file
+
+    print(land_file(load_config(args.project), args.file))
 
 
 def cmd_replay(args: argparse.Namespace) -> None:
@@ -71,15 +61,15 @@ def cmd_classify(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from pipelines import demo
+    from pipelines.launch import demo
 
     print(demo.report(*demo.run(project_home(), fresh=args.fresh, port=args.port)))
 
 
 def cmd_up(args: argparse.Namespace) -> None:
-    from pipelines.airflow_local import LocalAirflow
-    from pipelines.demo import REPO
-    from pipelines.serving.triton import TritonServer
+    from pipelines.launch.airflow import LocalAirflow
+    from pipelines.launch.demo import REPO
+    from pipelines.launch.triton import TritonServer
 
     deployment = load_deployment()
     airflow = LocalAirflow(REPO / ".airflow", REPO / "dags", REPO / "plugins", port=args.port, extra_env={"FLYWHEEL_HOME": str(deployment.home)})
@@ -98,7 +88,7 @@ def cmd_up(args: argparse.Namespace) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    from pipelines.serving.triton import TritonServer
+    from pipelines.launch.triton import TritonServer
 
     with TritonServer(load_deployment()) as triton:
         print(f"Triton serving {triton.repository} on {triton.url}; Ctrl-C stops it.", flush=True)

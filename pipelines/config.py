@@ -444,7 +444,7 @@ def load_deployment(home: Path | str | None = None) -> Deployment:
     file = home / PROJECTS_DIR / DEFAULTS_FILE
     raw = _read_sections(file, "") if file.exists() else {}
     if overrides := os.environ.get(OVERRIDES_ENV):
-        raw = _merged(raw, _read_sections(Path(overrides), f"{OVERRIDES_ENV} names it"))
+        raw = merged(raw, _read_sections(Path(overrides), f"{OVERRIDES_ENV} names it"))
     shared = {key: raw[key] for key in ("versioning", "serving", "metrics") if key in raw}
     try:
         return Deployment(**shared, home=home)
@@ -496,16 +496,16 @@ def load_project(name: str, home: Path | str | None = None) -> AnyProject:
         raise ConfigError(f"{file}: kind: {raw.get('kind')!r} is not one of {[k.value for k in ProjectKind]}") from None
     defaults_file = home / PROJECTS_DIR / DEFAULTS_FILE
     shared = _read_sections(defaults_file, "") if defaults_file.exists() else {}
-    merged, source = _merged(_merged(state_defaults(name, kind), shared), raw), str(file)
+    sections, source = merged(merged(state_defaults(name, kind), shared), raw), str(file)
     if overrides := os.environ.get(OVERRIDES_ENV):
         changes = _read_sections(Path(overrides), f"{OVERRIDES_ENV} names it")
         if fixed := sorted(DVC_SECTIONS & set(changes)):
             # DVC versions these with the data: an override would version one split and train on another.
             raise ConfigError(f"{overrides}: {', '.join(fixed)} cannot be overridden (DVC versions them with the data); change them in {file}")
-        merged, source = _merged(merged, changes), f"{file} with {overrides}"
+        sections, source = merged(sections, changes), f"{file} with {overrides}"
     model = ProjectConfig if kind == ProjectKind.tabular else TextProjectConfig
     try:
-        return model(**merged, home=home)
+        return model(**sections, home=home)
     except ValidationError as exc:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in err['loc']) or '<top>'}: {err['msg']}" for err in exc.errors()
@@ -541,9 +541,9 @@ def _read_sections(file: Path, hint: str) -> dict:
     return raw
 
 
-def _merged(base: dict, changes: dict) -> dict:
+def merged(base: dict, changes: dict) -> dict:
     """``base`` with ``changes`` laid over it, mappings merged key by key."""
     out = dict(base)
     for key, value in changes.items():
-        out[key] = _merged(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+        out[key] = merged(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
     return out

@@ -13,3 +13,7 @@ from __future__ import annotations
 
 class NotRetryable(Exception):
     """A failure that the same inputs would repeat; the message says what to change."""
+
+
+class TritonUnavailable(RuntimeError):
+    """Triton could not be started or reached: transient, the task's retries apply."""

@@ -182,10 +182,11 @@ def finetune_train(project: str, checked: dict, data_version: dict[str, str]) ->
 
 def finetune_export(project: str, candidate: str) -> dict:
     """Merge the adapter and export a classifier to ONNX (parity-checked); a causal LM is kept as an adapter."""
+    from pipelines.artifacts import CANDIDATE_FILE
     from pipelines.finetune.data import load_splits
     from pipelines.finetune.export import export_classifier
     from pipelines.finetune.params import resolve_base
-    from pipelines.finetune.train import CANDIDATE_FILE, load_tokenizer, merged
+    from pipelines.finetune.train import load_tokenizer, merged
     from pipelines.lineage import read_json, write_json
 
     config = load_text_project(project)
@@ -213,8 +214,8 @@ def finetune_evaluate(project: str, candidate: str, export_folder: str | None) -
 
 def finetune_publish(project: str, candidate: str, export_folder: str | None, decision: dict, data_version: dict[str, str], run: dict) -> dict:
     """Record the run's lineage; a promoted classifier becomes a served version of the ensemble."""
+    from pipelines.artifacts import CANDIDATE_FILE
     from pipelines.evaluation.gate import PROMOTED
-    from pipelines.finetune.train import CANDIDATE_FILE
     from pipelines.lineage import code_version, read_json, write_json
     from pipelines.serving.publish import run_record_path
 
@@ -235,8 +236,8 @@ def finetune_publish(project: str, candidate: str, export_folder: str | None, de
         "version": None,
     }
     if decision["decision"] == PROMOTED and export_folder:
+        from pipelines.artifacts import REFERENCE_FILE
         from pipelines.finetune import serving
-        from pipelines.monitoring.check import REFERENCE_FILE
 
         folder = config.path(Path(export_folder))
         serving.write_reference(config, record["inputs"]["params"]["dataset"], folder / REFERENCE_FILE)

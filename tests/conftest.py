@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import tempfile
 from pathlib import Path
 
@@ -12,6 +11,8 @@ import pytest
 import yaml
 
 from pipelines.config import ProjectConfig, TextProjectConfig, load_config, load_text_project
+from pipelines.config import merged as merge
+from pipelines.launch.ports import free_ports  # noqa: F401 - the tests import it from here
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -40,13 +41,7 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "distributed: Airflow on Celery with PostgreSQL and Redis; run by `make test-distributed`, not `make test`"
     )
-
-
-def merge(base: dict, changes: dict) -> dict:
-    out = dict(base)
-    for key, value in changes.items():
-        out[key] = merge(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
-    return out
+    config.addinivalue_line("markers", "bench: runs a script of bench/ with --quick as a subprocess (a few minutes in all)")
 
 
 def make_home(home: Path, defaults: dict | None = None) -> Path:
@@ -94,14 +89,3 @@ def airflow_db() -> None:
     from airflow.utils import db
 
     db.resetdb()
-
-
-def free_ports(count: int) -> list[int]:
-    """Loopback ports nothing listens on, for servers a test starts (Airflow, Triton)."""
-    sockets = [socket.socket() for _ in range(count)]
-    for sock in sockets:
-        sock.bind(("127.0.0.1", 0))
-    ports = [sock.getsockname()[1] for sock in sockets]
-    for sock in sockets:
-        sock.close()
-    return ports

@@ -23,6 +23,7 @@ from pathlib import Path
 import pandas as pd
 import pyarrow.parquet as pq
 
+from pipelines.artifacts import DOCS_FILE, RESULT_FILE
 from pipelines.config import ROW_ID, ProjectConfig
 from pipelines.data.validation import BatchValidator, Outcome
 from pipelines.errors import NotRetryable
@@ -31,8 +32,6 @@ from pipelines.metrics import Sample, emit
 
 log = logging.getLogger(__name__)
 
-RESULT_FILE = "validation_result.json"
-DOCS_FILE = "data_docs.html"
 
 
 class BatchValidationError(NotRetryable):
@@ -91,6 +90,20 @@ def append_to_raw(config: ProjectConfig, batch: pd.DataFrame) -> int:
     combined.to_parquet(partial, index=False)
     os.replace(partial, path)
     return len(combined)
+
+
+def land_file(config: ProjectConfig, source: Path) -> Path:
+    """Copy a CSV batch into the project's landing folder under its own name, atomically: written
+    as ``<name>.csv.partial`` (never read), then renamed, so ingestion never reads half a batch."""
+    if not source.is_file():
+        raise FileNotFoundError(f"{source}: no such file")
+    landing = config.path(config.dataset.landing_dir)
+    landing.mkdir(parents=True, exist_ok=True)
+    target = landing / f"{source.stem}.csv"
+    partial = target.with_name(target.name + ".partial")
+    shutil.copyfile(source, partial)
+    partial.replace(target)
+    return target
 
 
 def read_batch(path: Path, columns: list[str]) -> tuple[pd.DataFrame | None, str | None]:

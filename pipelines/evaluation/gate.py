@@ -113,7 +113,7 @@ def decide(
 
 def evaluate(config: ProjectConfig, candidate: str, force_publish: bool = False, force_reason: str | None = None) -> dict:
     """Gate a candidate against the version in service (if any) and record the decision beside it."""
-    from pipelines.export.onnx import MODEL_FILE
+    from pipelines.artifacts import MODEL_FILE
     from pipelines.lineage import write_json
     from pipelines.serving.repository import served_version
 

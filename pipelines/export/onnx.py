@@ -20,17 +20,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from pipelines.artifacts import CODES, LOOKUP_FILE, MODEL_FILE, NETWORK_FILE, NUMERIC, OUTPUT, PLAN_FILE
 from pipelines.config import ProjectConfig, TensorRTPrecision
 from pipelines.errors import NotRetryable
 from pipelines.lineage import write_json
 
 log = logging.getLogger(__name__)
-MODEL_FILE = "model.onnx"
-LOOKUP_FILE = "lookup.onnx"
-NETWORK_FILE = "network.onnx"
-PLAN_FILE = "model.plan"  # the TensorRT engine of network.onnx, where export.tensorrt built one
-OUTPUT = "prediction"
-CODES, NUMERIC = "categorical_codes", "numeric"  # the tensors between the lookup and the network
 ML_OPSET = 3  # ai.onnx.ml: LabelEncoder with tensor attributes
 
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from pipelines.artifacts import MODEL_FILE
 from pipelines.config import ProjectConfig
-from pipelines.export.onnx import MODEL_FILE
 
 log = logging.getLogger(__name__)
 FP32_FILE = "model.fp32.onnx"

@@ -21,8 +21,9 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
+from pipelines.artifacts import LOOKUP_FILE, NETWORK_FILE, OUTPUT, PLAN_FILE
 from pipelines.config import ExportConfig, ProjectConfig, TensorRTPrecision
-from pipelines.export.onnx import LOOKUP_FILE, NETWORK_FILE, OUTPUT, PLAN_FILE, ParityError, onnx_inputs
+from pipelines.export.onnx import ParityError, onnx_inputs
 
 log = logging.getLogger(__name__)
 Arrays = dict[str, np.ndarray]

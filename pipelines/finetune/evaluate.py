@@ -102,9 +102,9 @@ def _score_causal_lm(config: TextProjectConfig, params: dict, test: list[dict], 
 
 def evaluate(config: TextProjectConfig, candidate: str, export_folder: str | None) -> dict:
     """Score the candidate, the base and (for a served task) the champion on the same test records; decide."""
+    from pipelines.artifacts import CANDIDATE_FILE
     from pipelines.finetune.data import load_splits
     from pipelines.finetune.params import resolve_base
-    from pipelines.finetune.train import CANDIDATE_FILE
 
     settings = config.finetune
     candidate = config.path(Path(candidate))

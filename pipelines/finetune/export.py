@@ -17,15 +17,11 @@ from pathlib import Path
 
 import numpy as np
 
+from pipelines.artifacts import INPUTS, LABEL, MODEL_FILE, SCORES, SERVING_FILE, TOKENIZER_DIR
 from pipelines.errors import NotRetryable
 from pipelines.lineage import read_json, write_json
 
 log = logging.getLogger(__name__)
-MODEL_FILE = "model.onnx"
-TOKENIZER_DIR = "tokenizer"
-SERVING_FILE = "serving.json"
-INPUTS = ("input_ids", "attention_mask")
-SCORES, LABEL = "scores", "label"
 OPSET = 18
 ML_OPSET = 3
 

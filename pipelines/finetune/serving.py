@@ -30,12 +30,12 @@ from pathlib import Path
 
 import numpy as np
 
+from pipelines.artifacts import INPUTS, LABEL, LINEAGE_FILE, MODEL_FILE, REFERENCE_FILE, SCORES, SERVING_FILE, TEXT, TOKENIZER_DIR
 from pipelines.config import TextProjectConfig
-from pipelines.finetune.export import INPUTS, LABEL, MODEL_FILE, SCORES, SERVING_FILE, TOKENIZER_DIR, predict_folder
+from pipelines.finetune.export import predict_folder
 from pipelines.lineage import read_json
-from pipelines.monitoring.check import REFERENCE_FILE
 from pipelines.serving import live, repository
-from pipelines.serving.client import TEXT, InferenceLog
+from pipelines.serving.client import InferenceLog
 
 log = logging.getLogger(__name__)
 TOKENIZER_BACKEND = repository.BACKEND_MODEL.parent / "tokenizer.py"
@@ -245,12 +245,12 @@ def smoke_test(config: TextProjectConfig, client, version: int) -> float:
     rendering = ensemble_config(config, version)
     rendering.name = smoke
     rendering.version_policy.specific.versions[:] = [1]
-    lineage = (model_dir(config) / str(version) / repository.LINEAGE_FILE).read_bytes()
+    lineage = (model_dir(config) / str(version) / LINEAGE_FILE).read_bytes()
     texts = smoke_texts(config)
     try:
         try:
             # An ensemble has no files, but Triton wants a version folder: its lineage fills it.
-            client.load_model(smoke, config=json_format.MessageToJson(rendering), files={f"file:1/{repository.LINEAGE_FILE}": lineage})
+            client.load_model(smoke, config=json_format.MessageToJson(rendering), files={f"file:1/{LINEAGE_FILE}": lineage})
         except Exception as exc:  # noqa: BLE001
             raise live.SmokeTestError(f"version {version} of {name} failed to load in Triton as an ensemble: {exc}") from exc
         try:

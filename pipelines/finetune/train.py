@@ -17,12 +17,11 @@ from pathlib import Path
 
 import torch
 
+from pipelines.artifacts import ADAPTER_DIR, CANDIDATE_FILE
 from pipelines.config import FinetuneMethod, FinetuneTask, TextProjectConfig
 from pipelines.lineage import code_version, fingerprint, read_json, write_json
 
 log = logging.getLogger(__name__)
-ADAPTER_DIR = "adapter"
-CANDIDATE_FILE = "candidate.json"
 IGNORE = -100  # label of tokens that carry no loss (prompts, padding)
 
 

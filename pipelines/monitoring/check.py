@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from pipelines.artifacts import REFERENCE_FILE, REPORT_FILE, SUMMARY_FILE
 from pipelines.config import AnyProject, FeatureType, ProjectConfig
 from pipelines.lineage import read_json, write_json
 from pipelines.metrics import Sample, emit
@@ -29,16 +30,13 @@ from pipelines.serving import repository
 
 log = logging.getLogger(__name__)
 
-REFERENCE_FILE = "reference.parquet"
-REPORT_FILE = "report.html"
-SUMMARY_FILE = "summary.json"
 FOLDER_TIME = "%Y%m%dT%H%M%SZ"
 
 
 def monitored_columns(config: AnyProject) -> dict[str, ColumnKind]:
     """The logged inputs the drift check tests, each with its kind (a text project: its text)."""
     if not isinstance(config, ProjectConfig):
-        from pipelines.serving.client import TEXT
+        from pipelines.artifacts import TEXT
 
         return {TEXT: ColumnKind.text}
     kinds = {FeatureType.numeric: ColumnKind.numeric, FeatureType.categorical: ColumnKind.categorical}

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from pipelines.artifacts import TEXT
 from pipelines.config import AnyProject, FeatureType, ProjectConfig
 from pipelines.errors import NotRetryable
 from pipelines.serving import live
@@ -22,8 +23,6 @@ from pipelines.serving import live
 FLUSH_ROWS = 5000
 
 
-# A text project's one input: the raw text (the ensemble's input tensor, and the logged column).
-TEXT = "text"
 
 
 def log_dir(config: AnyProject) -> Path:

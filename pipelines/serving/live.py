@@ -41,12 +41,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from pipelines.artifacts import CONFIG_FILE, LINEAGE_FILE, MODEL_FILE, OUTPUT
 from pipelines.config import AnyProject, Deployment, FeatureType, ProjectConfig
-from pipelines.errors import NotRetryable
-from pipelines.export.onnx import MODEL_FILE, OUTPUT, parity_gap
+from pipelines.errors import NotRetryable, TritonUnavailable
+from pipelines.export.onnx import parity_gap
 from pipelines.lineage import read_json, write_json
 from pipelines.serving import repository
-from pipelines.serving.triton import TritonUnavailable
 
 log = logging.getLogger(__name__)
 SMOKE_SUFFIX = "__smoke"
@@ -112,7 +112,7 @@ def smoke_test(config: ProjectConfig, client, version: int, rows: pd.DataFrame) 
     rendering = repository.model_config(config, version)
     rendering.name = name
     rendering.version_policy.specific.versions[:] = [1]
-    files = {f"file:1/{p.name}": p.read_bytes() for p in folder.iterdir() if p.name != repository.LINEAGE_FILE}
+    files = {f"file:1/{p.name}": p.read_bytes() for p in folder.iterdir() if p.name != LINEAGE_FILE}
     try:
         try:
             client.load_model(name, config=json_format.MessageToJson(rendering), files=files)
@@ -157,7 +157,7 @@ def switch(config: AnyProject, client, version: int) -> None:
             raise SmokeTestError(f"version {version} of {unit.name} did not become ready")
     except Exception:
         if previous is None:
-            (unit.folder / repository.CONFIG_FILE).unlink(missing_ok=True)
+            (unit.folder / CONFIG_FILE).unlink(missing_ok=True)
         else:
             repository.write_model_config(unit.folder, previous)
         raise
@@ -171,7 +171,7 @@ def hold_steps(client, renderings: dict[Path, object | None], timeout: float) ->
     """
     for folder, rendering in renderings.items():
         if rendering is None:
-            (folder / repository.CONFIG_FILE).unlink(missing_ok=True)
+            (folder / CONFIG_FILE).unlink(missing_ok=True)
             try:
                 client.unload_model(folder.name)
             except Exception:  # noqa: BLE001 - never loaded: nothing to unload
@@ -224,7 +224,7 @@ def tabular_unit(config: ProjectConfig) -> ServedUnit:
     def steps(served: list[int]) -> dict[Path, Any]:
         folders = {step: repository.step_dir(config, step) for step in repository.ENGINE_STEPS}
         engines = [v for v in served if repository.model_config(config, v).platform == "ensemble"]
-        if not engines and not any((f / repository.CONFIG_FILE).exists() for f in folders.values()):
+        if not engines and not any((f / CONFIG_FILE).exists() for f in folders.values()):
             return {}  # no engine version was ever served: nothing to load or unload
         renderings = repository.step_configs(config, engines) if engines else {}
         return {folder: renderings.get(step) for step, folder in folders.items()}
@@ -240,7 +240,7 @@ def write_steps(renderings: dict[Path, Any]) -> None:
     """Write each composing model's config (``None``: remove it), for a Triton started later."""
     for folder, rendering in renderings.items():
         if rendering is None:
-            (folder / repository.CONFIG_FILE).unlink(missing_ok=True)
+            (folder / CONFIG_FILE).unlink(missing_ok=True)
         else:
             repository.write_model_config(folder, rendering)
 
@@ -269,7 +269,7 @@ def record(config: AnyProject, event: str, version: int, previous: int | None, r
 
 def mark_rejected(config: AnyProject, version: int, reason: str) -> None:
     """Keep the version on disk with the reason, so it is never served or rolled back to."""
-    path = config.served_model_dir / str(version) / repository.LINEAGE_FILE
+    path = config.served_model_dir / str(version) / LINEAGE_FILE
     write_json(path, {**read_json(path), "status": "rejected", "rejected_reason": reason})
 
 

@@ -13,12 +13,12 @@ import re
 from datetime import datetime, timezone
 from pathlib import Path
 
+from pipelines.artifacts import MODEL_FILE, PLAN_FILE, REFERENCE_FILE
 from pipelines.config import AnyProject, ProjectConfig
 from pipelines.evaluation.gate import PROMOTED
-from pipelines.export.onnx import MODEL_FILE, PLAN_FILE
 from pipelines.lineage import code_version, read_json, write_json
 from pipelines.metrics import Sample, emit
-from pipelines.monitoring.check import REFERENCE_FILE, write_reference
+from pipelines.monitoring.check import write_reference
 from pipelines.serving import live, repository
 
 log = logging.getLogger(__name__)

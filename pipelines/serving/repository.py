@@ -26,15 +26,13 @@ import os
 import shutil
 from pathlib import Path
 
+from pipelines.artifacts import CODES, CONFIG_FILE, LINEAGE_FILE, LOOKUP_FILE, MODEL_FILE, NUMERIC, OUTPUT, PLAN_FILE
 from pipelines.config import AnyProject, FeatureType, ProjectConfig, ServingProfile
-from pipelines.export.onnx import CODES, LOOKUP_FILE, MODEL_FILE, NUMERIC, OUTPUT, PLAN_FILE
 from pipelines.lineage import read_json, write_json
 
-CONFIG_FILE = "config.pbtxt"
 # The Python-backend model that serves model.onnx in the cpu rendering; in every version, so
 # switching profiles only rewrites config.pbtxt.
 BACKEND_MODEL = Path(__file__).resolve().parent / "backend" / "model.py"
-LINEAGE_FILE = "lineage.json"
 STAGING_PREFIX = ".staging-"
 ENGINE_STEPS = ("lookup", "engine")  # the tensorrt_plan rendering's composing models, in order
 

@@ -307,8 +307,8 @@ def load_drift(config, limit: int) -> dict[str, Any]:
 
 def load_report(config, folder: str) -> dict[str, Any]:
     """One report's summary with its per-column table; ``NotFound`` for anything else."""
+    from pipelines.artifacts import SUMMARY_FILE
     from pipelines.lineage import read_json
-    from pipelines.monitoring.check import SUMMARY_FILE
 
     summary_file = report_dir(reports_root(config), folder) / SUMMARY_FILE
     if not summary_file.is_file():
@@ -319,7 +319,7 @@ def load_report(config, folder: str) -> dict[str, Any]:
 
 def report_html(config, folder: str) -> Path:
     """Evidently's HTML of one report; ``NotFound`` for anything else."""
-    from pipelines.monitoring.check import REPORT_FILE
+    from pipelines.artifacts import REPORT_FILE
 
     path = report_dir(reports_root(config), folder) / REPORT_FILE
     if not path.is_file():

@@ -5,7 +5,7 @@ measured in the same run, a finite positive number. The figures themselves are n
 
 A script is a benchmark when it is a ``bench/*.py`` that runs as ``__main__`` (``project.py``,
 the shared helper, does not), so a new benchmark is covered without editing this file.
-Benchmarks that start Triton (through ``pipelines.serving.triton.TritonServer``, for real) are
+Benchmarks that start Triton (through ``pipelines.launch.triton.TritonServer``, for real) are
 skipped where the ``nvidia-pytriton`` wheel, which ships ``tritonserver``, is not installed.
 """
 

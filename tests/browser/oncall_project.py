@@ -18,11 +18,12 @@ from datetime import datetime, timedelta, timezone
 
 import numpy as np
 
+from pipelines.artifacts import REFERENCE_FILE
 from pipelines.config import ProjectConfig, TextProjectConfig
 from pipelines.data.replay import month_batch
 from pipelines.evaluation.gate import NOT_PROMOTED, PROMOTED
 from pipelines.lineage import write_json
-from pipelines.monitoring.check import REFERENCE_FILE, check_window
+from pipelines.monitoring.check import check_window
 from pipelines.serving import live, repository
 from pipelines.serving.client import InferenceLog
 from pipelines.serving.publish import run_record_path
@@ -170,7 +171,7 @@ def _finetune_lineage(config: TextProjectConfig, run: dict, decision: dict, crea
 
 def write_text_versions(config: TextProjectConfig) -> None:
     """Versions 1 and 2 of the classifier ensemble published (2 serves), one fine-tune not promoted."""
-    from pipelines.finetune.export import SERVING_FILE
+    from pipelines.artifacts import SERVING_FILE
     from pipelines.finetune.serving import ensemble_config, model_dir
 
     settings = config.home / SERVING_FILE  # what the exported tokenizer step carries: labels, max_length

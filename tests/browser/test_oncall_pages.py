@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.airflow_local import ADMIN_USER, LocalAirflow
+from pipelines.launch.airflow import ADMIN_USER, LocalAirflow
 from tests.browser.oncall_project import (
     BASE_MODEL,
     TEXT_BASE,

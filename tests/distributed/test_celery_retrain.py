@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import pytest
 
-from pipelines.airflow_cluster import CeleryAirflow
 from pipelines.config import GPU_QUEUE
 from pipelines.data.replay import land
 from pipelines.evaluation.gate import PROMOTED
+from pipelines.launch.celery import CeleryAirflow
 from pipelines.serving import repository
 from tests.conftest import REPO, free_ports, make_project
 

@@ -16,16 +16,16 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from pipelines.airflow_local import LocalAirflow
+from pipelines.artifacts import MODEL_FILE
 from pipelines.config import load_deployment
 from pipelines.data.replay import land, month_batch
 from pipelines.evaluation.gate import NOT_PROMOTED, PROMOTED, predict_onnx
-from pipelines.export.onnx import MODEL_FILE
+from pipelines.launch.airflow import LocalAirflow
+from pipelines.launch.triton import TritonServer
 from pipelines.monitoring.check import report_folder
 from pipelines.serving import live, repository
 from pipelines.serving.client import InferenceLog
 from pipelines.serving.publish import run_record_path
-from pipelines.serving.triton import TritonServer
 from pipelines.steps import drift_asset
 from tests.conftest import REPO, free_ports, make_home, make_project
 

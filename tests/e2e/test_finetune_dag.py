@@ -10,13 +10,14 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from pipelines.airflow_local import AirflowApiError, LocalAirflow
+from pipelines.artifacts import ADAPTER_DIR
 from pipelines.evaluation.gate import PROMOTED
 from pipelines.finetune import data, serving
 from pipelines.finetune.export import tokenize
 from pipelines.finetune.params import PACKAGED_MINILM, resolve_base
-from pipelines.finetune.train import ADAPTER_DIR, load_tokenizer, merged
-from pipelines.serving.triton import TritonServer
+from pipelines.finetune.train import load_tokenizer, merged
+from pipelines.launch.airflow import AirflowApiError, LocalAirflow
+from pipelines.launch.triton import TritonServer
 from tests.conftest import REPO, free_ports, make_home, make_text_project
 
 pytestmark = pytest.mark.e2e

@@ -14,11 +14,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipelines.airflow_local import LocalAirflow
+from pipelines.artifacts import MODEL_FILE
 from pipelines.data.replay import land
 from pipelines.data.split import split_paths
 from pipelines.evaluation.gate import NOT_PROMOTED, PROMOTED, predict_onnx
-from pipelines.export.onnx import MODEL_FILE
+from pipelines.launch.airflow import LocalAirflow
 from pipelines.serving import repository
 from pipelines.serving.publish import run_record_path
 from pipelines.training.train import load_candidate

@@ -28,10 +28,11 @@ import pandas as pd
 import pytest
 import yaml
 
+from pipelines.artifacts import REFERENCE_FILE
 from pipelines.config import ProjectConfig
 from pipelines.data.ingest import BatchValidationError, ingest_landing
 from pipelines.data.replay import land, month_batch
-from pipelines.monitoring.check import REFERENCE_FILE, check_window
+from pipelines.monitoring.check import check_window
 from pipelines.serving import repository
 from pipelines.serving.client import InferenceLog
 from tests.conftest import free_ports, make_project

@@ -14,12 +14,13 @@ import pytest
 import tritonclient.http as http
 from tritonclient.utils import InferenceServerException
 
+from pipelines.artifacts import MODEL_FILE
 from pipelines.finetune import serving
-from pipelines.finetune.export import MODEL_FILE, export_classifier, predict_folder, tokenize
+from pipelines.finetune.export import export_classifier, predict_folder, tokenize
+from pipelines.launch.triton import TritonServer
 from pipelines.serving import live, repository
 from pipelines.serving.client import read_log
 from pipelines.serving.rollback import rollback
-from pipelines.serving.triton import TritonServer
 from tests.conftest import free_ports, make_text_project
 from tests.serving.traffic import Traffic
 

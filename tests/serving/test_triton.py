@@ -11,15 +11,16 @@ import pandas as pd
 import pytest
 from tritonclient.utils import InferenceServerException
 
+from pipelines.artifacts import CONFIG_FILE, LINEAGE_FILE, MODEL_FILE
 from pipelines.data.split import split_paths
 from pipelines.data.versioning import version_split
 from pipelines.evaluation.gate import PROMOTED, evaluate, predict_onnx
-from pipelines.export.onnx import MODEL_FILE, export
+from pipelines.export.onnx import export
+from pipelines.launch.triton import TritonServer
 from pipelines.serving import live, repository
 from pipelines.serving.client import ServedModel, read_log
 from pipelines.serving.publish import publish
 from pipelines.serving.rollback import rollback
-from pipelines.serving.triton import TritonServer
 from pipelines.training.train import train
 from tests.conftest import free_ports, make_project
 from tests.serving.traffic import Traffic
@@ -71,7 +72,7 @@ def test_a_published_version_goes_live_and_answers_over_http_and_grpc(served):
     client = grpc.InferenceServerClient(f"127.0.0.1:{config.serving.triton.grpc_port}")
     response = client.infer(config.model.name, live.request_inputs(config, rows, grpc))
     np.testing.assert_allclose(response.as_numpy("prediction")[:, 0], expected, atol=1e-6)
-    lineage = json.loads((config.model_dir / "1" / repository.LINEAGE_FILE).read_text())
+    lineage = json.loads((config.model_dir / "1" / LINEAGE_FILE).read_text())
     assert lineage["airflow"]["run_id"] == "night1"
 
 
@@ -111,10 +112,10 @@ def test_a_broken_version_is_rejected_and_the_served_one_keeps_answering(served,
     assert repository.served_version(config.model_dir) == 2 and repository.versions(config.model_dir) == [1, 2, 3]
 
     # and if a reload itself fails, Triton keeps the version it had and config.pbtxt is put back
-    before = (config.model_dir / repository.CONFIG_FILE).read_bytes()
+    before = (config.model_dir / CONFIG_FILE).read_bytes()
     with pytest.raises(InferenceServerException):  # Triton's own answer to a failed load
         live.switch(config, live.connect(config), 3)
-    assert (config.model_dir / repository.CONFIG_FILE).read_bytes() == before
+    assert (config.model_dir / CONFIG_FILE).read_bytes() == before
     assert live.infer(live.connect(config), config, rows)[1] == 2
 
 

@@ -8,12 +8,13 @@ import json
 import pytest
 import torch
 
+from pipelines.artifacts import ADAPTER_DIR, CANDIDATE_FILE
 from pipelines.config import FinetuneTask
 from pipelines.evaluation.gate import PROMOTED
 from pipelines.finetune import data
 from pipelines.finetune.evaluate import evaluate
 from pipelines.finetune.params import PACKAGED_MINILM, ParamsError, check, resolve_base
-from pipelines.finetune.train import ADAPTER_DIR, CANDIDATE_FILE, encode, finetune, load_tokenizer
+from pipelines.finetune.train import encode, finetune, load_tokenizer
 from tests.conftest import make_text_project
 
 LLAMA_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -11,11 +11,12 @@ import pytest
 import torch
 import yaml
 
+from pipelines.artifacts import CONFIG_FILE, MODEL_FILE
 from pipelines.config import load_config
 from pipelines.data.split import split_paths
 from pipelines.data.versioning import version_split
 from pipelines.evaluation.gate import NOT_PROMOTED, PROMOTED, beats, decide, evaluate, predict_onnx
-from pipelines.export.onnx import MODEL_FILE, ParityError, export, onnx_inputs
+from pipelines.export.onnx import ParityError, export, onnx_inputs
 from pipelines.serving import repository
 from pipelines.serving.publish import publish, rejections_in_a_row
 from pipelines.training.train import CANDIDATE_FILE, load_candidate, train
@@ -167,7 +168,7 @@ def test_publish_adds_a_served_version_with_lineage_and_a_triton_config(trained)
 
 def test_a_rejected_candidate_leaves_the_repository_as_it_was(trained):
     config, data_version, candidate = trained
-    before = (config.model_dir / repository.CONFIG_FILE).read_bytes() if (config.model_dir / repository.CONFIG_FILE).exists() else None
+    before = (config.model_dir / CONFIG_FILE).read_bytes() if (config.model_dir / CONFIG_FILE).exists() else None
     versions_before = repository.versions(config.model_dir)
     rejected = {"decision": NOT_PROMOTED, "reason": "test", "challenger": {}, "champion": {}}
 
@@ -175,7 +176,7 @@ def test_a_rejected_candidate_leaves_the_repository_as_it_was(trained):
 
     assert result["version"] is None
     assert repository.versions(config.model_dir) == versions_before
-    after = (config.model_dir / repository.CONFIG_FILE).read_bytes() if before is not None else None
+    after = (config.model_dir / CONFIG_FILE).read_bytes() if before is not None else None
     assert after == before
     record = json.loads((config.home / result["lineage"]).read_text())
     assert record["gate"]["decision"] == NOT_PROMOTED and record["version"] is None

@@ -10,8 +10,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from pipelines.artifacts import REFERENCE_FILE
 from pipelines.data.replay import month_batch
-from pipelines.monitoring.check import REFERENCE_FILE, check_window, read_window, recent_reports, report_folder
+from pipelines.monitoring.check import check_window, read_window, recent_reports, report_folder
 from pipelines.monitoring.drift import DriftCheckError
 from pipelines.monitoring.trigger import decide
 from pipelines.serving import repository

@@ -4,8 +4,9 @@ build where the machine can make one.
 
 No test asserts what this machine has. Tests that need TensorRT and a CUDA device carry
 ``requires_tensorrt`` (skipped, with the reason, elsewhere); tests of the fallback take it away
-first (``no_tensorrt``), so they pass on a GPU worker too. The builder itself is never mocked:
-the one CPU test of what ``export_engine`` hands it swaps it for a recorder and says so.
+first (``no_tensorrt``), so they pass on a GPU worker too. TensorRT is never faked in a test
+that builds: the one CPU test of what ``export_engine`` hands the builder (the int8 calibration
+rows, whose seed once crashed every int8 build) swaps ``build_engine`` for a recorder and says so.
 """
 
 import json
@@ -22,10 +23,10 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
+from pipelines.config import ExportConfig
 from pipelines.data.split import split_paths
 from pipelines.data.versioning import version_split
 from pipelines.evaluation.gate import evaluate, predict_onnx
-from pipelines.config import ExportConfig
 from pipelines.export import tensorrt
 from pipelines.export.onnx import CODES, LOOKUP_FILE, MODEL_FILE, NETWORK_FILE, NUMERIC, OUTPUT, PLAN_FILE, export, onnx_inputs
 from pipelines.export.tensorrt import calibration_rows, engine_feeds, export_engine, tensorrt_available
@@ -252,13 +253,13 @@ def reloaded_with_export_tensorrt(project, value):
     person edits it (the one place in this file that knows where that file lives)."""
     import yaml
 
-    from pipelines.config import load_config
+    from pipelines.config import PARAMS_FILE, load_config
 
-    file = project.home / "params.yaml"
+    file = project.project_dir / PARAMS_FILE
     params = yaml.safe_load(file.read_text())
     params["export"]["tensorrt"] = value
     file.write_text(yaml.safe_dump(params))
-    return load_config(project.home)
+    return load_config(project.name, project.home)
 
 
 @pytest.mark.parametrize(("written", "expected"), [("export:\n  tensorrt: off\n", "off"), ("export:\n  tensorrt: int8\n", "int8")])

@@ -11,11 +11,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from pipelines.artifacts import REFERENCE_FILE, TEXT
 from pipelines.finetune import data
 from pipelines.finetune.serving import model_dir, write_reference
-from pipelines.monitoring.check import REFERENCE_FILE, check_window, report_folder
+from pipelines.monitoring.check import check_window, report_folder
 from pipelines.serving import repository
-from pipelines.serving.client import TEXT, InferenceLog
+from pipelines.serving.client import InferenceLog
 from tests.conftest import make_text_project
 
 HOUR = datetime(2026, 3, 2, 12, tzinfo=timezone.utc)

@@ -5,7 +5,7 @@ machine without the ONNX Runtime backend serves the very file that the GPU rende
 with ``platform: onnxruntime_onnx``. Copied next to ``model.onnx`` in every version folder.
 It answers every output its ``config.pbtxt`` names (strings included), as that backend does.
 It runs in the backend's own environment (numpy 1, ONNX Runtime; see
-``pipelines/serving/triton.py``), not in the project's.
+``pipelines/launch/triton.py``), not in the project's.
 """
 
 import json

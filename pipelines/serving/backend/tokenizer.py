@@ -5,7 +5,7 @@ and truncated to the ``max_length`` of ``serving.json``), as the exported classi
 checked with. Fixed-length rows let the classifier's dynamic batcher stack requests. Copied as
 ``model.py`` next to ``tokenizer/`` and ``serving.json`` in every version folder of
 ``<model>_tokenizer``; it runs in the backend's own environment (numpy 1, ``tokenizers``; see
-``pipelines/serving/triton.py``), not in the project's.
+``pipelines/launch/triton.py``), not in the project's.
 """
 
 import json

@@ -3,7 +3,9 @@
 For the demo and the end-to-end tests: start the scheduler, dag-processor, triggerer and
 api-server on a SQLite database whose home lives inside the checkout (e.g. ``<repo>/.airflow``),
 trigger DAG runs with a ``conf``, wait for them, read task states and XComs, and stop everything
-again without leaving orphan processes behind.
+again without leaving orphan processes behind. The REST calls go through Airflow's own client
+(``apache-airflow-client``, pinned to the server's version); only the JWT comes from the simple
+auth manager's ``POST /auth/token``, which that client does not cover.
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ import subprocess
 import sys
 import time
 import urllib.error
-import urllib.parse
 import urllib.request
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -179,7 +180,7 @@ class LocalAirflow:
         """What ``start`` runs, by name: ``airflow`` arguments and environment changes for each.
 
         Here one ``airflow standalone``, which starts every component with the LocalExecutor;
-        ``pipelines.airflow_cluster`` starts components one by one for other executors.
+        ``pipelines.launch.celery`` starts components one by one for other executors.
         """
         return {"standalone": (["standalone"], {})}
 
@@ -267,16 +268,47 @@ class LocalAirflow:
         return next(iter(self._procs.values())).wait()
 
     def token(self) -> str:
-        """A JWT for the REST API from ``POST /auth/token`` with the admin credentials; cached."""
+        """A JWT for the REST API from the simple auth manager's ``POST /auth/token``; cached."""
         if self._token is None:
-            body = {"username": ADMIN_USER, "password": self.password}
-            response = self._request("POST", "/auth/token", body, auth=False)
-            self._token = str(response["access_token"])
+            url = f"{self.base_url}/auth/token"
+            body = json.dumps({"username": ADMIN_USER, "password": self.password}).encode()
+            request = urllib.request.Request(url, data=body, method="POST", headers={"Content-Type": "application/json"})
+            try:
+                with self._opener.open(request, timeout=self.http_timeout) as response:
+                    self._token = str(json.loads(response.read())["access_token"])
+            except urllib.error.HTTPError as exc:
+                raise AirflowApiError("POST", url, exc.code, exc.read().decode(errors="replace")) from None
+            except (urllib.error.URLError, OSError) as exc:
+                raise AirflowApiError("POST", url, None, str(getattr(exc, "reason", exc))) from None
         return self._token
+
+    def _api(self, api: str, call: str, *args: Any, **kwargs: Any) -> Any:
+        """``apache-airflow-client``'s ``<api>().<call>(...)`` as plain JSON (dicts, ISO times);
+        a failed call is ``AirflowApiError`` with the status and body. An expired token is
+        fetched again once."""
+        import airflow_client.client as client
+        from airflow_client.client import api as apis
+
+        for attempt in (1, 2):
+            configuration = client.Configuration(host=self.base_url, access_token=self.token())
+            configuration.proxy = None  # loopback: never through the caller's HTTP(S)_PROXY
+            with client.ApiClient(configuration) as api_client:
+                try:
+                    result = getattr(getattr(apis, api)(api_client), call)(*args, **kwargs)
+                except client.ApiException as exc:
+                    if exc.status == 401 and attempt == 1:
+                        self._token = None
+                        continue
+                    raise AirflowApiError(call, self.base_url, exc.status, str(exc.body or exc.reason)) from None
+                except (urllib.error.URLError, OSError, client.exceptions.OpenApiException) as exc:
+                    raise AirflowApiError(call, self.base_url, None, str(exc)) from None
+            result = getattr(result, "actual_instance", result)  # a oneOf response (an XCom entry) wraps the real one
+            return result.model_dump(mode="json", by_alias=True) if result is not None else None
+        raise AssertionError("unreachable")
 
     def health(self) -> dict[str, Any]:
         """``GET /api/v2/monitor/health``: status and latest heartbeat of each component."""
-        return self._request("GET", "/api/v2/monitor/health", auth=False)
+        return self._api("MonitorApi", "get_health")
 
     def wait_for_dag(self, dag_id: str, timeout: float = 60.0) -> dict[str, Any]:
         """Wait until the dag-processor has parsed ``dag_id``; returns the DAG as the API shows it.
@@ -287,7 +319,7 @@ class LocalAirflow:
         deadline = time.monotonic() + timeout
         while True:
             try:
-                return self._request("GET", f"/api/v2/dags/{_quote(dag_id)}")
+                return self._api("DAGApi", "get_dag", dag_id)
             except AirflowApiError as exc:
                 if exc.status != 404:
                     raise
@@ -306,7 +338,7 @@ class LocalAirflow:
 
     def import_errors(self) -> list[dict[str, Any]]:
         """``GET /api/v2/importErrors``: files the dag-processor could not import."""
-        return self._paged("/api/v2/importErrors", "import_errors")
+        return self._paged("ImportErrorApi", "get_import_errors", "import_errors")
 
     def trigger(
         self, dag_id: str, conf: dict[str, Any], run_id: str | None = None, logical_date: datetime | None = None
@@ -315,30 +347,32 @@ class LocalAirflow:
 
         With a ``logical_date``, the run's data interval is the one the DAG's timetable gives it.
         """
+        from airflow_client.client.models import TriggerDAGRunPostBody
+
         # Airflow 3 requires logical_date in the body; null means "no logical date", which lets
         # several manual runs start at the same moment.
-        body: dict[str, Any] = {"logical_date": logical_date.isoformat() if logical_date else None, "conf": conf}
-        if run_id is not None:
-            body["dag_run_id"] = run_id
-        response = self._request("POST", f"/api/v2/dags/{_quote(dag_id)}/dagRuns", body)
-        return str(response["dag_run_id"])
+        body = TriggerDAGRunPostBody(logical_date=logical_date, conf=conf, dag_run_id=run_id)
+        return str(self._api("DagRunApi", "trigger_dag_run", dag_id, body)["dag_run_id"])
 
     def unpause(self, dag_id: str) -> None:
         """Let the scheduler create runs of ``dag_id`` (its schedule, its Assets)."""
-        self._request("PATCH", f"/api/v2/dags/{_quote(dag_id)}", {"is_paused": False})
+        from airflow_client.client.models import DAGPatchBody
+
+        self._api("DAGApi", "patch_dag", dag_id, DAGPatchBody(is_paused=False))
 
     def backfill(self, dag_id: str, from_date: datetime, to_date: datetime) -> dict[str, Any]:
         """``POST /api/v2/backfills``: runs for the schedule's times in ``[from_date, to_date]``."""
-        body = {"dag_id": dag_id, "from_date": from_date.isoformat(), "to_date": to_date.isoformat()}
-        return self._request("POST", "/api/v2/backfills", body)
+        from airflow_client.client.models import BackfillPostBody
+
+        return self._api("BackfillApi", "create_backfill", BackfillPostBody(dag_id=dag_id, from_date=from_date, to_date=to_date))
 
     def dag_runs(self, dag_id: str) -> list[dict[str, Any]]:
         """Every run of ``dag_id``: run_id, run_type, state, logical_date, data interval."""
-        return self._paged(f"/api/v2/dags/{_quote(dag_id)}/dagRuns", "dag_runs")
+        return self._paged("DagRunApi", "get_dag_runs", "dag_runs", dag_id)
 
     def dag_run(self, dag_id: str, run_id: str) -> dict[str, Any]:
         """``GET /api/v2/dags/{dag_id}/dagRuns/{run_id}``."""
-        return self._request("GET", f"/api/v2/dags/{_quote(dag_id)}/dagRuns/{_quote(run_id)}")
+        return self._api("DagRunApi", "get_dag_run", dag_id, run_id)
 
     def wait_for_run(self, dag_id: str, run_id: str, timeout: float = 300.0) -> str:
         """Poll until the run is finished; returns its final state, ``success`` or ``failed``."""
@@ -358,20 +392,15 @@ class LocalAirflow:
 
     def task_instances(self, dag_id: str, run_id: str) -> list[dict[str, Any]]:
         """Task instances of a run: task_id, map_index, state, try_number, queue, hostname."""
-        path = f"/api/v2/dags/{_quote(dag_id)}/dagRuns/{_quote(run_id)}/taskInstances"
         keys = ("task_id", "map_index", "state", "try_number", "queue", "hostname")
-        return [{k: ti.get(k) for k in keys} for ti in self._paged(path, "task_instances")]
+        return [{k: ti.get(k) for k in keys} for ti in self._paged("TaskInstanceApi", "get_task_instances", "task_instances", dag_id, run_id)]
 
     def xcom(
         self, dag_id: str, run_id: str, task_id: str, key: str = "return_value", map_index: int = -1
     ) -> Any:
         """The XCom value a task pushed (its return value by default), or None if there is none."""
-        path = (
-            f"/api/v2/dags/{_quote(dag_id)}/dagRuns/{_quote(run_id)}"
-            f"/taskInstances/{_quote(task_id)}/xcomEntries/{_quote(key)}"
-        )
         try:
-            entry = self._request("GET", path, query={"map_index": str(map_index)})
+            entry = self._api("XComApi", "get_xcom_entry", dag_id, task_id, run_id, key, map_index=map_index)
         except AirflowApiError as exc:
             if exc.status == 404:
                 return None
@@ -457,43 +486,10 @@ class LocalAirflow:
                 f"`airflow db migrate` failed with code {result.returncode}:\n" + "\n".join(output[-40:])
             )
 
-    def _request(
-        self,
-        method: str,
-        path: str,
-        body: Any = None,
-        *,
-        auth: bool = True,
-        query: dict[str, str] | None = None,
-    ) -> Any:
-        url = self.base_url + path + (f"?{urllib.parse.urlencode(query)}" if query else "")
-        data = json.dumps(body).encode() if body is not None else None
-        for attempt in (1, 2):
-            headers = {"Accept": "application/json"}
-            if data is not None:
-                headers["Content-Type"] = "application/json"
-            if auth:
-                headers["Authorization"] = f"Bearer {self.token()}"
-            request = urllib.request.Request(url, data=data, method=method, headers=headers)
-            try:
-                with self._opener.open(request, timeout=self.http_timeout) as response:
-                    raw = response.read()
-                return json.loads(raw) if raw else None
-            except urllib.error.HTTPError as exc:
-                text = exc.read().decode(errors="replace")
-                if exc.code == 401 and auth and attempt == 1:
-                    self._token = None  # expired: fetch a new one and retry once
-                    continue
-                raise AirflowApiError(method, url, exc.code, text) from None
-            except (urllib.error.URLError, OSError) as exc:
-                reason = getattr(exc, "reason", exc)
-                raise AirflowApiError(method, url, None, str(reason)) from None
-        raise AssertionError("unreachable")
-
-    def _paged(self, path: str, field: str) -> list[dict[str, Any]]:
+    def _paged(self, api: str, call: str, field: str, *args: Any) -> list[dict[str, Any]]:
         items: list[dict[str, Any]] = []
         while True:
-            page = self._request("GET", path, query={"limit": str(_PAGE), "offset": str(len(items))})
+            page = self._api(api, call, *args, limit=_PAGE, offset=len(items))
             items.extend(page[field])
             if not page[field] or len(items) >= page["total_entries"]:
                 return items
@@ -579,6 +575,3 @@ def _fresh(component: dict[str, Any], name: str, since: datetime) -> bool:
         beat = beat.replace(tzinfo=timezone.utc)
     return beat >= since
 
-
-def _quote(part: str) -> str:
-    return urllib.parse.quote(part, safe="")

@@ -28,16 +28,13 @@ import time
 from pathlib import Path
 
 from pipelines.config import Deployment
+from pipelines.errors import TritonUnavailable
 from pipelines.serving import repository
 
 log = logging.getLogger(__name__)
 
 BACKEND_ENV = Path(sys.prefix) / "triton-python"  # made by `make install`
 RUNTIME_DIR = ".triton"  # in the project home: backends, logs
-
-
-class TritonUnavailable(RuntimeError):
-    """Triton could not be started or reached."""
 
 
 def _bundled() -> Path:

@@ -12,11 +12,11 @@ import os
 import socket
 from pathlib import Path
 
-from pipelines.airflow_local import DEFAULT_PORT, LocalAirflow
+from pipelines.launch.airflow import DEFAULT_PORT, LocalAirflow
 
 HOSTNAME_ENV = "FLYWHEEL_HOSTNAME"
 # Airflow's [core] hostname_callable: what a task instance records as the host that ran it.
-HOSTNAME_CALLABLE = "pipelines.airflow_cluster.hostname"
+HOSTNAME_CALLABLE = "pipelines.launch.celery.hostname"
 
 
 def hostname() -> str:

@@ -26,7 +26,7 @@ from pathlib import Path
 from pipelines.config import load_config, load_deployment, load_text_project, project_kinds
 from pipelines.data.replay import land
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 FLIGHTS, DIAMONDS, REVIEWS = "flights", "diamonds", "reviews"
 RETRAIN = f"retrain__{FLIGHTS}"
 
@@ -140,23 +140,15 @@ def init_diamonds(home: Path) -> list[Path]:
     return files[1:]
 
 
-def land_file(home: Path, project: str, source: Path) -> None:
-    config = load_config(project, home)
-    landing = config.path(config.dataset.landing_dir)
-    landing.mkdir(parents=True, exist_ok=True)
-    partial = landing / f"{source.stem}.csv.partial"
-    shutil.copyfile(source, partial)
-    partial.replace(landing / f"{source.stem}.csv")
-
-
 def run(home: Path, fresh: bool, port: int) -> tuple[dict[str, list[dict]], list[str]]:
     """The three projects through Airflow with Triton serving; then live traffic, drift, and a rollback."""
-    from pipelines.airflow_local import LocalAirflow
+    from pipelines.data.ingest import land_file
     from pipelines.data.replay import month_batch
     from pipelines.finetune.data import write_review_datasets
+    from pipelines.launch.airflow import LocalAirflow
+    from pipelines.launch.triton import TritonServer
     from pipelines.serving import repository
     from pipelines.serving.client import log_dir, send
-    from pipelines.serving.triton import TritonServer
 
     if fresh:
         reset(home)
@@ -168,7 +160,7 @@ def run(home: Path, fresh: bool, port: int) -> tuple[dict[str, list[dict]], list
     airflow = LocalAirflow(AIRFLOW_HOME, REPO / "dags", REPO / "plugins", port=port, extra_env={"FLYWHEEL_HOME": str(home)})
     with TritonServer(load_deployment(home)) as triton, airflow:
         # The other two projects run beside the flights nights, in the same Airflow.
-        land_file(home, DIAMONDS, diamond_batches[0])
+        land_file(load_config(DIAMONDS, home), diamond_batches[0])
         started = {REVIEWS: time.monotonic(), DIAMONDS: time.monotonic()}
         for dag_id in (f"retrain__{DIAMONDS}", f"finetune__{REVIEWS}"):
             airflow.wait_for_dag(dag_id)
@@ -217,7 +209,7 @@ def run(home: Path, fresh: bool, port: int) -> tuple[dict[str, list[dict]], list
         dag_id = f"retrain__{DIAMONDS}"
         state = airflow.wait_for_run(dag_id, side_runs[DIAMONDS], timeout=1800)
         blocks[DIAMONDS].append(night_summary(airflow, dag_id, side_runs[DIAMONDS], diamond_batches[0].name, state, time.monotonic() - started[DIAMONDS]))
-        land_file(home, DIAMONDS, diamond_batches[1])
+        land_file(load_config(DIAMONDS, home), diamond_batches[1])
         began = time.monotonic()
         run_id = airflow.trigger(dag_id, {}, run_id=f"demo_{int(time.time())}_diamonds2")
         state = airflow.wait_for_run(dag_id, run_id, timeout=1800)

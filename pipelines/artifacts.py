@@ -1,0 +1,34 @@
+"""The names of the artifact contract: files in candidate and version folders, and the tensors
+a served model takes and gives. Every stage imports them from here, so export, evaluation and
+serving agree on them without importing one another.
+"""
+
+from __future__ import annotations
+
+# A tabular model's export (a candidate folder, then a version of the model repository).
+MODEL_FILE = "model.onnx"  # raw columns in, `prediction` out (the category lookup inside the graph)
+LOOKUP_FILE = "lookup.onnx"  # its first half: category strings to int32 codes (ONNX Runtime)
+NETWORK_FILE = "network.onnx"  # its second half: numbers only (what TensorRT builds an engine of)
+PLAN_FILE = "model.plan"  # the TensorRT engine of network.onnx, where export.tensorrt built one
+OUTPUT = "prediction"  # the output tensor of every tabular rendering
+CODES, NUMERIC = "categorical_codes", "numeric"  # the tensors between the lookup and the network
+
+# A fine-tuned text classifier's export.
+TOKENIZER_DIR = "tokenizer"
+SERVING_FILE = "serving.json"  # max_length and labels, for the tokenizer step
+INPUTS = ("input_ids", "attention_mask")  # between the tokenizer step and the classifier
+SCORES, LABEL = "scores", "label"  # the ensemble's outputs
+TEXT = "text"  # the ensemble's input, and the logged column of a text project
+ADAPTER_DIR = "adapter"  # peft's save_pretrained of a fine-tuning candidate
+CANDIDATE_FILE = "candidate.json"  # a fine-tuning candidate's inputs and training result
+
+# The model repository and the drift check.
+CONFIG_FILE = "config.pbtxt"
+LINEAGE_FILE = "lineage.json"  # where a version came from
+REFERENCE_FILE = "reference.parquet"  # a seeded sample of a version's training data: its drift reference
+REPORT_FILE = "report.html"  # Evidently's report of one window
+SUMMARY_FILE = "summary.json"  # a window's verdict, share and per-column tests
+
+# Quarantine of a tabular batch.
+RESULT_FILE = "validation_result.json"
+DOCS_FILE = "data_docs.html"
