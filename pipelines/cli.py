@@ -63,7 +63,8 @@ def cmd_classify(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     from pipelines.launch import demo
 
-    print(demo.report(*demo.run(project_home(), fresh=args.fresh, port=args.port)))
+    home = project_home()
+    print(demo.report(home, *demo.run(home, fresh=args.fresh, port=args.port)))
 
 
 def cmd_up(args: argparse.Namespace) -> None:

@@ -85,7 +85,7 @@ class Label(Strict):
 class DatasetConfig(Strict):
     name: str = Field(pattern=PROJECT_NAME)
     landing_dir: Path
-    raw_path: Path  # inside the project's DVC repository, the raw data's folder
+    raw_path: Path  # a parquet file inside the project's DVC repository (data_dir)
     archive_dir: Path
     quarantine_dir: Path
     expectation_suite: Path

@@ -262,18 +262,18 @@ def drift_check(airflow, timeout: float = 120) -> tuple[str | None, str]:
     return None, line + f"; drift_detected was emitted but no retrain started within {timeout:.0f} s"
 
 
-def report(blocks: dict[str, list[dict]], serving: list[str]) -> str:
+def report(home: Path, blocks: dict[str, list[dict]], serving: list[str]) -> str:
     """One block per project, then where to look."""
     from pipelines.config import load_project
 
     lines: list[str] = []
     for project, rows in blocks.items():
-        config = load_project(project)
+        config = load_project(project, home)
         lines += [f"== {project} ({config.kind.value}, served as {config.served_model}) ==", table(rows) if rows else "(no run)", ""]
         if project == FLIGHTS:
             lines += [*serving, ""]
     lines += [
-        f"projects:         {', '.join(project_kinds())} (projects/<name>/params.yaml)",
+        f"projects:         {', '.join(project_kinds(home))} ({home / 'projects'}/<name>/params.yaml)",
         "versions:         .venv/bin/flywheel versions",
         f"Airflow UI:       run `make up`, then http://localhost:8080 (user admin, password in {AIRFLOW_HOME}); the Flywheel menu lists the projects",
     ]
