@@ -38,6 +38,11 @@ from pipelines.config import PARAMS_FILE, PROJECT_NAME, ROW_ID, SUITE_FILE
 CLASSIFICATION, REGRESSION = "classification", "regression"
 LABEL_NULLS_MAX = 0.05  # a label blank in more rows than this is not a label column yet
 RANGE_MARGIN = 1.0  # numeric bounds: the sample's range widened by this share of it on each side
+# ... which a rare outlier may cross (at most 1 row in 1000: real data has a few, e.g. a diamond
+# 31.8 mm wide), but no value may cross the hard bounds, the range widened by 10x its width:
+# a unit error or a value 1000x off fails the batch even in one row.
+RANGE_MOSTLY = 0.999
+HARD_MARGIN = 10.0
 FEW_VALUES = 20  # a categorical column with at most this many values is a closed set
 FEW_VALUES_MOSTLY = 0.999  # a closed set tolerates a rare value the sample missed (1 row in 1,000), no more
 MANY_VALUES_MOSTLY = 0.99  # a larger set tolerates 1% unseen values (a new route, a new product)
@@ -559,11 +564,18 @@ def _numeric_checks(column: pd.Series, name: str, low: float, high: float, role:
     bound = "; never below 0, since the sample never was" if low == 0 else ""
     ranged = _expect(
         "expect_column_values_to_be_between",
-        {"column": name, "min_value": low, "max_value": high},
-        f"The sample's range of the {role} {name}, widened by {share} of it on each side{bound}: "
-        "ordinary variation passes, a value off by a unit or an order of magnitude does not.",
+        {"column": name, "min_value": low, "max_value": high, "mostly": RANGE_MOSTLY},
+        f"The sample's range of the {role} {name}, widened by {share} of it on each side{bound}: ordinary "
+        f"variation passes, and so does a rare outlier (at most {1 - RANGE_MOSTLY:.1%} of the rows); a shifted range does not.",
     )
-    return [typed, ranged]
+    hard_low, hard_high = _bounds(column.dropna(), HARD_MARGIN)
+    hard = _expect(
+        "expect_column_values_to_be_between",
+        {"column": name, "min_value": hard_low, "max_value": hard_high},
+        f"No value of the {role} {name} may lie beyond the sample's range widened by {HARD_MARGIN:g}x its width: "
+        "a unit error or a value off by orders of magnitude fails the batch even in one row.",
+    )
+    return [typed, ranged, hard]
 
 
 def _not_null(name: str, nulls: float) -> dict:
@@ -587,11 +599,11 @@ def _not_null(name: str, nulls: float) -> dict:
 # -- helpers ---------------------------------------------------------------------------------------
 
 
-def _bounds(values: pd.Series) -> tuple[float, float]:
-    """The non-null values' range widened by ``RANGE_MARGIN`` of it on each side, not crossing 0
+def _bounds(values: pd.Series, share: float = RANGE_MARGIN) -> tuple[float, float]:
+    """The non-null values' range widened by ``share`` of it on each side, not crossing 0
     where the sample did not; whole numbers for an integer column, else rounded outward."""
     lo, hi = float(values.min()), float(values.max())
-    margin = RANGE_MARGIN * (hi - lo)
+    margin = share * (hi - lo)
     low, high = lo - margin, hi + margin
     if lo >= 0:
         low = max(low, 0.0)

@@ -57,9 +57,11 @@ def predict_onnx(model_file: Path, frame: pd.DataFrame) -> np.ndarray:
 
 
 def beats(metric: str, challenger: float, champion: float, margin: float) -> bool:
-    if metric in LOWER_IS_BETTER:
-        return challenger <= champion - margin
-    return challenger >= champion + margin
+    """Whether ``challenger`` is better than ``champion`` by at least ``margin`` in the metric's
+    direction. A tie is never better, whatever the margin: a challenger equal to the champion
+    (the same model retrained on the same data) is not promoted."""
+    gain = champion - challenger if metric in LOWER_IS_BETTER else challenger - champion
+    return gain > 0 and gain >= margin
 
 
 def passes_floor(metric: str, value: float, floor: float) -> bool:

