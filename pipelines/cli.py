@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -203,6 +204,9 @@ def main(argv: list[str] | None = None) -> None:
     versions.set_defaults(run=cmd_versions)
 
     args = parser.parse_args(argv)
+    # SIGTERM (kill, a service manager) stops the servers a command started as Ctrl-C does: the
+    # exit unwinds their context managers, which stop Airflow and Triton.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         args.run(args)

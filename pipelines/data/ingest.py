@@ -96,7 +96,9 @@ def land_file(config: ProjectConfig, source: Path) -> Path:
     """Copy a CSV batch into the project's landing folder under its own name, atomically: written
     as ``<name>.csv.partial`` (never read), then renamed, so ingestion never reads half a batch."""
     if not source.is_file():
-        raise FileNotFoundError(f"{source}: no such file")
+        raise FileNotFoundError(f"project {config.name}: {source}: no such file")
+    if source.suffix.lower() != ".csv":
+        raise ValueError(f"project {config.name}: {source}: batches land as CSV files with a header row, got a {source.suffix or 'suffix-less'} file")
     landing = config.path(config.dataset.landing_dir)
     landing.mkdir(parents=True, exist_ok=True)
     target = landing / f"{source.stem}.csv"
@@ -112,7 +114,7 @@ def read_batch(path: Path, columns: list[str]) -> tuple[pd.DataFrame | None, str
         return pd.read_csv(path), None
     except (UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
         reason = f"{type(exc).__name__}: {str(exc).strip()}"
-        return None, f"not a readable CSV ({reason}); expected a CSV with a header row of {columns}"
+        return None, f"not a readable CSV ({reason}); expected a CSV with a header row naming at least {columns}"
 
 
 def quarantine(config: ProjectConfig, batch: Path, result: dict, docs_page: Path | None) -> Path:

@@ -125,6 +125,9 @@ def airflow_env(
         # Runs start only when triggered: DAGs are live at once, and no cron creates runs of its own.
         env["AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION"] = "False"
         env["AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE"] = "False"
+    # Tasks import the same checkout as the launcher, not whatever an editable install points at.
+    package_root = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH", "")) if p)
     env.update(extra or {})
     return env
 

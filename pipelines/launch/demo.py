@@ -25,6 +25,7 @@ from pathlib import Path
 
 from pipelines.config import load_config, load_deployment, load_text_project, project_kinds
 from pipelines.data.replay import land
+from pipelines.launch.airflow import PASSWORDS_FILE
 
 REPO = Path(__file__).resolve().parents[2]
 FLIGHTS, DIAMONDS, REVIEWS = "flights", "diamonds", "reviews"
@@ -52,7 +53,7 @@ NIGHTS = (
 
 # Runtime state of a deployment home; `--fresh` clears it (and Airflow's database, so that the
 # scheduler runs the nightly slot again) so the demo starts from nothing.
-STATE = ("landing", "data", "quarantine", "artifacts", "reports", "gx", ".dvc-remote", "inference_log", "model_repository")
+STATE = ("landing", "data", "quarantine", "artifacts", "reports", "gx", ".dvc-remote", "inference_log")
 # After the nights: a later month of real flights sent to the served model, as clients would.
 TRAFFIC_MONTH, TRAFFIC_ROWS = "2013-07", 2000
 # The diamonds project: written by `flywheel init` from a sample; two batches of the rest land.
@@ -64,14 +65,26 @@ AIRFLOW_STATE = ("airflow.db", "logs")
 
 
 def reset(home: Path) -> None:
-    for target in [*(home / name for name in STATE), *(AIRFLOW_HOME / name for name in AIRFLOW_STATE), home / "projects" / DIAMONDS]:
+    models = home / "model_repository"  # its README is part of the checkout: only the models go
+    published = [p for p in models.iterdir() if p.is_dir()] if models.is_dir() else []
+    for target in [*(home / name for name in STATE), *published, *(AIRFLOW_HOME / name for name in AIRFLOW_STATE), home / "projects" / DIAMONDS]:
         if target.is_dir():
             shutil.rmtree(target)
         elif target.exists():
             target.unlink()
 
 
-def night_summary(airflow, dag_id: str, run_id: str, label: str, state: str, seconds: float) -> dict:
+def run_seconds(airflow, dag_id: str, run_id: str) -> str:
+    """How long a run ran, from its start to its end as Airflow recorded them (queue time left out)."""
+    from datetime import datetime
+
+    run = airflow.dag_run(dag_id, run_id)
+    if not (run.get("start_date") and run.get("end_date")):
+        return "-"
+    return f"{(datetime.fromisoformat(run['end_date']) - datetime.fromisoformat(run['start_date'])).total_seconds():.0f}"
+
+
+def night_summary(airflow, dag_id: str, run_id: str, label: str, state: str) -> dict:
     """One row of a tabular project's table, from the run's task states and XComs."""
     xcom = lambda task: airflow.xcom(dag_id, run_id, task) or {}  # noqa: E731
     validated, versioned, trained = xcom("validate"), xcom("version_data"), xcom("train")
@@ -91,11 +104,11 @@ def night_summary(airflow, dag_id: str, run_id: str, label: str, state: str, sec
         "champion": f"{champion:.4f}" if champion is not None else "-",
         "decision": published.get("decision", f"run {state}" + (f" at {failed[0]}" if failed else "")),
         "version": published.get("version") or "-",
-        "seconds": f"{seconds:.0f}",
+        "seconds": run_seconds(airflow, dag_id, run_id),
     }
 
 
-def finetune_summary(airflow, dag_id: str, run_id: str, state: str, seconds: float) -> dict:
+def finetune_summary(airflow, dag_id: str, run_id: str, state: str) -> dict:
     xcom = lambda task: airflow.xcom(dag_id, run_id, task) or {}  # noqa: E731
     validated, trained, decision, published = xcom("validate"), xcom("train"), xcom("evaluate"), xcom("publish")
     failed = [t["task_id"] for t in airflow.task_instances(dag_id, run_id) if t["state"] == "failed"]
@@ -110,7 +123,7 @@ def finetune_summary(airflow, dag_id: str, run_id: str, state: str, seconds: flo
         "untuned base": f"{score('base'):.4f}" if score("base") is not None else "-",
         "decision": published.get("decision", f"run {state}" + (f" at {failed[0]}" if failed else "")),
         "version": published.get("version") or "-",
-        "seconds": f"{seconds:.0f}",
+        "seconds": run_seconds(airflow, dag_id, run_id),
     }
 
 
@@ -163,8 +176,9 @@ def run(home: Path, fresh: bool, port: int) -> tuple[dict[str, list[dict]], list
         # The other two projects run beside the flights nights, in the same Airflow: the diamonds
         # DAGs are unpaused like the flights ones (its first night is the scheduler's own run), the
         # fine-tune is triggered as a data scientist would.
-        started = {REVIEWS: time.monotonic(), DIAMONDS: time.monotonic()}
-        airflow.wait_for_dag(f"finetune__{REVIEWS}")
+        for dag_id in (f"finetune__{REVIEWS}", f"drift__{REVIEWS}", f"rollback__{REVIEWS}"):
+            airflow.wait_for_dag(dag_id)
+            airflow.unpause(dag_id)  # a paused DAG's triggered run waits in the queue
         side_runs = {
             DIAMONDS: scheduled_run(airflow, DIAMONDS),
             REVIEWS: airflow.trigger(f"finetune__{REVIEWS}", FINETUNE_RUN, run_id=f"demo_{int(time.time())}_reviews"),
@@ -172,13 +186,12 @@ def run(home: Path, fresh: bool, port: int) -> tuple[dict[str, list[dict]], list
         for number, night in enumerate(NIGHTS, start=1):
             for month in night.months:
                 land(flights, month, broken=night.corrupt)
-            began = time.monotonic()
             if number == 1:  # unpaused with catchup off, the scheduler runs the latest nightly slot at once
                 run_id = scheduled_run(airflow, FLIGHTS)
             else:
                 run_id = airflow.trigger(RETRAIN, {}, run_id=f"demo_{int(time.time())}_night{number}")
             state = airflow.wait_for_run(RETRAIN, run_id, timeout=1800)
-            blocks[FLIGHTS].append(night_summary(airflow, RETRAIN, run_id, night.label, state, time.monotonic() - began))
+            blocks[FLIGHTS].append(night_summary(airflow, RETRAIN, run_id, night.label, state))
             print(f"flights night {number}: {night.label}: {state}", flush=True)
 
         served = repository.served_version(flights.model_dir)
@@ -188,12 +201,11 @@ def run(home: Path, fresh: bool, port: int) -> tuple[dict[str, list[dict]], list
             f"{traffic['requests']} requests, logged to {log_dir(flights)}"
         )
         land(flights, TRAFFIC_MONTH)  # the month's labelled flights arrive too
-        began = time.monotonic()
         retrain, line = drift_check(airflow)
         serving.append(line)
         if retrain:
             state = airflow.wait_for_run(RETRAIN, retrain, timeout=1800)
-            blocks[FLIGHTS].append(night_summary(airflow, RETRAIN, retrain, TRAFFIC_MONTH, state, time.monotonic() - began))
+            blocks[FLIGHTS].append(night_summary(airflow, RETRAIN, retrain, TRAFFIC_MONTH, state))
             print(f"flights drift-triggered retrain: {state}", flush=True)
 
         served = repository.served_version(flights.model_dir)
@@ -203,23 +215,21 @@ def run(home: Path, fresh: bool, port: int) -> tuple[dict[str, list[dict]], list
             result = airflow.xcom(f"rollback__{FLIGHTS}", run_id, "serve_previous_version") or {}
             serving.append(
                 f"rollback:  rollback__flights {state}: version {result.get('previous')} -> {result.get('version')} "
-                f"in {result.get('switch_seconds')} s (served now: {repository.served_version(flights.model_dir)}; "
-                f"diamonds and reviews untouched)"
+                f"in {result.get('switch_seconds')} s (served now: {repository.served_version(flights.model_dir)})"
             )
 
         dag_id = f"retrain__{DIAMONDS}"
         state = airflow.wait_for_run(dag_id, side_runs[DIAMONDS], timeout=1800)
-        blocks[DIAMONDS].append(night_summary(airflow, dag_id, side_runs[DIAMONDS], diamond_batches[0].name, state, time.monotonic() - started[DIAMONDS]))
+        blocks[DIAMONDS].append(night_summary(airflow, dag_id, side_runs[DIAMONDS], diamond_batches[0].name, state))
         land_file(load_config(DIAMONDS, home), diamond_batches[1])
-        began = time.monotonic()
         run_id = airflow.trigger(dag_id, {}, run_id=f"demo_{int(time.time())}_diamonds2")
         state = airflow.wait_for_run(dag_id, run_id, timeout=1800)
-        blocks[DIAMONDS].append(night_summary(airflow, dag_id, run_id, diamond_batches[1].name, state, time.monotonic() - began))
+        blocks[DIAMONDS].append(night_summary(airflow, dag_id, run_id, diamond_batches[1].name, state))
         print(f"diamonds: {state}", flush=True)
 
         dag_id = f"finetune__{REVIEWS}"
         state = airflow.wait_for_run(dag_id, side_runs[REVIEWS], timeout=3600)
-        blocks[REVIEWS].append(finetune_summary(airflow, dag_id, side_runs[REVIEWS], state, time.monotonic() - started[REVIEWS]))
+        blocks[REVIEWS].append(finetune_summary(airflow, dag_id, side_runs[REVIEWS], state))
         print(f"reviews: {state}", flush=True)
     return blocks, serving
 
@@ -278,6 +288,6 @@ def report(home: Path, blocks: dict[str, list[dict]], serving: list[str]) -> str
     lines += [
         f"projects:         {', '.join(project_kinds(home))} ({home / 'projects'}/<name>/params.yaml)",
         "versions:         .venv/bin/flywheel versions",
-        f"Airflow UI:       run `make up`, then http://localhost:8080 (user admin, password in {AIRFLOW_HOME}); the Flywheel menu lists the projects",
+        f"Airflow UI:       run `make up`, then http://localhost:8080 (user admin, password in {AIRFLOW_HOME / PASSWORDS_FILE}); the Flywheel menu lists the projects",
     ]
     return "\n".join(lines)

@@ -21,6 +21,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import sysconfig
@@ -99,6 +100,18 @@ class TritonServer:
         """Start the server, wait until it is ready, then load every model that has a served version."""
         import tritonclient.http as http
 
+        # A server already on a port would answer the readiness check for us, and versions would
+        # go live in someone else's Triton: refuse instead.
+        for port in (self.ports.http_port, self.ports.grpc_port, self.ports.metrics_port):
+            with socket.socket() as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    probe.bind((self.host, port))
+                except OSError as exc:
+                    raise TritonUnavailable(
+                        f"port {port} on {self.host} is already in use ({exc.strerror}); is another Triton running? "
+                        "Stop it, or set serving.triton's ports in projects/defaults.yaml"
+                    ) from None
         self.repository.mkdir(parents=True, exist_ok=True)
         command = [
             str(_bundled() / "bin" / "tritonserver"),
