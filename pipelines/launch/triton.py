@@ -1,6 +1,6 @@
 """A real Triton Inference Server on one machine, started and stopped by the project.
 
-The ``tritonserver`` binary (2.51, Python backend only) ships in the ``nvidia-pytriton``
+The ``tritonserver`` binary (Python backend only) ships in the ``nvidia-pytriton``
 wheel. Three things make it serve the CPU rendering of a version:
 
 * a backend directory holding the wheel's Python backend plus its stub for Python 3.11;
