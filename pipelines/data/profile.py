@@ -301,9 +301,11 @@ def _label(column: pd.Series, name: str, task: str | None) -> tuple[str, list[st
         elif numeric:
             task = REGRESSION
         else:
+            two = len(distinct) == 2
             raise ProfileError(
-                f"label column {name!r} holds text (e.g. {_show(distinct)}): pass --task; note that {CLASSIFICATION} "
-                f"here means a binary 0/1 label and {REGRESSION} a numeric one, so recode it first"
+                f"label column {name!r} holds text (e.g. {_show(distinct)}), which neither task takes: {CLASSIFICATION} "
+                f"here means a binary 0/1 (or true/false) label and {REGRESSION} a numeric one; "
+                + (f"recode it as 0/1 in the sample and the batches (e.g. {_show(distinct[:1])} -> 1)" if two else "recode it first")
             )
         how = "inferred"
     else:

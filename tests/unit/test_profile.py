@@ -328,8 +328,16 @@ def test_classification_of_a_non_binary_label_is_refused_with_the_values_seen(di
 
 
 def test_text_label_without_a_task_is_refused(diamonds):
-    with pytest.raises(ProfileError, match=r"label column 'cut' holds text .*pass --task"):
+    with pytest.raises(ProfileError, match=r"label column 'cut' holds text .*which neither task takes.*recode it first"):
         profile(diamonds[0], "diamonds", label="cut")
+
+
+def test_a_two_valued_text_label_is_refused_with_how_to_recode_it(diamonds):
+    # e.g. a yes/no "default" column: the message says what to do, not to pass a --task that also fails
+    frame = diamonds[0].assign(ideal=np.where(diamonds[0]["cut"] == "Ideal", "yes", "no"))
+
+    with pytest.raises(ProfileError, match=r"label column 'ideal' holds text .*recode it as 0/1 in the sample and the batches \(e\.g\. '(yes|no)' -> 1\)"):
+        profile(frame, "diamonds", label="ideal")
 
 
 def test_true_false_label_is_classification(diamonds):
