@@ -1,7 +1,8 @@
 # The Airflow image of docker-compose.yml (every Airflow service and both Celery workers):
 # Airflow and Flywheel at the exact versions of constraints.txt, with the DAGs and plugins.
 # Build context: the repository root (.dockerignore keeps it small). The deployment's changes
-# to params.yaml are not baked in: docker-compose.yml mounts them as the `flywheel-params` config.
+# to the projects' params.yaml are not baked in: docker-compose.yml mounts them as the
+# `flywheel-params` config.
 FROM python:3.11.11-slim-bookworm
 
 # curl: the healthchecks of the api-server and the scheduler.
@@ -19,12 +20,14 @@ WORKDIR /opt/flywheel
 # torch from PyPI is the CUDA build on Linux x86_64: the gpu worker trains on its GPU.
 COPY pyproject.toml constraints.txt README.md ./
 COPY pipelines/ pipelines/
+# The split stage every project shares, beside the package (pipelines.data.versioning.STAGE_FILE).
+COPY dvc.yaml ./
 RUN pip install -c constraints.txt ".[cluster]"
 
 COPY dags/ dags/
 COPY plugins/ plugins/
-# What airflow-init copies into an empty shared project home.
-COPY params.yaml dvc.yaml project/
+# What airflow-init copies into an empty shared deployment home: the projects and the shared suites.
+COPY projects/ project/projects/
 COPY expectations/ project/expectations/
 
 RUN useradd --uid 50000 --gid 0 --home-dir /opt/airflow --create-home airflow

@@ -92,6 +92,21 @@ def test_the_env_file_is_ignored_by_git_and_kept_out_of_the_image():
     assert dockerignore[0] == "*" and not any(line.lstrip("!").rstrip("/") in {".env", ".venv", "data", "artifacts"} for line in dockerignore)
 
 
+def test_everything_the_dockerfile_copies_is_in_the_repository_and_the_build_context():
+    # no Docker engine here to build the image: at least every COPY source must exist and pass
+    # .dockerignore (a moved file would otherwise break the build only on a deployment machine)
+    allowed = {line.lstrip("!").rstrip("/") for line in (REPO / ".dockerignore").read_text().splitlines() if line.startswith("!")}
+    copies = [line.split()[1:-1] for line in (REPO / "Dockerfile").read_text().splitlines() if line.startswith("COPY ")]
+    sources = [source.rstrip("/") for line in copies for source in line]
+
+    assert sources and all((REPO / source).exists() for source in sources), sources
+    assert set(sources) <= allowed, set(sources) - allowed
+    # the shared DVC stage lies beside the installed package, where pipelines.data.versioning reads it
+    from pipelines.data.versioning import STAGE_FILE
+
+    assert STAGE_FILE == REPO / "dvc.yaml" and ["dvc.yaml"] in copies
+
+
 def test_a_compose_file_with_an_unknown_key_is_rejected(compose, tmp_path):
     # The check above can fail: a typo in a service is refused by name.
     broken = tmp_path / "docker-compose.yml"
