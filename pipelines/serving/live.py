@@ -170,14 +170,13 @@ def hold_steps(client, renderings: dict[Path, object | None], timeout: float) ->
     A version that fails to load raises ``SmokeTestError``; Triton keeps what it held.
     """
     for folder, rendering in renderings.items():
+        write_steps({folder: rendering})
         if rendering is None:
-            (folder / CONFIG_FILE).unlink(missing_ok=True)
             try:
                 client.unload_model(folder.name)
             except Exception:  # noqa: BLE001 - never loaded: nothing to unload
                 pass
             continue
-        repository.write_model_config(folder, rendering)
         served = list(rendering.version_policy.specific.versions)
         try:
             client.load_model(folder.name)
