@@ -21,7 +21,7 @@ from datetime import timedelta
 from enum import Enum
 from functools import cached_property
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -338,6 +338,11 @@ class Project(Deployment):
         raise NotImplementedError
 
     @property
+    def identity(self) -> dict[str, str]:
+        """The labels every metric of the project carries: the project and its served model."""
+        return {"project": self.name, "model": self.served_model}
+
+    @property
     def served_model_dir(self) -> Path:
         """The served model's folder in the model repository: its config.pbtxt and numbered versions."""
         return self.path(self.serving.model_repository) / self.served_model
@@ -447,7 +452,7 @@ def load_deployment(home: Path | str | None = None) -> Deployment:
         raw = merged(raw, _read_sections(Path(overrides), f"{OVERRIDES_ENV} names it"))
     shared = {key: raw[key] for key in ("versioning", "serving", "metrics") if key in raw}
     try:
-        return Deployment(**shared, home=home)
+        return absolute(Deployment(**shared, home=home), home)
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors())
         raise ConfigError(f"{file}: {problems}") from exc
@@ -505,7 +510,7 @@ def load_project(name: str, home: Path | str | None = None) -> AnyProject:
         sections, source = merged(sections, changes), f"{file} with {overrides}"
     model = ProjectConfig if kind == ProjectKind.tabular else TextProjectConfig
     try:
-        return model(**sections, home=home)
+        return absolute(model(**sections, home=home), home)
     except ValidationError as exc:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in err['loc']) or '<top>'}: {err['msg']}" for err in exc.errors()
@@ -527,6 +532,24 @@ def load_text_project(name: str, home: Path | str | None = None) -> TextProjectC
     if not isinstance(config, TextProjectConfig):
         raise ConfigError(f"project {name!r} is a {config.kind.value} project; this needs a text one")
     return config
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def absolute(model: M, home: Path) -> M:
+    """``model`` with every relative path in it (nested sections included) resolved against
+    ``home``, so that a section handed to a stage function on its own carries usable paths."""
+    changes: dict[str, object] = {}
+    for field in type(model).model_fields:
+        value = getattr(model, field)
+        if isinstance(value, Path) and field != "home":
+            changes[field] = home / value
+        elif isinstance(value, BaseModel):
+            changes[field] = absolute(value, home)
+        elif isinstance(value, dict) and value and all(isinstance(v, Path) for v in value.values()):
+            changes[field] = {k: home / v for k, v in value.items()}
+    return model.model_copy(update=changes)
 
 
 def _read_sections(file: Path, hint: str) -> dict:

@@ -7,9 +7,11 @@ import json
 import os
 import subprocess
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 PACKAGE_DIR = Path(__file__).resolve().parent
+# A JSON-able mapping: a task's result, a lineage record, a report's summary.
+Record: TypeAlias = dict[str, Any]
 
 
 def code_version() -> str:

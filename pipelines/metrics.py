@@ -12,7 +12,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from pipelines.config import AnyProject
+from pipelines.config import MetricsConfig
 
 log = logging.getLogger(__name__)
 
@@ -25,21 +25,22 @@ class Sample:
     labels: dict[str, str] = field(default_factory=dict)
 
 
-def emit(config: AnyProject, job: str, samples: list[Sample]) -> str:
-    """Push or write ``samples`` (all labelled with the project and its model) as job ``job``; returns where they went."""
+def emit(metrics: MetricsConfig, identity: dict[str, str], job: str, samples: list[Sample]) -> str:
+    """Push or write ``samples`` as job ``job``, all labelled with ``identity`` (a project's
+    ``Project.identity``: its name and its model's); returns where they went."""
     from prometheus_client import CollectorRegistry, Gauge, push_to_gateway, write_to_textfile
 
     registry = CollectorRegistry()
     gauges: dict[str, Gauge] = {}
     for sample in [*samples, Sample(f"flywheel_{job}_last_run_timestamp_seconds", f"When the {job} job last reported.", time.time())]:
-        labels = {"project": config.name, "model": config.served_model, **sample.labels}
+        labels = {**identity, **sample.labels}
         if sample.name not in gauges:
             gauges[sample.name] = Gauge(sample.name, sample.help, sorted(labels), registry=registry)
         gauges[sample.name].labels(**labels).set(sample.value)
-    if config.metrics.pushgateway:
-        push_to_gateway(config.metrics.pushgateway, job=f"flywheel_{job}", registry=registry, grouping_key={"project": config.name, "model": config.served_model})
-        return config.metrics.pushgateway
-    path = config.path(config.metrics.textfile_dir) / f"{job}.prom"
+    if metrics.pushgateway:
+        push_to_gateway(metrics.pushgateway, job=f"flywheel_{job}", registry=registry, grouping_key=identity)
+        return metrics.pushgateway
+    path = metrics.textfile_dir / f"{job}.prom"
     path.parent.mkdir(parents=True, exist_ok=True)
     write_to_textfile(str(path), registry)  # atomic: written beside, then renamed
     return str(path)

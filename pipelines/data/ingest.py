@@ -197,6 +197,6 @@ def report(config: ProjectConfig, summary: dict) -> None:
         samples.append(Sample("flywheel_validation_rows", "Rows of the latest ingestion run's batches, by validation result.", float(rows), {"result": result}))
         samples.append(Sample("flywheel_validation_batches", "Batches of the latest ingestion run, by validation result.", float(len(batches)), {"result": result}))
     try:
-        emit(config, "validate", samples)
+        emit(config.metrics, config.identity, "validate", samples)
     except Exception:  # the batches are already handled; the error raised next matters more
         log.exception("could not report the validation metrics of %s", summary["batches"])

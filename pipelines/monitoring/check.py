@@ -125,7 +125,7 @@ def check_window(config: AnyProject, start: datetime, end: datetime) -> dict:
         "%s drift share %.2f (threshold %.2f): %s; report %s",
         model, result.share, result.drift_share, result.drifted_columns or "no column drifted", summary["report"],
     )
-    emit(config, "drift", drift_samples(summary))
+    emit(config.metrics, config.identity, "drift", drift_samples(summary))
     return summary
 
 

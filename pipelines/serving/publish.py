@@ -22,6 +22,15 @@ from pipelines.monitoring.check import write_reference
 from pipelines.serving import live, repository
 
 log = logging.getLogger(__name__)
+# The settings a version was trained and gated with, in its lineage record.
+LINEAGE_PARAMS = {
+    "dataset": {"id_column", "time_column", "label", "features"},
+    "split": {"seed", "train", "val", "test"},
+    "model": True,
+    "train": True,
+    "gate": True,
+    "export": True,
+}
 
 
 def runs_dir(config: AnyProject) -> Path:
@@ -53,7 +62,7 @@ def publish(
         "candidate": folder.name,
         "data_version": data_version,
         "code_version": code_version(),
-        "params": config.model_dump(mode="json", include={"dataset", "split", "model", "train", "gate", "export"}),
+        "params": config.model_dump(mode="json", include=LINEAGE_PARAMS),
         "overrides": overrides or {},
         "training": {k: v for k, v in training.items() if k != "inputs"},
         "export": read_json(folder / "export.json"),
@@ -106,7 +115,7 @@ def report(config: AnyProject, outcome: str, gate: dict) -> None:
         for metric, value in (gate.get(role) or {}).items():
             if isinstance(value, int | float):  # a text project's gate also records counts and names
                 samples.append(Sample("flywheel_gate_metric", "Gate metrics of the latest challenger and champion on the same test split.", value, {"role": role, "metric": metric}))
-    emit(config, "publish", samples)
+    emit(config.metrics, config.identity, "publish", samples)
 
 
 def rejections_in_a_row(config: AnyProject) -> int:

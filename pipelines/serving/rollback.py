@@ -27,5 +27,5 @@ def rollback(config: AnyProject, version: int, run: dict) -> dict:
     if version == previous:
         return {"model": model, "version": version, "previous": previous, "changed": False}
     entry = live.serve(config, version, run, event="rollback")
-    emit(config, "rollback", [served_version_sample(config)])
+    emit(config.metrics, config.identity, "rollback", [served_version_sample(config)])
     return {"model": model, "version": version, "previous": previous, "changed": True, "switch_seconds": entry.get("switch_seconds")}

@@ -37,7 +37,7 @@ def train(
     )
     paths = split_paths(config)
     inputs = {
-        "data": {name: data_version[str(config.split.output_dir / path.name)] for name, path in paths.items() if name != "test"},
+        "data": {name: data_version[config.portable(path)] for name, path in paths.items() if name != "test"},
         "dataset": config.dataset.model_dump(mode="json", include={"features", "label"}),
         "model": config.model.model_dump(mode="json"),
         "train": settings.model_dump(mode="json"),
