@@ -62,7 +62,7 @@ def main() -> None:
 
         int8 = quantize_file(folder / MODEL_FILE, folder / "model.int8.onnx")
 
-        test = pd.read_parquet(split_paths(config)["test"])
+        test = pd.read_parquet(split_paths(config.split.output_dir)["test"])
         rows = test.head(rows_per_call)
         model, encoding = load_candidate(folder)
         torch.set_num_threads(os.cpu_count() or 1)

@@ -60,7 +60,7 @@ def throwaway_project(months: list[str], rows: int | None = None, changes: dict 
 
         config = load_config(PROJECT, home)
         for month in months:
-            land(config, month, rows)
+            land(config.dataset, month, rows)
         yield config
     finally:
         if saved is None:

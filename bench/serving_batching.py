@@ -31,8 +31,8 @@ def _requests(config) -> list:
     from pipelines.data.split import split_paths
     from pipelines.serving.live import request_inputs
 
-    rows = pd.read_parquet(split_paths(config)["test"]).head(1000)
-    made = _REQUESTS[str(config.home)] = [request_inputs(config, rows.iloc[i : i + 1], http) for i in range(len(rows))]
+    rows = pd.read_parquet(split_paths(config.split.output_dir)["test"]).head(1000)
+    made = _REQUESTS[str(config.home)] = [request_inputs(config.dataset, rows.iloc[i : i + 1], http) for i in range(len(rows))]
     return made
 
 
@@ -113,7 +113,7 @@ def main() -> None:
         unbatched = config.model_copy(update={"model": config.model.model_copy(update={"name": config.model.name + "_unbatched"})})
         for project in (config, unbatched):
             version = repository.add_version(project.model_dir, files, {"bench": True})
-            rendering = repository.model_config(project, version)
+            rendering = repository.model_config(project.model_dir, project.serving, project.dataset, version)
             if project is unbatched:
                 rendering.ClearField("dynamic_batching")
             repository.write_model_config(project.model_dir, rendering)

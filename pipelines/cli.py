@@ -35,7 +35,7 @@ def cmd_init(args: argparse.Namespace) -> None:
 def cmd_land(args: argparse.Namespace) -> None:
     from pipelines.data.ingest import land_file
 
-    print(land_file(load_config(args.project), args.file))
+    print(land_file(load_config(args.project).dataset, args.file))
 
 
 def cmd_replay(args: argparse.Namespace) -> None:
@@ -43,13 +43,13 @@ def cmd_replay(args: argparse.Namespace) -> None:
 
     config = load_config(args.project)
     for month in args.months:
-        print(land(config, month, rows=args.rows, broken=args.broken))
+        print(land(config.dataset, month, rows=args.rows, broken=args.broken))
 
 
 def cmd_finetune_data(args: argparse.Namespace) -> None:
     from pipelines.finetune.data import write_review_datasets
 
-    for name, path in write_review_datasets(load_text_project(args.project)).items():
+    for name, path in write_review_datasets(load_text_project(args.project).finetune.landing_dir).items():
         print(f"{name}: {path}")
 
 
@@ -104,7 +104,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
     from pipelines.serving.client import ServedModel, read_requests
 
     config = load_config(args.project)
-    rows = read_requests(config, args.file, rows=args.rows)
+    rows = read_requests(config.name, config.dataset, args.file, rows=args.rows)
     with ServedModel(config) as model:
         rows["prediction"] = model.predict(rows)
     shown = [c for c in (config.dataset.id_column, config.dataset.time_column, config.dataset.label.column) if c and c in rows.columns]
@@ -115,7 +115,7 @@ def cmd_traffic(args: argparse.Namespace) -> None:
     from pipelines.serving.client import read_requests, send
 
     config = load_config(args.project)
-    print(json.dumps(send(config, read_requests(config, args.file, rows=args.rows), batch_size=args.batch_size)))
+    print(json.dumps(send(config, read_requests(config.name, config.dataset, args.file, rows=args.rows), batch_size=args.batch_size)))
 
 
 def cmd_rollback(args: argparse.Namespace) -> None:
@@ -129,7 +129,8 @@ def cmd_versions(args: argparse.Namespace) -> None:
     from pipelines.serving.repository import version_rows
 
     for project in [args.project] if args.project else list(project_kinds()):
-        for row in version_rows(load_project(project)):
+        config = load_project(project)
+        for row in version_rows(config.name, config.served_model_dir):
             print(json.dumps(row))
 
 

@@ -21,7 +21,7 @@ from datetime import timedelta
 from enum import Enum
 from functools import cached_property
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -48,9 +48,9 @@ GPU_QUEUE = "gpu"
 
 def task_defaults(
     retries: int = 2, retry_delay: timedelta = timedelta(minutes=1), max_retry_delay: timedelta | None = timedelta(minutes=30)
-) -> dict:
+) -> dict[str, Any]:
     """A DAG's ``default_args``: the owner on-call pages, and retries with exponential backoff."""
-    defaults = {"owner": "ml-platform", "retries": retries, "retry_delay": retry_delay, "retry_exponential_backoff": True}
+    defaults: dict[str, Any] = {"owner": "ml-platform", "retries": retries, "retry_delay": retry_delay, "retry_exponential_backoff": True}
     return defaults | ({"max_retry_delay": max_retry_delay} if max_retry_delay else {})
 
 
@@ -102,7 +102,7 @@ class DatasetConfig(Strict):
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValueError(f"dataset.features lists {duplicates} more than once")
-        reserved = {self.id_column, self.time_column, self.label.column, ROW_ID} & set(names)
+        reserved = set(names) & {self.id_column, self.time_column, self.label.column, ROW_ID}
         if reserved:
             raise ValueError(f"dataset.features must not include the id, time or label column (or {ROW_ID!r}): {sorted(reserved)}")
         return self
@@ -345,7 +345,7 @@ class Project(Deployment):
     @property
     def served_model_dir(self) -> Path:
         """The served model's folder in the model repository: its config.pbtxt and numbered versions."""
-        return self.path(self.serving.model_repository) / self.served_model
+        return self.serving.model_repository / self.served_model
 
     @property
     def project_dir(self) -> Path:
@@ -399,7 +399,8 @@ class ProjectConfig(Project):
 
     @cached_property
     def model_dir(self) -> Path:
-        return self.path(self.serving.model_repository) / self.model.name
+        """The model's folder in the model repository (``served_model_dir``)."""
+        return self.serving.model_repository / self.model.name
 
 
 class TextProjectConfig(Project):
@@ -458,10 +459,10 @@ def load_deployment(home: Path | str | None = None) -> Deployment:
         raise ConfigError(f"{file}: {problems}") from exc
 
 
-def state_defaults(name: str, kind: ProjectKind) -> dict:
+def state_defaults(name: str, kind: ProjectKind) -> dict[str, Any]:
     """Where a project's state lives unless its params.yaml says otherwise: folders named after it."""
     data = f"data/{name}"
-    defaults: dict = {"name": name, "data_dir": data, "artifacts_dir": f"artifacts/{name}", "metrics": {"textfile_dir": f"reports/metrics/{name}"}}
+    defaults: dict[str, Any] = {"name": name, "data_dir": data, "artifacts_dir": f"artifacts/{name}", "metrics": {"textfile_dir": f"reports/metrics/{name}"}}
     if kind == ProjectKind.tabular:
         defaults |= {
             "dataset": {
@@ -552,7 +553,7 @@ def absolute(model: M, home: Path) -> M:
     return model.model_copy(update=changes)
 
 
-def _read_sections(file: Path, hint: str) -> dict:
+def _read_sections(file: Path, hint: str) -> dict[str, Any]:
     try:
         raw = yaml.safe_load(file.read_text())
     except FileNotFoundError:
@@ -564,7 +565,7 @@ def _read_sections(file: Path, hint: str) -> dict:
     return raw
 
 
-def merged(base: dict, changes: dict) -> dict:
+def merged(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
     """``base`` with ``changes`` laid over it, mappings merged key by key."""
     out = dict(base)
     for key, value in changes.items():

@@ -12,10 +12,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from pipelines.config import FinetuneTask, load_config, load_project, load_text_project
 from pipelines.errors import NotRetryable
+from pipelines.lineage import Record
 
 T = TypeVar("T")
 # The Asset a project's drift DAG emits and its retrain DAG is scheduled on: one per project,
@@ -38,7 +39,16 @@ def run(step: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         raise AirflowFailException(f"{error} [{type(error).__name__}: not retried, the same inputs fail the same way]") from error
 
 
-def airflow_run(dag_run, trigger: dict | None = None) -> dict:
+class DagRunLike(Protocol):
+    """What lineage reads of an Airflow ``DagRun`` (the task context's ``dag_run``)."""
+
+    dag_id: str
+    run_id: str
+    run_type: Any  # DagRunType, an enum of str; a plain str in tests
+    logical_date: Any  # a datetime, or None for a run triggered without one
+
+
+def airflow_run(dag_run: DagRunLike, trigger: Record | None = None) -> Record:
     """What lineage records of an Airflow run: ids, type, logical date (and why it ran)."""
     run_type = getattr(dag_run.run_type, "value", dag_run.run_type)  # an enum: keep "manual", not its repr
     record = {"dag_id": dag_run.dag_id, "run_id": dag_run.run_id, "run_type": run_type, "logical_date": str(dag_run.logical_date)}
@@ -48,7 +58,7 @@ def airflow_run(dag_run, trigger: dict | None = None) -> dict:
 # --- retrain__<project> ---------------------------------------------------------------------
 
 
-def check_params(project: str, force_publish: bool, force_reason: str | None) -> dict:
+def check_params(project: str, force_publish: bool, force_reason: str | None) -> Record:
     """Refuse a broken project config or bad combinations of Params before any work is done."""
     from pipelines.evaluation.gate import check_override
 
@@ -57,46 +67,46 @@ def check_params(project: str, force_publish: bool, force_reason: str | None) ->
     return {"force_publish": force_publish}
 
 
-def validate(project: str) -> dict:
+def validate(project: str) -> Record:
     """Validate new landing batches; passing ones join the raw data, failing ones go to quarantine."""
     from pipelines.data.ingest import ingest_landing
 
     return ingest_landing(load_config(project))
 
 
-def version_data(project: str) -> dict:
+def version_data(project: str) -> Record:
     """Reproduce and push the project's DVC split stage; return the data version."""
     from pipelines.data.versioning import version_split
 
     return version_split(load_config(project))
 
 
-def train(project: str, data_version: dict[str, str], max_epochs: int | None, learning_rate: float | None) -> dict:
+def train(project: str, data_version: dict[str, str], max_epochs: int | None, learning_rate: float | None) -> Record:
     from pipelines.training.train import train as fit
 
     return fit(load_config(project), data_version, max_epochs=max_epochs, learning_rate=learning_rate)
 
 
-def export(project: str, candidate: str) -> dict:
+def export(project: str, candidate: str) -> Record:
     from pipelines.export.onnx import export as to_onnx
 
     return to_onnx(load_config(project), candidate)
 
 
-def gate(project: str, candidate: str, force_publish: bool, force_reason: str | None) -> dict:
+def gate(project: str, candidate: str, force_publish: bool, force_reason: str | None) -> Record:
     from pipelines.evaluation.gate import evaluate
 
     return evaluate(load_config(project), candidate, force_publish, force_reason)
 
 
-def trigger(run_type: str, drift_events: list[dict]) -> dict:
+def trigger(run_type: str, drift_events: list[Record]) -> Record:
     """Why a run ran, for its lineage: the schedule, drift (with its reports), or a person."""
     if run_type == "asset_triggered":
         return {"kind": "drift", "events": drift_events}
     return {"kind": {"scheduled": "schedule"}.get(run_type, run_type)}
 
 
-def publish(project: str, candidate: str, gate: dict, data_version: dict[str, str], run: dict, overrides: dict) -> dict:
+def publish(project: str, candidate: str, gate: Record, data_version: dict[str, str], run: Record, overrides: Record) -> Record:
     from pipelines.serving.publish import publish as release
 
     return release(load_config(project), candidate, gate, data_version, run, overrides)
@@ -105,7 +115,7 @@ def publish(project: str, candidate: str, gate: dict, data_version: dict[str, st
 # --- drift__<project> -----------------------------------------------------------------------
 
 
-def drift_check(project: str, start: str | None, end: str) -> dict:
+def drift_check(project: str, start: str | None, end: str) -> Record:
     """Check the requests served in the window ``[start, end)`` (ISO times) for drift; with no
     start (a run triggered without a logical date has no data interval), the hour before ``end``."""
     from pipelines.monitoring.check import check_window
@@ -115,7 +125,7 @@ def drift_check(project: str, start: str | None, end: str) -> dict:
     return check_window(load_project(project), since, until)
 
 
-def drift_decide(project: str, summary: dict, last_trigger_at: str | None, retrains_active: int, run_type: str) -> dict:
+def drift_decide(project: str, summary: Record, last_trigger_at: str | None, retrains_active: int, run_type: str) -> Record:
     """Whether this window's drift should start a retrain; the event's extra when it should."""
     from pipelines.monitoring.trigger import decide as verdict
 
@@ -144,7 +154,7 @@ def drift_decide(project: str, summary: dict, last_trigger_at: str | None, retra
 # --- rollback__<project> --------------------------------------------------------------------
 
 
-def rollback(project: str, version: int, run: dict) -> dict:
+def rollback(project: str, version: int, run: Record) -> Record:
     """Put ``version`` of the project's served model back in service."""
     from pipelines.serving.rollback import rollback as put_back
 
@@ -154,33 +164,33 @@ def rollback(project: str, version: int, run: dict) -> dict:
 # --- finetune__<project> --------------------------------------------------------------------
 
 
-def finetune_check_params(project: str, raw: dict) -> dict:
+def finetune_check_params(project: str, raw: Record) -> Record:
     """Refuse bad Params before any work; the checked Params, with the base model's path."""
     from pipelines.finetune.params import check
 
-    return check(load_text_project(project), raw)
+    return check(load_text_project(project).finetune, raw)
 
 
-def finetune_validate(project: str, dataset: str) -> dict:
+def finetune_validate(project: str, dataset: str) -> Record:
     """Validate a landed file of the dataset, if any: bad records to quarantine, the rest become the dataset."""
     from pipelines.finetune.data import ingest
 
-    return ingest(load_text_project(project), dataset)
+    return ingest(load_text_project(project).finetune, dataset)
 
 
-def finetune_version_data(project: str, dataset: str) -> dict:
+def finetune_version_data(project: str, dataset: str) -> Record:
     from pipelines.finetune.data import version
 
     return {"data_version": version(load_text_project(project), dataset)}
 
 
-def finetune_train(project: str, checked: dict, data_version: dict[str, str]) -> dict:
+def finetune_train(project: str, checked: Record, data_version: dict[str, str]) -> Record:
     from pipelines.finetune.train import finetune as fit
 
     return fit(load_text_project(project), checked, data_version)
 
 
-def finetune_export(project: str, candidate: str) -> dict:
+def finetune_export(project: str, candidate: str) -> Record:
     """Merge the adapter and export a classifier to ONNX (parity-checked); a causal LM is kept as an adapter."""
     from pipelines.artifacts import CANDIDATE_FILE
     from pipelines.finetune.data import load_splits
@@ -195,7 +205,7 @@ def finetune_export(project: str, candidate: str) -> dict:
     params = record["inputs"]["params"]
     if params["task"] != FinetuneTask.sequence_classification.value:
         return {"folder": None, "reason": "causal LMs are evaluated and kept as adapters; only classifiers are exported for Triton"}
-    texts = [r["text"] for r in load_splits(config, params["dataset"])["val"][:64]]
+    texts = [r["text"] for r in load_splits(config.finetune, params["dataset"])["val"][:64]]
     out = folder / FINETUNE_EXPORT_DIR
     exported = export_classifier(
         merged(folder), load_tokenizer(resolve_base(params["base_model"])), record["result"]["labels"],
@@ -206,13 +216,13 @@ def finetune_export(project: str, candidate: str) -> dict:
     return {"folder": config.portable(out), **exported}
 
 
-def finetune_evaluate(project: str, candidate: str, export_folder: str | None) -> dict:
+def finetune_evaluate(project: str, candidate: str, export_folder: str | None) -> Record:
     from pipelines.finetune.evaluate import evaluate as score
 
     return score(load_text_project(project), candidate, export_folder)
 
 
-def finetune_publish(project: str, candidate: str, export_folder: str | None, decision: dict, data_version: dict[str, str], run: dict) -> dict:
+def finetune_publish(project: str, candidate: str, export_folder: str | None, decision: Record, data_version: dict[str, str], run: Record) -> Record:
     """Record the run's lineage; a promoted classifier becomes a served version of the ensemble."""
     from pipelines.artifacts import CANDIDATE_FILE
     from pipelines.evaluation.gate import PROMOTED
@@ -240,9 +250,9 @@ def finetune_publish(project: str, candidate: str, export_folder: str | None, de
         from pipelines.finetune import serving
 
         folder = config.path(Path(export_folder))
-        serving.write_reference(config, record["inputs"]["params"]["dataset"], folder / REFERENCE_FILE)
+        serving.write_reference(config.finetune, config.monitoring, record["inputs"]["params"]["dataset"], folder / REFERENCE_FILE)
         lineage.update(serving.publish_classifier(config, folder, lineage, run))
     elif decision["decision"] == PROMOTED:
         lineage["served"] = "no: causal LMs are not served through Triton; the adapter and its lineage are the result"
-    path = write_json(run_record_path(config, run["run_id"]), lineage)
+    path = write_json(run_record_path(config.artifacts_dir, run["run_id"]), lineage)
     return {"decision": decision["decision"], "version": lineage["version"], "lineage": config.portable(path)}

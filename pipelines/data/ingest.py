@@ -24,20 +24,19 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from pipelines.artifacts import DOCS_FILE, RESULT_FILE
-from pipelines.config import ROW_ID, ProjectConfig
+from pipelines.config import ROW_ID, DatasetConfig, MetricsConfig, ProjectConfig
 from pipelines.data.validation import BatchValidator, Outcome
 from pipelines.errors import NotRetryable
-from pipelines.lineage import write_json
+from pipelines.lineage import Record, write_json
 from pipelines.metrics import Sample, emit
 
 log = logging.getLogger(__name__)
 
 
-
 class BatchValidationError(NotRetryable):
     """One or more batches failed validation and were quarantined; ``summary`` says what happened to each."""
 
-    def __init__(self, message: str, summary: dict) -> None:
+    def __init__(self, message: str, summary: Record) -> None:
         super().__init__(message)
         self.summary = summary
 
@@ -60,9 +59,10 @@ def _quarantine_folder(root: Path, batch: Path) -> Path:
     return folder
 
 
-def raw_rows(config: ProjectConfig) -> int:
-    path = config.path(config.dataset.raw_path)
-    return pq.ParquetFile(path).metadata.num_rows if path.exists() else 0
+def raw_rows(dataset: DatasetConfig) -> int:
+    """Rows of the raw dataset; 0 before the first batch is ingested."""
+    path = dataset.raw_path
+    return int(pq.ParquetFile(path).metadata.num_rows) if path.exists() else 0
 
 
 def row_ids(rows: pd.DataFrame) -> pd.Series:
@@ -71,10 +71,9 @@ def row_ids(rows: pd.DataFrame) -> pd.Series:
     return pd.Series(pd.util.hash_pandas_object(rows, index=False).to_numpy().view("int64"), index=rows.index, name=ROW_ID)
 
 
-def append_to_raw(config: ProjectConfig, batch: pd.DataFrame) -> int:
+def append_to_raw(dataset: DatasetConfig, batch: pd.DataFrame) -> int:
     """Add a batch to the raw dataset (newer copies of an id win); returns the row count."""
-    dataset = config.dataset
-    path = config.path(dataset.raw_path)
+    path = dataset.raw_path
     rows = batch[dataset.columns]
     if dataset.id_column is None:
         rows = rows.assign(**{ROW_ID: row_ids(rows)})
@@ -92,14 +91,15 @@ def append_to_raw(config: ProjectConfig, batch: pd.DataFrame) -> int:
     return len(combined)
 
 
-def land_file(config: ProjectConfig, source: Path) -> Path:
-    """Copy a CSV batch into the project's landing folder under its own name, atomically: written
-    as ``<name>.csv.partial`` (never read), then renamed, so ingestion never reads half a batch."""
+def land_file(dataset: DatasetConfig, source: Path) -> Path:
+    """Copy a CSV batch into the dataset's landing folder under its own name, atomically: written
+    as ``<name>.csv.partial`` (never read), then renamed, so ingestion never reads half a batch.
+    ``FileNotFoundError`` / ``ValueError`` for a missing or non-CSV ``source``."""
     if not source.is_file():
-        raise FileNotFoundError(f"project {config.name}: {source}: no such file")
+        raise FileNotFoundError(f"project {dataset.name}: {source}: no such file")
     if source.suffix.lower() != ".csv":
-        raise ValueError(f"project {config.name}: {source}: batches land as CSV files with a header row, got a {source.suffix or 'suffix-less'} file")
-    landing = config.path(config.dataset.landing_dir)
+        raise ValueError(f"project {dataset.name}: {source}: batches land as CSV files with a header row, got a {source.suffix or 'suffix-less'} file")
+    landing = dataset.landing_dir
     landing.mkdir(parents=True, exist_ok=True)
     target = landing / f"{source.stem}.csv"
     partial = target.with_name(target.name + ".partial")
@@ -108,18 +108,20 @@ def land_file(config: ProjectConfig, source: Path) -> Path:
     return target
 
 
-def read_batch(path: Path, columns: list[str]) -> tuple[pd.DataFrame | None, str | None]:
-    """The batch as a frame, or the reason it cannot be read."""
+def read_batch(path: Path, columns: list[str]) -> pd.DataFrame | str:
+    """The batch as a frame, or the reason it cannot be read (naming the ``columns`` expected)."""
     try:
-        return pd.read_csv(path), None
+        return pd.read_csv(path)
     except (UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
         reason = f"{type(exc).__name__}: {str(exc).strip()}"
-        return None, f"not a readable CSV ({reason}); expected a CSV with a header row naming at least {columns}"
+        return f"not a readable CSV ({reason}); expected a CSV with a header row naming at least {columns}"
 
 
-def quarantine(config: ProjectConfig, batch: Path, result: dict, docs_page: Path | None) -> Path:
-    """Reports first, then the batch: a crash in between leaves the batch in landing, to be redone."""
-    folder = _quarantine_folder(config.path(config.dataset.quarantine_dir), batch)
+def quarantine(dataset: DatasetConfig, batch: Path, result: Record, docs_page: Path | None) -> Path:
+    """Move ``batch`` into its own folder of the quarantine with its validation ``result`` (and
+    Data Docs page); returns the folder. Reports first, then the batch: a crash in between leaves
+    the batch in landing, to be redone."""
+    folder = _quarantine_folder(dataset.quarantine_dir, batch)
     write_json(folder / RESULT_FILE, result)
     if docs_page is not None:
         shutil.copyfile(docs_page, folder / DOCS_FILE)
@@ -127,53 +129,55 @@ def quarantine(config: ProjectConfig, batch: Path, result: dict, docs_page: Path
     return folder
 
 
-def ingest_landing(config: ProjectConfig) -> dict:
-    """Validate every complete batch in landing; raises ``BatchValidationError`` after handling
-    all of them if any failed (the passing ones are ingested all the same)."""
+def ingest_landing(config: ProjectConfig) -> Record:
+    """Validate every complete batch in landing; returns the batches seen, passed and
+    quarantined, the rows ingested and quarantined, and the raw dataset's rows. Raises
+    ``BatchValidationError`` after handling all of them if any failed (the passing ones are
+    ingested all the same); ``SuiteError`` for a broken suite, before any batch moves."""
     dataset = config.dataset
-    landing = config.path(dataset.landing_dir)
+    landing = dataset.landing_dir
     batches = sorted(landing.glob("*.csv")) if landing.is_dir() else []
-    summary = {"batches": [b.name for b in batches], "passed": [], "quarantined": [], "rows_ingested": 0, "rows_quarantined": 0}
+    summary: Record = {"batches": [b.name for b in batches], "passed": [], "quarantined": [], "rows_ingested": 0, "rows_quarantined": 0}
     if not batches:
         log.info("No new batches in %s", landing)
-        return {**summary, "raw_rows": raw_rows(config)}
+        return {**summary, "raw_rows": raw_rows(dataset)}
 
-    validator = BatchValidator(config)  # a broken suite stops here, before any batch moves
+    validator = BatchValidator(dataset, config.home)  # a broken suite stops here, before any batch moves
     problems: list[str] = []
     for batch in batches:
-        frame, unreadable = read_batch(batch, dataset.columns)
-        if unreadable:
+        frame = read_batch(batch, dataset.columns)
+        if isinstance(frame, str):
             record = {
                 "success": False,
                 "batch": batch.name,
-                "error": unreadable,
+                "error": frame,
                 "expected_columns": dataset.columns,
                 "checked_at": datetime.now(timezone.utc).isoformat(),
             }
-            outcome = Outcome(False, record, [unreadable])
+            outcome, rows = Outcome(False, record, [frame]), 0
         else:
-            outcome = validator.validate(frame, batch.stem)
+            outcome, rows = validator.validate(frame, batch.stem), len(frame)
             missing = [c for c in dataset.columns if c not in frame.columns]
             if missing:
                 outcome.failures.insert(0, f"missing required columns {missing}; expected {dataset.columns}")
 
-        if outcome.success:
-            rows = append_to_raw(config, frame)
-            _move_into(batch, config.path(dataset.archive_dir))
+        if outcome.success and not isinstance(frame, str):
+            total = append_to_raw(dataset, frame)
+            _move_into(batch, dataset.archive_dir)
             summary["passed"].append(batch.name)
-            summary["rows_ingested"] += len(frame)
-            log.info("%s: %d rows passed validation; raw dataset now has %d rows", batch.name, len(frame), rows)
+            summary["rows_ingested"] += rows
+            log.info("%s: %d rows passed validation; raw dataset now has %d rows", batch.name, rows, total)
             continue
 
-        folder = quarantine(config, batch, outcome.result, outcome.docs_page)
+        folder = quarantine(dataset, batch, outcome.result, outcome.docs_page)
         summary["quarantined"].append(batch.name)
-        summary["rows_quarantined"] += 0 if frame is None else len(frame)
+        summary["rows_quarantined"] += rows
         lines = "\n".join(f"    {line}" for line in outcome.failures)
         problems.append(f"- {batch.name} -> {folder} ({RESULT_FILE}, {DOCS_FILE if outcome.docs_page else 'no Data Docs'})\n{lines}")
         log.error("%s failed validation, moved to %s:\n%s", batch.name, folder, lines)
 
-    summary["raw_rows"] = raw_rows(config)
-    report(config, summary)  # before raising, so a quarantine reaches Prometheus
+    summary["raw_rows"] = raw_rows(dataset)
+    report(config.metrics, config.identity, summary)  # before raising, so a quarantine reaches Prometheus
     if problems:
         message = (
             f"{len(problems)} of {len(batches)} landing batch(es) failed validation against "
@@ -185,10 +189,11 @@ def ingest_landing(config: ProjectConfig) -> dict:
     return summary
 
 
-def report(config: ProjectConfig, summary: dict) -> None:
-    """Rows and batches that passed or were quarantined in this run, for Prometheus. Only a run
-    that validated batches reports (like a drift check with a verdict): an empty landing leaves
-    the previous verdict in place. A metrics outage is logged, never the run's failure."""
+def report(metrics: MetricsConfig, identity: dict[str, str], summary: Record) -> None:
+    """Rows and batches that passed or were quarantined in this run (``summary``, as
+    ``ingest_landing`` returns it), for Prometheus, labelled with the project's ``identity``.
+    Only a run that validated batches reports (like a drift check with a verdict): an empty
+    landing leaves the previous verdict in place. A metrics outage is logged, never the run's failure."""
     samples = []
     for result, rows, batches in (
         ("passed", summary["rows_ingested"], summary["passed"]),
@@ -197,6 +202,6 @@ def report(config: ProjectConfig, summary: dict) -> None:
         samples.append(Sample("flywheel_validation_rows", "Rows of the latest ingestion run's batches, by validation result.", float(rows), {"result": result}))
         samples.append(Sample("flywheel_validation_batches", "Batches of the latest ingestion run, by validation result.", float(len(batches)), {"result": result}))
     try:
-        emit(config.metrics, config.identity, "validate", samples)
+        emit(metrics, identity, "validate", samples)
     except Exception:  # the batches are already handled; the error raised next matters more
         log.exception("could not report the validation metrics of %s", summary["batches"])

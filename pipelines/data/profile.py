@@ -25,7 +25,7 @@ import math
 import os
 import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -34,6 +34,7 @@ import pandas as pd
 from pandas.api import types
 
 from pipelines.config import PARAMS_FILE, PROJECT_NAME, ROW_ID, SUITE_FILE
+from pipelines.lineage import Record
 
 CLASSIFICATION, REGRESSION = "classification", "regression"
 LABEL_NULLS_MAX = 0.05  # a label blank in more rows than this is not a label column yet
@@ -52,7 +53,7 @@ RMSE_FLOOR_SHARE = 0.95  # regression floor: 0.95 x the label's std (a mean pred
 SAMPLE_SHOWN = 5  # values quoted in an error or a summary line
 
 SPLIT = {"train": 0.7, "val": 0.15, "test": 0.15, "seed": 13}
-MODEL = {"embedding_dim": 8, "hidden_sizes": [64, 32], "dropout": 0.1}
+MODEL: Record = {"embedding_dim": 8, "hidden_sizes": [64, 32], "dropout": 0.1}
 TRAIN = {"max_epochs": 8, "batch_size": 1024, "learning_rate": 0.003, "patience": 2, "seed": 13}
 CLASSIFICATION_GATE = {"metric": "roc_auc", "min_improvement": 0.002, "floor": 0.55}
 
@@ -88,8 +89,8 @@ class ProfileError(ValueError):
 
 @dataclass(frozen=True)
 class Profile:
-    params: dict  # the project's params.yaml content: kind, dataset, split, model, train, gate
-    suite: dict  # GE suite JSON: {"name": <project>, "expectations": [{"type", "kwargs", "notes"}, ...]}
+    params: Record  # the project's params.yaml content: kind, dataset, split, model, train, gate
+    suite: Record  # GE suite JSON: {"name": <project>, "expectations": [{"type", "kwargs", "notes"}, ...]}
     summary: list[str]  # human lines of what was inferred: one per column, plus the label's task and id/time choice
 
 
@@ -138,7 +139,7 @@ def profile(
             f"pass --id {ROW_ID} if it identifies rows, or --exclude it"
         )
 
-    expectations: list[dict] = [
+    expectations: list[Record] = [
         _expect(
             "expect_table_columns_to_match_set",
             {"column_set": columns, "exact_match": True},
@@ -158,7 +159,7 @@ def profile(
     summary += label_lines
     expectations += label_expectations
 
-    dataset: dict = {}
+    dataset: Record = {}
     if id_column is not None:
         lines, exps = _id(frame[id_column], id_column)
         dataset["id_column"] = id_column
@@ -276,7 +277,7 @@ def init_project(
 # -- the label ----------------------------------------------------------------------------------
 
 
-def _label(column: pd.Series, name: str, task: str | None) -> tuple[str, list[str], list[dict], dict]:
+def _label(column: pd.Series, name: str, task: str | None) -> tuple[str, list[str], list[Record], Record]:
     """The task, summary lines, expectations and gate for the label column."""
     if task not in (None, CLASSIFICATION, REGRESSION):
         raise ProfileError(f"--task {task!r}: expected {CLASSIFICATION} (a binary 0/1 label) or {REGRESSION} (a numeric label)")
@@ -369,7 +370,7 @@ def _label(column: pd.Series, name: str, task: str | None) -> tuple[str, list[st
 # -- id and time ----------------------------------------------------------------------------------
 
 
-def _id(column: pd.Series, name: str) -> tuple[list[str], list[dict]]:
+def _id(column: pd.Series, name: str) -> tuple[list[str], list[Record]]:
     blanks = int(column.isna().sum())
     if blanks:
         raise ProfileError(f"--id column {name!r} is blank in {blanks:,} rows of the sample; an id must be on every row")
@@ -404,7 +405,7 @@ def _id(column: pd.Series, name: str) -> tuple[list[str], list[dict]]:
     return [f"id {name}: unique in all {len(column):,} rows ({column.dtype}); re-sent rows replace older copies"], expectations
 
 
-def _time(column: pd.Series, name: str) -> tuple[list[str], list[dict]]:
+def _time(column: pd.Series, name: str) -> tuple[list[str], list[Record]]:
     blanks = int(column.isna().sum())
     if blanks:
         raise ProfileError(f"--time column {name!r} is blank in {blanks:,} rows of the sample; the time split needs a time on every row")
@@ -489,7 +490,7 @@ def _as_csv_text(column: pd.Series) -> pd.Series:
 # -- features --------------------------------------------------------------------------------------
 
 
-def _feature(column: pd.Series, name: str) -> tuple[str, list[str], list[dict]]:
+def _feature(column: pd.Series, name: str) -> tuple[str, list[str], list[Record]]:
     """The feature's type, its summary line and its expectations."""
     nulls = float(column.isna().mean())
     values = column.dropna()
@@ -546,7 +547,7 @@ def _feature(column: pd.Series, name: str) -> tuple[str, list[str], list[dict]]:
     return "categorical", [line], [null_check, in_set]
 
 
-def _numeric_checks(column: pd.Series, name: str, low: float, high: float, role: str) -> list[dict]:
+def _numeric_checks(column: pd.Series, name: str, low: float, high: float, role: str) -> list[Record]:
     """A type check (int64 only where the sample had whole numbers and no blank) and the range check."""
     if types.is_integer_dtype(column) and not column.isna().any():
         typed = _expect(
@@ -580,7 +581,7 @@ def _numeric_checks(column: pd.Series, name: str, low: float, high: float, role:
     return [typed, ranged, hard]
 
 
-def _not_null(name: str, nulls: float) -> dict:
+def _not_null(name: str, nulls: float) -> Record:
     """Blanks allowed in a batch: none if the sample had none, else max(2p, p + 0.05), capped below all."""
     if nulls == 0:
         return _expect(
@@ -626,18 +627,18 @@ def _significant(value: float, digits: int) -> float:
     return float(f"{value:.{digits}g}")
 
 
-def _show(values) -> str:
+def _show(values: Iterable[object]) -> str:
     """A few values for a message, as Python literals."""
     values = list(values)
     shown = ", ".join(repr(_native(v)) for v in values[:SAMPLE_SHOWN])
     return shown + (", ..." if len(values) > SAMPLE_SHOWN else "")
 
 
-def _native(value):
+def _native(value: object) -> object:
     return value.item() if hasattr(value, "item") else value
 
 
-def _expect(kind: str, kwargs: dict, notes: str) -> dict:
+def _expect(kind: str, kwargs: Record, notes: str) -> Record:
     clean = {k: ([_native(v) for v in value] if isinstance(value, list) else _native(value)) for k, value in kwargs.items()}
     return {"type": kind, "kwargs": clean, "notes": notes}
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipelines.config import ProjectConfig
+from pipelines.config import DatasetConfig
 
 LATE_MINUTES = 15
 FEATURES = ["carrier", "origin", "dest", "month", "day", "hour", "minute", "sched_dep_time", "sched_arr_time", "distance"]
@@ -61,8 +61,9 @@ def corrupt(batch: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
     return broken
 
 
-def land(config: ProjectConfig, month: str, rows: int | None = None, broken: bool = False) -> Path:
-    """Write one month as a CSV batch into the landing directory, atomically.
+def land(dataset: DatasetConfig, month: str, rows: int | None = None, broken: bool = False) -> Path:
+    """Write one month (``YYYY-MM``; ``rows``: a sample, ``broken``: corrupted) as a CSV batch
+    into the dataset's landing directory, atomically; returns its path.
 
     The file appears under its final name only when complete (written as ``*.partial`` and
     renamed), so ingestion never reads half a batch.
@@ -70,7 +71,7 @@ def land(config: ProjectConfig, month: str, rows: int | None = None, broken: boo
     batch = month_batch(month, rows)
     if broken:
         batch = corrupt(batch)
-    landing = config.path(config.dataset.landing_dir)
+    landing = dataset.landing_dir
     landing.mkdir(parents=True, exist_ok=True)
     path = landing / f"{month}.csv"
     partial = path.with_name(path.name + ".partial")

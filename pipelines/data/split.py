@@ -17,25 +17,22 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipelines.config import ProjectConfig, load_config
-from pipelines.lineage import write_json
+from pipelines.config import DatasetConfig, SplitConfig, load_config
+from pipelines.lineage import Record, write_json
 
 PARTS = ("train", "val", "test")
 
 
-def split_paths(config: ProjectConfig) -> dict[str, Path]:
-    directory = config.path(config.split.output_dir)
-    return {part: directory / f"{part}.parquet" for part in PARTS}
+def split_paths(output_dir: Path) -> dict[str, Path]:
+    """The parquet file of each part (train, val, test) in a split's ``output_dir``."""
+    return {part: output_dir / f"{part}.parquet" for part in PARTS}
 
 
-def raw_path(config: ProjectConfig) -> Path:
-    """The raw dataset's path; an error that names it when nothing was ingested yet."""
-    path = config.path(config.dataset.raw_path)
-    if not path.exists():
-        raise FileNotFoundError(
-            f"{config.dataset.raw_path}: no raw dataset yet; land a batch and let the validate task ingest it"
-        )
-    return path
+def raw_path(dataset: DatasetConfig) -> Path:
+    """The raw dataset's path; ``FileNotFoundError`` that names it when nothing was ingested yet."""
+    if not dataset.raw_path.exists():
+        raise FileNotFoundError(f"{dataset.raw_path}: no raw dataset yet; land a batch and let the validate task ingest it")
+    return dataset.raw_path
 
 
 def split_by_time(frame: pd.DataFrame, time_column: str, id_column: str, train: float, val: float) -> dict[str, pd.DataFrame]:
@@ -77,8 +74,8 @@ def split_by_hash(frame: pd.DataFrame, key: str, seed: int, train: float, val: f
     return {name: part.drop(columns="_bucket").sort_values(key, kind="stable").reset_index(drop=True) for name, part in parts.items()}
 
 
-def summarise(parts: dict[str, pd.DataFrame], time_column: str | None, label: str) -> dict:
-    def span(part: pd.DataFrame) -> dict:
+def summarise(parts: dict[str, pd.DataFrame], time_column: str | None, label: str) -> Record:
+    def span(part: pd.DataFrame) -> dict[str, str]:
         return {"from": str(part[time_column].min()), "to": str(part[time_column].max())} if time_column else {}
 
     return {
@@ -87,22 +84,23 @@ def summarise(parts: dict[str, pd.DataFrame], time_column: str | None, label: st
     }
 
 
-def run(config: ProjectConfig) -> dict:
-    """Split the raw dataset and write the parts and ``summary.json`` (DVC's metric)."""
-    dataset, split = config.dataset, config.split
-    raw = pd.read_parquet(raw_path(config))
+def run(dataset: DatasetConfig, split: SplitConfig) -> Record:
+    """Split the raw dataset (``dataset.raw_path``) and write the parts and ``summary.json``
+    (DVC's metric: rows, time span, label mean of each part) into ``split.output_dir``.
+    ``FileNotFoundError`` without raw data; ``ValueError`` when a part would be empty."""
+    raw = pd.read_parquet(raw_path(dataset))
     if dataset.time_column:
         parts = split_by_time(raw, dataset.time_column, dataset.key, split.train, split.val)
     else:
         parts = split_by_hash(raw, dataset.key, split.seed, split.train, split.val)
-    paths = split_paths(config)
+    paths = split_paths(split.output_dir)
     for name, part in parts.items():
         paths[name].parent.mkdir(parents=True, exist_ok=True)
         partial = paths[name].with_name(f".{paths[name].name}.partial")
         part.to_parquet(partial, index=False)
         os.replace(partial, paths[name])
     summary = summarise(parts, dataset.time_column, dataset.label.column)
-    write_json(config.path(config.split.output_dir) / "summary.json", summary)
+    write_json(split.output_dir / "summary.json", summary)
     return summary
 
 
@@ -112,4 +110,5 @@ if __name__ == "__main__":
     parser.add_argument("--home", type=Path, required=True)
     parser.add_argument("--project", required=True)
     args = parser.parse_args()
-    run(load_config(args.project, args.home))
+    config = load_config(args.project, args.home)
+    run(config.dataset, config.split)

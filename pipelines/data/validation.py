@@ -13,11 +13,17 @@ import os
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
 
-from pipelines.config import ProjectConfig
+from pipelines.config import DatasetConfig
 from pipelines.errors import NotRetryable
+from pipelines.lineage import Record
+
+if TYPE_CHECKING:
+    from great_expectations import ExpectationSuite
+    from great_expectations.core.expectation_validation_result import ExpectationValidationResult
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")  # no phoning home from a nightly job
 
@@ -31,12 +37,12 @@ class SuiteError(NotRetryable, ValueError):
 @dataclass(frozen=True)
 class Outcome:
     success: bool
-    result: dict  # GE's validation result, JSON-able
+    result: Record  # GE's validation result, JSON-able
     failures: list[str] = field(default_factory=list)  # one readable line per failed expectation
     docs_page: Path | None = None  # the Data Docs page of this validation
 
 
-def load_suite(path: Path):
+def load_suite(path: Path) -> ExpectationSuite:
     """The suite in ``path`` as a GE ``ExpectationSuite``; ``SuiteError`` names the file and the problem."""
     import great_expectations as gx
     from great_expectations.expectations.expectation_configuration import ExpectationConfiguration
@@ -59,9 +65,10 @@ def load_suite(path: Path):
         ) from exc
 
 
-def describe(result) -> str:
+def describe(result: ExpectationValidationResult) -> str:
     """One line for a failed expectation: which one, on which column, and what was seen."""
     config = result.expectation_config
+    assert config is not None  # GE sets it on every result of a suite's run
     column = config.kwargs.get("column")
     name = f"{config.type}({column})" if column else config.type
     if result.exception_info and result.exception_info.get("raised_exception"):
@@ -77,7 +84,7 @@ def describe(result) -> str:
     return f"{name}: observed {observed!r}"
 
 
-def _clip(value, limit: int = 60):
+def _clip(value: object, limit: int = 60) -> object:
     """A sample value short enough for a log line (a whole review is not)."""
     if isinstance(value, tuple):
         return tuple(_clip(v, limit) for v in value)
@@ -87,34 +94,35 @@ def _clip(value, limit: int = 60):
 class BatchValidator:
     """A checkpoint over in-memory batches: validation results stored, Data Docs updated."""
 
-    def __init__(self, config: ProjectConfig) -> None:
-        suite = load_suite(config.path(config.dataset.expectation_suite))  # before any GE state is touched
+    def __init__(self, dataset: DatasetConfig, home: Path) -> None:
+        """The dataset's suite (``SuiteError`` if broken) in the File Data Context in ``home/gx``."""
+        suite = load_suite(dataset.expectation_suite)  # before any GE state is touched
         import great_expectations as gx
+        from great_expectations.checkpoint.actions import UpdateDataDocsAction
         from great_expectations.data_context.types.base import ProgressBarsConfig
 
-        self.context = gx.get_context(mode="file", project_root_dir=str(config.home))
+        self.context = gx.get_context(mode="file", project_root_dir=str(home))
         self.context.variables.progress_bars = ProgressBarsConfig(globally=False)
         suite = self.context.suites.add_or_update(suite)
         source = self.context.data_sources.add_or_update_pandas("landing")
-        asset = next((a for a in source.assets if a.name == config.dataset.name), None) or source.add_dataframe_asset(
-            config.dataset.name
-        )
+        asset = next((a for a in source.assets if a.name == dataset.name), None) or source.add_dataframe_asset(dataset.name)
         batches = next((b for b in asset.batch_definitions if b.name == "batch"), None) or (
             asset.add_batch_definition_whole_dataframe("batch")
         )
         definition = self.context.validation_definitions.add_or_update(
-            gx.ValidationDefinition(name=config.dataset.name, data=batches, suite=suite)
+            gx.ValidationDefinition(name=dataset.name, data=batches, suite=suite)
         )
         self.checkpoint = self.context.checkpoints.add_or_update(
             gx.Checkpoint(
-                name=config.dataset.name,
+                name=dataset.name,
                 validation_definitions=[definition],
-                actions=[gx.checkpoint.UpdateDataDocsAction(name="update_data_docs")],
+                actions=[UpdateDataDocsAction(name="update_data_docs")],
                 result_format="SUMMARY",
             )
         )
 
     def validate(self, frame: pd.DataFrame, batch_name: str) -> Outcome:
+        """Validate one batch (its ``batch_name`` names the run); the result is stored, Data Docs updated."""
         from great_expectations.core.run_identifier import RunIdentifier
 
         run_id = RunIdentifier(run_name=batch_name, run_time=datetime.now(timezone.utc))
@@ -122,14 +130,18 @@ class BatchValidator:
         ((identifier, result),) = checkpoint_result.run_results.items()
         page = None
         for site in self.context.get_docs_sites_urls(resource_identifier=identifier):
-            if site.get("site_url", "").startswith("file://"):
-                page = Path(site["site_url"].removeprefix("file://"))
+            url = site.get("site_url") or ""
+            if url.startswith("file://"):
+                page = Path(url.removeprefix("file://"))
         failures = [describe(r) for r in result.results if not r.success and not _on_missing_column(r, frame)]
-        return Outcome(result.success, result.to_json_dict(), failures, page)
+        # GE leaves ExpectationSuiteValidationResult.to_json_dict unannotated
+        return Outcome(result.success, result.to_json_dict(), failures, page)  # type: ignore[no-untyped-call]
 
 
-def _on_missing_column(result, frame: pd.DataFrame) -> bool:
+def _on_missing_column(result: ExpectationValidationResult, frame: pd.DataFrame) -> bool:
     """A column expectation that could not run because the column is absent: the table-level
     check already says which columns are missing, so this adds only noise."""
-    column = result.expectation_config.kwargs.get("column")
+    config = result.expectation_config
+    assert config is not None  # GE sets it on every result of a suite's run
+    column = config.kwargs.get("column")
     return column is not None and column not in frame.columns

@@ -18,12 +18,16 @@ import shutil
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 
-from pipelines.config import AnyProject, ProjectConfig
+from pipelines.config import AnyProject, ProjectConfig, VersioningConfig
 from pipelines.data.split import raw_path
-from pipelines.lineage import PACKAGE_DIR
+from pipelines.lineage import PACKAGE_DIR, Record
+
+if TYPE_CHECKING:
+    from dvc.repo import Repo
 
 STAGE = "split"
 REMOTE_NAME = "storage"
@@ -31,23 +35,35 @@ REMOTE_NAME = "storage"
 STAGE_FILE = PACKAGE_DIR.parent / "dvc.yaml"
 
 
-def remote_url(config: AnyProject) -> str:
-    remote = config.versioning.remote
-    return remote if "://" in remote else str(config.path(Path(remote)))
+def remote_url(versioning: VersioningConfig, home: Path) -> str:
+    """The DVC remote's URL: a cloud URL as configured, a directory resolved against ``home``."""
+    remote = versioning.remote
+    return remote if "://" in remote else str(home / remote)
 
 
 @contextlib.contextmanager
-def in_repository(config: AnyProject) -> Iterator[Path]:
-    """Run DVC in the project's repository (created with its remote on first use), with this
-    interpreter's ``python`` first on PATH for the stage's cmd; yields the repository's root."""
-    root = config.path(config.data_dir)
+def in_repository(root: Path, remote: str) -> Iterator[Repo]:
+    """The DVC repository in ``root`` (created on first use), its remote set to the URL
+    ``remote``, open while DVC runs in it with this interpreter's ``python`` first on PATH for
+    the stage's cmd; closed on exit."""
+    from dvc.repo import Repo
+
     root.mkdir(parents=True, exist_ok=True)
     saved = {key: os.environ.get(key) for key in ("PATH", "DVC_NO_ANALYTICS")}
     os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
     os.environ["DVC_NO_ANALYTICS"] = "1"
     try:
         with contextlib.chdir(root):
-            yield root
+            if not (root / ".dvc").is_dir():
+                Repo.init(str(root), no_scm=True)
+            repo = Repo(str(root))
+            try:
+                with repo.config.edit("local") as local:
+                    local["remote"][REMOTE_NAME] = {"url": remote}
+                    local["core"]["remote"] = REMOTE_NAME
+                yield repo
+            finally:
+                repo.close()
     finally:
         for key, value in saved.items():
             if value is None:
@@ -56,33 +72,19 @@ def in_repository(config: AnyProject) -> Iterator[Path]:
                 os.environ[key] = value
 
 
-def open_repository(config: AnyProject):
-    """The project's DVC repository (``dvc.repo.Repo``), created on first use, its remote set."""
-    from dvc.repo import Repo
-
-    root = config.path(config.data_dir)
-    if not (root / ".dvc").is_dir():
-        Repo.init(str(root), no_scm=True)
-    repo = Repo(str(root))
-    with repo.config.edit("local") as local:
-        local["remote"][REMOTE_NAME] = {"url": remote_url(config)}
-        local["core"]["remote"] = REMOTE_NAME
-    return repo
-
-
 def write_stage(config: ProjectConfig) -> Path:
     """The shared ``split`` stage and this project's values for it, in its repository.
 
     Rewritten on every run from the code and the config (unchanged content: no DVC change), so
     nothing is copied by hand and a project removed leaves nothing behind in another's."""
-    root = config.path(config.data_dir)
+    root = config.data_dir
     if not STAGE_FILE.is_file():
         raise FileNotFoundError(f"{STAGE_FILE}: the shared DVC stage definition is missing from the Flywheel install")
     values = {
         "home": os.path.relpath(config.home, root),
         "project": config.name,
-        "raw": config.path(config.dataset.raw_path).relative_to(root).as_posix(),
-        "split_dir": config.path(config.split.output_dir).relative_to(root).as_posix(),
+        "raw": config.dataset.raw_path.relative_to(root).as_posix(),
+        "split_dir": config.split.output_dir.relative_to(root).as_posix(),
         "split": config.split.model_dump(mode="json", exclude={"output_dir"}),
         "dataset": {"id_column": config.dataset.id_column, "time_column": config.dataset.time_column},
     }
@@ -99,40 +101,31 @@ def write_stage(config: ProjectConfig) -> Path:
 
 def data_version(config: ProjectConfig) -> dict[str, str]:
     """The MD5 of every input and output of the split stage, from ``dvc.lock``, by path from the home."""
-    root = config.path(config.data_dir)
+    root = config.data_dir
     lock = yaml.safe_load((root / "dvc.lock").read_text())
     stage = lock["stages"][STAGE]
     return {config.portable(root / entry["path"]): entry["md5"] for entry in [*stage["deps"], *stage["outs"]]}
 
 
-def version_split(config: ProjectConfig) -> dict:
+def version_split(config: ProjectConfig) -> Record:
     """``dvc repro split`` then ``dvc push``; returns the data version and whether it was a cache hit.
 
-    Two reproductions in one repository at once fail on DVC's lock: each retrain DAG runs one
-    at a time (``max_active_runs=1``); projects have repositories of their own.
+    ``FileNotFoundError`` before any DVC work when nothing was ingested yet. Two reproductions
+    in one repository at once fail on DVC's lock: each retrain DAG runs one at a time
+    (``max_active_runs=1``); projects have repositories of their own.
     """
-    raw_path(config)
+    raw_path(config.dataset)
     write_stage(config)
-    with in_repository(config):
-        repo = open_repository(config)
-        try:
-            reproduced = repo.reproduce(STAGE)
-            repo.push()
-        finally:
-            repo.close()
+    with in_repository(config.data_dir, remote_url(config.versioning, config.home)) as repo:
+        reproduced = repo.reproduce(STAGE)
+        repo.push()
     return {"data_version": data_version(config), "cache_hit": not reproduced}
 
 
 def track(config: AnyProject, path: Path) -> dict[str, str]:
     """``dvc add`` + ``dvc push`` of one file of the project's repository; returns {path from the home: md5}."""
-    with in_repository(config):
-        repo = open_repository(config)
-        try:
-            repo.add(str(path))
-            repo.push()
-        finally:
-            repo.close()
+    with in_repository(config.data_dir, remote_url(config.versioning, config.home)) as repo:
+        repo.add(str(path))
+        repo.push()
     (out,) = yaml.safe_load(path.with_name(path.name + ".dvc").read_text())["outs"]
     return {config.portable(path): out["md5"]}
-
-

@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipelines.config import LOWER_IS_BETTER, ProjectConfig, Task
+from pipelines.config import LOWER_IS_BETTER, GateConfig, Label, ProjectConfig, Task
+from pipelines.lineage import Record
 
 log = logging.getLogger(__name__)
 PROMOTED, NOT_PROMOTED = "promoted", "not promoted"
@@ -25,7 +26,9 @@ def check_override(force_publish: bool, force_reason: str | None) -> None:
 
 
 def metrics(task: Task, truth: np.ndarray, predicted: np.ndarray) -> dict[str, float]:
-    """Classification: ROC AUC, F1 at 0.5 and log loss; regression: RMSE and MAE."""
+    """Classification: ROC AUC, F1 at 0.5 and log loss; regression: RMSE and MAE. ``truth`` and
+    ``predicted`` have shape (rows,); a probability of the positive class is predicted for a
+    classification."""
     from sklearn import metrics as m
 
     if task == Task.classification:
@@ -41,7 +44,8 @@ def metrics(task: Task, truth: np.ndarray, predicted: np.ndarray) -> dict[str, f
 
 
 def predict_onnx(model_file: Path, frame: pd.DataFrame) -> np.ndarray:
-    """Score raw rows with an exported model, feeding each input the graph asks for."""
+    """Score raw rows with an exported model, feeding each input the graph asks for: shape (rows,).
+    ``KeyError`` when ``frame`` lacks a column the model takes."""
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(model_file), providers=["CPUExecutionProvider"])
@@ -52,6 +56,7 @@ def predict_onnx(model_file: Path, frame: pd.DataFrame) -> np.ndarray:
         column = frame[spec.name]
         values = column.astype(str).to_numpy(object) if spec.type == "tensor(string)" else column.to_numpy("float32")
         feeds[spec.name] = values.reshape(-1, 1)
+    out: np.ndarray
     (out,) = session.run(None, feeds)
     return out[:, 0]
 
@@ -68,24 +73,24 @@ def passes_floor(metric: str, value: float, floor: float) -> bool:
     return value <= floor if metric in LOWER_IS_BETTER else value >= floor
 
 
+def score(label: Label, test: pd.DataFrame, model_file: Path) -> dict[str, float]:
+    """``metrics`` of an exported model on the rows of ``test`` against their ``label.column``."""
+    return metrics(label.task, test[label.column].to_numpy(), predict_onnx(model_file, test))
+
+
 def decide(
-    config: ProjectConfig,
-    challenger_onnx: Path,
-    champion_onnx: Path | None,
+    gate: GateConfig,
+    challenger: dict[str, float],
+    champion: dict[str, float] | None,
     force_publish: bool = False,
     force_reason: str | None = None,
-) -> dict:
-    """Score both models on the test split and decide; the result carries both sets of metrics."""
-    from pipelines.data.split import split_paths
-
+) -> Record:
+    """The gate's verdict on a challenger's test ``metrics`` against the champion's (None: no
+    champion yet): it must pass ``gate.floor`` and beat the champion by ``gate.min_improvement``
+    in ``gate.metric``, unless forced. Returns the decision, the reason, the metric, whether it
+    was forced and both sets of metrics; ``ValueError`` for a forced publish without a reason."""
     check_override(force_publish, force_reason)
-    test = pd.read_parquet(split_paths(config)["test"])
-    truth = test[config.dataset.label.column].to_numpy()
-    task, gate = config.dataset.label.task, config.gate
-    challenger = metrics(task, truth, predict_onnx(challenger_onnx, test))
-    champion = metrics(task, truth, predict_onnx(champion_onnx, test)) if champion_onnx else None
     ours = challenger[gate.metric]
-
     if not passes_floor(gate.metric, ours, gate.floor):
         promoted, reason = False, f"{gate.metric} {ours:.4f} does not pass the floor {gate.floor:g}"
     elif champion is None:
@@ -99,13 +104,12 @@ def decide(
             f"{gate.metric} {ours:.4f} does not beat the champion's {champion[gate.metric]:.4f} by {gate.min_improvement:g}"
         )
     if force_publish and not promoted:
-        promoted, reason = True, f"forced: {force_reason.strip()} (the gate said: {reason})"
+        promoted, reason = True, f"forced: {(force_reason or '').strip()} (the gate said: {reason})"
     decision = {
         "decision": PROMOTED if promoted else NOT_PROMOTED,
         "reason": reason,
         "metric": gate.metric,
         "forced": force_publish,
-        "test_rows": len(test),
         "challenger": challenger,
         "champion": champion,
     }
@@ -113,16 +117,21 @@ def decide(
     return decision
 
 
-def evaluate(config: ProjectConfig, candidate: str, force_publish: bool = False, force_reason: str | None = None) -> dict:
-    """Gate a candidate against the version in service (if any) and record the decision beside it."""
+def evaluate(config: ProjectConfig, candidate: str, force_publish: bool = False, force_reason: str | None = None) -> Record:
+    """Gate the ``candidate`` folder (relative to the home) against the version in service, if
+    any, both scored from their ``model.onnx`` on the test split (``decide``); the decision, with
+    ``test_rows`` and ``champion_version``, is also written to the candidate's ``gate.json``."""
     from pipelines.artifacts import MODEL_FILE
+    from pipelines.data.split import split_paths
     from pipelines.lineage import write_json
     from pipelines.serving.repository import served_version
 
     champion_version = served_version(config.model_dir)
     champion_onnx = config.model_dir / str(champion_version) / MODEL_FILE if champion_version else None
     folder = config.path(Path(candidate))
-    decision = decide(config, folder / MODEL_FILE, champion_onnx, force_publish, force_reason)
-    decision["champion_version"] = champion_version
+    test, label = pd.read_parquet(split_paths(config.split.output_dir)["test"]), config.dataset.label
+    champion = score(label, test, champion_onnx) if champion_onnx else None
+    decision = decide(config.gate, score(label, test, folder / MODEL_FILE), champion, force_publish, force_reason)
+    decision |= {"test_rows": len(test), "champion_version": champion_version}
     write_json(folder / "gate.json", decision)
     return decision

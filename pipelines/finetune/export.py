@@ -14,12 +14,19 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+import numpy.typing as npt
 
 from pipelines.artifacts import INPUTS, LABEL, MODEL_FILE, SCORES, SERVING_FILE, TOKENIZER_DIR
 from pipelines.errors import NotRetryable
-from pipelines.lineage import read_json, write_json
+from pipelines.lineage import Record, read_json, write_json
+
+if TYPE_CHECKING:
+    import onnx
+    import torch
+    from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 OPSET = 18
@@ -30,22 +37,22 @@ class ParityError(NotRetryable, RuntimeError):
     """The exported graph does not score like the merged PyTorch model."""
 
 
-def tokenize(tokenizer, texts: list[str], max_length: int) -> dict[str, np.ndarray]:
+def tokenize(tokenizer: PreTrainedTokenizerBase, texts: list[str], max_length: int) -> dict[str, npt.NDArray[np.int64]]:
     """Token ids as served: truncated and padded to ``max_length``, int64."""
     encoded = tokenizer(texts, truncation=True, max_length=max_length, padding="max_length", return_tensors="np")
     return {name: encoded[name].astype(np.int64) for name in INPUTS}
 
 
-def _network(model, max_length: int):
+def _network(model: torch.nn.Module, max_length: int) -> onnx.ModelProto:
     import onnx
     import torch
 
     class Scores(torch.nn.Module):
-        def __init__(self, inner):
+        def __init__(self, inner: torch.nn.Module) -> None:
             super().__init__()
             self.inner = inner
 
-        def forward(self, input_ids, attention_mask):
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
             return torch.softmax(self.inner(input_ids=input_ids, attention_mask=attention_mask).logits, dim=-1)
 
     example = (torch.ones(2, max_length, dtype=torch.int64), torch.ones(2, max_length, dtype=torch.int64))
@@ -60,10 +67,11 @@ def _network(model, max_length: int):
         dynamo=True,
         verbose=False,
     )
+    assert program is not None  # dynamo=True returns the program
     return onnx.load_from_string(program.model_proto.SerializeToString())
 
 
-def build_onnx(model, labels: list[str], max_length: int):
+def build_onnx(model: torch.nn.Module, labels: list[str], max_length: int) -> onnx.ModelProto:
     """The network plus ArgMax and a LabelEncoder from the best index to its label's name."""
     import onnx
     from onnx import TensorProto, helper
@@ -91,8 +99,11 @@ def build_onnx(model, labels: list[str], max_length: int):
     return network
 
 
-def export_classifier(model, tokenizer, labels: list[str], max_length: int, folder: Path, texts: list[str], tolerance: float) -> dict:
-    """Write the served folder for a merged classifier after a parity check on ``texts``.
+def export_classifier(
+    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, labels: list[str], max_length: int, folder: Path, texts: list[str], tolerance: float
+) -> Record:
+    """Write the served folder for a merged classifier after a parity check on ``texts``;
+    returns {onnx: the graph's path, parity_texts, max_abs_diff}.
 
     ``ParityError`` when ONNX Runtime's scores differ from PyTorch's by more than ``tolerance``
     (nothing is left in ``folder`` then).
@@ -124,8 +135,8 @@ def export_classifier(model, tokenizer, labels: list[str], max_length: int, fold
     return {"onnx": str(folder / MODEL_FILE), "parity_texts": len(texts), "max_abs_diff": max_abs_diff}
 
 
-def predict_folder(folder: Path, texts: list[str]) -> tuple[list[str], np.ndarray]:
-    """Labels and scores of an exported folder for raw texts, with ONNX Runtime: what a client gets."""
+def predict_folder(folder: Path, texts: list[str]) -> tuple[list[str], npt.NDArray[np.float32]]:
+    """Labels and scores (texts x labels) of an exported folder for raw texts, with ONNX Runtime: what a client gets."""
     import onnxruntime as ort
     from transformers import AutoTokenizer
 

@@ -15,8 +15,9 @@ from pathlib import Path
 import torch
 from pydantic import Field, ValidationError
 
-from pipelines.config import FinetuneMethod, FinetuneTask, Strict, TextProjectConfig
+from pipelines.config import FinetuneConfig, FinetuneMethod, FinetuneTask, Strict
 from pipelines.errors import NotRetryable
+from pipelines.lineage import Record
 
 log = logging.getLogger(__name__)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -74,7 +75,7 @@ def linear_layer_names(path: Path, task: FinetuneTask) -> set[str]:
     config = AutoConfig.from_pretrained(path)
     auto = AutoModelForSequenceClassification if task == FinetuneTask.sequence_classification else AutoModelForCausalLM
     with torch.device("meta"):
-        model = auto.from_config(config)
+        model = auto.from_config(config)  # type: ignore[no-untyped-call]  # transformers leaves from_config unannotated
     return {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
 
 
@@ -96,9 +97,11 @@ def check_4bit() -> None:
         raise ParamsError(f"method: 'qlora': bitsandbytes' 4-bit round trip is off by {error:.3f} on average here; choose method 'lora'")
 
 
-def check(config: TextProjectConfig, raw: dict) -> dict:
-    """Validate the Params of a run; return them as checked (each worker resolves the base again:
-    its path may differ from machine to machine)."""
+def check(finetune: FinetuneConfig, raw: Record) -> Record:
+    """Validate the Params of a run against the project's fine-tuning folders; return them as
+    checked (each worker resolves the base again: its path may differ from machine to machine).
+
+    ``ParamsError`` names every invalid Param at once."""
     from pipelines.finetune.data import dataset_path, read_records, record_format
 
     try:
@@ -122,8 +125,8 @@ def check(config: TextProjectConfig, raw: dict) -> dict:
             check_4bit()
         except ParamsError as exc:
             problems.append(str(exc))
-    landed = config.path(config.finetune.landing_dir) / f"{params.dataset}.jsonl"
-    source = landed if landed.exists() else dataset_path(config, params.dataset)
+    landed = finetune.landing_dir / f"{params.dataset}.jsonl"
+    source = landed if landed.exists() else dataset_path(finetune, params.dataset)
     try:
         kind = record_format(read_records(source), source)
         if kind not in FORMATS_FOR_TASK[params.task]:

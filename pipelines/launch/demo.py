@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import shutil
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from pipelines.config import load_config, load_deployment, load_text_project, project_kinds
 from pipelines.data.replay import land
-from pipelines.launch.airflow import PASSWORDS_FILE
+from pipelines.launch.airflow import PASSWORDS_FILE, LocalAirflow
+from pipelines.lineage import Record
 
 REPO = Path(__file__).resolve().parents[2]
 FLIGHTS, DIAMONDS, REVIEWS = "flights", "diamonds", "reviews"
@@ -62,6 +64,7 @@ DIAMONDS_ROWS = (2000, 6000, 6000)
 FINETUNE_RUN = {"max_train_records": 1200, "epochs": 2, "max_length": 64, "target_modules": ["query", "value", "dense"]}
 AIRFLOW_HOME = REPO / ".airflow"
 AIRFLOW_STATE = ("airflow.db", "logs")
+Row = dict[str, object]  # one line of a project's table: column -> value shown
 
 
 def reset(home: Path) -> None:
@@ -74,7 +77,7 @@ def reset(home: Path) -> None:
             target.unlink()
 
 
-def run_seconds(airflow, dag_id: str, run_id: str) -> str:
+def run_seconds(airflow: LocalAirflow, dag_id: str, run_id: str) -> str:
     """How long a run ran, from its start to its end as Airflow recorded them (queue time left out)."""
     from datetime import datetime
 
@@ -84,11 +87,14 @@ def run_seconds(airflow, dag_id: str, run_id: str) -> str:
     return f"{(datetime.fromisoformat(run['end_date']) - datetime.fromisoformat(run['start_date'])).total_seconds():.0f}"
 
 
-def night_summary(airflow, dag_id: str, run_id: str, label: str, state: str) -> dict:
+def xcoms(airflow: LocalAirflow, dag_id: str, run_id: str, *tasks: str) -> list[Record]:
+    """What each of ``tasks`` returned in the run, ``{}`` for a task that returned nothing."""
+    return [airflow.xcom(dag_id, run_id, task) or {} for task in tasks]
+
+
+def night_summary(airflow: LocalAirflow, dag_id: str, run_id: str, label: str, state: str) -> Row:
     """One row of a tabular project's table, from the run's task states and XComs."""
-    xcom = lambda task: airflow.xcom(dag_id, run_id, task) or {}  # noqa: E731
-    validated, versioned, trained = xcom("validate"), xcom("version_data"), xcom("train")
-    gate, published = xcom("gate"), xcom("publish")
+    validated, versioned, trained, gate, published = xcoms(airflow, dag_id, run_id, "validate", "version_data", "train", "gate", "publish")
     failed = [t["task_id"] for t in airflow.task_instances(dag_id, run_id) if t["state"] == "failed"]
     metric = gate.get("metric", "")
     challenger = (gate.get("challenger") or {}).get(metric)
@@ -108,29 +114,33 @@ def night_summary(airflow, dag_id: str, run_id: str, label: str, state: str) -> 
     }
 
 
-def finetune_summary(airflow, dag_id: str, run_id: str, state: str) -> dict:
-    xcom = lambda task: airflow.xcom(dag_id, run_id, task) or {}  # noqa: E731
-    validated, trained, decision, published = xcom("validate"), xcom("train"), xcom("evaluate"), xcom("publish")
+def finetune_summary(airflow: LocalAirflow, dag_id: str, run_id: str, state: str) -> Row:
+    """One row of a text project's table, from the run's task states and XComs."""
+    validated, trained, decision, published = xcoms(airflow, dag_id, run_id, "validate", "train", "evaluate", "publish")
     failed = [t["task_id"] for t in airflow.task_instances(dag_id, run_id) if t["state"] == "failed"]
     metric = decision.get("metric", "accuracy")
-    score = lambda role: (decision.get(role) or {}).get(metric)  # noqa: E731
+    challenger, base = ((decision.get(role) or {}).get(metric) for role in ("challenger", "base"))
     return {
         "run": run_id,
         "records": validated.get("records", "-"),
         "quarantined": validated.get("quarantined", "-"),
         "trainable": f"{trained['parameters']['trainable']:,} of {trained['parameters']['total']:,}" if trained.get("parameters") else "-",
-        "challenger": f"{metric} {score('challenger'):.4f}" if score("challenger") is not None else "-",
-        "untuned base": f"{score('base'):.4f}" if score("base") is not None else "-",
+        "challenger": f"{metric} {challenger:.4f}" if challenger is not None else "-",
+        "untuned base": f"{base:.4f}" if base is not None else "-",
         "decision": published.get("decision", f"run {state}" + (f" at {failed[0]}" if failed else "")),
         "version": published.get("version") or "-",
         "seconds": run_seconds(airflow, dag_id, run_id),
     }
 
 
-def table(rows: list[dict]) -> str:
+def table(rows: list[Row]) -> str:
+    """``rows`` as text columns under a header, each as wide as its longest value."""
     headers = list(rows[0])
     widths = [max(len(h), *(len(str(r[h])) for r in rows)) for h in headers]
-    line = lambda values: "  ".join(str(v).ljust(w) for v, w in zip(values, widths))  # noqa: E731
+
+    def line(values: Iterable[object]) -> str:
+        return "  ".join(str(v).ljust(w) for v, w in zip(values, widths))
+
     return "\n".join([line(headers), line("-" * w for w in widths), *(line(r.values()) for r in rows)])
 
 
@@ -153,12 +163,11 @@ def init_diamonds(home: Path) -> list[Path]:
     return files[1:]
 
 
-def run(home: Path, fresh: bool, port: int) -> tuple[dict[str, list[dict]], list[str]]:
+def run(home: Path, fresh: bool, port: int) -> tuple[dict[str, list[Row]], list[str]]:
     """The three projects through Airflow with Triton serving; then live traffic, drift, and a rollback."""
     from pipelines.data.ingest import land_file
     from pipelines.data.replay import month_batch
     from pipelines.finetune.data import write_review_datasets
-    from pipelines.launch.airflow import LocalAirflow
     from pipelines.launch.triton import TritonServer
     from pipelines.serving import repository
     from pipelines.serving.client import log_dir, send
@@ -167,11 +176,11 @@ def run(home: Path, fresh: bool, port: int) -> tuple[dict[str, list[dict]], list
         reset(home)
     diamond_batches = init_diamonds(home)
     flights, reviews = load_config(FLIGHTS, home), load_text_project(REVIEWS, home)
-    write_review_datasets(reviews)
-    blocks: dict[str, list[dict]] = {FLIGHTS: [], DIAMONDS: [], REVIEWS: []}
+    write_review_datasets(reviews.finetune.landing_dir)
+    blocks: dict[str, list[Row]] = {FLIGHTS: [], DIAMONDS: [], REVIEWS: []}
     serving: list[str] = []
     airflow = LocalAirflow(AIRFLOW_HOME, REPO / "dags", REPO / "plugins", port=port, extra_env={"FLYWHEEL_HOME": str(home)})
-    land_file(load_config(DIAMONDS, home), diamond_batches[0])
+    land_file(load_config(DIAMONDS, home).dataset, diamond_batches[0])
     with TritonServer(load_deployment(home)) as triton, airflow:
         # The other two projects run beside the flights nights, in the same Airflow: the diamonds
         # DAGs are unpaused like the flights ones (its first night is the scheduler's own run), the
@@ -185,7 +194,7 @@ def run(home: Path, fresh: bool, port: int) -> tuple[dict[str, list[dict]], list
         }
         for number, night in enumerate(NIGHTS, start=1):
             for month in night.months:
-                land(flights, month, broken=night.corrupt)
+                land(flights.dataset, month, broken=night.corrupt)
             if number == 1:  # unpaused with catchup off, the scheduler runs the latest nightly slot at once
                 run_id = scheduled_run(airflow, FLIGHTS)
             else:
@@ -198,9 +207,9 @@ def run(home: Path, fresh: bool, port: int) -> tuple[dict[str, list[dict]], list
         traffic = send(flights, month_batch(TRAFFIC_MONTH, TRAFFIC_ROWS))
         serving.append(
             f"traffic:   {traffic['rows']} flights of {TRAFFIC_MONTH} scored by flights_delay version {served} in Triton ({triton.url}), "
-            f"{traffic['requests']} requests, logged to {log_dir(flights)}"
+            f"{traffic['requests']} requests, logged to {log_dir(flights.serving, flights.served_model)}"
         )
-        land(flights, TRAFFIC_MONTH)  # the month's labelled flights arrive too
+        land(flights.dataset, TRAFFIC_MONTH)  # the month's labelled flights arrive too
         retrain, line = drift_check(airflow)
         serving.append(line)
         if retrain:
@@ -221,7 +230,7 @@ def run(home: Path, fresh: bool, port: int) -> tuple[dict[str, list[dict]], list
         dag_id = f"retrain__{DIAMONDS}"
         state = airflow.wait_for_run(dag_id, side_runs[DIAMONDS], timeout=1800)
         blocks[DIAMONDS].append(night_summary(airflow, dag_id, side_runs[DIAMONDS], diamond_batches[0].name, state))
-        land_file(load_config(DIAMONDS, home), diamond_batches[1])
+        land_file(load_config(DIAMONDS, home).dataset, diamond_batches[1])
         run_id = airflow.trigger(dag_id, {}, run_id=f"demo_{int(time.time())}_diamonds2")
         state = airflow.wait_for_run(dag_id, run_id, timeout=1800)
         blocks[DIAMONDS].append(night_summary(airflow, dag_id, run_id, diamond_batches[1].name, state))
@@ -234,7 +243,7 @@ def run(home: Path, fresh: bool, port: int) -> tuple[dict[str, list[dict]], list
     return blocks, serving
 
 
-def scheduled_run(airflow, project: str, timeout: float = 120) -> str:
+def scheduled_run(airflow: LocalAirflow, project: str, timeout: float = 120) -> str:
     """Unpause a tabular project's DAGs; the id of the nightly run of ``retrain__<project>`` the
     scheduler starts (a manual one if it does not, e.g. when this Airflow home already ran the
     latest slot)."""
@@ -247,14 +256,14 @@ def scheduled_run(airflow, project: str, timeout: float = 120) -> str:
         airflow.unpause(dag_id)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        new = [r["dag_run_id"] for r in airflow.dag_runs(retrain) if r["dag_run_id"] not in known]
+        new: list[str] = [r["dag_run_id"] for r in airflow.dag_runs(retrain) if r["dag_run_id"] not in known]
         if new:
             return new[0]
         time.sleep(1)
     return airflow.trigger(retrain, {}, run_id=f"demo_{int(time.time())}_{project}1")
 
 
-def drift_check(airflow, timeout: float = 120) -> tuple[str | None, str]:
+def drift_check(airflow: LocalAirflow, timeout: float = 120) -> tuple[str | None, str]:
     """Run the flights drift DAG over the last hour of traffic; the retrain its Asset started, if any."""
     dag_id = f"drift__{FLIGHTS}"
     run_id = airflow.trigger(dag_id, {})
@@ -275,7 +284,7 @@ def drift_check(airflow, timeout: float = 120) -> tuple[str | None, str]:
     return None, line + f"; drift_detected was emitted but no retrain started within {timeout:.0f} s"
 
 
-def report(home: Path, blocks: dict[str, list[dict]], serving: list[str]) -> str:
+def report(home: Path, blocks: dict[str, list[Row]], serving: list[str]) -> str:
     """One block per project, then where to look."""
     from pipelines.config import load_project
 

@@ -27,6 +27,7 @@ import sys
 import sysconfig
 import time
 from pathlib import Path
+from types import TracebackType
 
 from pipelines.config import Deployment
 from pipelines.errors import TritonUnavailable
@@ -78,12 +79,12 @@ class TritonServer:
 
     def __init__(self, config: Deployment, host: str = "127.0.0.1") -> None:
         self.config = config
-        self.repository = config.path(config.serving.model_repository)
+        self.repository = config.serving.model_repository
         self.runtime = config.home / RUNTIME_DIR
         self.log_file = self.runtime / "tritonserver.log"
         self.host = host
         self.ports = config.serving.triton
-        self._proc: subprocess.Popen | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
@@ -93,7 +94,7 @@ class TritonServer:
         self.start()
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         self.stop()
 
     def start(self, timeout: float = 60) -> None:

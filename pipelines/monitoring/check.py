@@ -18,50 +18,50 @@ import os
 import shutil
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
 
-from pipelines.artifacts import REFERENCE_FILE, REPORT_FILE, SUMMARY_FILE
-from pipelines.config import AnyProject, FeatureType, ProjectConfig
-from pipelines.lineage import read_json, write_json
+from pipelines.artifacts import REFERENCE_FILE, REPORT_FILE, SUMMARY_FILE, TEXT
+from pipelines.config import AnyProject, DatasetConfig, FeatureType, MonitoringConfig, ProjectConfig
+from pipelines.lineage import Record, read_json, write_json
 from pipelines.metrics import Sample, emit
 from pipelines.monitoring.drift import ColumnKind, DriftCheckError, compare
 from pipelines.serving import repository
+from pipelines.serving.client import log_dir
+
+if TYPE_CHECKING:
+    from evidently.core.report import Snapshot  # untyped: Any to mypy
 
 log = logging.getLogger(__name__)
 
 FOLDER_TIME = "%Y%m%dT%H%M%SZ"
 
 
-def monitored_columns(config: AnyProject) -> dict[str, ColumnKind]:
-    """The logged inputs the drift check tests, each with its kind (a text project: its text)."""
-    if not isinstance(config, ProjectConfig):
-        from pipelines.artifacts import TEXT
-
-        return {TEXT: ColumnKind.text}
+def monitored_columns(dataset: DatasetConfig, monitoring: MonitoringConfig) -> dict[str, ColumnKind]:
+    """The logged features of a tabular project the drift check tests (all but
+    ``monitoring.exclude_columns``), each with its kind."""
     kinds = {FeatureType.numeric: ColumnKind.numeric, FeatureType.categorical: ColumnKind.categorical}
-    excluded = set(config.monitoring.exclude_columns)
-    return {f.name: kinds[f.type] for f in config.dataset.features if f.name not in excluded}
+    excluded = set(monitoring.exclude_columns)
+    return {f.name: kinds[f.type] for f in dataset.features if f.name not in excluded}
 
 
-def write_reference(config: ProjectConfig, destination: Path) -> Path:
-    """A seeded sample of the training split's features: what a version is compared against."""
-    from pipelines.data.split import split_paths
-
-    train = pd.read_parquet(split_paths(config)["train"], columns=[f.name for f in config.dataset.features])
-    sample = train.sample(n=min(len(train), config.monitoring.reference_rows), random_state=config.train.seed)
+def write_reference(train: Path, dataset: DatasetConfig, monitoring: MonitoringConfig, seed: int, destination: Path) -> Path:
+    """A sample of the training split ``train`` (a parquet file), its features only, at most
+    ``monitoring.reference_rows`` rows drawn with ``seed``: what a version is compared against.
+    Written to ``destination`` (parquet), which it returns."""
+    frame = pd.read_parquet(train, columns=[f.name for f in dataset.features])
+    sample = frame.sample(n=min(len(frame), monitoring.reference_rows), random_state=seed)
     sample.reset_index(drop=True).to_parquet(destination, index=False)
     return destination
 
 
-def read_window(config: AnyProject, start: datetime, end: datetime) -> pd.DataFrame:
-    """The logged requests served in ``[start, end)``; only the day partitions it spans are read."""
+def read_window(folder: Path, start: datetime, end: datetime) -> pd.DataFrame:
+    """The requests of the inference log ``folder`` (``client.log_dir``) served in ``[start,
+    end)``; only the day partitions it spans are read. Empty if nothing was logged yet."""
     import pyarrow as pa
     import pyarrow.dataset as ds
 
-    from pipelines.serving.client import log_dir
-
-    folder = log_dir(config)
     if not folder.is_dir():
         return pd.DataFrame()
     days = pd.date_range(start.date(), end.date(), freq="D").strftime("%Y-%m-%d").tolist()
@@ -73,23 +73,24 @@ def read_window(config: AnyProject, start: datetime, end: datetime) -> pd.DataFr
     return rows.to_pandas()
 
 
-def reports_root(config: AnyProject) -> Path:
-    """Where the drift reports of the project's served model are written, one folder a window."""
-    return config.path(config.monitoring.reports_dir) / config.served_model
+def reports_root(monitoring: MonitoringConfig, model: str) -> Path:
+    """Where the drift reports of Triton's ``model`` are written, one folder a window."""
+    return monitoring.reports_dir / model
 
 
-def report_folder(config: AnyProject, end: datetime) -> Path:
-    return reports_root(config) / end.astimezone(timezone.utc).strftime(FOLDER_TIME)
+def report_folder(monitoring: MonitoringConfig, model: str, end: datetime) -> Path:
+    """The report folder of the window of ``model`` that ends at ``end``."""
+    return reports_root(monitoring, model) / end.astimezone(timezone.utc).strftime(FOLDER_TIME)
 
 
-def check_window(config: AnyProject, start: datetime, end: datetime) -> dict:
+def check_window(config: AnyProject, start: datetime, end: datetime) -> Record:
     """Test the requests served in ``[start, end)`` for drift; write the report; emit metrics.
 
     Returns the summary. With no served version yet, or fewer than ``monitoring.min_rows``
     logged rows, there is no verdict: the summary says why and no report is written.
     """
-    model = config.served_model
-    summary = {
+    model, monitoring = config.served_model, config.monitoring
+    summary: Record = {
         "project": config.name,
         "model": model,
         "window": {"start": start.isoformat(), "end": end.isoformat()},
@@ -98,9 +99,9 @@ def check_window(config: AnyProject, start: datetime, end: datetime) -> dict:
     version = repository.served_version(config.served_model_dir)
     if version is None:
         return {**summary, "status": "skipped", "reason": "no version serves yet"}
-    current = read_window(config, start, end)
-    if len(current) < config.monitoring.min_rows:
-        reason = f"{len(current)} requests logged in the window, fewer than monitoring.min_rows={config.monitoring.min_rows}"
+    current = read_window(log_dir(config.serving, model), start, end)
+    if len(current) < monitoring.min_rows:
+        reason = f"{len(current)} requests logged in the window, fewer than monitoring.min_rows={monitoring.min_rows}"
         log.info("no drift verdict for %s: %s", model, reason)
         return {**summary, "version": version, "status": "skipped", "reason": reason}
     reference_file = config.served_model_dir / str(version) / REFERENCE_FILE
@@ -108,9 +109,10 @@ def check_window(config: AnyProject, start: datetime, end: datetime) -> dict:
         raise DriftCheckError(f"{reference_file}: missing; the served version {version} has no reference sample to compare with")
     reference = pd.read_parquet(reference_file)
 
-    result = compare(reference, current, monitored_columns(config), config.monitoring.tests, config.monitoring.drift_share)
+    columns = monitored_columns(config.dataset, monitoring) if isinstance(config, ProjectConfig) else {TEXT: ColumnKind.text}
+    result = compare(reference, current, columns, monitoring.tests, monitoring.drift_share)
 
-    folder = report_folder(config, end)
+    folder = report_folder(monitoring, model, end)
     summary = {
         **summary,
         "version": version,
@@ -129,7 +131,7 @@ def check_window(config: AnyProject, start: datetime, end: datetime) -> dict:
     return summary
 
 
-def _write_report(folder: Path, snapshot, summary: dict) -> None:
+def _write_report(folder: Path, snapshot: Snapshot, summary: Record) -> None:
     """Build the report folder beside, then swap it in (replacing an earlier run of the window)."""
     folder.parent.mkdir(parents=True, exist_ok=True)
     partial = folder.with_name(f".{folder.name}.partial")
@@ -147,7 +149,8 @@ def _write_report(folder: Path, snapshot, summary: dict) -> None:
         os.rename(partial, folder)
 
 
-def drift_samples(summary: dict) -> list[Sample]:
+def drift_samples(summary: Record) -> list[Sample]:
+    """The metric samples of a checked window's ``summary``: share, verdict, rows, per-column tests."""
     samples = [
         Sample("flywheel_drift_share", "Share of monitored columns that drifted in the latest window.", summary["share"]),
         Sample("flywheel_drift_detected", "1 if the latest window's drifted share passed monitoring.drift_share.", float(summary["dataset_drift"])),
@@ -161,9 +164,9 @@ def drift_samples(summary: dict) -> list[Sample]:
     return samples
 
 
-def recent_reports(config: AnyProject, limit: int = 50) -> list[dict]:
-    """Summaries of the latest checked windows of the project's model, newest first."""
-    root = reports_root(config)
+def recent_reports(monitoring: MonitoringConfig, model: str, limit: int = 50) -> list[Record]:
+    """Summaries of the latest ``limit`` checked windows of Triton's ``model``, newest first."""
+    root = reports_root(monitoring, model)
     if not root.is_dir():
         return []
     folders = sorted((p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")), reverse=True)

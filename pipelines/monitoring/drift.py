@@ -12,12 +12,17 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from enum import Enum
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
 from pipelines.config import DriftTests
 from pipelines.errors import NotRetryable
+from pipelines.lineage import Record
+
+if TYPE_CHECKING:
+    from evidently.core.report import Snapshot  # untyped: Any to mypy
 
 
 class ColumnKind(str, Enum):
@@ -44,7 +49,7 @@ class ColumnDrift:
 class DriftResult:
     columns: list[ColumnDrift]
     drift_share: float  # the configured share of drifted columns that is dataset drift
-    snapshot: object  # evidently's Snapshot, for the HTML report
+    snapshot: Snapshot  # for the HTML report
 
     @property
     def drifted_columns(self) -> list[str]:
@@ -58,7 +63,8 @@ class DriftResult:
     def dataset_drift(self) -> bool:
         return self.share >= self.drift_share
 
-    def summary(self) -> dict:
+    def summary(self) -> Record:
+        """The verdict, the drifted share and each column's test, JSON-able."""
         return {
             "dataset_drift": self.dataset_drift,
             "share": round(self.share, 6),
@@ -91,7 +97,7 @@ def prepare(reference: pd.DataFrame, current: pd.DataFrame, columns: dict[str, C
             raise DriftCheckError(f"the {name} data has no column {missing}; expected the monitored columns {sorted(columns)}")
         if frame.empty:
             raise DriftCheckError(f"the {name} data has no rows")
-    prepared: tuple[dict, dict] = ({}, {})
+    prepared: tuple[dict[str, Any], dict[str, Any]] = ({}, {})
     for column, kind in columns.items():
         sides = (reference[column], current[column])
         for name, values in zip(("reference", "current"), sides):

@@ -10,18 +10,20 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
+from pipelines.lineage import Record
+
 
 def decide(
-    summary: dict,
+    summary: Record,
     *,
     last_trigger_at: datetime | None,
     retrains_active: int,
     run_type: str,
     now: datetime,
     cooldown_hours: float,
-) -> dict:
+) -> Record:
     """``{"trigger": bool, "reason": str}`` for the check ``summary`` of one window."""
-    def verdict(trigger: bool, reason: str) -> dict:
+    def verdict(trigger: bool, reason: str) -> Record:
         return {"trigger": trigger, "reason": reason}
 
     if summary.get("status") != "checked":

@@ -11,30 +11,29 @@ from __future__ import annotations
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import pandas as pd
 
 from pipelines.artifacts import TEXT
-from pipelines.config import AnyProject, FeatureType, ProjectConfig
+from pipelines.config import AnyProject, DatasetConfig, FeatureType, ProjectConfig, ServingConfig
 from pipelines.errors import NotRetryable
+from pipelines.lineage import Record
 from pipelines.serving import live
 
 FLUSH_ROWS = 5000
 
 
+def log_dir(serving: ServingConfig, model: str) -> Path:
+    """The inference log of Triton's ``model``: one ``date=YYYY-MM-DD`` folder a day."""
+    return serving.inference_log / model
 
 
-def log_dir(config: AnyProject) -> Path:
-    return config.path(config.serving.inference_log) / config.served_model
-
-
-def input_columns(config: AnyProject) -> list[str]:
-    """What the log keeps of a request: a tabular row's id and time (when the project has them) and
-    features; a text project's text."""
-    if not isinstance(config, ProjectConfig):
-        return [TEXT]
-    dataset = config.dataset
+def input_columns(dataset: DatasetConfig) -> list[str]:
+    """What the log keeps of a tabular request: its id and time (when the project has them) and
+    features (a text project's log keeps its text)."""
     return [c for c in (dataset.id_column, dataset.time_column) if c] + [f.name for f in dataset.features]
 
 
@@ -50,14 +49,19 @@ class InferenceLog:
     def __enter__(self) -> InferenceLog:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.flush()
 
-    def append(self, rows: pd.DataFrame, predictions: np.ndarray, version: int, served_at: datetime | None = None) -> None:
+    def append(self, rows: pd.DataFrame, predictions: npt.NDArray[Any], version: int, served_at: datetime | None = None) -> None:
         """``served_at`` defaults to now; a replay of past traffic passes the time it was served.
-        An id or time column the rows do not carry is left out; every feature (or the text) is kept."""
-        optional = {self.config.dataset.id_column, self.config.dataset.time_column} if isinstance(self.config, ProjectConfig) else set()
-        seen = rows[[c for c in input_columns(self.config) if c in rows.columns or c not in optional]].reset_index(drop=True)
+        An id or time column the rows do not carry is left out; every feature (or the text) is kept.
+        ``predictions``: one a row (a number, or a text project's label)."""
+        if isinstance(self.config, ProjectConfig):
+            dataset = self.config.dataset
+            columns, optional = input_columns(dataset), {dataset.id_column, dataset.time_column}
+        else:
+            columns, optional = [TEXT], set()
+        seen = rows[[c for c in columns if c in rows.columns or c not in optional]].reset_index(drop=True)
         seen["prediction"] = predictions
         seen["model_version"] = version
         seen["served_at"] = pd.Timestamp(served_at or datetime.now(timezone.utc))
@@ -73,7 +77,7 @@ class InferenceLog:
         self._buffer = []
         written = []
         for day, rows in chunk.groupby(chunk["served_at"].dt.strftime("%Y-%m-%d")):
-            folder = log_dir(self.config) / f"date={day}"
+            folder = log_dir(self.config.serving, self.config.served_model) / f"date={day}"
             folder.mkdir(parents=True, exist_ok=True)
             path = folder / f"part-{datetime.now(timezone.utc):%H%M%S}-{uuid.uuid4().hex[:8]}.parquet"
             partial = folder / f".{path.name}.partial"
@@ -89,17 +93,18 @@ class ServedModel:
 
     def __init__(self, config: ProjectConfig, flush_rows: int = FLUSH_ROWS) -> None:
         self.config = config
-        self.client = live.connect(config)
+        self.client = live.connect(config.serving.triton)
         self.log = InferenceLog(config, flush_rows)
 
     def __enter__(self) -> ServedModel:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.flush()
 
-    def predict(self, rows: pd.DataFrame) -> np.ndarray:
-        predictions, version = live.infer(self.client, self.config, rows)
+    def predict(self, rows: pd.DataFrame) -> npt.NDArray[np.float32]:
+        """The served model's predictions for ``rows``, shape (rows,); the request is logged."""
+        predictions, version = live.infer(self.client, self.config.model.name, self.config.dataset, rows)
         self.log.append(rows, predictions, version)
         return predictions
 
@@ -107,9 +112,9 @@ class ServedModel:
         return self.log.flush()
 
 
-def read_log(config: AnyProject) -> pd.DataFrame:
-    """Everything logged for the project's model (the ``date`` partition as a column)."""
-    folder = log_dir(config)
+def read_log(serving: ServingConfig, model: str) -> pd.DataFrame:
+    """Everything logged for Triton's ``model`` (the ``date`` partition as a column)."""
+    folder = log_dir(serving, model)
     if not folder.is_dir():
         return pd.DataFrame()
     return pd.read_parquet(folder)
@@ -119,25 +124,26 @@ class RequestError(NotRetryable, ValueError):
     """Rows that cannot be sent to a project's model: a missing column, a value of the wrong type."""
 
 
-def read_requests(config: ProjectConfig, path: Path, rows: int | None = None) -> pd.DataFrame:
-    """The rows of a CSV or parquet file, checked against the project's features: every feature
-    column present, numbers parse as numbers. Extra columns (an id, the label) are kept.
+def read_requests(project: str, dataset: DatasetConfig, path: Path, rows: int | None = None) -> pd.DataFrame:
+    """The rows of a CSV or parquet file (the first ``rows``, if given), checked against the
+    project's features: every feature column present, numbers parse as numbers. Extra columns
+    (an id, the label) are kept.
 
     ``RequestError`` names the project, the file, the column and what was expected.
     """
-    where = f"project {config.name}: {path}"
+    where = f"project {project}: {path}"
     try:
         frame = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
     except FileNotFoundError:
         raise RequestError(f"{where}: no such file") from None
     except Exception as exc:  # noqa: BLE001 - pandas and pyarrow raise many kinds for a bad file
         raise RequestError(f"{where}: not a readable {'parquet' if path.suffix == '.parquet' else 'CSV'} file ({type(exc).__name__}: {exc})") from exc
-    features = config.dataset.features
+    features = dataset.features
     missing = [f.name for f in features if f.name not in frame.columns]
     if missing:
         raise RequestError(f"{where}: missing feature columns {missing}; the model expects {[f.name for f in features]}")
     frame = frame.head(rows) if rows is not None else frame
-    for feature in config.dataset.columns_of(FeatureType.numeric):
+    for feature in dataset.columns_of(FeatureType.numeric):
         numbers = pd.to_numeric(frame[feature], errors="coerce")
         bad = frame[feature][numbers.isna() & frame[feature].notna()]
         if len(bad):
@@ -146,7 +152,7 @@ def read_requests(config: ProjectConfig, path: Path, rows: int | None = None) ->
     return frame.reset_index(drop=True)
 
 
-def send(config: ProjectConfig, rows: pd.DataFrame, batch_size: int = 32) -> dict:
+def send(config: ProjectConfig, rows: pd.DataFrame, batch_size: int = 32) -> Record:
     """Send ``rows`` to the project's served model in client-sized requests, each one logged."""
     with ServedModel(config) as served:
         for start in range(0, len(rows), batch_size):

@@ -36,17 +36,23 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import numpy.typing as npt
 import pandas as pd
 
 from pipelines.artifacts import CONFIG_FILE, LINEAGE_FILE, MODEL_FILE, OUTPUT
-from pipelines.config import AnyProject, Deployment, FeatureType, ProjectConfig
+from pipelines.config import AnyProject, DatasetConfig, FeatureType, ProjectConfig, ServingConfig, TritonConfig
 from pipelines.errors import NotRetryable, TritonUnavailable
 from pipelines.export.onnx import parity_gap
-from pipelines.lineage import read_json, write_json
+from pipelines.lineage import Record, read_json, write_json
 from pipelines.serving import repository
+
+if TYPE_CHECKING:  # untyped packages: Any to mypy
+    from tritonclient.grpc.model_config_pb2 import ModelConfig
+    from tritonclient.http import InferenceServerClient, InferInput
 
 log = logging.getLogger(__name__)
 SMOKE_SUFFIX = "__smoke"
@@ -56,13 +62,14 @@ class SmokeTestError(NotRetryable, RuntimeError):
     """A new version did not load, or answered differently from ONNX Runtime run locally."""
 
 
-def connect(config: Deployment):
-    """An HTTP client of the configured Triton; ``TritonUnavailable`` names the URL if it is down."""
+def connect(triton: TritonConfig) -> InferenceServerClient:
+    """An HTTP client of the configured Triton (``serving.triton``); ``TritonUnavailable`` names the
+    URL if it is down."""
     import tritonclient.http as http
 
-    url = config.serving.triton.url
+    url = triton.url
     try:
-        client = http.InferenceServerClient(url, connection_timeout=5, network_timeout=config.serving.triton.load_timeout_s)
+        client = http.InferenceServerClient(url, connection_timeout=5, network_timeout=triton.load_timeout_s)
         if client.is_server_live():
             return client
     except Exception as exc:  # noqa: BLE001 - refused, reset, DNS: all mean "not there"
@@ -70,10 +77,11 @@ def connect(config: Deployment):
     raise TritonUnavailable(f"Triton at {url} (serving.triton.url) answers but is not live")
 
 
-def request_inputs(config: ProjectConfig, rows: pd.DataFrame, protocol):
-    """One input per feature column, shape (rows, 1): strings for categories, float32 for numbers."""
+def request_inputs(dataset: DatasetConfig, rows: pd.DataFrame, protocol: ModuleType) -> list[InferInput]:
+    """One input per feature column, shape (rows, 1): strings for categories, float32 for numbers;
+    ``protocol`` is tritonclient.http or tritonclient.grpc."""
     inputs = []
-    for feature in config.dataset.features:
+    for feature in dataset.features:
         if feature.type == FeatureType.categorical:
             values, datatype = rows[feature.name].astype(str).to_numpy(object).reshape(-1, 1), "BYTES"
         else:
@@ -84,15 +92,16 @@ def request_inputs(config: ProjectConfig, rows: pd.DataFrame, protocol):
     return inputs
 
 
-def infer(client, config: ProjectConfig, rows: pd.DataFrame, model: str | None = None) -> tuple[np.ndarray, int]:
-    """Predictions for ``rows`` and the version that answered."""
+def infer(client: InferenceServerClient, model: str, dataset: DatasetConfig, rows: pd.DataFrame) -> tuple[npt.NDArray[np.float32], int]:
+    """Predictions of Triton's ``model`` for ``rows`` (shape (rows,)) and the version that answered."""
     import tritonclient.http as http
 
-    response = client.infer(model or config.model.name, request_inputs(config, rows, http))
+    response = client.infer(model, request_inputs(dataset, rows, http))
     return response.as_numpy(OUTPUT)[:, 0], int(response.get_response()["model_version"])
 
 
-def wait_ready(client, model: str, version: int, timeout: float) -> bool:
+def wait_ready(client: InferenceServerClient, model: str, version: int, timeout: float) -> bool:
+    """Whether ``version`` of ``model`` became ready within ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if client.is_model_ready(model, str(version)):
@@ -101,15 +110,20 @@ def wait_ready(client, model: str, version: int, timeout: float) -> bool:
     return False
 
 
-def smoke_test(config: ProjectConfig, client, version: int, rows: pd.DataFrame) -> float:
-    """Load ``version`` under a throwaway name, compare its answers with ONNX Runtime; returns the max difference."""
+def smoke_test(
+    model_dir: Path, serving: ServingConfig, dataset: DatasetConfig, client: InferenceServerClient, version: int, rows: pd.DataFrame
+) -> float:
+    """Load ``version`` of the model in ``model_dir`` under a throwaway name, compare its answers
+    for ``rows`` with ONNX Runtime; returns the max difference, ``SmokeTestError`` above
+    ``serving.smoke_tolerance`` (an engine version: its export's tolerance) or if it fails to load."""
     from google.protobuf import json_format
 
     from pipelines.evaluation.gate import predict_onnx
 
-    folder = config.model_dir / str(version)
-    name = config.model.name + SMOKE_SUFFIX
-    rendering = repository.model_config(config, version)
+    model = model_dir.name
+    folder = model_dir / str(version)
+    name = model + SMOKE_SUFFIX
+    rendering = repository.model_config(model_dir, serving, dataset, version)
     rendering.name = name
     rendering.version_policy.specific.versions[:] = [1]
     files = {f"file:1/{p.name}": p.read_bytes() for p in folder.iterdir() if p.name != LINEAGE_FILE}
@@ -117,32 +131,32 @@ def smoke_test(config: ProjectConfig, client, version: int, rows: pd.DataFrame) 
         try:
             client.load_model(name, config=json_format.MessageToJson(rendering), files=files)
         except Exception as exc:  # noqa: BLE001 - Triton answers a failed load with the backend's error
-            raise SmokeTestError(f"version {version} of {config.model.name} failed to load in Triton: {exc}") from exc
-        if not wait_ready(client, name, 1, config.serving.triton.load_timeout_s):
-            raise SmokeTestError(f"version {version} of {config.model.name} did not become ready in Triton")
+            raise SmokeTestError(f"version {version} of {model} failed to load in Triton: {exc}") from exc
+        if not wait_ready(client, name, 1, serving.triton.load_timeout_s):
+            raise SmokeTestError(f"version {version} of {model} did not become ready in Triton")
         try:
-            served, _ = infer(client, config, rows, model=name)
+            served, _ = infer(client, name, dataset, rows)
         except Exception as exc:  # noqa: BLE001
-            raise SmokeTestError(f"version {version} of {config.model.name} failed a smoke inference: {exc}") from exc
+            raise SmokeTestError(f"version {version} of {model} failed a smoke inference: {exc}") from exc
     finally:
         try:
             client.unload_model(name)
         except Exception:  # noqa: BLE001 - never loaded: nothing to unload
             pass
     difference = parity_gap(served, predict_onnx(folder / MODEL_FILE, rows))
-    tolerance, setting = config.serving.smoke_tolerance, "serving.smoke_tolerance"
+    tolerance, setting = serving.smoke_tolerance, "serving.smoke_tolerance"
     if rendering.platform == "ensemble":  # a TensorRT engine: as close to ONNX Runtime as its export accepted
-        engine = repository.lineage_of(config.model_dir, version)["export"]["tensorrt"]
+        engine = repository.lineage_of(model_dir, version)["export"]["tensorrt"]
         tolerance, setting = max(tolerance, engine["tolerance"]), f"export.tensorrt_{engine['precision']}_tolerance"
     if not difference <= tolerance:
         raise SmokeTestError(
-            f"version {version} of {config.model.name} answers differently through Triton than ONNX Runtime locally: "
+            f"version {version} of {model} answers differently through Triton than ONNX Runtime locally: "
             f"max difference {difference:.3g} (relative to values above 1) over {len(rows)} test rows > {setting} {tolerance:g}"
         )
     return difference
 
 
-def switch(config: AnyProject, client, version: int) -> None:
+def switch(config: AnyProject, client: InferenceServerClient, version: int) -> None:
     """Serve ``version``: rewrite ``config.pbtxt``, reload, wait until that version is ready.
 
     On failure the previous ``config.pbtxt`` is put back (or removed, before the first version)
@@ -163,7 +177,7 @@ def switch(config: AnyProject, client, version: int) -> None:
         raise
 
 
-def hold_steps(client, renderings: dict[Path, object | None], timeout: float) -> None:
+def hold_steps(client: InferenceServerClient, renderings: dict[Path, ModelConfig | None], timeout: float) -> None:
     """Have Triton hold what each ensemble step's rendering lists: its ``config.pbtxt`` is
     rewritten and the step reloaded (``None``: the config removed and the step unloaded).
 
@@ -191,12 +205,12 @@ class ServedUnit:
     """What differs between the kinds of model Triton serves; the life cycle is ``serve``."""
 
     folder: Path  # config.pbtxt, and each version's lineage.json (and reference.parquet)
-    rendering: Callable[[int], Any]  # the served model's ModelConfig for a version
+    rendering: Callable[[int], ModelConfig]  # the served model's ModelConfig for a version
     # Each composing model's ModelConfig holding these versions (None: unloaded); {} for none.
-    steps: Callable[[list[int]], dict[Path, Any]]
-    # Load a version beside the served one, compare it with ONNX Runtime run locally: the max
-    # difference, or SmokeTestError.
-    smoke: Callable[[Any, int], float]
+    steps: Callable[[list[int]], dict[Path, ModelConfig | None]]
+    # Load a version beside the served one (through this client), compare it with ONNX Runtime
+    # run locally: the max difference, or SmokeTestError.
+    smoke: Callable[[InferenceServerClient, int], float]
 
     @property
     def name(self) -> str:
@@ -220,22 +234,27 @@ def tabular_unit(config: ProjectConfig) -> ServedUnit:
     this project's tests."""
     from pipelines.data.split import split_paths
 
-    def steps(served: list[int]) -> dict[Path, Any]:
-        folders = {step: repository.step_dir(config, step) for step in repository.ENGINE_STEPS}
-        engines = [v for v in served if repository.model_config(config, v).platform == "ensemble"]
+    model_dir, serving, dataset = config.model_dir, config.serving, config.dataset
+
+    def rendering(version: int) -> ModelConfig:
+        return repository.model_config(model_dir, serving, dataset, version)
+
+    def steps(served: list[int]) -> dict[Path, ModelConfig | None]:
+        folders = {step: repository.step_dir(model_dir, step) for step in repository.ENGINE_STEPS}
+        engines = [v for v in served if rendering(v).platform == "ensemble"]
         if not engines and not any((f / CONFIG_FILE).exists() for f in folders.values()):
             return {}  # no engine version was ever served: nothing to load or unload
-        renderings = repository.step_configs(config, engines) if engines else {}
+        renderings = repository.step_configs(model_dir, serving, dataset, engines) if engines else {}
         return {folder: renderings.get(step) for step, folder in folders.items()}
 
-    def smoke(client, version: int) -> float:
-        rows = pd.read_parquet(split_paths(config)["test"]).head(config.serving.smoke_rows)
-        return smoke_test(config, client, version, rows)
+    def smoke(client: InferenceServerClient, version: int) -> float:
+        rows = pd.read_parquet(split_paths(config.split.output_dir)["test"]).head(serving.smoke_rows)
+        return smoke_test(model_dir, serving, dataset, client, version, rows)
 
-    return ServedUnit(config.model_dir, lambda version: repository.model_config(config, version), steps, smoke)
+    return ServedUnit(model_dir, rendering, steps, smoke)
 
 
-def write_steps(renderings: dict[Path, Any]) -> None:
+def write_steps(renderings: dict[Path, ModelConfig | None]) -> None:
     """Write each composing model's config (``None``: remove it), for a Triton started later."""
     for folder, rendering in renderings.items():
         if rendering is None:
@@ -244,14 +263,14 @@ def write_steps(renderings: dict[Path, Any]) -> None:
             repository.write_model_config(folder, rendering)
 
 
-def history_path(config: AnyProject) -> Path:
-    """The serving history of the project's served model."""
-    return config.path(config.artifacts_dir) / "serving" / config.served_model / "history.jsonl"
+def history_path(artifacts_dir: Path, model: str) -> Path:
+    """The serving history of a project's served ``model``, in its ``artifacts_dir``."""
+    return artifacts_dir / "serving" / model / "history.jsonl"
 
 
-def record(config: AnyProject, event: str, version: int, previous: int | None, run: dict, **details) -> dict:
+def record(config: AnyProject, event: str, version: int, previous: int | None, run: Record, **details: Any) -> Record:
     """Append a change of the served version (or a rejected one) to the project's serving history."""
-    entry = {
+    entry: Record = {
         "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "event": event,
         "version": version,
@@ -259,7 +278,7 @@ def record(config: AnyProject, event: str, version: int, previous: int | None, r
         "run_id": run.get("run_id"),
         **details,
     }
-    path = history_path(config)
+    path = history_path(config.artifacts_dir, config.served_model)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a") as out:
         out.write(json.dumps(entry) + "\n")
@@ -272,7 +291,7 @@ def mark_rejected(config: AnyProject, version: int, reason: str) -> None:
     write_json(path, {**read_json(path), "status": "rejected", "rejected_reason": reason})
 
 
-def serve(config: AnyProject, version: int, run: dict, event: str) -> dict:
+def serve(config: AnyProject, version: int, run: Record, event: str) -> Record:
     """Make ``version`` the served one (``event``: publish or rollback); returns the history entry.
 
     With ``serving.triton.url`` set, it goes live in that Triton (a published version is
@@ -292,7 +311,7 @@ def serve(config: AnyProject, version: int, run: dict, event: str) -> dict:
         return record(config, event, version, previous, run)
     timeout = config.serving.triton.load_timeout_s
     kept = [previous] if previous else []
-    with connect(config) as client:  # closed after: open connections hold up a server's shutdown
+    with connect(config.serving.triton) as client:  # closed after: open connections hold up a server's shutdown
         try:
             hold_steps(client, unit.steps([*kept, version]), timeout)
             if event == "publish":

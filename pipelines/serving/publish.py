@@ -15,15 +15,16 @@ from pathlib import Path
 
 from pipelines.artifacts import MODEL_FILE, PLAN_FILE, REFERENCE_FILE
 from pipelines.config import AnyProject, ProjectConfig
+from pipelines.data.split import split_paths
 from pipelines.evaluation.gate import PROMOTED
-from pipelines.lineage import code_version, read_json, write_json
+from pipelines.lineage import Record, code_version, read_json, write_json
 from pipelines.metrics import Sample, emit
 from pipelines.monitoring.check import write_reference
 from pipelines.serving import live, repository
 
 log = logging.getLogger(__name__)
 # The settings a version was trained and gated with, in its lineage record.
-LINEAGE_PARAMS = {
+LINEAGE_PARAMS: dict[str, set[str] | bool] = {
     "dataset": {"id_column", "time_column", "label", "features"},
     "split": {"seed", "train", "val", "test"},
     "model": True,
@@ -33,23 +34,25 @@ LINEAGE_PARAMS = {
 }
 
 
-def runs_dir(config: AnyProject) -> Path:
-    """One lineage record per training run (retrain or finetune) of the project, promoted or not."""
-    return config.path(config.artifacts_dir) / "runs"
+def runs_dir(artifacts_dir: Path) -> Path:
+    """One lineage record per training run (retrain or finetune) of a project, promoted or not,
+    in its ``artifacts_dir``."""
+    return artifacts_dir / "runs"
 
 
-def run_record_path(config: AnyProject, run_id: str) -> Path:
-    return runs_dir(config) / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', run_id)}.json"
+def run_record_path(artifacts_dir: Path, run_id: str) -> Path:
+    """The lineage record of Airflow run ``run_id`` (a file name made of it) in ``runs_dir``."""
+    return runs_dir(artifacts_dir) / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', run_id)}.json"
 
 
 def publish(
     config: ProjectConfig,
     candidate: str,
-    gate: dict,
+    gate: Record,
     data_version: dict[str, str],
-    run: dict,
-    overrides: dict | None = None,
-) -> dict:
+    run: Record,
+    overrides: Record | None = None,
+) -> Record:
     """Write the run's lineage record; add and serve a new version if the gate promoted it.
 
     ``run`` names the Airflow run (dag_id, run_id, logical_date, run_type); ``overrides`` are
@@ -57,7 +60,7 @@ def publish(
     """
     folder = config.path(Path(candidate))
     training = read_json(folder / "candidate.json")
-    lineage = {
+    lineage: Record = {
         "model": config.model.name,
         "candidate": folder.name,
         "data_version": data_version,
@@ -75,11 +78,13 @@ def publish(
     if gate["decision"] == PROMOTED:
         version = repository.version_of_run(model_dir, run["run_id"])
         if version is None:
-            reference = write_reference(config, folder / REFERENCE_FILE)  # what the drift check compares with
+            # what the drift check compares with
+            train = split_paths(config.split.output_dir)["train"]
+            reference = write_reference(train, config.dataset, config.monitoring, config.train.seed, folder / REFERENCE_FILE)
             files = {MODEL_FILE: folder / MODEL_FILE, repository.BACKEND_MODEL.name: repository.BACKEND_MODEL, REFERENCE_FILE: reference}
-            version = repository.next_version(model_dir, *(repository.step_dir(config, s) for s in repository.ENGINE_STEPS))
+            version = repository.next_version(model_dir, *(repository.step_dir(model_dir, s) for s in repository.ENGINE_STEPS))
             if (folder / PLAN_FILE).is_file():  # export built a TensorRT engine: the gpu profile serves it
-                repository.add_engine_steps(config, folder, version)
+                repository.add_engine_steps(model_dir, folder, version)
             version = repository.add_version(model_dir, files, lineage, version)
         lineage["version"] = version
         try:
@@ -87,13 +92,13 @@ def publish(
         except Exception as failed:  # the smoke test refused it, or Triton did not answer
             outcome = "rejected" if isinstance(failed, live.SmokeTestError) else "failed"
             lineage["live"] = {"event": outcome, "reason": str(failed)}
-            write_json(run_record_path(config, run["run_id"]), lineage)
+            write_json(run_record_path(config.artifacts_dir, run["run_id"]), lineage)
             report(config, outcome, gate)
             raise
         log.info("published %s version %d: %s", config.model.name, version, gate["reason"])
     else:
         log.info("not promoted: %s; the candidate stays in %s with its metrics", gate["reason"], folder)
-    record = write_json(run_record_path(config, run["run_id"]), lineage)
+    record = write_json(run_record_path(config.artifacts_dir, run["run_id"]), lineage)
     report(config, gate["decision"], gate)
     return {
         "decision": gate["decision"],
@@ -103,13 +108,13 @@ def publish(
     }
 
 
-def report(config: AnyProject, outcome: str, gate: dict) -> None:
+def report(config: AnyProject, outcome: str, gate: Record) -> None:
     """The publish outcome, both gate metrics, the served version and how many challengers in a
     row the gate refused, for Prometheus."""
     samples = [
         Sample("flywheel_publish_outcome", "1 for the outcome of the latest publish (promoted, not promoted, rejected, failed).", 1.0, {"outcome": outcome.replace(" ", "_")}),
-        served_version_sample(config),
-        Sample("flywheel_gate_rejections_in_a_row", "Latest runs in a row whose challenger the gate did not promote.", float(rejections_in_a_row(config))),
+        served_version_sample(config.served_model_dir),
+        Sample("flywheel_gate_rejections_in_a_row", "Latest runs in a row whose challenger the gate did not promote.", float(rejections_in_a_row(config.artifacts_dir))),
     ]
     for role in ("challenger", "champion"):
         for metric, value in (gate.get(role) or {}).items():
@@ -118,9 +123,10 @@ def report(config: AnyProject, outcome: str, gate: dict) -> None:
     emit(config.metrics, config.identity, "publish", samples)
 
 
-def rejections_in_a_row(config: AnyProject) -> int:
-    """Trailing run records (one per Airflow run, so retries count once) the gate did not promote."""
-    files = sorted(runs_dir(config).glob("*.json"), key=lambda p: p.stat().st_mtime_ns)
+def rejections_in_a_row(artifacts_dir: Path) -> int:
+    """Trailing run records in a project's ``artifacts_dir`` (one per Airflow run, so retries
+    count once) the gate did not promote."""
+    files = sorted(runs_dir(artifacts_dir).glob("*.json"), key=lambda p: p.stat().st_mtime_ns)
     records = sorted((read_json(p) for p in files), key=lambda r: r["created_at"])  # stable: same second keeps write order
     count = 0
     for record in reversed(records):
@@ -130,5 +136,6 @@ def rejections_in_a_row(config: AnyProject) -> int:
     return count
 
 
-def served_version_sample(config: AnyProject) -> Sample:
-    return Sample("flywheel_served_version", "The version Triton serves (0: none yet).", float(repository.served_version(config.served_model_dir) or 0))
+def served_version_sample(model_dir: Path) -> Sample:
+    """The version the model in ``model_dir`` serves, as a metric sample (0: none yet)."""
+    return Sample("flywheel_served_version", "The version Triton serves (0: none yet).", float(repository.served_version(model_dir) or 0))

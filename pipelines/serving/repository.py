@@ -25,10 +25,16 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pipelines.artifacts import CODES, CONFIG_FILE, LINEAGE_FILE, LOOKUP_FILE, MODEL_FILE, NUMERIC, OUTPUT, PLAN_FILE
-from pipelines.config import AnyProject, FeatureType, ProjectConfig, ServingProfile
-from pipelines.lineage import read_json, write_json
+from pipelines.config import DatasetConfig, FeatureType, ServingConfig, ServingProfile
+from pipelines.lineage import Record, read_json, write_json
+
+if TYPE_CHECKING:
+    from tritonclient.grpc.model_config_pb2 import ModelConfig  # a protobuf message (untyped: Any to mypy)
+
+Tensor = tuple[str, str, int]  # (name, Triton data type, width per row)
 
 # The Python-backend model that serves model.onnx in the cpu rendering; in every version, so
 # switching profiles only rewrites config.pbtxt.
@@ -44,7 +50,7 @@ def versions(model_dir: Path) -> list[int]:
     return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
 
 
-def read_model_config(model_dir: Path):
+def read_model_config(model_dir: Path) -> ModelConfig | None:
     """The parsed ``config.pbtxt`` of a model, or None if it has none yet."""
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2
@@ -60,11 +66,12 @@ def served_version(model_dir: Path) -> int | None:
     config = read_model_config(model_dir)
     if config is None or not config.version_policy.HasField("specific"):
         return None
-    return max(config.version_policy.specific.versions)
+    return int(max(config.version_policy.specific.versions))
 
 
-def model_config(config: ProjectConfig, version: int):
-    """Triton's ModelConfig for a version, in the rendering ``serving.profile`` asks for.
+def model_config(model_dir: Path, serving: ServingConfig, dataset: DatasetConfig, version: int) -> ModelConfig:
+    """Triton's ModelConfig for a version of the model in ``model_dir`` (its name is the
+    folder's), in the rendering ``serving.profile`` asks for.
 
     Inputs are the dataset's feature columns, shape [1] per row (strings for categories,
     float32 for numbers), the output is ``prediction``: the signature every export has, and
@@ -74,79 +81,82 @@ def model_config(config: ProjectConfig, version: int):
     TensorRT builds the engine inside Triton at load time; or, for a version whose export built
     an engine (``has_engine``), the ``tensorrt_plan`` ensemble of ``ensemble_config``.
     """
-    if config.serving.profile == ServingProfile.gpu and has_engine(config, version):
-        return ensemble_config(config, version)
-    rendering = _signature(config, config.model.name, [version], _feature_inputs(config), [(OUTPUT, "TYPE_FP32", 1)])
-    return place(rendering, config.serving.profile)
+    if serving.profile == ServingProfile.gpu and has_engine(model_dir, version):
+        return ensemble_config(model_dir, serving, dataset, version)
+    rendering = _signature(serving, model_dir.name, [version], _feature_inputs(dataset), [(OUTPUT, "TYPE_FP32", 1)])
+    return place(rendering, serving.profile)
 
 
-def _feature_inputs(config: ProjectConfig) -> list[tuple[str, str, int]]:
+def _feature_inputs(dataset: DatasetConfig) -> list[Tensor]:
     types = {FeatureType.categorical: "TYPE_STRING", FeatureType.numeric: "TYPE_FP32"}
-    return [(f.name, types[f.type], 1) for f in config.dataset.features]
+    return [(f.name, types[f.type], 1) for f in dataset.features]
 
 
-def _signature(config: ProjectConfig, name: str, served: list[int], inputs, outputs, batching: bool = True):
+def _signature(
+    serving: ServingConfig, name: str, served: list[int], inputs: list[Tensor], outputs: list[Tensor], batching: bool = True
+) -> ModelConfig:
     """A batched ModelConfig serving ``served``; inputs and outputs as (name, type, width) per row."""
     from tritonclient.grpc import model_config_pb2 as mc
 
     rendering = mc.ModelConfig(
         name=name,
-        max_batch_size=config.serving.max_batch_size,
+        max_batch_size=serving.max_batch_size,
         input=[mc.ModelInput(name=n, data_type=mc.DataType.Value(t), dims=[w]) for n, t, w in inputs],
         output=[mc.ModelOutput(name=n, data_type=mc.DataType.Value(t), dims=[w]) for n, t, w in outputs],
         version_policy=mc.ModelVersionPolicy(specific=mc.ModelVersionPolicy.Specific(versions=sorted(served))),
     )
     if batching:  # an ensemble has no batcher of its own: its steps batch
-        rendering.dynamic_batching.CopyFrom(mc.ModelDynamicBatching(max_queue_delay_microseconds=config.serving.max_queue_delay_microseconds))
+        rendering.dynamic_batching.CopyFrom(mc.ModelDynamicBatching(max_queue_delay_microseconds=serving.max_queue_delay_microseconds))
     return rendering
 
 
 # --- the tensorrt_plan rendering: lookup (ONNX Runtime, CPU) then engine (TensorRT, GPU) ---
 
 
-def step_dir(config: ProjectConfig, step: str) -> Path:
-    """The folder of a composing model of the tensorrt_plan rendering (``ENGINE_STEPS``)."""
-    return config.model_dir.with_name(f"{config.model.name}_{step}")
+def step_dir(model_dir: Path, step: str) -> Path:
+    """The folder of a composing model (``ENGINE_STEPS``) of the tensorrt_plan rendering of the
+    model in ``model_dir``: ``<model>_<step>`` beside it."""
+    return model_dir.with_name(f"{model_dir.name}_{step}")
 
 
-def has_engine(config: ProjectConfig, version: int) -> bool:
+def has_engine(model_dir: Path, version: int) -> bool:
     """Whether ``version`` has a TensorRT engine, so the gpu profile serves it as an ensemble."""
-    return (step_dir(config, "engine") / str(version) / PLAN_FILE).is_file()
+    return (step_dir(model_dir, "engine") / str(version) / PLAN_FILE).is_file()
 
 
-def _widths(config: ProjectConfig) -> tuple[int, int]:
-    kinds = [f.type for f in config.dataset.features]
+def _widths(dataset: DatasetConfig) -> tuple[int, int]:
+    kinds = [f.type for f in dataset.features]
     return kinds.count(FeatureType.categorical), kinds.count(FeatureType.numeric)
 
 
-def step_configs(config: ProjectConfig, served: list[int]) -> dict[str, object]:
+def step_configs(model_dir: Path, serving: ServingConfig, dataset: DatasetConfig, served: list[int]) -> dict[str, ModelConfig]:
     """The composing models' ModelConfigs by step, each serving the versions ``served``.
 
     ``served`` lists more than one version only while going live switches between them.
     """
     from tritonclient.grpc import model_config_pb2 as mc
 
-    categorical, numeric = _widths(config)
+    categorical, numeric = _widths(dataset)
     between = [(CODES, "TYPE_INT32", categorical), (NUMERIC, "TYPE_FP32", numeric)]
-    lookup = _signature(config, step_dir(config, "lookup").name, served, _feature_inputs(config), between)
+    lookup = _signature(serving, step_dir(model_dir, "lookup").name, served, _feature_inputs(dataset), between)
     lookup.platform = "onnxruntime_onnx"  # model.onnx: strings are for ONNX Runtime, not TensorRT
     lookup.instance_group.append(mc.ModelInstanceGroup(kind=mc.ModelInstanceGroup.KIND_CPU, count=1))
-    engine = _signature(config, step_dir(config, "engine").name, served, between, [(OUTPUT, "TYPE_FP32", 1)])
+    engine = _signature(serving, step_dir(model_dir, "engine").name, served, between, [(OUTPUT, "TYPE_FP32", 1)])
     engine.platform = "tensorrt_plan"  # model.plan
     engine.instance_group.append(mc.ModelInstanceGroup(kind=mc.ModelInstanceGroup.KIND_GPU, count=1))
     return {"lookup": lookup, "engine": engine}
 
 
-def ensemble_config(config: ProjectConfig, version: int):
+def ensemble_config(model_dir: Path, serving: ServingConfig, dataset: DatasetConfig, version: int) -> ModelConfig:
     """The served model of an engine version: raw columns -> lookup -> engine -> ``prediction``,
     both steps pinned to ``version``; the same inputs and output as every other rendering."""
     from tritonclient.grpc import model_config_pb2 as mc
 
-    rendering = _signature(config, config.model.name, [version], _feature_inputs(config), [(OUTPUT, "TYPE_FP32", 1)], batching=False)
+    rendering = _signature(serving, model_dir.name, [version], _feature_inputs(dataset), [(OUTPUT, "TYPE_FP32", 1)], batching=False)
     rendering.platform = "ensemble"
     between = {CODES: CODES, NUMERIC: NUMERIC}
-    features = {f.name: f.name for f in config.dataset.features}
-    lookup, engine = (step_dir(config, step).name for step in ENGINE_STEPS)
+    features = {f.name: f.name for f in dataset.features}
+    lookup, engine = (step_dir(model_dir, step).name for step in ENGINE_STEPS)
     rendering.ensemble_scheduling.step.extend(
         [
             mc.ModelEnsembling.Step(model_name=lookup, model_version=version, input_map=features, output_map=between),
@@ -163,13 +173,14 @@ def next_version(*model_dirs: Path) -> int:
     return max((v for folder in model_dirs for v in versions(folder)), default=0) + 1
 
 
-def add_engine_steps(config: ProjectConfig, candidate: Path, version: int) -> None:
-    """Copy a candidate's ``lookup.onnx`` and ``model.plan`` in as ``version`` of the two steps."""
-    add_version(step_dir(config, "lookup"), {MODEL_FILE: candidate / LOOKUP_FILE}, None, version)
-    add_version(step_dir(config, "engine"), {PLAN_FILE: candidate / PLAN_FILE}, None, version)
+def add_engine_steps(model_dir: Path, candidate: Path, version: int) -> None:
+    """Copy a candidate's ``lookup.onnx`` and ``model.plan`` in as ``version`` of the two steps
+    of the model in ``model_dir``."""
+    add_version(step_dir(model_dir, "lookup"), {MODEL_FILE: candidate / LOOKUP_FILE}, None, version)
+    add_version(step_dir(model_dir, "engine"), {PLAN_FILE: candidate / PLAN_FILE}, None, version)
 
 
-def place(rendering, profile: ServingProfile):
+def place(rendering: ModelConfig, profile: ServingProfile) -> ModelConfig:
     """Where and how Triton runs a version's ``model.onnx``, per serving profile (see ``model_config``)."""
     from tritonclient.grpc import model_config_pb2 as mc
 
@@ -186,7 +197,7 @@ def place(rendering, profile: ServingProfile):
     return rendering
 
 
-def write_model_config(model_dir: Path, model_config) -> Path:
+def write_model_config(model_dir: Path, model_config: ModelConfig) -> Path:
     """Replace ``config.pbtxt`` atomically."""
     from google.protobuf import text_format
 
@@ -197,7 +208,7 @@ def write_model_config(model_dir: Path, model_config) -> Path:
     return file
 
 
-def add_version(model_dir: Path, files: dict[str, Path], lineage: dict | None, version: int | None = None) -> int:
+def add_version(model_dir: Path, files: dict[str, Path], lineage: Record | None, version: int | None = None) -> int:
     """Copy files (or folders) into a new numbered version: built beside, then renamed into place.
 
     ``version`` defaults to the next number; models that make one served unit (an ensemble and
@@ -222,8 +233,10 @@ def add_version(model_dir: Path, files: dict[str, Path], lineage: dict | None, v
     return version
 
 
-def lineage_of(model_dir: Path, version: int) -> dict:
-    return read_json(model_dir / str(version) / LINEAGE_FILE)
+def lineage_of(model_dir: Path, version: int) -> Record:
+    """The ``lineage.json`` of a version; ``FileNotFoundError`` if it has none."""
+    lineage: Record = read_json(model_dir / str(version) / LINEAGE_FILE)
+    return lineage
 
 
 def version_of_run(model_dir: Path, run_id: str) -> int | None:
@@ -234,10 +247,10 @@ def version_of_run(model_dir: Path, run_id: str) -> int | None:
     return None
 
 
-def version_rows(config: AnyProject) -> list[dict]:
-    """One line per version of a project's served model (tabular or text), oldest first: whether it
-    serves, its status, the gate's deciding metric and reason, the run that made it, its data."""
-    folder = config.served_model_dir
+def version_rows(project: str, folder: Path) -> list[Record]:
+    """One line per version of a project's served model in ``folder`` (tabular or text), oldest
+    first: whether it serves, its status, the gate's deciding metric and reason, the run that
+    made it, its data."""
     served = served_version(folder)
     rows = []
     for version in versions(folder):
@@ -246,8 +259,8 @@ def version_rows(config: AnyProject) -> list[dict]:
         metric = gate.get("metric")
         rows.append(
             {
-                "project": config.name,
-                "model": config.served_model,
+                "project": project,
+                "model": folder.name,
                 "version": version,
                 "serving": version == served,
                 "status": lineage.get("status", "published"),

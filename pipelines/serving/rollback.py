@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pipelines.config import AnyProject
 from pipelines.errors import NotRetryable
+from pipelines.lineage import Record
 from pipelines.metrics import emit
 from pipelines.serving import live, repository
 from pipelines.serving.publish import served_version_sample
@@ -13,7 +14,7 @@ class RollbackRefused(NotRetryable, ValueError):
     """An unknown or rejected version: the same request fails the same way."""
 
 
-def rollback(config: AnyProject, version: int, run: dict) -> dict:
+def rollback(config: AnyProject, version: int, run: Record) -> Record:
     """Put ``version`` of the project's served model (tabular or text) back in service, with no
     smoke test (it passed one); refuses unknown and rejected versions."""
     model, folder = config.served_model, config.served_model_dir
@@ -27,5 +28,5 @@ def rollback(config: AnyProject, version: int, run: dict) -> dict:
     if version == previous:
         return {"model": model, "version": version, "previous": previous, "changed": False}
     entry = live.serve(config, version, run, event="rollback")
-    emit(config.metrics, config.identity, "rollback", [served_version_sample(config)])
+    emit(config.metrics, config.identity, "rollback", [served_version_sample(folder)])
     return {"model": model, "version": version, "previous": previous, "changed": True, "switch_seconds": entry.get("switch_seconds")}

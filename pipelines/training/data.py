@@ -91,11 +91,11 @@ class TabularDataModule(pl.LightningDataModule):
         label = self.dataset.label.column
         self.splits = {name: tensors(frame, self.encoding, label) for name, frame in frames.items()}
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> DataLoader[tuple[torch.Tensor, ...]]:
         return DataLoader(self.splits["train"], batch_size=self.batch_size, shuffle=True)
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> DataLoader[tuple[torch.Tensor, ...]]:
         return DataLoader(self.splits["val"], batch_size=self.batch_size)
 
-    def test_dataloader(self) -> DataLoader:
+    def test_dataloader(self) -> DataLoader[tuple[torch.Tensor, ...]]:
         return DataLoader(self.splits["test"], batch_size=self.batch_size)

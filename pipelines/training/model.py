@@ -12,6 +12,9 @@ from pipelines.config import Task
 class TabularModel(pl.LightningModule):
     """Binary classifier (one logit) or regressor (one value) over mixed tabular features."""
 
+    numeric_mean: torch.Tensor  # buffers, shape (numeric columns,): registered in __init__
+    numeric_std: torch.Tensor
+
     def __init__(
         self,
         task: str,
@@ -24,7 +27,7 @@ class TabularModel(pl.LightningModule):
         learning_rate: float,
         target_mean: float = 0.0,
         target_std: float = 1.0,
-    ):
+    ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.task = Task(task)
@@ -46,29 +49,30 @@ class TabularModel(pl.LightningModule):
         """Raw output, shape (rows,): a logit for classification, the standardised value for regression."""
         parts = [emb(categorical[:, i]) for i, emb in enumerate(self.embeddings)]
         parts.append((numeric - self.numeric_mean) / self.numeric_std)
-        return self.mlp(torch.cat(parts, dim=1)).squeeze(1)
+        out: torch.Tensor = self.mlp(torch.cat(parts, dim=1))
+        return out.squeeze(1)
 
     def predict(self, categorical: torch.Tensor, numeric: torch.Tensor) -> torch.Tensor:
         """What is served: the probability of the positive class, or the regressed value."""
-        out = self(categorical, numeric)
+        out: torch.Tensor = self(categorical, numeric)
         if self.task == Task.classification:
             return torch.sigmoid(out)
         return out * self.target_std + self.target_mean
 
     def _step(self, batch: tuple[torch.Tensor, ...], name: str) -> torch.Tensor:
         categorical, numeric, target = batch
-        loss = self.loss(self(categorical, numeric), (target - self.target_mean) / self.target_std)
+        loss: torch.Tensor = self.loss(self(categorical, numeric), (target - self.target_mean) / self.target_std)
         self.log(f"{name}_loss", loss, prog_bar=name == "val", batch_size=len(target))
         return loss
 
-    def training_step(self, batch, batch_idx):
+    def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
         return self._step(batch, "train")
 
-    def validation_step(self, batch, batch_idx):
+    def validation_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> None:
         self._step(batch, "val")
 
-    def test_step(self, batch, batch_idx):
+    def test_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> None:
         self._step(batch, "test")
 
-    def configure_optimizers(self):
-        return torch.optim.AdamW(self.parameters(), lr=self.hparams.learning_rate)
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.parameters(), lr=self.hparams["learning_rate"])

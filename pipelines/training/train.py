@@ -11,17 +11,24 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from pipelines.config import ProjectConfig
+from pipelines.config import DatasetConfig, ModelConfig, ProjectConfig, TrainConfig
 from pipelines.data.split import split_paths
-from pipelines.lineage import code_version, fingerprint, read_json, write_json
+from pipelines.lineage import Record, code_version, fingerprint, read_json, write_json
+
+if TYPE_CHECKING:
+    from pipelines.training.data import Encoding
+    from pipelines.training.model import TabularModel
 
 log = logging.getLogger(__name__)
 CANDIDATE_FILE = "candidate.json"  # written last: its presence means the candidate is complete
 
 
-def candidate_dir(config: ProjectConfig, key: str) -> Path:
-    return config.path(config.artifacts_dir) / "candidates" / config.model.name / key
+def candidate_dir(artifacts_dir: Path, model: str, key: str) -> Path:
+    """The folder of the candidate of ``model`` whose inputs hash to ``key``, under the project's
+    ``artifacts_dir``."""
+    return artifacts_dir / "candidates" / model / key
 
 
 def train(
@@ -29,13 +36,18 @@ def train(
     data_version: dict[str, str],
     max_epochs: int | None = None,
     learning_rate: float | None = None,
-) -> dict:
-    """Fit a model on the current splits; return the candidate folder (relative to the project
-    home: the next tasks may run on other machines) and its validation loss."""
+) -> Record:
+    """Fit a model on the current splits, or reuse the candidate already fitted on the same inputs.
+
+    ``data_version`` maps each split file (relative to the home) to its content hash;
+    ``max_epochs`` and ``learning_rate`` override the ``train`` section where given. Returns
+    ``candidate`` (its folder, relative to the home: the next tasks may run on other machines),
+    ``reused``, ``best_val_loss`` and ``epochs``. ``FileNotFoundError`` when a split is missing.
+    """
     settings = config.train.model_copy(
         update={k: v for k, v in {"max_epochs": max_epochs, "learning_rate": learning_rate}.items() if v is not None}
     )
-    paths = split_paths(config)
+    paths = split_paths(config.split.output_dir)
     inputs = {
         "data": {name: data_version[config.portable(path)] for name, path in paths.items() if name != "test"},
         "dataset": config.dataset.model_dump(mode="json", include={"features", "label"}),
@@ -44,15 +56,20 @@ def train(
         "code": code_version(),
     }
     key = fingerprint(inputs)[:16]
-    folder = candidate_dir(config, key)
-    if (folder / CANDIDATE_FILE).exists():
+    folder = candidate_dir(config.artifacts_dir, config.model.name, key)
+    reused = (folder / CANDIDATE_FILE).exists()
+    if reused:
         record = read_json(folder / CANDIDATE_FILE)
         log.info("candidate %s was already trained on these inputs: reusing it", key)
-        return {"candidate": config.portable(folder), "reused": True, "best_val_loss": record["best_val_loss"], "epochs": record["epochs"]}
-    return _fit(config, settings, paths, inputs, folder)
+    else:
+        record = _fit(settings, config.model, config.dataset, paths, inputs, folder)
+    return {"candidate": config.portable(folder), "reused": reused, "best_val_loss": record["best_val_loss"], "epochs": record["epochs"]}
 
 
-def _fit(config: ProjectConfig, settings, paths: dict[str, Path], inputs: dict, folder: Path) -> dict:
+def _fit(
+    settings: TrainConfig, architecture: ModelConfig, dataset: DatasetConfig, paths: dict[str, Path], inputs: Record, folder: Path
+) -> Record:
+    """Train on ``paths`` (split files by part) into ``folder``; the candidate record it writes last."""
     import pytorch_lightning as pl
     import torch
     from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
@@ -62,18 +79,19 @@ def _fit(config: ProjectConfig, settings, paths: dict[str, Path], inputs: dict, 
     from pipelines.training.model import TabularModel
 
     pl.seed_everything(settings.seed, workers=True, verbose=False)
-    data = TabularDataModule(paths, config.dataset, settings.batch_size)
+    data = TabularDataModule(paths, dataset, settings.batch_size)
     data.prepare_data()
     data.setup()
     encoding = data.encoding
+    assert encoding is not None  # setup() fitted it
     model = TabularModel(
-        task=config.dataset.label.task.value,
+        task=dataset.label.task.value,
         vocab_sizes=[len(v) for v in encoding.categorical.values()],
         numeric_mean=encoding.numeric_mean,
         numeric_std=encoding.numeric_std,
-        embedding_dim=config.model.embedding_dim,
-        hidden_sizes=list(config.model.hidden_sizes),
-        dropout=config.model.dropout,
+        embedding_dim=architecture.embedding_dim,
+        hidden_sizes=list(architecture.hidden_sizes),
+        dropout=architecture.dropout,
         learning_rate=settings.learning_rate,
         target_mean=encoding.target_mean,
         target_std=encoding.target_std,
@@ -92,12 +110,13 @@ def _fit(config: ProjectConfig, settings, paths: dict[str, Path], inputs: dict, 
     )
     resume_from, resumed_epochs = _resumable(folder / "checkpoints" / "last.ckpt")
     trainer.fit(model, datamodule=data, ckpt_path=resume_from)
-    best = Path(checkpoints.best_model_path)
+    best, score = Path(checkpoints.best_model_path), checkpoints.best_model_score
+    assert score is not None  # set by the validation run of every epoch
     write_json(folder / "encoding.json", encoding.__dict__)
     record = {
         "fingerprint": folder.name,
         "checkpoint": best.relative_to(folder).as_posix(),
-        "best_val_loss": float(checkpoints.best_model_score),
+        "best_val_loss": float(score),
         "epochs": trainer.current_epoch,
         "resumed_after_epochs": resumed_epochs,  # epochs a killed earlier try had already done
         "accelerator": "cuda" if cuda else "cpu",
@@ -105,7 +124,7 @@ def _fit(config: ProjectConfig, settings, paths: dict[str, Path], inputs: dict, 
     }
     write_json(folder / CANDIDATE_FILE, record)
     log.info("trained candidate %s: best val_loss %.5f after %d epochs", folder.name, record["best_val_loss"], record["epochs"])
-    return {"candidate": config.portable(folder), "reused": False, "best_val_loss": record["best_val_loss"], "epochs": record["epochs"]}
+    return record
 
 
 def _resumable(last: Path) -> tuple[Path | None, int]:
@@ -126,8 +145,9 @@ def _resumable(last: Path) -> tuple[Path | None, int]:
     return last, epochs
 
 
-def load_candidate(folder: Path):
-    """The trained model of a candidate folder, on the CPU, in eval mode, and its encoding."""
+def load_candidate(folder: Path) -> tuple[TabularModel, Encoding]:
+    """The trained model of a candidate folder, on the CPU, in eval mode, and its encoding;
+    ``FileNotFoundError`` when the folder holds no complete candidate."""
     from pipelines.training.data import Encoding
     from pipelines.training.model import TabularModel
 

@@ -260,14 +260,14 @@ def reports_root(config) -> Path:
     """Where the drift reports of a project's served model are, one folder a window."""
     from pipelines.monitoring.check import reports_root as root
 
-    return root(config)
+    return root(config.monitoring, config.served_model)
 
 
 def recent_summaries(config, limit: int) -> list[dict]:
     """The summaries of the project's latest ``limit`` checked windows, newest first."""
     from pipelines.monitoring.check import recent_reports
 
-    return recent_reports(config, limit)
+    return recent_reports(config.monitoring, config.served_model, limit)
 
 
 def _project(config) -> dict[str, Any]:
@@ -347,9 +347,9 @@ def load_models(config, runs_limit: int = 20) -> dict[str, Any]:
     model_dir = config.served_model_dir
     served = repository.served_version(model_dir)
     versions = [version_row(v, repository.lineage_of(model_dir, v), served) for v in reversed(repository.versions(model_dir))]
-    history_file = live.history_path(config)
+    history_file = live.history_path(config.artifacts_dir, config.served_model)
     history = history_rows(history_file.read_text().splitlines()) if history_file.is_file() else []
-    records = [read_json(p) for p in runs_dir(config).glob("*.json")]  # every training run, promoted or not
+    records = [read_json(p) for p in runs_dir(config.artifacts_dir).glob("*.json")]  # every training run, promoted or not
     runs = sorted((run_row(r) for r in records), key=lambda r: r["created_at"] or "", reverse=True)
     return {
         **_project(config),

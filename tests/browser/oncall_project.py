@@ -100,16 +100,16 @@ def write_versions(config: ProjectConfig) -> None:
     for seed, (run, decision, created_at) in enumerate(published, start=1):
         lineage = _lineage(config, run, decision, created_at, seed)
         version = repository.add_version(model_dir, {REFERENCE_FILE: reference}, lineage)
-        write_json(run_record_path(config, run["run_id"]), {**lineage, "version": version})
+        write_json(run_record_path(config.artifacts_dir, run["run_id"]), {**lineage, "version": version})
         if version == 3:
             live.mark_rejected(config, version, REJECTED_REASON)
             live.record(config, "rejected", version, 2, run, reason=REJECTED_REASON)
         else:
-            repository.write_model_config(model_dir, repository.model_config(config, version))
+            repository.write_model_config(model_dir, repository.model_config(config.model_dir, config.serving, config.dataset, version))
             live.record(config, "publish", version, version - 1 or None, run)
     weak = _run("scheduled__2026-03-02T02:00:00+00:00", "schedule", dag)
     write_json(
-        run_record_path(config, weak["run_id"]),
+        run_record_path(config.artifacts_dir, weak["run_id"]),
         _lineage(config, weak, gate(WEAK, V2, 2, NOT_PROMOTED, "roc_auc 0.6120 does not beat the champion's 0.7043 by 0.002"), "2026-03-02T02:12:55+00:00", 9),
     )
 
@@ -172,7 +172,7 @@ def _finetune_lineage(config: TextProjectConfig, run: dict, decision: dict, crea
 def write_text_versions(config: TextProjectConfig) -> None:
     """Versions 1 and 2 of the classifier ensemble published (2 serves), one fine-tune not promoted."""
     from pipelines.artifacts import SERVING_FILE
-    from pipelines.finetune.serving import ensemble_config, model_dir
+    from pipelines.finetune.serving import ensemble_config
 
     settings = config.home / SERVING_FILE  # what the exported tokenizer step carries: labels, max_length
     write_json(settings, {"labels": LABELS, "max_length": 128})
@@ -192,11 +192,11 @@ def write_text_versions(config: TextProjectConfig) -> None:
     for seed, (run, decision, created_at) in enumerate(published, start=1):
         lineage = _finetune_lineage(config, run, decision, created_at, seed)
         # the ensemble's version folder last, as pipelines.finetune.serving.add_version writes them
-        repository.add_version(model_dir(config, "tokenizer"), {SERVING_FILE: settings}, None, seed)
+        repository.add_version(repository.step_dir(config.served_model_dir, "tokenizer"), {SERVING_FILE: settings}, None, seed)
         version = repository.add_version(config.served_model_dir, {}, {**lineage, "exported": lineage["candidate"] + "/export"}, seed)
-        repository.write_model_config(config.served_model_dir, ensemble_config(config, version))
+        repository.write_model_config(config.served_model_dir, ensemble_config(config.served_model_dir, config.serving, version))
         entry = live.record(config, "publish", version, version - 1 or None, run, model=config.served_model, switch_seconds=0.8)
-        write_json(run_record_path(config, run["run_id"]), {**lineage, "version": version, "live": entry})
+        write_json(run_record_path(config.artifacts_dir, run["run_id"]), {**lineage, "version": version, "live": entry})
     weak = _run("manual__2026-03-04T09:00:00+00:00", "manual", dag)
     decision = finetune_gate(TEXT_WEAK, TEXT_V2, NOT_PROMOTED, "accuracy 0.7050 does not beat the untuned base with a linear head (0.7010) by 0.02")
-    write_json(run_record_path(config, weak["run_id"]), _finetune_lineage(config, weak, decision, "2026-03-04T09:35:05+00:00", 9))
+    write_json(run_record_path(config.artifacts_dir, weak["run_id"]), _finetune_lineage(config, weak, decision, "2026-03-04T09:35:05+00:00", 9))

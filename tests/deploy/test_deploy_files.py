@@ -230,7 +230,7 @@ def emitted_metrics() -> set[str]:
     for source in (REPO / "pipelines").rglob("*.py"):
         text = source.read_text()
         names |= set(re.findall(r'Sample\(\s*"(flywheel_\w+)"', text))
-        jobs |= set(re.findall(r'emit\(\s*config,\s*"(\w+)"', text))
+        jobs |= set(re.findall(r'emit\(\s*[\w.]+,\s*[\w.]+,\s*"(\w+)"', text))  # emit(metrics, identity, "<job>", ...)
     assert {"drift", "validate", "publish", "rollback"} <= jobs  # the scan found the emitters
     return names | {f"flywheel_{job}_last_run_timestamp_seconds" for job in jobs}
 

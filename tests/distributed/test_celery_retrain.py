@@ -26,8 +26,8 @@ def test_training_and_export_run_on_the_gpu_worker_and_the_rest_on_the_default_w
     import psycopg2
 
     config = make_project(tmp_path)
-    land(config, "2013-01", rows=ROWS)
-    land(config, "2013-02", rows=ROWS)
+    land(config.dataset, "2013-01", rows=ROWS)
+    land(config.dataset, "2013-02", rows=ROWS)
     cluster = CeleryAirflow(
         tmp_path / "airflow", REPO / "dags", REPO / "plugins",
         database_url=postgres, broker_url=redis, workers=WORKERS, port=free_ports(1)[0],

@@ -57,7 +57,7 @@ def loop(tmp_path_factory):
     other = make_project(home, {"model": {"name": "taxis_delay"}}, name="taxis")
     for project in (config, other):
         for month in ("2013-01", "2013-02"):
-            land(project, month, rows=ROWS)
+            land(project.dataset, month, rows=ROWS)
     local = LocalAirflow(
         home / "airflow", REPO / "dags", REPO / "plugins", port=airflow_port,
         extra_env={"FLYWHEEL_HOME": str(home)}, scheduled=True,  # Asset-triggered runs need the scheduler's own scheduling
@@ -72,13 +72,13 @@ def loop(tmp_path_factory):
         for dag_id, run_id in ((RETRAIN, nightly), ("retrain__taxis", other_nightly)):
             assert local.wait_for_run(dag_id, run_id, timeout=900) == "success", local.task_instances(dag_id, run_id)
         assert repository.served_version(config.model_dir) == repository.served_version(other.model_dir) == 1
-        assert json.loads(run_record_path(config, nightly).read_text())["airflow"]["trigger"] == {"kind": "schedule"}
+        assert json.loads(run_record_path(config.artifacts_dir, nightly).read_text())["airflow"]["trigger"] == {"kind": "schedule"}
         for end in BACKFILLED:
             log_traffic(config, "2013-08", end)
         log_traffic(config, "2013-02", SAME_SEASON, seed=1)
         log_traffic(config, "2013-07", LATER_SEASON)
         log_traffic(config, "2013-08", STILL_LATER)
-        land(config, "2013-07", rows=ROWS)  # the new season's labelled flights, for a retrain to learn from
+        land(config.dataset, "2013-07", rows=ROWS)  # the new season's labelled flights, for a retrain to learn from
         yield local, config, other, nightly
 
 
@@ -86,8 +86,8 @@ def test_one_triton_serves_both_projects_at_once(loop):
     airflow, config, other, _ = loop
     rows = month_batch("2013-03", 50)
 
-    with live.connect(config) as client:
-        answers = {project.model.name: live.infer(client, project, rows) for project in (config, other)}
+    with live.connect(config.serving.triton) as client:
+        answers = {project.model.name: live.infer(client, project.model.name, project.dataset, rows) for project in (config, other)}
 
     for project in (config, other):
         predictions, version = answers[project.model.name]
@@ -132,7 +132,7 @@ def test_a_later_season_emits_drift_detected_and_the_retrain_starts_by_itself(lo
     run_id, summary = check_window(airflow, LATER_SEASON)
 
     assert summary["dataset_drift"] and "dest" in summary["drifted_columns"]
-    assert (report_folder(config, LATER_SEASON) / "report.html").exists()
+    assert (report_folder(config.monitoring, config.served_model, LATER_SEASON) / "report.html").exists()
     (event,) = drift_events(airflow)
     assert event["source_run_id"] == run_id
     assert event["extra"] == {
@@ -148,7 +148,7 @@ def test_a_later_season_emits_drift_detected_and_the_retrain_starts_by_itself(lo
     assert airflow.wait_for_run(RETRAIN, retrain, timeout=900) == "success", airflow.task_instances(RETRAIN, retrain)
     published = airflow.xcom(RETRAIN, retrain, "publish")
     assert published["decision"] in (PROMOTED, NOT_PROMOTED)  # the same gate as every night
-    record = json.loads(run_record_path(config, retrain).read_text())
+    record = json.loads(run_record_path(config.artifacts_dir, retrain).read_text())
     assert record["airflow"]["run_type"] == "asset_triggered"
     assert record["airflow"]["trigger"] == {"kind": "drift", "events": [event["extra"]]}
     assert record["gate"]["champion_version"] == 1 and set(record["gate"]["challenger"]) == set(record["gate"]["champion"])
@@ -168,7 +168,7 @@ def test_a_backfill_writes_a_report_for_each_past_window_and_retrains_nothing(lo
     runs = wait_for_backfill_runs(airflow, len(BACKFILLED))
     assert sorted(datetime.fromisoformat(r["data_interval_end"]) for r in runs) == BACKFILLED
     for end in BACKFILLED:
-        summary = json.loads((report_folder(config, end) / "summary.json").read_text())
+        summary = json.loads((report_folder(config.monitoring, config.served_model, end) / "summary.json").read_text())
         assert summary["window"]["end"] == end.isoformat() and summary["dataset_drift"]
     assert len(drift_events(airflow)) == events_before  # drifted, but a backfill only reports
 
@@ -188,9 +188,9 @@ def test_a_rollback_of_one_project_leaves_the_other_serving_as_it_was(loop):
     # Then taxis serves 1 again, and flights serves what it served, answering in Triton throughout
     assert repository.served_version(other.model_dir) == 1
     assert repository.served_version(config.model_dir) == flights_served
-    with live.connect(config) as client:
-        assert live.infer(client, config, month_batch("2013-03", 10))[1] == flights_served
-        assert live.infer(client, other, month_batch("2013-03", 10))[1] == 1
+    with live.connect(config.serving.triton) as client:
+        assert live.infer(client, config.model.name, config.dataset, month_batch("2013-03", 10))[1] == flights_served
+        assert live.infer(client, other.model.name, other.dataset, month_batch("2013-03", 10))[1] == 1
 
 
 def wait_for_retrain(airflow: LocalAirflow, run_type: str, timeout: float = 120, dag_id: str = RETRAIN) -> str:

@@ -18,6 +18,7 @@ from pipelines.finetune.params import PACKAGED_MINILM, resolve_base
 from pipelines.finetune.train import load_tokenizer, merged
 from pipelines.launch.airflow import AirflowApiError, LocalAirflow
 from pipelines.launch.triton import TritonServer
+from pipelines.serving import repository
 from tests.conftest import REPO, free_ports, make_home, make_text_project
 
 pytestmark = pytest.mark.e2e
@@ -37,7 +38,7 @@ def stack(tmp_path_factory):
     triton = {"url": f"127.0.0.1:{http}", "http_port": http, "grpc_port": grpc, "metrics_port": metrics}
     make_home(home, {"serving": {"triton": triton}})
     config = make_text_project(home, {"finetune": {"max_eval_records": 300, "min_gain_over_base": MARGIN}})
-    data.write_review_datasets(config)
+    data.write_review_datasets(config.finetune.landing_dir)
     local = LocalAirflow(
         home / "airflow", REPO / "dags", REPO / "plugins", port=api,
         extra_env={"FLYWHEEL_HOME": str(config.home)}, scheduled=False,
@@ -62,7 +63,7 @@ def test_lora_on_minilm_beats_the_base_and_is_served_as_a_text_ensemble(stack):
     assert decision["decision"] == PROMOTED, decision
     assert decision["challenger"]["accuracy"] >= decision["base"]["accuracy"] + MARGIN
     published = airflow.xcom(FINETUNE, run_id, "publish")
-    assert published["version"] == serving.served_version(config) == 1
+    assert published["version"] == repository.served_version(config.served_model_dir) == 1
     # the dataset went through validation: the real reviews' duplicates are in quarantine
     assert airflow.xcom(FINETUNE, run_id, "validate")["quarantined"] == 27
 
@@ -75,7 +76,7 @@ def test_lora_on_minilm_beats_the_base_and_is_served_as_a_text_ensemble(stack):
         assert all(saved.get_tensor(n).abs().sum() > 0 for n in names if "lora_B" in n)
 
     # The served ensemble takes raw strings and answers as the merged model does in PyTorch.
-    texts = [r["text"] for r in data.load_splits(config, "reviews")["test"][:40]]
+    texts = [r["text"] for r in data.load_splits(config.finetune, "reviews")["test"][:40]]
     model = merged(config.home / trained["candidate"])
     feeds = tokenize(load_tokenizer(resolve_base(PACKAGED_MINILM[0])), texts, RUN["max_length"])
     with torch.no_grad():

@@ -65,8 +65,8 @@ def run_retrain(airflow: LocalAirflow, conf: dict | None = None, dag_id: str = R
 
 def test_a_night_with_new_batches_publishes_a_served_version_with_lineage(airflow):
     airflow, config = airflow
-    land(config, "2013-01", rows=ROWS)
-    land(config, "2013-02", rows=ROWS)
+    land(config.dataset, "2013-01", rows=ROWS)
+    land(config.dataset, "2013-02", rows=ROWS)
 
     run_id, state = run_retrain(airflow)
 
@@ -78,7 +78,7 @@ def test_a_night_with_new_batches_publishes_a_served_version_with_lineage(airflo
     assert list(triton.version_policy.specific.versions) == [1] and triton.backend == "python"
     candidate = airflow.xcom(RETRAIN, run_id, "train")["candidate"]
     model, encoding = load_candidate(config.home / candidate)
-    rows = pd.read_parquet(split_paths(config)["test"]).head(200)
+    rows = pd.read_parquet(split_paths(config.split.output_dir)["test"]).head(200)
     np.testing.assert_allclose(
         predict_onnx(config.model_dir / "1" / MODEL_FILE, rows), _torch_predictions(model, encoding, rows), atol=1e-4
     )
@@ -88,13 +88,13 @@ def test_a_night_with_new_batches_publishes_a_served_version_with_lineage(airflo
     assert lineage["data_version"]["data/flights/raw.parquet"] in dvc_lock
     assert lineage["data_version"] == airflow.xcom(RETRAIN, run_id, "version_data")["data_version"]
     assert lineage["airflow"]["run_id"] == run_id and lineage["airflow"]["run_type"] == "manual"
-    assert json.loads(run_record_path(config, run_id).read_text())["version"] == 1
+    assert json.loads(run_record_path(config.artifacts_dir, run_id).read_text())["version"] == 1
 
 
 def test_a_weak_challenger_is_kept_but_not_served(airflow):
     airflow, config = airflow
     served_before = (config.model_dir / "1" / MODEL_FILE).read_bytes()
-    land(config, "2013-03", rows=ROWS)
+    land(config.dataset, "2013-03", rows=ROWS)
 
     # A data scientist's bad settings from the trigger form
     run_id, state = run_retrain(airflow, {"max_epochs": 1, "learning_rate": 1e-6})
@@ -105,7 +105,7 @@ def test_a_weak_challenger_is_kept_but_not_served(airflow):
     assert gate["challenger"]["roc_auc"] < gate["champion"]["roc_auc"]
     assert repository.versions(config.model_dir) == [1] and repository.served_version(config.model_dir) == 1
     assert (config.model_dir / "1" / MODEL_FILE).read_bytes() == served_before
-    record = json.loads(run_record_path(config, run_id).read_text())
+    record = json.loads(run_record_path(config.artifacts_dir, run_id).read_text())
     assert record["version"] is None and record["gate"]["decision"] == NOT_PROMOTED
     assert record["overrides"]["learning_rate"] == 1e-6
     # the rejected candidate is kept with its metrics
@@ -116,7 +116,7 @@ def test_a_weak_challenger_is_kept_but_not_served(airflow):
 def test_a_corrupted_batch_fails_the_run_once_and_is_quarantined_with_its_report(airflow):
     airflow, config = airflow
     raw_before = config.path(config.dataset.raw_path).read_bytes()
-    land(config, "2013-04", rows=ROWS, broken=True)
+    land(config.dataset, "2013-04", rows=ROWS, broken=True)
 
     run_id, state = run_retrain(airflow)
 

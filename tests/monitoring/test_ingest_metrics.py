@@ -23,9 +23,9 @@ def samples(config) -> dict[str, float]:
 
 def test_a_mixed_night_reports_rows_and_batches_passed_and_quarantined(project):
     model = project.model.name
-    land(project, "2013-02", rows=ROWS)
-    land(project, "2013-03", rows=ROWS)
-    land(project, "2013-04", rows=ROWS, broken=True)
+    land(project.dataset, "2013-02", rows=ROWS)
+    land(project.dataset, "2013-03", rows=ROWS)
+    land(project.dataset, "2013-04", rows=ROWS, broken=True)
 
     with pytest.raises(BatchValidationError):
         ingest_landing(project)
@@ -41,7 +41,7 @@ def test_a_mixed_night_reports_rows_and_batches_passed_and_quarantined(project):
 
 def test_a_night_with_nothing_landed_leaves_the_last_verdict_in_place(project):
     # Given a night that quarantined a batch
-    land(project, "2013-04", rows=ROWS, broken=True)
+    land(project.dataset, "2013-04", rows=ROWS, broken=True)
     with pytest.raises(BatchValidationError):
         ingest_landing(project)
     reported = samples(project)
@@ -56,7 +56,7 @@ def test_a_night_with_nothing_landed_leaves_the_last_verdict_in_place(project):
 def test_an_unreachable_pushgateway_does_not_hide_the_validation_failure(tmp_path, caplog):
     (closed,) = free_ports(1)
     config = make_project(tmp_path / "project", {"metrics": {"pushgateway": f"127.0.0.1:{closed}"}})
-    land(config, "2013-04", rows=ROWS, broken=True)
+    land(config.dataset, "2013-04", rows=ROWS, broken=True)
 
     with caplog.at_level(logging.ERROR, logger="pipelines.data.ingest"), pytest.raises(BatchValidationError):
         ingest_landing(config)

@@ -183,7 +183,7 @@ def serve_reference(config: ProjectConfig, reference: pd.DataFrame) -> int:
     file = config.home / REFERENCE_FILE
     reference[[f.name for f in config.dataset.features]].to_parquet(file, index=False)
     version = repository.add_version(config.model_dir, {REFERENCE_FILE: file}, {"model": config.model.name})
-    repository.write_model_config(config.model_dir, repository.model_config(config, version))
+    repository.write_model_config(config.model_dir, repository.model_config(config.model_dir, config.serving, config.dataset, version))
     return version
 
 
@@ -238,7 +238,7 @@ def test_a_quarantined_batch_fires_validation_failures_and_a_clean_ingestion_doe
     model = project.model.name
 
     # Given a night whose batch passes validation
-    land(project, "2013-03", rows=3000)
+    land(project.dataset, "2013-03", rows=3000)
     summary = ingest_landing(project)
     assert summary["passed"] == ["2013-03.csv"]
 
@@ -256,7 +256,7 @@ def test_a_quarantined_batch_fires_validation_failures_and_a_clean_ingestion_doe
     assert monitoring.alerts("FlywheelValidationFailures") == []
 
     # When the next night's batch is broken: quarantined, and the run fails
-    land(project, "2013-04", rows=3000, broken=True)
+    land(project.dataset, "2013-04", rows=3000, broken=True)
     with pytest.raises(BatchValidationError):
         ingest_landing(project)
 

@@ -97,9 +97,10 @@ def test_the_configs_of_both_profiles_parse_and_place_each_step(tmp_path, export
     result = serving.publish_classifier(config, exported[0], {"metrics": {"accuracy": 0.9}}, run("r1"))
 
     assert result["version"] == 1 and result["live"]["event"] == "publish"
+    folder = config.served_model_dir
+    tokenizer_dir, classifier_dir = (repository.step_dir(folder, step) for step in serving.STEPS)
     ensemble, tokenizer, classifier = (
-        text_format.Parse((serving.model_dir(config, step) / "config.pbtxt").read_text(), mc.ModelConfig())
-        for step in (None, "tokenizer", "classifier")
+        text_format.Parse((f / "config.pbtxt").read_text(), mc.ModelConfig()) for f in (folder, tokenizer_dir, classifier_dir)
     )
     assert ensemble.platform == "ensemble" and ensemble.name == "reviews_sentiment"
     assert [(i.name, i.data_type, list(i.dims)) for i in ensemble.input] == [("text", mc.TYPE_STRING, [1])]
@@ -119,12 +120,12 @@ def test_the_configs_of_both_profiles_parse_and_place_each_step(tmp_path, export
     else:
         assert classifier.platform == "onnxruntime_onnx" and classifier.instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU
         assert classifier.optimization.execution_accelerators.gpu_execution_accelerator[0].name == "tensorrt"
-    assert sorted(p.name for p in (serving.model_dir(config, "tokenizer") / "1").iterdir()) == ["model.py", "serving.json", "tokenizer"]
-    assert sorted(p.name for p in (serving.model_dir(config, "classifier") / "1").iterdir()) == ["model.onnx", "model.py"]
-    assert repository.lineage_of(serving.model_dir(config), 1)["airflow"]["run_id"] == "r1"
+    assert sorted(p.name for p in (tokenizer_dir / "1").iterdir()) == ["model.py", "serving.json", "tokenizer"]
+    assert sorted(p.name for p in (classifier_dir / "1").iterdir()) == ["model.onnx", "model.py"]
+    assert repository.lineage_of(folder, 1)["airflow"]["run_id"] == "r1"
     # a retried publish of the same run finds its version
     assert serving.publish_classifier(config, exported[0], {}, run("r1"))["live"]["unchanged"]
-    assert serving.versions(config) == [1]
+    assert repository.versions(folder) == [1]
 
 
 def test_a_published_classifier_answers_raw_text_over_http_and_grpc(served, exported, client):
@@ -133,7 +134,7 @@ def test_a_published_classifier_answers_raw_text_over_http_and_grpc(served, expo
 
     result = serving.publish_classifier(config, exported[0], {"metrics": {"accuracy": 0.9}}, run("ft1"))
 
-    assert result["version"] == serving.served_version(config) == 1 and result["live"]["previous"] is None
+    assert result["version"] == repository.served_version(config.served_model_dir) == 1 and result["live"]["previous"] is None
     expected_labels, expected_scores = predict_folder(exported[0], texts)
     grpc_url = f"127.0.0.1:{config.serving.triton.grpc_port}"
     for url, protocol in ((config.serving.triton.url, "http"), (grpc_url, "grpc")):
@@ -156,9 +157,9 @@ def test_a_published_classifier_answers_raw_text_over_http_and_grpc(served, expo
     with pytest.raises(InferenceServerException, match="row 1 of input 'text' is not UTF-8"):
         client.infer("reviews_sentiment", [bad])
     assert serving.classify(config, texts[:3])[0] == expected_labels[:3]
-    assert json.loads(live.history_path(config).read_text().splitlines()[-1])["event"] == "publish"
+    assert json.loads(live.history_path(config.artifacts_dir, config.served_model).read_text().splitlines()[-1])["event"] == "publish"
     # what the classifier answered is in the inference log, for the drift check
-    logged = read_log(config)
+    logged = read_log(config.serving, config.served_model)
     assert sorted(logged["text"]) == sorted(texts * 2 + texts[:3]) and set(logged["model_version"]) == {1}
     assert sorted(logged["prediction"]) == sorted(expected_labels * 2 + expected_labels[:3])
     # and the publish reached the metrics, labelled with the project
@@ -182,11 +183,11 @@ def test_a_new_version_replaces_the_served_one_without_a_failed_request(served, 
     assert not np.allclose(traffic.answers[0][2], expected_scores, atol=1e-3)  # the heads differ: v1 answered before
     # the old steps are retired; the champion for the gate is version 2
     assert not client.is_model_ready("reviews_sentiment_classifier", "1") and client.is_model_ready("reviews_sentiment_classifier", "2")
-    champion_labels, champion_scores = serving.champion_predict(config, texts)
+    champion_labels, champion_scores = serving.champion_predict(config.served_model_dir, texts)
     assert champion_labels == expected_labels and np.allclose(champion_scores, expected_scores)
     # a retried publish of the same run adds no version
     again = serving.publish_classifier(config, exported[1], {}, run("ft2"))
-    assert again["version"] == 2 and again["live"]["unchanged"] and serving.versions(config) == [1, 2]
+    assert again["version"] == 2 and again["live"]["unchanged"] and repository.versions(config.served_model_dir) == [1, 2]
 
 
 def test_a_broken_version_is_rejected_and_the_served_one_keeps_answering(served, exported, client, tmp_path):
@@ -200,16 +201,16 @@ def test_a_broken_version_is_rejected_and_the_served_one_keeps_answering(served,
             serving.publish_classifier(config, broken, {}, run("ft3"))
 
     assert traffic.failures == [] and traffic.versions == [2]
-    assert serving.served_version(config) == 2
-    lineage = repository.lineage_of(serving.model_dir(config), 3)
+    assert repository.served_version(config.served_model_dir) == 2
+    lineage = repository.lineage_of(config.served_model_dir, 3)
     assert lineage["status"] == "rejected" and "failed to load" in lineage["rejected_reason"]
-    last = json.loads(live.history_path(config).read_text().splitlines()[-1])
+    last = json.loads(live.history_path(config.artifacts_dir, config.served_model).read_text().splitlines()[-1])
     assert last["event"] == "rejected" and last["version"] == 3 and last["previous"] == 2
     assert not client.is_model_ready("reviews_sentiment_tokenizer", "3")  # what the publish loaded is unloaded
     # on-call clears the failed task: the retry finds version 3 rejected and refuses it
     with pytest.raises(live.SmokeTestError, match="reviews_sentiment version 3 was rejected"):
         serving.publish_classifier(config, broken, {}, run("ft3"))
-    assert serving.versions(config) == [1, 2, 3] and serving.served_version(config) == 2
+    assert repository.versions(config.served_model_dir) == [1, 2, 3] and repository.served_version(config.served_model_dir) == 2
 
 
 def test_rollback_serves_a_previous_version_again_without_a_failed_request(served):
@@ -220,7 +221,7 @@ def test_rollback_serves_a_previous_version_again_without_a_failed_request(serve
 
     assert result["changed"] and result["previous"] == 2 and result["version"] == 1
     assert traffic.failures == [] and traffic.versions == [2, 1]
-    assert json.loads(live.history_path(config).read_text().splitlines()[-1])["event"] == "rollback"
+    assert json.loads(live.history_path(config.artifacts_dir, config.served_model).read_text().splitlines()[-1])["event"] == "rollback"
     with pytest.raises(ValueError, match="version 3 was rejected"):
         rollback(config, 3, run("rollback__2"))
     with pytest.raises(ValueError, match=r"has no version 9; the repository holds versions \[1, 2, 3\]"):
@@ -233,6 +234,6 @@ def test_the_server_restarts_serving_the_version_config_pbtxt_names(served):
 
     with TritonServer(config), http.InferenceServerClient(config.serving.triton.url) as client:
         labels, _, version = serving.infer(client, http, "reviews_sentiment", reviews(4))
-        assert version == serving.served_version(config) == 1
+        assert version == repository.served_version(config.served_model_dir) == 1
         assert not client.is_model_ready("reviews_sentiment_classifier", "2")
-    assert labels == serving.champion_predict(config, reviews(4))[0]
+    assert labels == serving.champion_predict(config.served_model_dir, reviews(4))[0]

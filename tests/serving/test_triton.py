@@ -37,7 +37,7 @@ def run(run_id: str) -> dict:
 
 def rows_traffic(config, rows: pd.DataFrame) -> Traffic:
     """Real rows sent to the served model without pause: (version, predictions) per answer."""
-    return Traffic(lambda: live.connect(config), lambda client: live.infer(client, config, rows)[::-1])
+    return Traffic(lambda: live.connect(config.serving.triton), lambda client: live.infer(client, config.model.name, config.dataset, rows)[::-1])
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +51,7 @@ def served(tmp_path_factory):
     candidates = [train(config, data_version), train(config, data_version, max_epochs=1, learning_rate=1e-3)]
     for candidate in candidates:
         export(config, candidate["candidate"])
-    rows = pd.read_parquet(split_paths(config)["test"]).head(20)
+    rows = pd.read_parquet(split_paths(config.split.output_dir)["test"]).head(20)
     with TritonServer(config) as server:
         yield config, data_version, [c["candidate"] for c in candidates], rows, server
 
@@ -63,14 +63,14 @@ def test_a_published_version_goes_live_and_answers_over_http_and_grpc(served):
 
     assert result["decision"] == PROMOTED and result["version"] == result["served_version"] == 1
     expected = predict_onnx(config.model_dir / "1" / MODEL_FILE, rows)
-    over_http, version = live.infer(live.connect(config), config, rows)
+    over_http, version = live.infer(live.connect(config.serving.triton), config.model.name, config.dataset, rows)
     np.testing.assert_allclose(over_http, expected, atol=1e-6)
     assert version == 1
 
     import tritonclient.grpc as grpc
 
     client = grpc.InferenceServerClient(f"127.0.0.1:{config.serving.triton.grpc_port}")
-    response = client.infer(config.model.name, live.request_inputs(config, rows, grpc))
+    response = client.infer(config.model.name, live.request_inputs(config.dataset, rows, grpc))
     np.testing.assert_allclose(response.as_numpy("prediction")[:, 0], expected, atol=1e-6)
     lineage = json.loads((config.model_dir / "1" / LINEAGE_FILE).read_text())
     assert lineage["airflow"]["run_id"] == "night1"
@@ -104,7 +104,7 @@ def test_a_broken_version_is_rejected_and_the_served_one_keeps_answering(served,
     assert repository.served_version(config.model_dir) == 2
     lineage = repository.lineage_of(config.model_dir, 3)
     assert lineage["status"] == "rejected" and "failed to load" in lineage["rejected_reason"]
-    last = json.loads(live.history_path(config).read_text().splitlines()[-1])
+    last = json.loads(live.history_path(config.artifacts_dir, config.served_model).read_text().splitlines()[-1])
     assert last["event"] == "rejected" and last["version"] == 3 and last["previous"] == 2
     # on-call clears the failed publish task: the retry finds version 3 rejected and refuses it
     with pytest.raises(live.SmokeTestError, match="version 3 was rejected: version 3 of flights_delay failed to load"):
@@ -114,9 +114,9 @@ def test_a_broken_version_is_rejected_and_the_served_one_keeps_answering(served,
     # and if a reload itself fails, Triton keeps the version it had and config.pbtxt is put back
     before = (config.model_dir / CONFIG_FILE).read_bytes()
     with pytest.raises(InferenceServerException):  # Triton's own answer to a failed load
-        live.switch(config, live.connect(config), 3)
+        live.switch(config, live.connect(config.serving.triton), 3)
     assert (config.model_dir / CONFIG_FILE).read_bytes() == before
-    assert live.infer(live.connect(config), config, rows)[1] == 2
+    assert live.infer(live.connect(config.serving.triton), config.model.name, config.dataset, rows)[1] == 2
 
 
 def test_rollback_serves_a_previous_version_again_without_a_failed_request(served):
@@ -128,7 +128,7 @@ def test_rollback_serves_a_previous_version_again_without_a_failed_request(serve
     assert result["changed"] and result["previous"] == 2 and result["version"] == 1
     assert traffic.failures == [] and traffic.versions == [2, 1]
     assert repository.served_version(config.model_dir) == 1
-    assert json.loads(live.history_path(config).read_text().splitlines()[-1])["event"] == "rollback"
+    assert json.loads(live.history_path(config.artifacts_dir, config.served_model).read_text().splitlines()[-1])["event"] == "rollback"
     with pytest.raises(ValueError, match="version 3 was rejected"):
         rollback(config, 3, run("rollback__2"))
     with pytest.raises(ValueError, match=r"has no version 9; the repository holds versions \[1, 2, 3\]"):
@@ -142,7 +142,7 @@ def test_what_the_served_model_sees_reaches_the_inference_log(served):
         first = model.predict(rows.head(10))
         model.predict(rows.tail(10))  # 20 buffered rows: flushed as one file
 
-    logged = read_log(config)
+    logged = read_log(config.serving, config.served_model)
     assert len(logged) == 20 and set(logged["model_version"]) == {repository.served_version(config.model_dir)}
     np.testing.assert_allclose(logged["prediction"].head(10), first)
     assert {"flight_id", "carrier", "distance", "served_at", "date"} <= set(logged.columns)
@@ -153,4 +153,4 @@ def test_the_server_restarts_serving_the_version_config_pbtxt_names(served):
     config, _, _, rows, server = served
     server.stop()
     with TritonServer(config):
-        assert live.infer(live.connect(config), config, rows)[1] == repository.served_version(config.model_dir)
+        assert live.infer(live.connect(config.serving.triton), config.model.name, config.dataset, rows)[1] == repository.served_version(config.model_dir)

@@ -24,8 +24,8 @@ LLAMA_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
 def reviews_project(tmp_path_factory):
     """A project whose three review datasets (text, Alpaca, chat) landed and passed validation."""
     config = make_text_project(tmp_path_factory.mktemp("finetune") / "project", {"finetune": {"max_eval_records": 64}})
-    data.write_review_datasets(config)
-    summaries = {name: data.ingest(config, name) for name in ("reviews", "review_instructions", "review_chat")}
+    data.write_review_datasets(config.finetune.landing_dir)
+    summaries = {name: data.ingest(config.finetune, name) for name in ("reviews", "review_instructions", "review_chat")}
     return config, summaries
 
 
@@ -68,7 +68,7 @@ def test_the_real_reviews_lose_only_their_duplicates_to_quarantine(reviews_proje
         summary = summaries[name]
         assert (summary["format"], summary["records"], summary["quarantined"]) == (kind, 4973, 27), summary
         quarantined = data.read_records(config.home / summary["quarantine"] / "records.jsonl")
-        kept = data.read_records(data.dataset_path(config, name))
+        kept = data.read_records(data.dataset_path(config.finetune, name))
         assert len(quarantined) + len(kept) == 5000  # nothing lost
         # each quarantined record is a later copy of one that was kept
         assert all(record in kept for record in quarantined)
@@ -88,10 +88,10 @@ def test_bad_records_are_quarantined_with_the_reason_and_the_rest_become_the_dat
     ]
     data.write_records(landing / "support.jsonl", good[:2] + bad + good[2:])
 
-    summary = data.ingest(config, "support")
+    summary = data.ingest(config.finetune, "support")
 
     assert (summary["records"], summary["quarantined"]) == (5, 4)
-    assert data.read_records(data.dataset_path(config, "support")) == good
+    assert data.read_records(data.dataset_path(config.finetune, "support")) == good
     assert data.read_records(config.home / summary["quarantine"] / "records.jsonl") == bad
     failures = " ".join(summary["failures"])
     assert "turns" in failures and "role" in failures and "content" in failures
@@ -104,11 +104,11 @@ def test_a_landed_file_with_no_valid_record_fails_and_keeps_every_record(tmp_pat
     data.write_records(config.path(config.finetune.landing_dir) / "broken.jsonl", records)
 
     with pytest.raises(data.DatasetError, match="every one of the 2 landed records failed validation"):
-        data.ingest(config, "broken")
+        data.ingest(config.finetune, "broken")
 
     (folder,) = (config.path(config.finetune.quarantine_dir) / "broken").iterdir()
     assert data.read_records(folder / "records.jsonl") == records
-    assert not data.dataset_path(config, "broken").exists()
+    assert not data.dataset_path(config.finetune, "broken").exists()
 
 
 def test_unreadable_files_name_the_line_and_the_expected_format(tmp_path):
@@ -122,11 +122,11 @@ def test_unreadable_files_name_the_line_and_the_expected_format(tmp_path):
 
 def test_a_record_keeps_its_split_when_the_dataset_grows(reviews_project):
     config, _ = reviews_project
-    records = data.read_records(data.dataset_path(config, "reviews"))
-    before = {json.dumps(r): data.split_of(r, config) for r in records[:300]}
+    records = data.read_records(data.dataset_path(config.finetune, "reviews"))
+    before = {json.dumps(r): data.split_of(r, config.finetune) for r in records[:300]}
     grown = records[:300] + [{"text": f"new review {i}", "label": "great"} for i in range(100)]
-    assert all(data.split_of(r, config) == before[json.dumps(r)] for r in grown[:300])
-    shares = [data.split_of(r, config) for r in records]
+    assert all(data.split_of(r, config.finetune) == before[json.dumps(r)] for r in grown[:300])
+    shares = [data.split_of(r, config.finetune) for r in records]
     assert abs(shares.count("test") / len(shares) - config.finetune.test_share) < 0.03
 
 
@@ -135,10 +135,10 @@ def test_data_versions_are_dvc_hashes_that_change_with_the_records(reviews_proje
     first = data.version(config, "review_chat")
     (path,) = first
     assert len(first[path]) == 32 and path == "data/reviews/datasets/review_chat.jsonl"
-    records = data.read_records(data.dataset_path(config, "review_chat"))
-    data.write_records(data.dataset_path(config, "review_chat"), records[:-1])
+    records = data.read_records(data.dataset_path(config.finetune, "review_chat"))
+    data.write_records(data.dataset_path(config.finetune, "review_chat"), records[:-1])
     assert data.version(config, "review_chat")[path] != first[path]
-    data.write_records(data.dataset_path(config, "review_chat"), records)
+    data.write_records(data.dataset_path(config.finetune, "review_chat"), records)
     assert data.version(config, "review_chat") == first
 
 
@@ -147,7 +147,7 @@ def test_data_versions_are_dvc_hashes_that_change_with_the_records(reviews_proje
 
 def test_good_params_resolve_the_packaged_minilm(reviews_project):
     config, _ = reviews_project
-    checked = check(config, params())
+    checked = check(config.finetune, params())
     assert checked == params()
     assert (resolve_base(checked["base_model"]) / "model.safetensors").exists()
 
@@ -167,7 +167,7 @@ def test_good_params_resolve_the_packaged_minilm(reviews_project):
 def test_bad_params_are_refused_with_what_was_expected(reviews_project, changes, message):
     config, _ = reviews_project
     with pytest.raises(ParamsError, match=message):
-        check(config, params(**changes))
+        check(config.finetune, params(**changes))
 
 
 def test_qlora_is_refused_where_4bit_kernels_do_not_run(reviews_project, monkeypatch):
@@ -180,8 +180,8 @@ def test_qlora_is_refused_where_4bit_kernels_do_not_run(reviews_project, monkeyp
     monkeypatch.setattr(bitsandbytes.functional, "quantize_4bit", no_kernel)
     config, _ = reviews_project
     with pytest.raises(ParamsError, match=r"method: 'qlora' needs bitsandbytes' 4-bit nf4 kernels.*no 4-bit kernel.*choose method 'lora'"):
-        check(config, params(method="qlora"))
-    assert check(config, params(method="lora"))["method"] == "lora"
+        check(config.finetune, params(method="qlora"))
+    assert check(config.finetune, params(method="lora"))["method"] == "lora"
 
 
 # --- training --------------------------------------------------------------------------------------
@@ -200,7 +200,7 @@ def test_answers_keep_their_tokens_when_long_prompts_are_cut(tiny_llama):
 def test_instruction_tuning_lowers_held_out_loss(reviews_project, tiny_llama, method, dataset):
     config, _ = reviews_project
     checked = check(
-        config,
+        config.finetune,
         params(base_model=str(tiny_llama), task="causal-lm", method=method, r=8, alpha=16, target_modules=LLAMA_MODULES,
                epochs=2, learning_rate=1e-2, max_length=96, dataset=dataset, max_train_records=256),
     )
@@ -225,10 +225,10 @@ def test_a_causal_lm_short_of_the_required_loss_drop_is_not_promoted(tmp_path, t
 
     # At least half the base's held-out loss must go; one epoch at a tiny rate takes off next to nothing.
     config = make_text_project(tmp_path / "project", {"finetune": {"min_improvement": 0.5, "max_eval_records": 32}})
-    data.write_review_datasets(config)
-    data.ingest(config, "review_instructions")
+    data.write_review_datasets(config.finetune.landing_dir)
+    data.ingest(config.finetune, "review_instructions")
     checked = check(
-        config,
+        config.finetune,
         params(base_model=str(tiny_llama), task="causal-lm", target_modules=LLAMA_MODULES, learning_rate=1e-6,
                max_length=64, dataset="review_instructions", max_train_records=32),
     )

@@ -65,7 +65,7 @@ def test_no_new_batches_is_a_normal_night(project):
 def test_passing_batch_is_appended_to_raw_and_archived(project):
     # Given a good batch in landing and a raw dataset from an earlier night
     seed_raw(project, "2013-01")
-    land(project, "2013-02", rows=ROWS)
+    land(project.dataset, "2013-02", rows=ROWS)
 
     # When ingestion runs
     summary = ingest_landing(project)
@@ -87,9 +87,9 @@ def test_passing_batch_is_appended_to_raw_and_archived(project):
 
 def test_resent_batch_replaces_older_rows_instead_of_duplicating(project):
     # Given a batch already ingested, then re-sent with one row corrected upstream
-    land(project, "2013-03", rows=ROWS)
+    land(project.dataset, "2013-03", rows=ROWS)
     ingest_landing(project)
-    resent = land(project, "2013-03", rows=ROWS)
+    resent = land(project.dataset, "2013-03", rows=ROWS)
     batch = pd.read_csv(resent)
     corrected_id = int(batch.loc[0, "flight_id"])
     batch.loc[0, "arr_delayed"] = 1 - batch.loc[0, "arr_delayed"]
@@ -123,7 +123,7 @@ def test_failing_batch_is_quarantined_with_its_reports_and_raw_untouched(project
     # Given a raw dataset and a batch an upstream bug has broken (negative distances,
     # unknown origin, missing carrier)
     raw_before = seed_raw(project)
-    land(project, "2013-03", rows=ROWS, broken=True)
+    land(project.dataset, "2013-03", rows=ROWS, broken=True)
 
     # When ingestion runs
     with pytest.raises(BatchValidationError) as failure:
@@ -168,7 +168,7 @@ def test_binary_garbage_is_quarantined_as_unreadable(project):
 
 def test_csv_with_broken_row_structure_is_quarantined_as_unreadable(project):
     # Given a CSV where a row has more fields than the header (a shifted or garbled export)
-    path = land(project, "2013-06", rows=ROWS)
+    path = land(project.dataset, "2013-06", rows=ROWS)
     lines = path.read_text().splitlines()
     lines[5] += ",extra,fields"
     path.write_text("\n".join(lines) + "\n")
@@ -182,7 +182,7 @@ def test_csv_with_broken_row_structure_is_quarantined_as_unreadable(project):
 
 def test_batch_missing_a_required_column_is_quarantined_naming_it_and_the_expected_ones(project):
     # Given a batch whose export dropped the dest column
-    path = land(project, "2013-07", rows=ROWS)
+    path = land(project.dataset, "2013-07", rows=ROWS)
     pd.read_csv(path).drop(columns=["dest"]).to_csv(path, index=False)
 
     with pytest.raises(BatchValidationError) as failure:
@@ -196,8 +196,8 @@ def test_batch_missing_a_required_column_is_quarantined_naming_it_and_the_expect
 
 def test_mixed_night_ingests_the_good_batches_and_quarantines_the_bad(project):
     # Given a good batch and a broken one in the same night
-    land(project, "2013-08", rows=ROWS)
-    land(project, "2013-09", rows=ROWS, broken=True)
+    land(project.dataset, "2013-08", rows=ROWS)
+    land(project.dataset, "2013-09", rows=ROWS, broken=True)
 
     # When ingestion runs, it handles both before failing
     with pytest.raises(BatchValidationError, match=r"1 of 2 landing batch\(es\) failed[\s\S]*2013-09.csv") as failure:
@@ -215,7 +215,7 @@ def test_mixed_night_ingests_the_good_batches_and_quarantines_the_bad(project):
 
 def test_crash_after_raw_write_leaves_the_batch_in_landing_and_the_rerun_does_not_duplicate(project, monkeypatch):
     # Given a crash between writing raw and archiving the landing file
-    land(project, "2013-10", rows=ROWS)
+    land(project.dataset, "2013-10", rows=ROWS)
     monkeypatch.setattr(ingest, "_move_into", CrashOnce())
     with pytest.raises(OSError, match="simulated crash"):
         ingest_landing(project)
@@ -233,7 +233,7 @@ def test_crash_while_quarantining_leaves_the_batch_in_landing_and_the_rerun_comp
     project, monkeypatch
 ):
     # Given a crash after the reports are written but before the batch is moved to quarantine
-    land(project, "2013-11", rows=ROWS, broken=True)
+    land(project.dataset, "2013-11", rows=ROWS, broken=True)
     monkeypatch.setattr(ingest, "_move_into", CrashOnce())
     with pytest.raises(OSError, match="simulated crash"):
         ingest_landing(project)
@@ -251,10 +251,10 @@ def test_crash_while_quarantining_leaves_the_batch_in_landing_and_the_rerun_comp
 
 def test_resent_bad_batch_gets_a_new_quarantine_folder_keeping_the_first(project):
     # Given a bad batch quarantined, then re-sent still bad
-    land(project, "2013-12", rows=ROWS, broken=True)
+    land(project.dataset, "2013-12", rows=ROWS, broken=True)
     with pytest.raises(BatchValidationError):
         ingest_landing(project)
-    land(project, "2013-12", rows=ROWS, broken=True)
+    land(project.dataset, "2013-12", rows=ROWS, broken=True)
 
     with pytest.raises(BatchValidationError, match="2013-12.2"):
         ingest_landing(project)
@@ -266,7 +266,7 @@ def test_resent_bad_batch_gets_a_new_quarantine_folder_keeping_the_first(project
 
 def test_missing_suite_stops_before_touching_any_batch(project):
     # Given a project whose suite file is gone: the project is broken, not the data
-    land(project, "2013-01", rows=ROWS)
+    land(project.dataset, "2013-01", rows=ROWS)
     project.path(project.dataset.expectation_suite).unlink()
 
     with pytest.raises(SuiteError, match="projects/flights/expectations.json: expectation suite file not found"):

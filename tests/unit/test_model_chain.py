@@ -15,7 +15,7 @@ from pipelines.artifacts import CONFIG_FILE, MODEL_FILE
 from pipelines.config import load_config
 from pipelines.data.split import split_paths
 from pipelines.data.versioning import version_split
-from pipelines.evaluation.gate import NOT_PROMOTED, PROMOTED, beats, decide, evaluate, predict_onnx
+from pipelines.evaluation.gate import NOT_PROMOTED, PROMOTED, beats, decide, evaluate, predict_onnx, score
 from pipelines.export.onnx import ParityError, export, onnx_inputs
 from pipelines.serving import repository
 from pipelines.serving.publish import publish, rejections_in_a_row
@@ -76,7 +76,7 @@ def test_other_params_train_another_candidate(trained):
 def test_onnx_model_takes_raw_columns_with_a_dynamic_batch_and_matches_torch(trained):
     config, _, candidate = trained
     model, encoding = load_candidate(config.home / candidate["candidate"])
-    rows = pd.read_parquet(split_paths(config)["test"]).head(37)
+    rows = pd.read_parquet(split_paths(config.split.output_dir)["test"]).head(37)
     rows.loc[rows.index[0], "dest"] = "NEVER-SEEN"  # an unseen category maps to the OOV slot, not an error
 
     session = ort.InferenceSession(str(config.home / candidate["candidate"] / MODEL_FILE))
@@ -136,16 +136,17 @@ def test_gate_refuses_a_challenger_worse_than_the_champion(trained):
     config, data_version, good = trained
     weak = train(config, data_version, max_epochs=1, learning_rate=1e-6)
     export(config, weak["candidate"])
-    good_onnx, weak_onnx = (config.home / c["candidate"] / MODEL_FILE for c in (good, weak))
+    test = pd.read_parquet(split_paths(config.split.output_dir)["test"])
+    good_scores, weak_scores = (score(config.dataset.label, test, config.home / c["candidate"] / MODEL_FILE) for c in (good, weak))
 
-    decision = decide(config, weak_onnx, good_onnx)
+    decision = decide(config.gate, weak_scores, good_scores)
 
     assert decision["decision"] == NOT_PROMOTED
     assert decision["challenger"]["roc_auc"] < decision["champion"]["roc_auc"]
-    forced = decide(config, weak_onnx, good_onnx, force_publish=True, force_reason="hotfix for INC-42")
+    forced = decide(config.gate, weak_scores, good_scores, force_publish=True, force_reason="hotfix for INC-42")
     assert forced["decision"] == PROMOTED and forced["reason"].startswith("forced: hotfix for INC-42")
     with pytest.raises(ValueError, match="force_reason is empty"):
-        decide(config, weak_onnx, good_onnx, force_publish=True, force_reason=" ")
+        decide(config.gate, weak_scores, good_scores, force_publish=True, force_reason=" ")
 
 
 def test_publish_adds_a_served_version_with_lineage_and_a_triton_config(trained):
@@ -165,8 +166,8 @@ def test_publish_adds_a_served_version_with_lineage_and_a_triton_config(trained)
     assert lineage["gate"]["decision"] == PROMOTED and lineage["code_version"]
     served = config.model_dir / str(result["version"]) / MODEL_FILE
     np.testing.assert_allclose(
-        predict_onnx(served, pd.read_parquet(split_paths(config)["test"]).head(50)),
-        predict_onnx(config.home / candidate["candidate"] / MODEL_FILE, pd.read_parquet(split_paths(config)["test"]).head(50)),
+        predict_onnx(served, pd.read_parquet(split_paths(config.split.output_dir)["test"]).head(50)),
+        predict_onnx(config.home / candidate["candidate"] / MODEL_FILE, pd.read_parquet(split_paths(config.split.output_dir)["test"]).head(50)),
     )
 
 
@@ -225,7 +226,7 @@ def test_a_regression_project_is_a_config_change_not_a_code_change(tmp_path):
     # RMSE (lower is better), and publishable
     assert set(decision["challenger"]) == {"rmse", "mae"} and decision["decision"] == PROMOTED
     # and it learned: well below the error of always predicting the mean
-    assert decision["challenger"]["rmse"] < 0.7 * pd.read_parquet(split_paths(config)["test"])["distance"].std()
+    assert decision["challenger"]["rmse"] < 0.7 * pd.read_parquet(split_paths(config.split.output_dir)["test"])["distance"].std()
     result = publish(config, candidate["candidate"], decision, data_version, RUN)
     assert result["version"] == 1 and repository.read_model_config(config.model_dir).name == "flights_distance"
 
@@ -241,13 +242,13 @@ def test_both_renderings_of_a_version_are_valid_triton_configs(trained):
 
     for profile, project in (("cpu", config), ("gpu", gpu)):
         # written as text and parsed back by Triton's own protobuf, as the server reads it
-        text = text_format.MessageToString(repository.model_config(project, version))
+        text = text_format.MessageToString(repository.model_config(project.model_dir, project.serving, project.dataset, version))
         parsed = text_format.Parse(text, mc.ModelConfig())
         assert list(parsed.version_policy.specific.versions) == [version], profile
         assert parsed.dynamic_batching.max_queue_delay_microseconds == config.serving.max_queue_delay_microseconds
         assert [i.name for i in parsed.input] == [f.name for f in config.dataset.features]
         assert {i.name: i.data_type for i in parsed.input}["carrier"] == mc.TYPE_STRING
-    cpu, gpu_rendering = (text_format.Parse(text_format.MessageToString(repository.model_config(p, version)), mc.ModelConfig()) for p in (config, gpu))
+    cpu, gpu_rendering = (text_format.Parse(text_format.MessageToString(repository.model_config(p.model_dir, p.serving, p.dataset, version)), mc.ModelConfig()) for p in (config, gpu))
     assert cpu.backend == "python" and cpu.instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU
     assert (config.model_dir / str(version) / "model.py").is_file()  # what the python backend runs
     assert gpu_rendering.platform == "onnxruntime_onnx" and gpu_rendering.instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU
@@ -263,9 +264,9 @@ def test_int8_is_kept_only_within_the_metric_tolerance(trained, tmp_path, tolera
     folder = tmp_path / "candidate"
     shutil.copytree(config.home / candidate["candidate"], folder)
     fp32_bytes = (folder / MODEL_FILE).read_bytes()
-    strict = config.model_copy(update={"export": config.export.model_copy(update={"int8_tolerance": tolerance})})
+    strict = config.export.model_copy(update={"int8_tolerance": tolerance})
 
-    record = quantize(strict, str(folder))
+    record = quantize(strict, config.gate, config.dataset.label, folder, split_paths(config.split.output_dir)["test"])
 
     assert record["precision"] == ("int8" if kept else "fp32")
     assert set(record["roc_auc"]) == {"fp32", "int8"} and record["roc_auc"]["int8"] != record["roc_auc"]["fp32"]
@@ -276,12 +277,12 @@ def test_int8_is_kept_only_within_the_metric_tolerance(trained, tmp_path, tolera
 def test_publish_counts_the_challengers_the_gate_refused_in_a_row(trained):
     config, data_version, candidate = trained
     refused = {**evaluate(config, candidate["candidate"]), "decision": NOT_PROMOTED}
-    before = rejections_in_a_row(config)
+    before = rejections_in_a_row(config.artifacts_dir)
 
     for run_id in ("manual__refused1", "manual__refused2", "manual__refused2"):  # the last one a retry
         publish(config, candidate["candidate"], refused, data_version, {**RUN, "run_id": run_id})
 
-    assert rejections_in_a_row(config) == before + 2
+    assert rejections_in_a_row(config.artifacts_dir) == before + 2
     assert f"flywheel_gate_rejections_in_a_row{{model=\"{config.model.name}\",project=\"{config.name}\"}} {before + 2:.1f}" in (config.path(config.metrics.textfile_dir) / "publish.prom").read_text()
 
 

@@ -16,7 +16,7 @@ from pipelines.monitoring.check import check_window, read_window, recent_reports
 from pipelines.monitoring.drift import DriftCheckError
 from pipelines.monitoring.trigger import decide
 from pipelines.serving import repository
-from pipelines.serving.client import InferenceLog
+from pipelines.serving.client import InferenceLog, log_dir
 
 HOUR = datetime(2026, 3, 1, 5, tzinfo=timezone.utc)
 
@@ -26,7 +26,7 @@ def serve_reference(config, reference: pd.DataFrame) -> int:
     file = config.home / REFERENCE_FILE
     reference[[f.name for f in config.dataset.features]].to_parquet(file, index=False)
     version = repository.add_version(config.model_dir, {REFERENCE_FILE: file}, {"model": config.model.name})
-    repository.write_model_config(config.model_dir, repository.model_config(config, version))
+    repository.write_model_config(config.model_dir, repository.model_config(config.model_dir, config.serving, config.dataset, version))
     return version
 
 
@@ -54,10 +54,10 @@ def test_a_later_season_drifts_and_the_same_season_does_not(served):
     assert summer["share"] >= served.monitoring.drift_share > winter["share"]
     assert "dest" in summer["drifted_columns"] and "month" not in [c["column"] for c in summer["columns"]]  # excluded
     assert summer["versions_seen"] == [1]
-    folder = report_folder(served, HOUR + timedelta(hours=1))
+    folder = report_folder(served.monitoring, served.served_model, HOUR + timedelta(hours=1))
     assert json.loads((folder / "summary.json").read_text()) == summer
     assert "dest" in (folder / "report.html").read_text()
-    assert [r["window"]["end"] for r in recent_reports(served)] == [summer["window"]["end"], winter["window"]["end"]]
+    assert [r["window"]["end"] for r in recent_reports(served.monitoring, served.served_model)] == [summer["window"]["end"], winter["window"]["end"]]
     prom = (served.path(served.metrics.textfile_dir) / "drift.prom").read_text()
     assert 'flywheel_drift_detected{model="flights_delay",project="flights"} 1.0' in prom
     assert 'flywheel_drift_column_drifted{column="dest",method="jensenshannon",model="flights_delay",project="flights"} 1.0' in prom
@@ -71,9 +71,9 @@ def test_a_rerun_of_a_window_replaces_its_report_and_leaves_nothing_half_written
     second = check_window(served, HOUR - timedelta(hours=1), HOUR)
 
     assert (first["rows"]["current"], second["rows"]["current"]) == (1000, 2000)
-    root = report_folder(served, HOUR).parent
-    assert [p.name for p in root.iterdir()] == [report_folder(served, HOUR).name]  # no partial or replaced folder
-    assert json.loads((report_folder(served, HOUR) / "summary.json").read_text())["rows"]["current"] == 2000
+    root = report_folder(served.monitoring, served.served_model, HOUR).parent
+    assert [p.name for p in root.iterdir()] == [report_folder(served.monitoring, served.served_model, HOUR).name]  # no partial or replaced folder
+    assert json.loads((report_folder(served.monitoring, served.served_model, HOUR) / "summary.json").read_text())["rows"]["current"] == 2000
 
 
 def test_too_few_requests_or_no_served_version_give_no_verdict_and_no_report(project):
@@ -90,7 +90,7 @@ def test_too_few_requests_or_no_served_version_give_no_verdict_and_no_report(pro
 
 def test_a_served_version_without_its_reference_is_an_error_that_names_the_file(project):
     (project.model_dir / "4").mkdir(parents=True)  # a version published before reference samples existed
-    repository.write_model_config(project.model_dir, repository.model_config(project, 4))
+    repository.write_model_config(project.model_dir, repository.model_config(project.model_dir, project.serving, project.dataset, 4))
     log_requests(project, month_batch("2013-07", 600), HOUR - timedelta(minutes=1))
 
     with pytest.raises(DriftCheckError, match=r"flights_delay/4/reference.parquet: missing; the served version 4 has no reference"):
@@ -104,7 +104,7 @@ def test_the_window_reads_only_its_hour_across_a_day_partition(project):
     log_requests(project, rows.iloc[10:20], midnight + timedelta(minutes=20))
     log_requests(project, rows.iloc[20:], midnight + timedelta(hours=1))  # the next window
 
-    window = read_window(project, midnight - timedelta(minutes=30), midnight + timedelta(minutes=30))
+    window = read_window(log_dir(project.serving, project.served_model), midnight - timedelta(minutes=30), midnight + timedelta(minutes=30))
 
     assert sorted(window["flight_id"]) == sorted(rows["flight_id"].iloc[:20])
     assert sorted(p.name for p in (project.home / "inference_log/flights_delay").iterdir()) == ["date=2026-03-01", "date=2026-03-02"]

@@ -61,13 +61,13 @@ def summary(config, folder: str = FOLDER, **changes) -> dict:
         "drift_share": 0.3,
         "drifted_columns": ["dest", "distance"],
         "columns": columns,
-        "report": str(reports_root(config) / folder / "report.html"),
+        "report": str(reports_root(config.monitoring, config.served_model) / folder / "report.html"),
         **changes,
     }
 
 
 def write_report(config, folder: str = FOLDER, **changes) -> Path:
-    path = reports_root(config) / folder
+    path = reports_root(config.monitoring, config.served_model) / folder
     write_json(path / "summary.json", summary(config, folder, **changes))
     (path / "report.html").write_text("<html><body>Evidently report of dest</body></html>")
     return path
@@ -313,15 +313,15 @@ def test_a_report_is_named_by_its_folder_and_nothing_else(project, name):
     write_report(project)
 
     with pytest.raises(data.NotFound):
-        data.report_dir(reports_root(project), name)
+        data.report_dir(reports_root(project.monitoring, project.served_model), name)
 
 
 def test_a_report_folder_that_links_outside_the_reports_dir_is_refused(project, tmp_path):
     outside = tmp_path / "elsewhere"
     outside.mkdir()
     (outside / "report.html").write_text("secret")
-    reports_root(project).mkdir(parents=True)
-    (reports_root(project) / FOLDER).symlink_to(outside)
+    reports_root(project.monitoring, project.served_model).mkdir(parents=True)
+    (reports_root(project.monitoring, project.served_model) / FOLDER).symlink_to(outside)
 
     with pytest.raises(data.NotFound):
         data.report_html(project, FOLDER)
@@ -330,7 +330,7 @@ def test_a_report_folder_that_links_outside_the_reports_dir_is_refused(project, 
 def test_a_report_folder_resolves_inside_the_reports_dir(project):
     folder = write_report(project)
 
-    assert data.report_dir(reports_root(project), FOLDER) == folder.resolve()
+    assert data.report_dir(reports_root(project.monitoring, project.served_model), FOLDER) == folder.resolve()
 
 
 @pytest.mark.parametrize(

@@ -29,7 +29,7 @@ from pipelines.data.versioning import version_split
 from pipelines.evaluation.gate import evaluate, predict_onnx
 from pipelines.export import tensorrt
 from pipelines.export.onnx import CODES, LOOKUP_FILE, MODEL_FILE, NETWORK_FILE, NUMERIC, OUTPUT, PLAN_FILE, export, onnx_inputs
-from pipelines.export.tensorrt import calibration_rows, engine_feeds, export_engine, tensorrt_available
+from pipelines.export.tensorrt import calibration_rows, engine_feeds, tensorrt_available
 from pipelines.serving import repository
 from pipelines.serving.publish import publish
 from pipelines.training.train import load_candidate, train
@@ -75,7 +75,7 @@ def test_lookup_then_network_scores_test_rows_like_the_whole_model(trained):
     folder = config.home / candidate["candidate"]
     export(config, candidate["candidate"])
     _, encoding = load_candidate(folder)
-    rows = pd.read_parquet(split_paths(config)["test"]).head(200)
+    rows = pd.read_parquet(split_paths(config.split.output_dir)["test"]).head(200)
     rows.loc[rows.index[0], "dest"] = "NEVER-SEEN"  # the OOV slot survives the cut too
 
     lookup = ort.InferenceSession(str(folder / LOOKUP_FILE))
@@ -124,7 +124,7 @@ def test_int8_engine_feeds_are_the_first_test_rows_and_a_train_seeded_sample_of_
     export(config, candidate["candidate"])
     _, encoding = load_candidate(folder)
     section = asking_for(config, tensorrt="int8", tensorrt_calibration_rows=500).export
-    paths = split_paths(config)
+    paths = split_paths(config.split.output_dir)
     train_rows, test_rows = pd.read_parquet(paths["train"]), pd.read_parquet(paths["test"])
 
     # When the engine's inputs are made on CPU, as export_engine makes them before building
@@ -152,7 +152,6 @@ def test_export_engine_hands_an_int8_build_the_project_seeded_calibration_rows(t
     # builder is swapped for a recorder, so everything before it runs for real, here on CPU
     config, _, candidate = trained
     folder = config.home / candidate["candidate"]
-    export(config, candidate["candidate"])
     _, encoding = load_candidate(folder)
     int8 = asking_for(config, tensorrt="int8", tensorrt_calibration_rows=400)
     handed = {}
@@ -164,15 +163,15 @@ def test_export_engine_hands_an_int8_build_the_project_seeded_calibration_rows(t
     monkeypatch.setattr(tensorrt, "tensorrt_available", lambda: None)
     monkeypatch.setattr(tensorrt, "build_engine", build_engine)
 
-    # When export_engine runs
-    record = export_engine(int8, folder, encoding)
+    # When the project's export runs (it hands export_engine the sections and the split files)
+    record = export(int8, candidate["candidate"])["tensorrt"]
 
     # Then the builder got the network, int8 with its tolerance, the serving batch and the train.seed sample
     assert record["built"] is True and record["plan"] == config.portable(folder / PLAN_FILE)
     assert (handed["network_onnx"], handed["plan"]) == (folder / NETWORK_FILE, folder / PLAN_FILE)
     assert handed["precision"] == "int8" and handed["tolerance"] == int8.export.tensorrt_int8_tolerance
     assert handed["max_batch"] == config.serving.max_batch_size
-    sample = calibration_rows(pd.read_parquet(split_paths(config)["train"]), 400, config.train.seed)
+    sample = calibration_rows(pd.read_parquet(split_paths(config.split.output_dir)["train"]), 400, config.train.seed)
     np.testing.assert_array_equal(handed["calibration"][CODES], encoding.categorical_indices(sample))
     np.testing.assert_allclose(handed["calibration"][NUMERIC], encoding.numeric_values(sample), rtol=1e-6)
 
@@ -195,9 +194,9 @@ def test_export_asked_for_an_engine_says_once_why_none_was_built_and_publishes_o
     version = publish(config, candidate["candidate"], evaluate(config, candidate["candidate"]), data_version, RUN)["version"]
 
     served = config.model_dir / str(version)
-    assert (served / MODEL_FILE).is_file() and not repository.has_engine(config, version)
+    assert (served / MODEL_FILE).is_file() and not repository.has_engine(config.model_dir, version)
     gpu = config.model_copy(update={"serving": config.serving.model_copy(update={"profile": "gpu"})})
-    assert repository.model_config(gpu, version).platform == "onnxruntime_onnx"  # today's gpu rendering
+    assert repository.model_config(gpu.model_dir, gpu.serving, gpu.dataset, version).platform == "onnxruntime_onnx"  # today's gpu rendering
     assert repository.lineage_of(config.model_dir, version)["export"]["tensorrt"]["built"] is False
 
 
@@ -218,7 +217,7 @@ def test_an_engine_version_is_served_by_the_gpu_profile_as_a_lookup_then_tensorr
     def parsed(model_dir):
         return text_format.Parse((model_dir / repository.CONFIG_FILE).read_text(), mc.ModelConfig())
 
-    ensemble, lookup, engine = (parsed(d) for d in (config.model_dir, *(repository.step_dir(config, s) for s in repository.ENGINE_STEPS)))
+    ensemble, lookup, engine = (parsed(d) for d in (config.model_dir, *(repository.step_dir(config.model_dir, s) for s in repository.ENGINE_STEPS)))
 
     # Then the served model keeps its public signature and runs lookup (CPU) then engine (GPU), pinned to the version
     features = [f.name for f in config.dataset.features]
@@ -241,11 +240,11 @@ def test_an_engine_version_is_served_by_the_gpu_profile_as_a_lookup_then_tensorr
     assert all(list(m.version_policy.specific.versions) == [version] for m in (lookup, engine))
     assert all(m.max_batch_size == config.serving.max_batch_size and m.HasField("dynamic_batching") for m in (lookup, engine))
     # and the files sit where those platforms look by default
-    assert (repository.step_dir(config, "engine") / str(version) / PLAN_FILE).read_bytes() == b"engine"
-    session = ort.InferenceSession(str(repository.step_dir(config, "lookup") / str(version) / MODEL_FILE))
+    assert (repository.step_dir(config.model_dir, "engine") / str(version) / PLAN_FILE).read_bytes() == b"engine"
+    session = ort.InferenceSession(str(repository.step_dir(config.model_dir, "lookup") / str(version) / MODEL_FILE))
     assert [(o.name, o.type) for o in session.get_outputs()] == [(CODES, "tensor(int32)"), (NUMERIC, "tensor(float)")]
     # the cpu profile still serves the same version through the Python backend
-    assert repository.model_config(config, version).backend == "python"
+    assert repository.model_config(config.model_dir, config.serving, config.dataset, version).backend == "python"
 
 
 def reloaded_with_export_tensorrt(project, value):
@@ -303,7 +302,7 @@ def test_export_builds_an_engine_that_scores_unseen_test_rows_like_the_onnx_mode
 
     # And, apart from the build's own check: the plan as written, read back by TensorRT, scores
     # test rows the check did not use (raw rows -> lookup.onnx -> engine) like model.onnx does
-    test = pd.read_parquet(split_paths(config)["test"])
+    test = pd.read_parquet(split_paths(config.split.output_dir)["test"])
     rows = test.iloc[config.export.parity_rows :] if len(test) >= config.export.parity_rows + 100 else test
     _, encoding = load_candidate(folder)
     codes, numeric = ort.InferenceSession(str(folder / LOOKUP_FILE)).run(

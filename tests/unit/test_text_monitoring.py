@@ -13,7 +13,7 @@ import pytest
 
 from pipelines.artifacts import REFERENCE_FILE, TEXT
 from pipelines.finetune import data
-from pipelines.finetune.serving import model_dir, write_reference
+from pipelines.finetune.serving import write_reference
 from pipelines.monitoring.check import check_window, report_folder
 from pipelines.serving import repository
 from pipelines.serving.client import InferenceLog
@@ -40,11 +40,11 @@ def served(tmp_path, reviews):
     from tritonclient.grpc import model_config_pb2 as mc
 
     config = make_text_project(tmp_path, {"monitoring": {"reference_rows": 400}})
-    data.write_records(data.dataset_path(config, "reviews"), [{"text": t, "label": "great"} for t in reviews["train"]])
-    folder = model_dir(config)
+    data.write_records(data.dataset_path(config.finetune, "reviews"), [{"text": t, "label": "great"} for t in reviews["train"]])
+    folder = config.served_model_dir
     export = tmp_path / "export"
     export.mkdir()
-    reference = write_reference(config, "reviews", export / REFERENCE_FILE)
+    reference = write_reference(config.finetune, config.monitoring, "reviews", export / REFERENCE_FILE)
     repository.add_version(folder, {REFERENCE_FILE: reference}, {"gate": {}}, 1)
     policy = mc.ModelVersionPolicy(specific=mc.ModelVersionPolicy.Specific(versions=[1]))
     repository.write_model_config(folder, mc.ModelConfig(name=config.served_model, platform="ensemble", version_policy=policy))
@@ -57,7 +57,7 @@ def log_texts(config, texts: list[str], served_at: datetime) -> None:
 
 
 def test_the_reference_is_a_seeded_sample_of_the_training_texts(served, reviews):
-    reference = pd.read_parquet(model_dir(served) / "1" / REFERENCE_FILE)
+    reference = pd.read_parquet(served.served_model_dir / "1" / REFERENCE_FILE)
 
     assert list(reference.columns) == [TEXT] and len(reference) == 400
     assert set(reference[TEXT]) <= set(reviews["train"])
@@ -75,6 +75,6 @@ def test_texts_like_the_training_ones_do_not_drift_and_texts_of_another_kind_do(
     assert not same["dataset_drift"] and shifted["dataset_drift"]
     (column,) = shifted["columns"]
     assert column["column"] == TEXT and column["method"] == "abs_text_content_drift" and column["score"] >= column["threshold"]
-    assert (report_folder(served, HOUR + timedelta(hours=1)) / "report.html").is_file()
+    assert (report_folder(served.monitoring, served.served_model, HOUR + timedelta(hours=1)) / "report.html").is_file()
     prom = (served.path(served.metrics.textfile_dir) / "drift.prom").read_text()
     assert 'flywheel_drift_detected{model="reviews_sentiment",project="reviews"} 1.0' in prom

@@ -8,9 +8,12 @@ It runs in the backend's own environment (numpy 1, ONNX Runtime; see
 ``pipelines/launch/triton.py``), not in the project's.
 """
 
+from __future__ import annotations
+
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -20,7 +23,7 @@ MODEL_FILE = "model.onnx"
 
 
 class TritonPythonModel:
-    def initialize(self, args):
+    def initialize(self, args: dict[str, str]) -> None:
         config = json.loads(args["model_config"])
         folder = Path(args["model_repository"]) / args["model_version"]
         options = ort.SessionOptions()
@@ -29,12 +32,12 @@ class TritonPythonModel:
         self.inputs = {i.name: i.type for i in self.session.get_inputs()}
         self.outputs = [output["name"] for output in config["output"]]
 
-    def execute(self, requests):
+    def execute(self, requests: list[pb_utils.InferenceRequest]) -> list[pb_utils.InferenceResponse]:
         # The dynamic batcher hands over several requests at once: one ONNX Runtime call for all.
-        columns = {name: [] for name in self.inputs}
+        columns: dict[str, list[np.ndarray[Any, Any]]] = {name: [] for name in self.inputs}
         sizes = []
         for request in requests:
-            rows = None
+            rows = 0
             for name, kind in self.inputs.items():
                 value = pb_utils.get_input_tensor_by_name(request, name).as_numpy()
                 if kind == "tensor(string)":

@@ -8,8 +8,11 @@ checked with. Fixed-length rows let the classifier's dynamic batcher stack reque
 ``pipelines/launch/triton.py``), not in the project's.
 """
 
+from __future__ import annotations
+
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -43,7 +46,7 @@ def load(folder: Path) -> Tokenizer:
     return tokenizer
 
 
-def decode(values: np.ndarray) -> list[str]:
+def decode(values: np.ndarray[Any, Any]) -> list[str]:
     """The request's strings; ``ValueError`` names the row that is not UTF-8."""
     texts = []
     for row, value in enumerate(values.reshape(-1)):
@@ -55,13 +58,15 @@ def decode(values: np.ndarray) -> list[str]:
 
 
 class TritonPythonModel:
-    def initialize(self, args):
+    def initialize(self, args: dict[str, str]) -> None:
         self.tokenizer = load(Path(args["model_repository"]) / args["model_version"])
 
-    def execute(self, requests):
+    def execute(self, requests: list[pb_utils.InferenceRequest]) -> list[pb_utils.InferenceResponse]:
         # The dynamic batcher hands over several requests at once: one tokenizer call for all;
         # a request whose text cannot be read gets its own error, the others their answers.
-        texts, sizes, errors = [], [], {}
+        texts: list[str] = []
+        sizes: list[int] = []
+        errors: dict[int, pb_utils.TritonError] = {}
         for index, request in enumerate(requests):
             try:
                 rows = decode(pb_utils.get_input_tensor_by_name(request, INPUT).as_numpy())
@@ -75,11 +80,11 @@ class TritonPythonModel:
             "attention_mask": np.array([e.attention_mask for e in encodings], dtype=np.int64),
         }
         responses, start = [], 0
-        for index, rows in enumerate(sizes):
+        for index, size in enumerate(sizes):
             if index in errors:
                 responses.append(pb_utils.InferenceResponse(error=errors[index]))
                 continue
-            tensors = [pb_utils.Tensor(name, columns[name][start : start + rows]) for name in OUTPUTS]
+            tensors = [pb_utils.Tensor(name, columns[name][start : start + size]) for name in OUTPUTS]
             responses.append(pb_utils.InferenceResponse(tensors))
-            start += rows
+            start += size
         return responses
