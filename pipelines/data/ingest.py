@@ -1,11 +1,12 @@
 """Nightly ingestion of the batches in ``landing/``.
 
-Each ``*.csv`` batch (``*.partial`` files are still being written and are left alone) is
-validated against the dataset's expectation suite:
+Each ``*.csv`` or ``*.parquet`` batch (``*.partial`` files are still being written and are left
+alone) is read and validated against the dataset's expectation suite, then typed as the later
+steps read it (``pipelines.data.schema``):
 
-* a passing batch is appended to the raw dataset, de-duplicated by id (a re-sent row
+* a passing batch is appended to the raw dataset, typed, de-duplicated by id (a re-sent row
   replaces the older copy), then moved to the archive;
-* a failing or unreadable batch is moved into its own folder in quarantine, with the
+* a failing, unreadable or unparseable batch is moved into its own folder in quarantine, with the
   validation result and its Data Docs page. Nothing is deleted.
 
 The raw dataset is rewritten atomically before the batch leaves landing, so a crash at any
@@ -25,12 +26,14 @@ import pyarrow.parquet as pq
 
 from pipelines.artifacts import DOCS_FILE, RESULT_FILE
 from pipelines.config import ROW_ID, DatasetConfig, MetricsConfig, ProjectConfig
+from pipelines.data.schema import read_batch_file, typed
 from pipelines.data.validation import BatchValidator, Outcome
 from pipelines.errors import NotRetryable
 from pipelines.lineage import Record, write_json
 from pipelines.metrics import Sample, emit
 
 log = logging.getLogger(__name__)
+BATCH_SUFFIXES = (".csv", ".parquet")
 
 
 class BatchValidationError(NotRetryable):
@@ -72,12 +75,13 @@ def row_ids(rows: pd.DataFrame) -> pd.Series:
 
 
 def append_to_raw(dataset: DatasetConfig, batch: pd.DataFrame) -> int:
-    """Add a batch to the raw dataset (newer copies of an id win); returns the row count."""
+    """Add a typed batch (``schema.typed``) to the raw dataset (newer copies of an id win);
+    returns the row count. Raw data written before batches were typed is typed on the way."""
     path = dataset.raw_path
     rows = batch[dataset.columns]
     if dataset.id_column is None:
         rows = rows.assign(**{ROW_ID: row_ids(rows)})
-    parts = [pd.read_parquet(path)] if path.exists() else []
+    parts = [_typed_raw(pd.read_parquet(path), dataset)] if path.exists() else []
     order = [c for c in (dataset.time_column, dataset.key) if c]
     combined = (
         pd.concat([*parts, rows], ignore_index=True)
@@ -91,17 +95,33 @@ def append_to_raw(dataset: DatasetConfig, batch: pd.DataFrame) -> int:
     return len(combined)
 
 
+def _typed_raw(raw: pd.DataFrame, dataset: DatasetConfig) -> pd.DataFrame:
+    """Raw data as ``schema.typed`` types it: unchanged if it already is, else typed once (with
+    its derived row ids hashed again from the typed values, as a re-sent row's will be)."""
+    time = dataset.time_column
+    if time is None or isinstance(raw[time].dtype, pd.DatetimeTZDtype):
+        return raw
+    rows, problems = typed(raw[dataset.columns], dataset)
+    if problems:
+        raise NotRetryable(f"{dataset.raw_path}: the raw data holds values that do not parse: {'; '.join(problems)}")
+    return rows.assign(**{ROW_ID: row_ids(rows)}) if dataset.id_column is None else rows
+
+
 def land_file(dataset: DatasetConfig, source: Path) -> Path:
-    """Copy a CSV batch into the dataset's landing folder under its own name, atomically: written
-    as ``<name>.csv.partial`` (never read), then renamed, so ingestion never reads half a batch.
-    ``FileNotFoundError`` / ``ValueError`` for a missing or non-CSV ``source``."""
+    """Copy a CSV or parquet batch into the dataset's landing folder under its own name,
+    atomically: written as ``<name>.partial`` (never read), then renamed, so ingestion never reads
+    half a batch. ``FileNotFoundError`` / ``ValueError`` for a missing ``source`` or another kind of file."""
     if not source.is_file():
         raise FileNotFoundError(f"project {dataset.name}: {source}: no such file")
-    if source.suffix.lower() != ".csv":
-        raise ValueError(f"project {dataset.name}: {source}: batches land as CSV files with a header row, got a {source.suffix or 'suffix-less'} file")
+    suffix = source.suffix.lower()
+    if suffix not in BATCH_SUFFIXES:
+        raise ValueError(
+            f"project {dataset.name}: {source}: batches land as CSV files with a header row or as parquet files, "
+            f"got a {suffix or 'suffix-less'} file"
+        )
     landing = dataset.landing_dir
     landing.mkdir(parents=True, exist_ok=True)
-    target = landing / f"{source.stem}.csv"
+    target = landing / f"{source.stem}{suffix}"
     partial = target.with_name(target.name + ".partial")
     shutil.copyfile(source, partial)
     partial.replace(target)
@@ -109,12 +129,14 @@ def land_file(dataset: DatasetConfig, source: Path) -> Path:
 
 
 def read_batch(path: Path, columns: list[str]) -> pd.DataFrame | str:
-    """The batch as a frame, or the reason it cannot be read (naming the ``columns`` expected)."""
+    """The batch as a frame (``schema.read_batch_file``), or the reason it cannot be read
+    (naming the ``columns`` expected)."""
     try:
-        return pd.read_csv(path)
-    except (UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+        return read_batch_file(path)
+    except ValueError as exc:  # pandas' and pyarrow's parse errors, a repeated column, bytes that are not UTF-8
+        kind = "parquet file" if path.suffix.lower() == ".parquet" else "CSV"
         reason = f"{type(exc).__name__}: {str(exc).strip()}"
-        return f"not a readable CSV ({reason}); expected a CSV with a header row naming at least {columns}"
+        return f"not a readable {kind} ({reason}); expected a CSV with a header row, or a parquet file, with at least the columns {columns}"
 
 
 def quarantine(dataset: DatasetConfig, batch: Path, result: Record, docs_page: Path | None) -> Path:
@@ -136,7 +158,7 @@ def ingest_landing(config: ProjectConfig) -> Record:
     ingested all the same); ``SuiteError`` for a broken suite, before any batch moves."""
     dataset = config.dataset
     landing = dataset.landing_dir
-    batches = sorted(landing.glob("*.csv")) if landing.is_dir() else []
+    batches = sorted(p for p in landing.iterdir() if p.is_file() and p.suffix.lower() in BATCH_SUFFIXES) if landing.is_dir() else []
     summary: Record = {"batches": [b.name for b in batches], "passed": [], "quarantined": [], "rows_ingested": 0, "rows_quarantined": 0}
     if not batches:
         log.info("No new batches in %s", landing)
@@ -160,6 +182,11 @@ def ingest_landing(config: ProjectConfig) -> Record:
             missing = [c for c in dataset.columns if c not in frame.columns]
             if missing:
                 outcome.failures.insert(0, f"missing required columns {missing}; expected {dataset.columns}")
+            # Typed as the later steps read it: a value that does not parse refuses the batch here.
+            frame, unparsed = typed(frame, dataset)
+            if unparsed:
+                result = {**outcome.result, "success": False, "unparsed_columns": unparsed}
+                outcome = Outcome(False, result, [*unparsed, *outcome.failures], outcome.docs_page)
 
         if outcome.success and not isinstance(frame, str):
             total = append_to_raw(dataset, frame)

@@ -9,9 +9,10 @@ features and their types, and write the project's two reviewed files:
   batches like the sample and rejects the usual upstream faults (a missing column, a flood
   of unseen categories, values far out of range, a column that went blank).
 
-Batches arrive as CSV and ingestion reads them with a plain ``pandas.read_csv``, so the
-types the suite expects are the ones CSV gives (whole numbers read as int64, any blank in a
-numeric column turns it into float64). Anything the sample cannot support (a missing or
+The sample is read as ingestion reads a batch (``pipelines.data.schema.read_batch_file``: only
+an empty cell is missing, a parquet file as the CSV of its values), so the types the suite
+expects are the ones CSV gives (whole numbers read as int64, any blank in a numeric column
+turns it into float64). Anything the sample cannot support (a missing or
 constant label, a label that is not a binary 0/1 for classification, a time column that does
 not parse, an id that repeats) is refused with a ``ProfileError`` that names the file or
 column and what was expected, before anything is written.
@@ -24,7 +25,6 @@ import json
 import math
 import os
 import re
-import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -34,6 +34,7 @@ import pandas as pd
 from pandas.api import types
 
 from pipelines.config import PARAMS_FILE, PROJECT_NAME, ROW_ID, SUITE_FILE
+from pipelines.data.schema import PARQUET_SUFFIXES, parse_times, read_batch_file
 from pipelines.lineage import Record
 
 CLASSIFICATION, REGRESSION = "classification", "regression"
@@ -214,10 +215,8 @@ def read_sample(path: Path) -> pd.DataFrame:
     if not path.is_file():
         raise ProfileError(f"{path}: no such file (expected a .csv or .parquet sample)")
     try:
-        if name.endswith((".parquet", ".pq")):
-            frame = pd.read_parquet(path)
-        elif re.search(r"\.csv(\.(gz|bz2|zip|xz|zst))?$", name):
-            frame = pd.read_csv(path)
+        if name.endswith(PARQUET_SUFFIXES) or re.search(r"\.csv(\.(gz|bz2|zip|xz|zst))?$", name):
+            frame = read_batch_file(path)
         else:
             raise ProfileError(f"{path}: expected a .csv or .parquet sample")
     except ProfileError:
@@ -416,7 +415,7 @@ def _time(column: pd.Series, name: str) -> tuple[list[str], list[Record]]:
         )
     text = _as_csv_text(column)
     distinct = pd.Series(text.unique())
-    parsed = _parse_times(distinct)
+    parsed = parse_times(distinct)
     bad = distinct[parsed.isna()]
     if not bad.empty:
         raise ProfileError(
@@ -452,16 +451,6 @@ def _time(column: pd.Series, name: str) -> tuple[list[str], list[Record]]:
         )
         how = "mixed formats, checked as parseable only"
     return [f"time {name}: {parsed.min()} .. {parsed.max()} ({how}); train/val/test are cut by time"], expectations
-
-
-def _parse_times(values: pd.Series) -> pd.Series:
-    """UTC timestamps for date/time text, NaT where a value is not one (each value on its own)."""
-    with warnings.catch_warnings():  # "could not infer format": the mixed pass below handles that
-        warnings.simplefilter("ignore", UserWarning)
-        fast = pd.to_datetime(values, utc=True, errors="coerce")
-    if not fast.isna().any():
-        return fast
-    return pd.to_datetime(values, utc=True, errors="coerce", format="mixed")
 
 
 def _strftime_format(values: list[str]) -> str | None:

@@ -12,15 +12,40 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections import Counter
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from pipelines.config import DatasetConfig, SplitConfig, load_config
+from pipelines.data.schema import parse_times
+from pipelines.errors import NotRetryable
 from pipelines.lineage import Record, write_json
 
 PARTS = ("train", "val", "test")
+
+
+class LabelCoverageError(NotRetryable, ValueError):
+    """A class label the model would be evaluated on without ever training on it, or a training
+    split with fewer than two labels: no retry changes the data, so training does not start."""
+
+
+def check_label_coverage(labels: Mapping[str, Iterable[object]], what: str) -> None:
+    """``labels``: the class label of each record, by split (train, val, test), of ``what`` (a
+    dataset's name). ``LabelCoverageError`` naming every label without training records and its
+    count per split, or when training would see fewer than two labels."""
+    counts: dict[str, Counter[str]] = {part: Counter(map(str, values)) for part, values in labels.items()}
+    every = sorted(set().union(*counts.values()))
+    unseen = [label for label in every if not counts.get("train", Counter())[label]]
+    problems = [
+        f"label {label!r} has no training records ({', '.join(f'{part} {counts[part][label]}' for part in counts)})" for label in unseen
+    ]
+    if len(every) - len(unseen) < 2:
+        problems.append(f"the train split holds {len(every) - len(unseen)} label(s); a classifier needs at least two")
+    if problems:
+        raise LabelCoverageError(f"{what}: {'; '.join(problems)}. Land more records of each label (or drop the rare one) and run again")
 
 
 def split_paths(output_dir: Path) -> dict[str, Path]:
@@ -37,8 +62,10 @@ def raw_path(dataset: DatasetConfig) -> Path:
 
 def split_by_time(frame: pd.DataFrame, time_column: str, id_column: str, train: float, val: float) -> dict[str, pd.DataFrame]:
     """Cut at two moments so that train < val < test in time; rows of one moment stay together."""
-    ordered = frame.sort_values([time_column, id_column], kind="stable").reset_index(drop=True)
-    times = pd.to_datetime(ordered[time_column], utc=True)
+    # Ordered by the parsed time (raw data is typed at ingestion; text from older raw data parses the same way).
+    ordered = frame.assign(**{time_column: parse_times(frame[time_column])})
+    ordered = ordered.sort_values([time_column, id_column], kind="stable").reset_index(drop=True)
+    times = ordered[time_column]
     train_end = times.iloc[int(len(ordered) * train)]
     val_end = times.iloc[min(int(len(ordered) * (train + val)), len(ordered) - 1)]
     parts = {

@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -110,6 +111,50 @@ def _frame(records: list[Record], kind: str) -> tuple[pd.DataFrame, list[int]]:
     return pd.DataFrame(rows), owners
 
 
+EXPECTED: dict[type, str] = {str: "a string", list: "a list of {role, content} objects", dict: "an object with role and content"}
+
+
+def _fields(record: Record, kind: str) -> list[tuple[str, object, type]]:
+    """(name, value, expected type) of every field a record of format ``kind`` must have."""
+    if kind != "chat":
+        return [(field, record.get(field), str) for field in FORMATS[kind]]
+    messages = record.get("messages")
+    if not isinstance(messages, list):
+        return [("messages", messages, list)]
+    fields: list[tuple[str, object, type]] = []
+    for turn, message in enumerate(messages):
+        if isinstance(message, dict):
+            fields += [(f"messages[{turn}].{key}", message.get(key), str) for key in ("role", "content")]
+        else:
+            fields.append((f"messages[{turn}]", message, dict))
+    return fields
+
+
+def wrong_types(records: list[Record], kind: str, lines: list[int]) -> tuple[set[int], list[str]]:
+    """Records with a field of the wrong type (text fields and labels are strings), and one line
+    per field and type found naming the first such record's line (``lines``: each record's line
+    in the file) and value. A missing or null field is left to the suite."""
+    bad: set[int] = set()
+    found: dict[tuple[str, str, type], list[tuple[int, object]]] = {}
+    for index, record in enumerate(records):
+        for name, value, expected in _fields(record, kind):
+            if value is not None and not isinstance(value, expected):
+                bad.add(index)
+                field = re.sub(r"\[\d+\]", "[]", name)  # messages[3].content -> messages[].content
+                found.setdefault((field, type(value).__name__, expected), []).append((lines[index], value))
+    return bad, [
+        f"field {field!r} is {found_type} in {len(hits)} record(s) (first: line {hits[0][0]}, {str(hits[0][1])[:40]!r}); "
+        f"expected {EXPECTED[expected]}" + ('; write labels as text, e.g. "0" and "1"' if field == "label" else "")
+        for (field, found_type, expected), hits in found.items()
+    ]
+
+
+def record_lines(path: Path) -> list[int]:
+    """The line number of each record ``read_records`` reads from ``path`` (blank lines are skipped)."""
+    with path.open() as lines:
+        return [number for number, line in enumerate(lines, 1) if line.strip()]
+
+
 def validate_records(finetune: FinetuneConfig, records: list[Record], kind: str) -> tuple[list[int], list[str], Record]:
     """Indices of the records that fail the format's suite, one line a failed expectation, and GE's result.
 
@@ -155,7 +200,9 @@ def ingest(finetune: FinetuneConfig, name: str) -> Record:
         return {"dataset": name, "format": record_format(records, target), "records": len(records), "landed": False}
     records = read_records(landed)
     kind = record_format(records, landed)
-    bad, failures, result = validate_records(finetune, records, kind)
+    mistyped, type_failures = wrong_types(records, kind, record_lines(landed))
+    invalid, failures, result = validate_records(finetune, records, kind)
+    bad, failures = sorted(mistyped | set(invalid)), [*type_failures, *failures]
     good = [r for i, r in enumerate(records) if i not in set(bad)]
     summary: Record = {"dataset": name, "format": kind, "records": len(good), "quarantined": len(bad), "landed": True, "failures": failures}
     if bad:

@@ -124,13 +124,18 @@ def finetune(config: TextProjectConfig, params: Record, data_version: dict[str, 
     """Train adapters for checked ``params`` (see ``pipelines.finetune.params.check``) on the dataset's
     train split; the candidate folder is returned relative to the project home (shared storage),
     with the training result (``candidate.json``'s) and whether a finished candidate was reused."""
+    from pipelines.data.split import check_label_coverage
     from pipelines.finetune.data import load_splits
     from pipelines.finetune.params import resolve_base
 
     base = resolve_base(params["base_model"])
     splits = load_splits(config.finetune, params["dataset"])
     train_records = splits["train"][: params["max_train_records"]] if params["max_train_records"] else splits["train"]
-    labels = labels_of(train_records) if params["task"] == FinetuneTask.sequence_classification.value else None
+    labels = None
+    if params["task"] == FinetuneTask.sequence_classification.value:
+        used = {"train": train_records, "val": splits["val"], "test": splits["test"]}
+        check_label_coverage({part: [r["label"] for r in records] for part, records in used.items()}, f"dataset {params['dataset']!r}")
+        labels = labels_of(train_records)
     inputs = {
         "base": {"name": params["base_model"], "sha256": base_hash(base)},
         "data": data_version,

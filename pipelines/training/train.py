@@ -13,8 +13,10 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pipelines.config import DatasetConfig, ModelConfig, ProjectConfig, TrainConfig
-from pipelines.data.split import split_paths
+import pandas as pd
+
+from pipelines.config import DatasetConfig, ModelConfig, ProjectConfig, Task, TrainConfig
+from pipelines.data.split import check_label_coverage, split_paths
 from pipelines.lineage import Record, code_version, fingerprint, read_json, write_json
 
 if TYPE_CHECKING:
@@ -42,12 +44,16 @@ def train(
     ``data_version`` maps each split file (relative to the home) to its content hash;
     ``max_epochs`` and ``learning_rate`` override the ``train`` section where given. Returns
     ``candidate`` (its folder, relative to the home: the next tasks may run on other machines),
-    ``reused``, ``best_val_loss`` and ``epochs``. ``FileNotFoundError`` when a split is missing.
+    ``reused``, ``best_val_loss`` and ``epochs``. ``FileNotFoundError`` when a split is missing;
+    ``LabelCoverageError`` when a class has no training rows.
     """
     settings = config.train.model_copy(
         update={k: v for k, v in {"max_epochs": max_epochs, "learning_rate": learning_rate}.items() if v is not None}
     )
     paths = split_paths(config.split.output_dir)
+    label = config.dataset.label
+    if label.task == Task.classification:
+        check_label_coverage({part: pd.read_parquet(path, columns=[label.column])[label.column] for part, path in paths.items()}, config.dataset.name)
     inputs = {
         "data": {name: data_version[config.portable(path)] for name, path in paths.items() if name != "test"},
         "dataset": config.dataset.model_dump(mode="json", include={"features", "label"}),

@@ -149,6 +149,38 @@ def test_what_the_served_model_sees_reaches_the_inference_log(served):
     assert len(list((config.home / "inference_log").rglob("*.parquet"))) == 1
 
 
+def test_a_request_that_is_not_utf8_fails_alone_and_its_batch_neighbours_are_answered(served):
+    """Latin-1 bytes in one request's string input: that request gets an error naming the input,
+    row and bytes; the requests the dynamic batcher put in the same batch get their answers."""
+    import tritonclient.http as http
+
+    config, _, _, rows, _ = served
+    model, version = config.model.name, repository.served_version(config.model_dir)
+    expected = predict_onnx(config.model_dir / str(version) / MODEL_FILE, rows)
+    bad = live.request_inputs(config.dataset, rows.head(2), http)
+    dest = next(i for i in bad if i.name() == "dest")
+    dest.set_data_from_numpy(np.array([b"EWR", b"MI\xc1"], dtype=object).reshape(-1, 1))
+    client = http.InferenceServerClient(config.serving.triton.url, concurrency=16)
+    before = client.get_inference_statistics(model)["model_stats"][0]
+
+    good_answers, bad_errors = [], []
+    for _ in range(10):  # 1 bad among 15 good requests, sent at once: the batcher joins them
+        pending = [client.async_infer(model, bad)] + [client.async_infer(model, live.request_inputs(config.dataset, rows, http)) for _ in range(15)]
+        try:
+            pending[0].get_result()
+        except InferenceServerException as exc:
+            bad_errors.append(str(exc))
+        good_answers += [p.get_result().as_numpy("prediction")[:, 0] for p in pending[1:]]
+
+    after = client.get_inference_statistics(model)["model_stats"][0]
+    batched = int(after["execution_count"]) - int(before["execution_count"])
+    assert batched < 160, "the requests were never batched together: the test would prove nothing"
+    assert len(bad_errors) == 10 and all("row 1 of input 'dest' is not UTF-8" in e and "MI\\xc1" in e for e in bad_errors), bad_errors[:1]
+    assert len(good_answers) == 150
+    for answer in good_answers:
+        np.testing.assert_allclose(answer, expected, atol=1e-6)
+
+
 def test_the_server_restarts_serving_the_version_config_pbtxt_names(served):
     config, _, _, rows, server = served
     server.stop()

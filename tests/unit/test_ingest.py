@@ -163,7 +163,7 @@ def test_binary_garbage_is_quarantined_as_unreadable(project):
     assert (folder / "2013-05.csv").read_bytes() == bytes(range(256)) * 4
     record = json.loads((folder / "validation_result.json").read_text())
     assert record["success"] is False and record["expected_columns"] == project.dataset.columns
-    assert "expected a CSV with a header row naming at least ['flight_id', 'time_hour'" in str(failure.value)
+    assert "expected a CSV with a header row, or a parquet file, with at least the columns ['flight_id', 'time_hour'" in str(failure.value)
 
 
 def test_csv_with_broken_row_structure_is_quarantined_as_unreadable(project):
@@ -305,3 +305,107 @@ def test_without_an_id_column_a_resent_row_replaces_itself_and_a_changed_row_is_
     stored = raw(config)
     assert ROW_ID in stored.columns and stored[ROW_ID].is_unique
     assert len(stored) == ROWS + 1
+
+
+# -- what validation accepts, the later steps can read (issue: inputs from the field) -----------
+
+
+def landed_csv(config: ProjectConfig, name: str, batch: pd.DataFrame):
+    landing(config).mkdir(parents=True, exist_ok=True)
+    batch.to_csv(landing(config) / name, index=False)
+    return landing(config) / name
+
+
+def test_a_batch_mixing_iso_8601_forms_is_stored_as_utc_timestamps_and_the_split_runs(project):
+    # Given real flights whose time_hour mixes three ISO 8601 forms (Z, milliseconds, an offset):
+    # each passes the suite's pattern, and pandas' inferred format used to wedge the split on them
+    batch = month_batch("2013-02", rows=ROWS)
+    instants = pd.to_datetime(batch["time_hour"], utc=True)
+    forms = [
+        instants.dt.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        instants.dt.strftime("%Y-%m-%dT%H:%M:%S.000Z"),
+        instants.dt.tz_convert("America/New_York").dt.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    ]
+    batch["time_hour"] = [forms[i % 3].iloc[i] for i in range(len(batch))]
+    assert batch["time_hour"].iloc[2].endswith("-0500")
+    landed_csv(project, "2013-02.csv", batch)
+
+    assert ingest_landing(project)["passed"] == ["2013-02.csv"]
+
+    # Then the raw data holds typed values: the same instants, in UTC, and numbers as numbers
+    rows = raw(project).set_index("flight_id").loc[batch["flight_id"]]
+    assert str(rows["time_hour"].dtype) == "datetime64[ns, UTC]"
+    assert (rows["time_hour"].to_numpy() == instants.to_numpy()).all()
+    assert rows["distance"].dtype == "float64" and rows["carrier"].map(type).eq(str).all()
+    # and the split, the step that used to fail on them, cuts the batch by time
+    from pipelines.data.split import run as split
+
+    summary = split(project.dataset, project.split)
+    assert sum(part["rows"] for part in summary.values()) == ROWS
+    assert summary["train"]["to"] < summary["test"]["from"]
+
+
+def test_a_value_the_later_steps_cannot_parse_quarantines_the_batch_naming_the_column_and_values(project):
+    # Given a batch whose time matches the suite's pattern but is no date (February 30th)
+    raw_before = seed_raw(project)
+    batch = month_batch("2013-02", rows=ROWS)
+    batch.loc[[3, 7], "time_hour"] = "2013-02-30T11:00:00Z"
+    landed_csv(project, "2013-02.csv", batch)
+
+    with pytest.raises(BatchValidationError) as failure:
+        ingest_landing(project)
+
+    # Then it is quarantined with the column, the count and the values, and raw is untouched
+    assert "time_hour: 2 of 200 values are not dates/times" in str(failure.value)
+    assert "'2013-02-30T11:00:00Z'" in str(failure.value)
+    record = json.loads((quarantine(project, "2013-02") / "validation_result.json").read_text())
+    assert record["success"] is False and record["unparsed_columns"][0].startswith("time_hour: 2 of 200")
+    assert project.path(project.dataset.raw_path).read_bytes() == raw_before
+
+
+def test_messages_say_what_the_file_holds(project):
+    # Text in a numeric column: named as text with its values, not as blanks
+    batch = month_batch("2013-02", rows=ROWS).astype({"distance": object})
+    batch["distance"] = "n/a"
+    landed_csv(project, "text.csv", batch)
+    # A label that is not a number
+    batch = month_batch("2013-03", rows=ROWS).astype({"arr_delayed": object})
+    batch.loc[0, "arr_delayed"] = "yes"
+    landed_csv(project, "label.csv", batch)
+    # A column named twice in the header (pandas would call the second one distance.1)
+    batch = month_batch("2013-04", rows=ROWS)
+    (landing(project) / "twice.csv").write_text(batch.to_csv(index=False).replace("sched_arr_time,distance", "distance,distance", 1))
+
+    with pytest.raises(BatchValidationError) as failure:
+        ingest_landing(project)
+
+    message = str(failure.value)
+    assert "distance: 200 of 200 values are not numbers (text in a numeric column)" in message and "'n/a'" in message
+    assert "null" not in message.split("text.csv")[1].split("- ")[0]  # not "200 of 200 rows are null"
+    assert "arr_delayed: 1 of 200 values are not numbers" in message and "'yes'" in message
+    assert "the header names 'distance' more than once" in message and "distance.1" not in message
+
+
+def test_parquet_batches_land_are_validated_and_quarantined_like_csv(project):
+    # Given one good and one broken month, landed as parquet files, and one still being written
+    good, bad = month_batch("2013-02", rows=ROWS), month_batch("2013-03", rows=ROWS)
+    bad["distance"] = -bad["distance"]
+    incoming = project.home / "incoming"
+    incoming.mkdir()
+    for name, batch in (("2013-02", good), ("2013-03", bad)):
+        batch.to_parquet(incoming / f"{name}.parquet", index=False)
+    landed = [ingest.land_file(project.dataset, incoming / f"{m}.parquet") for m in ("2013-02", "2013-03")]
+    (landing(project) / "2013-04.parquet.partial").write_bytes(b"PAR1")
+
+    with pytest.raises(BatchValidationError, match=r"2013-03.parquet[\s\S]*expect_column_values_to_be_between\(distance\)") as failure:
+        ingest_landing(project)
+
+    assert [p.name for p in landed] == ["2013-02.parquet", "2013-03.parquet"]
+    assert failure.value.summary["passed"] == ["2013-02.parquet"] and failure.value.summary["quarantined"] == ["2013-03.parquet"]
+    assert sorted(raw(project)["flight_id"]) == sorted(good["flight_id"])
+    assert (project.path(project.dataset.archive_dir) / "2013-02.parquet").is_file()
+    assert (quarantine(project, "2013-03") / "2013-03.parquet").is_file()
+    assert sorted(p.name for p in landing(project).iterdir()) == ["2013-04.parquet.partial"]
+    (incoming / "2013-05.json").write_text("{}")
+    with pytest.raises(ValueError, match="as CSV files with a header row or as parquet files, got a .json file"):
+        ingest.land_file(project.dataset, incoming / "2013-05.json")

@@ -2,7 +2,7 @@ import pandas as pd
 import pytest
 
 from pipelines.data.replay import month_batch
-from pipelines.data.split import split_by_hash, split_by_time
+from pipelines.data.split import LabelCoverageError, run, split_by_hash, split_by_time, split_paths
 from pipelines.data.versioning import data_version, version_split
 from tests.conftest import make_project
 
@@ -90,3 +90,17 @@ def test_two_projects_version_their_data_in_their_own_repositories(tmp_path):
     assert test["time_hour"].min() < train["time_hour"].max()
     # nothing was copied into the home by hand: no stage file at its top
     assert not (tmp_path / "dvc.yaml").exists()
+
+
+def test_training_refuses_a_class_without_training_rows_naming_its_count_per_split(project):
+    # Given real flights split by time, whose train part lost every delayed flight upstream
+    from pipelines.training.train import train
+
+    write_raw(project, "2013-01", "2013-02", rows=500)
+    run(project.dataset, project.split)
+    train_file = split_paths(project.split.output_dir)["train"]
+    pd.read_parquet(train_file).query("arr_delayed == 0").to_parquet(train_file, index=False)
+
+    # Then training refuses before fitting, naming the label and where its rows are
+    with pytest.raises(LabelCoverageError, match=r"flights: label '1' has no training records \(train 0, val [1-9]\d*, test [1-9]\d*\); the train split holds 1 label"):
+        train(project, {})
