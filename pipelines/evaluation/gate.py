@@ -74,8 +74,9 @@ def passes_floor(metric: str, value: float, floor: float) -> bool:
 
 
 def score(label: Label, test: pd.DataFrame, model_file: Path) -> dict[str, float]:
-    """``metrics`` of an exported model on the rows of ``test`` against their ``label.column``."""
-    return metrics(label.task, test[label.column].to_numpy(), predict_onnx(model_file, test))
+    """``metrics`` of an exported model on the labelled rows of ``test`` against their ``label.column``."""
+    labelled = test[test[label.column].notna()]
+    return metrics(label.task, labelled[label.column].to_numpy(), predict_onnx(model_file, labelled))
 
 
 def decide(

@@ -33,7 +33,7 @@ class Encoding:
     def fit(cls, train: pd.DataFrame, dataset: DatasetConfig) -> Encoding:
         cats = dataset.columns_of(FeatureType.categorical)
         nums = dataset.columns_of(FeatureType.numeric)
-        values = train[nums].astype("float64")
+        values = train[nums].astype("float64").replace([np.inf, -np.inf], np.nan)  # scales of the finite values
         std = values.std(ddof=0).replace(0.0, 1.0).fillna(1.0)
         target = {}
         if dataset.label.task == Task.regression:
@@ -86,9 +86,10 @@ class TabularDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.encoding is not None:
             return
-        frames = {name: pd.read_parquet(path) for name, path in self.split_paths.items()}
-        self.encoding = Encoding.fit(frames["train"], self.dataset)
         label = self.dataset.label.column
+        # Rows without a label teach and score nothing (validation may accept a few).
+        frames = {name: pd.read_parquet(path).dropna(subset=[label]) for name, path in self.split_paths.items()}
+        self.encoding = Encoding.fit(frames["train"], self.dataset)
         self.splits = {name: tensors(frame, self.encoding, label) for name, frame in frames.items()}
 
     def train_dataloader(self) -> DataLoader[tuple[torch.Tensor, ...]]:

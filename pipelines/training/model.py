@@ -48,7 +48,9 @@ class TabularModel(pl.LightningModule):
     def forward(self, categorical: torch.Tensor, numeric: torch.Tensor) -> torch.Tensor:
         """Raw output, shape (rows,): a logit for classification, the standardised value for regression."""
         parts = [emb(categorical[:, i]) for i, emb in enumerate(self.embeddings)]
-        parts.append((numeric - self.numeric_mean) / self.numeric_std)
+        # A missing (or infinite) number is read as the training mean: validation may accept a
+        # few blanks, and one must not turn the loss or a served prediction into NaN.
+        parts.append(torch.nan_to_num((numeric - self.numeric_mean) / self.numeric_std, nan=0.0, posinf=0.0, neginf=0.0))
         out: torch.Tensor = self.mlp(torch.cat(parts, dim=1))
         return out.squeeze(1)
 

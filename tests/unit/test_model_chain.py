@@ -302,3 +302,28 @@ def test_publish_reports_its_outcome_and_both_metrics_for_prometheus(trained):
     assert samples[("flywheel_served_version", (model, project))] == repository.served_version(config.model_dir)
     challenger = samples[("flywheel_gate_metric", (("metric", "roc_auc"), model, project, ("role", "challenger")))]
     assert challenger == pytest.approx(decision["challenger"]["roc_auc"])
+
+
+def test_blanks_validation_accepts_train_and_serve_as_numbers(tmp_path):
+    # Given real flights where the suite's tolerance let blanks through: 5% of distances and
+    # hours missing, a few infinite, and some rows without a label
+    config = make_project(tmp_path / "project")
+    raw = write_raw(config, "2013-01", "2013-02", rows=1500)
+    frame = pd.read_parquet(raw).astype({"distance": "float64", "hour": "float64", "arr_delayed": "float64"})
+    rng = np.random.default_rng(0)
+    for column in ("distance", "hour"):
+        frame.loc[rng.random(len(frame)) < 0.05, column] = np.nan
+    frame.loc[rng.random(len(frame)) < 0.01, "distance"] = np.inf
+    frame.loc[rng.random(len(frame)) < 0.02, "arr_delayed"] = np.nan
+    frame.to_parquet(raw, index=False)
+
+    candidate = train(config, version_split(config)["data_version"])
+    export(config, candidate["candidate"])  # its parity check runs on test rows with blanks
+
+    # Then the loss is a number, and so is every prediction, blanks included
+    assert np.isfinite(candidate["best_val_loss"])
+    test = pd.read_parquet(split_paths(config.split.output_dir)["test"])
+    assert test["distance"].isna().any()
+    predictions = predict_onnx(config.home / candidate["candidate"] / MODEL_FILE, test)
+    assert np.isfinite(predictions).all() and ((predictions > 0) & (predictions < 1)).all()
+    assert np.isfinite(evaluate(config, candidate["candidate"])["challenger"]["roc_auc"])
