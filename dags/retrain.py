@@ -15,6 +15,8 @@ as a new Triton model version if it wins.
 * A challenger that loses is kept with its metrics; the run succeeds with the decision
   "not promoted" in the `publish` task's result and the run's lineage record.
 * Why a run ran (schedule, drift with its report, manual) is in its lineage record.
+* A night with nothing new (the data version the last completed run trained on, no Param
+  set) skips train, export, gate and publish; `needs_training`'s log says why.
 * `train` and `export` run on the `gpu` queue: on the CeleryExecutor only GPU workers take them.
 * **Params**: `force_publish` (with a `force_reason`) overrides the gate; `max_epochs` and
   `learning_rate` override the project's params.yaml for this run.
@@ -65,6 +67,13 @@ def retrain_dag(project: str):
         def version_data():
             return steps.run(steps.version_data, project)
 
+        @task.short_circuit
+        def needs_training(versioned, params=None):
+            """False skips everything after it: nothing new to train on (the reason is in its log)."""
+            decision = steps.run(steps.needs_training, project, versioned["data_version"], dict(params))
+            print(decision["reason"])
+            return decision["train"]
+
         @task(queue=GPU_QUEUE)
         def train(versioned, params=None):
             return steps.run(steps.train, project, versioned["data_version"], params["max_epochs"], params["learning_rate"])
@@ -87,6 +96,7 @@ def retrain_dag(project: str):
         versioned = version_data()
         check_params() >> validate() >> versioned
         trained = train(versioned)
+        needs_training(versioned) >> trained
         decision = gate(trained)
         export(trained) >> decision
         publish(trained, decision, versioned)

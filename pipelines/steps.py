@@ -81,6 +81,28 @@ def version_data(project: str) -> Record:
     return version_split(load_config(project))
 
 
+def needs_training(project: str, data_version: dict[str, str], params: Record) -> Record:
+    """Whether this run has anything to train: ``{"train": bool, "reason": str}``. Nothing, when
+    the data version is the one the project's last completed run trained on and no Param asks
+    for another run (a retrain would reuse that run's candidate and the gate refuse it again)."""
+    from pipelines.serving.publish import run_records
+
+    asked = sorted(name for name, value in params.items() if value not in (None, False, ""))
+    if asked:
+        return {"train": True, "reason": f"the run's Params set {asked}"}
+    records = run_records(load_config(project).artifacts_dir)
+    if not records:
+        return {"train": True, "reason": "no run has trained this project yet"}
+    last = records[-1]
+    if last["data_version"] != data_version:
+        return {"train": True, "reason": f"the data changed since run {last['airflow']['run_id']}"}
+    return {
+        "train": False,
+        "reason": f"nothing new: run {last['airflow']['run_id']} ({last['created_at']}) trained on this data version "
+        f"and no Param is set; train, export, gate and publish are skipped",
+    }
+
+
 def train(project: str, data_version: dict[str, str], max_epochs: int | None, learning_rate: float | None) -> Record:
     from pipelines.training.train import train as fit
 

@@ -123,13 +123,17 @@ def report(config: AnyProject, outcome: str, gate: Record) -> None:
     emit(config.metrics, config.identity, "publish", samples)
 
 
+def run_records(artifacts_dir: Path) -> list[Record]:
+    """The lineage records of a project's completed training runs (one per Airflow run), oldest first."""
+    files = sorted(runs_dir(artifacts_dir).glob("*.json"), key=lambda p: p.stat().st_mtime_ns)
+    return sorted((read_json(p) for p in files), key=lambda r: r["created_at"])  # stable: same second keeps write order
+
+
 def rejections_in_a_row(artifacts_dir: Path) -> int:
     """Trailing run records in a project's ``artifacts_dir`` (one per Airflow run, so retries
     count once) the gate did not promote."""
-    files = sorted(runs_dir(artifacts_dir).glob("*.json"), key=lambda p: p.stat().st_mtime_ns)
-    records = sorted((read_json(p) for p in files), key=lambda r: r["created_at"])  # stable: same second keeps write order
     count = 0
-    for record in reversed(records):
+    for record in reversed(run_records(artifacts_dir)):
         if record["gate"]["decision"] == PROMOTED:
             break
         count += 1

@@ -94,7 +94,8 @@ def test_retrain_runs_one_at_a_time_in_the_expected_order(dagbag):
 
     assert dag.max_active_runs == 1  # DVC's lock allows one `dvc repro` per repository
     order = [t.task_id for t in dag.topological_sort()]
-    assert order.index("validate") < order.index("version_data") < order.index("train")
+    assert order.index("validate") < order.index("version_data") < order.index("needs_training") < order.index("train")
+    assert dag.get_task("train").upstream_task_ids == {"version_data", "needs_training"}
     assert order.index("export") < order.index("gate") < order.index("publish")
 
 

@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 
 from pipelines.artifacts import MODEL_FILE
-from pipelines.data.replay import land
+from pipelines.data.replay import land, month_batch
 from pipelines.data.split import split_paths
 from pipelines.evaluation.gate import NOT_PROMOTED, PROMOTED, predict_onnx
 from pipelines.launch.airflow import LocalAirflow
@@ -111,6 +111,34 @@ def test_a_weak_challenger_is_kept_but_not_served(airflow):
     # the rejected candidate is kept with its metrics
     candidate = config.home / airflow.xcom(RETRAIN, run_id, "train")["candidate"]
     assert json.loads((candidate / "gate.json").read_text())["challenger"] == gate["challenger"]
+
+
+def test_a_batch_mixing_time_forms_is_parsed_and_a_night_with_nothing_new_skips_training(airflow):
+    # Given real flights whose ISO 8601 times mix forms (Z, milliseconds, an offset): they used to
+    # pass validation and then wedge the split of every later night
+    airflow, config = airflow
+    batch = month_batch("2013-05", rows=ROWS)
+    instants = pd.to_datetime(batch["time_hour"], utc=True)
+    forms = (instants.dt.strftime("%Y-%m-%dT%H:%M:%SZ"), instants.dt.strftime("%Y-%m-%dT%H:%M:%S.000Z"),
+             instants.dt.tz_convert("America/New_York").dt.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    batch["time_hour"] = [forms[i % 3].iloc[i] for i in range(len(batch))]
+    batch.to_csv(config.dataset.landing_dir / "2013-05.csv", index=False)
+
+    run_id, state = run_retrain(airflow)
+
+    assert state == "success", airflow.task_instances(RETRAIN, run_id)
+    assert airflow.xcom(RETRAIN, run_id, "validate")["passed"] == ["2013-05.csv"]
+    assert airflow.xcom(RETRAIN, run_id, "gate")["decision"] in (PROMOTED, NOT_PROMOTED)
+
+    # The next night nothing landed: the data version is the one that run trained on
+    run_id, state = run_retrain(airflow)
+
+    assert state == "success", airflow.task_instances(RETRAIN, run_id)
+    tasks = {t["task_id"]: t["state"] for t in airflow.task_instances(RETRAIN, run_id)}
+    assert tasks["version_data"] == "success" and tasks["needs_training"] == "success"
+    assert {tasks[t] for t in ("train", "export", "gate", "publish")} == {"skipped"}
+    log = "\n".join(p.read_text() for p in (airflow.airflow_home / "logs").rglob("*") if p.is_file() and run_id in str(p))
+    assert "nothing new: run" in log and "train, export, gate and publish are skipped" in log
 
 
 def test_a_corrupted_batch_fails_the_run_once_and_is_quarantined_with_its_report(airflow):

@@ -42,3 +42,21 @@ def test_an_unknown_project_is_named_with_the_known_ones(tmp_path, monkeypatch):
 
     with pytest.raises(AirflowFailException, match=r"projects/boats/params.yaml: no such file; the projects of .* are \['flights'\]"):
         steps.run(steps.validate, "boats")
+
+
+def test_a_run_trains_only_on_new_data_or_when_a_param_asks(project, monkeypatch):
+    monkeypatch.setenv("FLYWHEEL_HOME", str(project.home))
+    from pipelines.lineage import write_json
+    from pipelines.serving.publish import run_record_path
+
+    version = {"data/flights/raw.parquet": "a"}
+    none_set = {"force_publish": False, "force_reason": "", "max_epochs": None, "learning_rate": None}
+    assert steps.needs_training("flights", version, none_set) == {"train": True, "reason": "no run has trained this project yet"}
+
+    record = {"data_version": version, "airflow": {"run_id": "night1"}, "created_at": "2026-11-30T02:00:00+00:00", "gate": {"decision": "promoted"}}
+    write_json(run_record_path(project.artifacts_dir, "night1"), record)
+
+    same = steps.needs_training("flights", version, none_set)
+    assert not same["train"] and "nothing new: run night1 (2026-11-30T02:00:00+00:00) trained on this data version" in same["reason"]
+    assert steps.needs_training("flights", {"data/flights/raw.parquet": "b"}, none_set) == {"train": True, "reason": "the data changed since run night1"}
+    assert steps.needs_training("flights", version, none_set | {"max_epochs": 3}) == {"train": True, "reason": "the run's Params set ['max_epochs']"}
