@@ -10,13 +10,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
 from pipelines.config import load_config, load_deployment, load_project, load_text_project, project_home, project_kinds
-from pipelines.errors import NotRetryable, TritonUnavailable
+from pipelines.errors import DataLocked, NotRetryable, TritonUnavailable
 
 
 def cmd_init(args: argparse.Namespace) -> None:
@@ -125,6 +126,20 @@ def cmd_rollback(args: argparse.Namespace) -> None:
     print(json.dumps(rollback(load_project(args.project), args.version, run)))
 
 
+def cmd_batches(args: argparse.Namespace) -> None:
+    from pipelines.data.batches import list_batches
+
+    for row in list_batches(load_config(args.project)):
+        print(json.dumps(row))
+
+
+def cmd_revert_batch(args: argparse.Namespace) -> None:
+    from pipelines.data.batches import revert
+
+    by = {"user": os.environ.get("USER") or "unknown", "via": "flywheel revert-batch"}
+    print(json.dumps(revert(load_config(args.project), args.batch, args.reason, by, timeout=args.wait)))
+
+
 def cmd_versions(args: argparse.Namespace) -> None:
     from pipelines.serving.repository import version_rows
 
@@ -200,6 +215,17 @@ def main(argv: list[str] | None = None) -> None:
     rollback.add_argument("version", type=int)
     rollback.set_defaults(run=cmd_rollback)
 
+    batches = commands.add_parser("batches", help="the batches ingested into a tabular project's raw data")
+    batches.add_argument("project")
+    batches.set_defaults(run=cmd_batches)
+
+    revert_batch = commands.add_parser("revert-batch", help="take a batch out of a project's raw data, back into quarantine")
+    revert_batch.add_argument("project")
+    revert_batch.add_argument("batch", help="its name as `flywheel batches` lists it")
+    revert_batch.add_argument("--reason", required=True, help="why: kept with the batch in quarantine and in the ledger")
+    revert_batch.add_argument("--wait", type=float, default=60, help="seconds to wait for a running retrain to let go of the data")
+    revert_batch.set_defaults(run=cmd_revert_batch)
+
     versions = commands.add_parser("versions", help="the published versions of every project's model (or one project's)")
     versions.add_argument("project", nargs="?")
     versions.set_defaults(run=cmd_versions)
@@ -211,7 +237,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         args.run(args)
-    except (NotRetryable, ValueError, FileNotFoundError, TritonUnavailable) as error:
+    except (NotRetryable, ValueError, FileNotFoundError, TritonUnavailable, DataLocked) as error:
         sys.exit(f"flywheel {args.command}: {error}")
 
 

@@ -35,6 +35,8 @@ DEFAULTS_FILE = "defaults.yaml"  # in projects/: what every project of the deplo
 PROJECT_NAME = r"^[a-z][a-z0-9_]*$"
 # Without an id column, a row's id is a hash of its values (pipelines.data.ingest.row_ids).
 ROW_ID = "row_id"
+# Each raw row's batch: the batch's file name in the archive (pipelines.data.batches).
+BATCH = "_batch"
 # A deployment's changes to params.yaml (serving profile, Triton and Pushgateway addresses), in
 # a YAML file of the same sections: in the compose deployment, docker-compose.yml's
 # `flywheel-params` config, mounted at /opt/flywheel/params.compose.yaml.
@@ -102,9 +104,9 @@ class DatasetConfig(Strict):
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValueError(f"dataset.features lists {duplicates} more than once")
-        reserved = set(names) & {self.id_column, self.time_column, self.label.column, ROW_ID}
+        reserved = set(names) & {self.id_column, self.time_column, self.label.column, ROW_ID, BATCH}
         if reserved:
-            raise ValueError(f"dataset.features must not include the id, time or label column (or {ROW_ID!r}): {sorted(reserved)}")
+            raise ValueError(f"dataset.features must not include the id, time or label column (or {ROW_ID!r}, {BATCH!r}): {sorted(reserved)}")
         return self
 
     @property

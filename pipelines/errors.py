@@ -17,3 +17,7 @@ class NotRetryable(Exception):
 
 class TritonUnavailable(RuntimeError):
     """Triton could not be started or reached: transient, the task's retries apply."""
+
+
+class DataLocked(RuntimeError):
+    """Another step holds a project's raw data (pipelines.data.batches.data_lock). Retryable: it lets go."""

@@ -183,6 +183,16 @@ def rollback(project: str, version: int, run: Record) -> Record:
     return put_back(load_project(project), version, run)
 
 
+# --- revert_batch__<project> ----------------------------------------------------------------
+
+
+def revert_batch(project: str, batch: str, reason: str, run: Record) -> Record:
+    """Take ``batch`` out of the project's raw data, back into quarantine, as a new data version."""
+    from pipelines.data.batches import LOCK_WAIT_S, revert
+
+    return revert(load_config(project), batch, reason, run, timeout=LOCK_WAIT_S)
+
+
 # --- finetune__<project> --------------------------------------------------------------------
 
 

@@ -25,7 +25,9 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from pipelines.artifacts import DOCS_FILE, RESULT_FILE
-from pipelines.config import ROW_ID, DatasetConfig, MetricsConfig, ProjectConfig
+from pipelines.config import BATCH, ROW_ID, DatasetConfig, MetricsConfig, ProjectConfig
+from pipelines.data.batches import LOCK_WAIT_S, data_lock
+from pipelines.data.batches import record as record_batch
 from pipelines.data.schema import read_batch_file, typed
 from pipelines.data.validation import BatchValidator, Outcome
 from pipelines.errors import NotRetryable
@@ -44,16 +46,21 @@ class BatchValidationError(NotRetryable):
         self.summary = summary
 
 
-def _move_into(path: Path, directory: Path) -> Path:
+def free_name(directory: Path, name: str) -> Path:
+    """``directory/name``, or if taken the first free of ``<stem>.2<suffix>``, ``<stem>.3<suffix>``, ..."""
+    target, copy = directory / name, 2
+    while target.exists():
+        target, copy = directory / f"{Path(name).stem}.{copy}{Path(name).suffix}", copy + 1
+    return target
+
+
+def move_into(path: Path, directory: Path) -> Path:
     """Move a file into a directory without overwriting: a second ``x.csv`` becomes ``x.2.csv``."""
     directory.mkdir(parents=True, exist_ok=True)
-    target, copy = directory / path.name, 2
-    while target.exists():
-        target, copy = directory / f"{path.stem}.{copy}{path.suffix}", copy + 1
-    return Path(shutil.move(path, target))
+    return Path(shutil.move(path, free_name(directory, path.name)))
 
 
-def _quarantine_folder(root: Path, batch: Path) -> Path:
+def quarantine_folder(root: Path, batch: Path) -> Path:
     """The batch's own folder: the first of ``<stem>``, ``<stem>.2``, ... that does not yet hold
     this batch (a folder left half-made by a crash is completed, not abandoned)."""
     folder, copy = root / batch.stem, 2
@@ -74,13 +81,15 @@ def row_ids(rows: pd.DataFrame) -> pd.Series:
     return pd.Series(pd.util.hash_pandas_object(rows, index=False).to_numpy().view("int64"), index=rows.index, name=ROW_ID)
 
 
-def append_to_raw(dataset: DatasetConfig, batch: pd.DataFrame) -> int:
-    """Add a typed batch (``schema.typed``) to the raw dataset (newer copies of an id win);
-    returns the row count. Raw data written before batches were typed is typed on the way."""
+def append_to_raw(dataset: DatasetConfig, batch: pd.DataFrame, name: str) -> int:
+    """Add a typed batch (``schema.typed``) to the raw dataset, each row marked with the batch's
+    archived file ``name`` (newer copies of an id win); returns the row count. Raw data written
+    before batches were typed is typed on the way."""
     path = dataset.raw_path
     rows = batch[dataset.columns]
     if dataset.id_column is None:
         rows = rows.assign(**{ROW_ID: row_ids(rows)})
+    rows = rows.assign(**{BATCH: name})
     parts = [_typed_raw(pd.read_parquet(path), dataset)] if path.exists() else []
     order = [c for c in (dataset.time_column, dataset.key) if c]
     combined = (
@@ -104,7 +113,9 @@ def _typed_raw(raw: pd.DataFrame, dataset: DatasetConfig) -> pd.DataFrame:
     rows, problems = typed(raw[dataset.columns], dataset)
     if problems:
         raise NotRetryable(f"{dataset.raw_path}: the raw data holds values that do not parse: {'; '.join(problems)}")
-    return rows.assign(**{ROW_ID: row_ids(rows)}) if dataset.id_column is None else rows
+    if dataset.id_column is None:
+        rows = rows.assign(**{ROW_ID: row_ids(rows)})
+    return rows.assign(**{BATCH: raw[BATCH] if BATCH in raw.columns else None})
 
 
 def land_file(dataset: DatasetConfig, source: Path) -> Path:
@@ -143,11 +154,11 @@ def quarantine(dataset: DatasetConfig, batch: Path, result: Record, docs_page: P
     """Move ``batch`` into its own folder of the quarantine with its validation ``result`` (and
     Data Docs page); returns the folder. Reports first, then the batch: a crash in between leaves
     the batch in landing, to be redone."""
-    folder = _quarantine_folder(dataset.quarantine_dir, batch)
+    folder = quarantine_folder(dataset.quarantine_dir, batch)
     write_json(folder / RESULT_FILE, result)
     if docs_page is not None:
         shutil.copyfile(docs_page, folder / DOCS_FILE)
-    _move_into(batch, folder)
+    move_into(batch, folder)
     return folder
 
 
@@ -164,44 +175,48 @@ def ingest_landing(config: ProjectConfig) -> Record:
         log.info("No new batches in %s", landing)
         return {**summary, "raw_rows": raw_rows(dataset)}
 
-    validator = BatchValidator(dataset, config.home)  # a broken suite stops here, before any batch moves
-    problems: list[str] = []
-    for batch in batches:
-        frame = read_batch(batch, dataset.columns)
-        if isinstance(frame, str):
-            record = {
-                "success": False,
-                "batch": batch.name,
-                "error": frame,
-                "expected_columns": dataset.columns,
-                "checked_at": datetime.now(timezone.utc).isoformat(),
-            }
-            outcome, rows = Outcome(False, record, [frame]), 0
-        else:
-            outcome, rows = validator.validate(frame, batch.stem), len(frame)
-            missing = [c for c in dataset.columns if c not in frame.columns]
-            if missing:
-                outcome.failures.insert(0, f"missing required columns {missing}; expected {dataset.columns}")
-            # Typed as the later steps read it: a value that does not parse refuses the batch here.
-            frame, unparsed = typed(frame, dataset)
-            if unparsed:
-                result = {**outcome.result, "success": False, "unparsed_columns": unparsed}
-                outcome = Outcome(False, result, [*unparsed, *outcome.failures], outcome.docs_page)
+    # One writer of the raw data at a time: a revert (pipelines.data.batches) waits for this.
+    with data_lock(config.data_dir, f"ingestion of {[b.name for b in batches]}", LOCK_WAIT_S):
+        validator = BatchValidator(dataset, config.home)  # a broken suite stops here, before any batch moves
+        problems: list[str] = []
+        for batch in batches:
+            frame = read_batch(batch, dataset.columns)
+            if isinstance(frame, str):
+                record = {
+                    "success": False,
+                    "batch": batch.name,
+                    "error": frame,
+                    "expected_columns": dataset.columns,
+                    "checked_at": datetime.now(timezone.utc).isoformat(),
+                }
+                outcome, rows = Outcome(False, record, [frame]), 0
+            else:
+                outcome, rows = validator.validate(frame, batch.stem), len(frame)
+                missing = [c for c in dataset.columns if c not in frame.columns]
+                if missing:
+                    outcome.failures.insert(0, f"missing required columns {missing}; expected {dataset.columns}")
+                # Typed as the later steps read it: a value that does not parse refuses the batch here.
+                frame, unparsed = typed(frame, dataset)
+                if unparsed:
+                    result = {**outcome.result, "success": False, "unparsed_columns": unparsed}
+                    outcome = Outcome(False, result, [*unparsed, *outcome.failures], outcome.docs_page)
 
-        if outcome.success and not isinstance(frame, str):
-            total = append_to_raw(dataset, frame)
-            _move_into(batch, dataset.archive_dir)
-            summary["passed"].append(batch.name)
-            summary["rows_ingested"] += rows
-            log.info("%s: %d rows passed validation; raw dataset now has %d rows", batch.name, rows, total)
-            continue
+            if outcome.success and not isinstance(frame, str):
+                archived = free_name(dataset.archive_dir, batch.name)  # the batch's name in the raw data and the ledger
+                total = append_to_raw(dataset, frame, archived.name)
+                move_into(batch, dataset.archive_dir)  # to `archived`: the data lock keeps other writers out
+                record_batch(config, "ingested", batch=archived.name, source=batch.name, rows=rows)
+                summary["passed"].append(batch.name)
+                summary["rows_ingested"] += rows
+                log.info("%s: %d rows passed validation; raw dataset now has %d rows", batch.name, rows, total)
+                continue
 
-        folder = quarantine(dataset, batch, outcome.result, outcome.docs_page)
-        summary["quarantined"].append(batch.name)
-        summary["rows_quarantined"] += rows
-        lines = "\n".join(f"    {line}" for line in outcome.failures)
-        problems.append(f"- {batch.name} -> {folder} ({RESULT_FILE}, {DOCS_FILE if outcome.docs_page else 'no Data Docs'})\n{lines}")
-        log.error("%s failed validation, moved to %s:\n%s", batch.name, folder, lines)
+            folder = quarantine(dataset, batch, outcome.result, outcome.docs_page)
+            summary["quarantined"].append(batch.name)
+            summary["rows_quarantined"] += rows
+            lines = "\n".join(f"    {line}" for line in outcome.failures)
+            problems.append(f"- {batch.name} -> {folder} ({RESULT_FILE}, {DOCS_FILE if outcome.docs_page else 'no Data Docs'})\n{lines}")
+            log.error("%s failed validation, moved to %s:\n%s", batch.name, folder, lines)
 
     summary["raw_rows"] = raw_rows(dataset)
     report(config.metrics, config.identity, summary)  # before raising, so a quarantine reaches Prometheus

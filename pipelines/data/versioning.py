@@ -114,12 +114,18 @@ def version_split(config: ProjectConfig) -> Record:
     in one repository at once fail on DVC's lock: each retrain DAG runs one at a time
     (``max_active_runs=1``); projects have repositories of their own.
     """
+    from pipelines.data.batches import LOCK_WAIT_S, data_lock, record, unversioned
+
     raw_path(config.dataset)
     write_stage(config)
-    with in_repository(config.data_dir, remote_url(config.versioning, config.home)) as repo:
-        reproduced = repo.reproduce(STAGE)
-        repo.push()
-    return {"data_version": data_version(config), "cache_hit": not reproduced}
+    with data_lock(config.data_dir, "the DVC split", LOCK_WAIT_S):
+        with in_repository(config.data_dir, remote_url(config.versioning, config.home)) as repo:
+            reproduced = repo.reproduce(STAGE)
+            repo.push()
+        version = data_version(config)
+        if fresh := unversioned(config):
+            record(config, "versioned", batches=fresh, data_version=version)
+    return {"data_version": version, "cache_hit": not reproduced}
 
 
 def track(config: AnyProject, path: Path) -> dict[str, str]:

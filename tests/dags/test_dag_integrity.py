@@ -51,8 +51,8 @@ def test_every_dag_file_imports_without_errors(dagbag):
 
 def test_each_project_gets_the_dags_of_its_kind(dagbag):
     assert set(dagbag.dags) == {
-        "retrain__flights", "drift__flights", "rollback__flights",
-        "retrain__taxis", "drift__taxis", "rollback__taxis",
+        "retrain__flights", "drift__flights", "rollback__flights", "revert_batch__flights",
+        "retrain__taxis", "drift__taxis", "rollback__taxis", "revert_batch__taxis",
         "finetune__reviews", "drift__reviews", "rollback__reviews",
     }
     assert "project:taxis" in dagbag.dags["retrain__taxis"].tags
@@ -64,7 +64,7 @@ def test_adding_a_project_folder_adds_its_dags_and_removing_it_removes_them(home
     deployment = tmp_path / "deployment"
     shutil.copytree(home, deployment)
     make_project(deployment, name="boats")
-    assert {"retrain__boats", "drift__boats", "rollback__boats"} <= set(parse(deployment).dags)
+    assert {"retrain__boats", "drift__boats", "rollback__boats", "revert_batch__boats"} <= set(parse(deployment).dags)
 
     shutil.rmtree(deployment / "projects" / "boats")
     assert not any(dag_id.endswith("__boats") for dag_id in parse(deployment).dags)
@@ -145,6 +145,19 @@ def test_rollback_params_refuse_what_cannot_be_a_version(dagbag):
     good.update({"version": 2})
     good.validate()
     for bad in ({"version": 0}, {"version": "two"}):
+        with pytest.raises(ParamValidationError, match=f"Invalid input for param {next(iter(bad))}"):
+            ParamsDict(dag.params).update(bad)
+
+
+def test_revert_batch_params_need_a_batch_and_a_reason(dagbag):
+    from airflow.sdk.definitions.param import ParamsDict
+    from airflow.sdk.exceptions import ParamValidationError
+
+    dag = dagbag.dags["revert_batch__flights"]
+    good = ParamsDict(dag.params)
+    good.update({"batch": "2013-03.csv", "reason": "labels of March were shifted by a day upstream"})
+    good.validate()
+    for bad in ({"batch": ""}, {"reason": "oops"}):
         with pytest.raises(ParamValidationError, match=f"Invalid input for param {next(iter(bad))}"):
             ParamsDict(dag.params).update(bad)
 

@@ -85,7 +85,7 @@ def test_a_metric_of_the_wrong_task_is_refused(tmp_path):
 def test_the_label_cannot_also_be_a_feature(tmp_path):
     home = write_params(tmp_path, lambda p: p["dataset"]["features"].append({"name": "arr_delayed", "type": "numeric"}))
 
-    with pytest.raises(ConfigError, match=r"must not include the id, time or label column \(or 'row_id'\): \['arr_delayed'\]"):
+    with pytest.raises(ConfigError, match=r"must not include the id, time or label column \(or 'row_id', '_batch'\): \['arr_delayed'\]"):
         load_config("flights", home)
 
 

@@ -8,7 +8,7 @@ import json
 import pandas as pd
 import pytest
 
-from pipelines.config import ProjectConfig
+from pipelines.config import BATCH, ProjectConfig
 from pipelines.data import ingest
 from pipelines.data.ingest import BatchValidationError, ingest_landing
 from pipelines.data.replay import land, month_batch
@@ -38,11 +38,11 @@ def seed_raw(config: ProjectConfig, month: str = "2013-01") -> bytes:
 
 
 class CrashOnce:
-    """Stands in for ``ingest._move_into`` and fails its first call, like a killed worker."""
+    """Stands in for ``ingest.move_into`` and fails its first call, like a killed worker."""
 
     def __init__(self) -> None:
         self.calls = 0
-        self.real = ingest._move_into
+        self.real = ingest.move_into
 
     def __call__(self, path, directory):
         self.calls += 1
@@ -82,7 +82,8 @@ def test_passing_batch_is_appended_to_raw_and_archived(project):
     assert set(raw(project)["month"]) == {1, 2}
     assert list(landing(project).iterdir()) == []
     assert (project.path(project.dataset.archive_dir) / "2013-02.csv").is_file()
-    assert list(raw(project).columns) == project.dataset.columns
+    assert list(raw(project).columns) == [*project.dataset.columns, BATCH]
+    assert raw(project).query("month == 2")[BATCH].eq("2013-02.csv").all()  # each row names its batch
 
 
 def test_resent_batch_replaces_older_rows_instead_of_duplicating(project):
@@ -216,7 +217,7 @@ def test_mixed_night_ingests_the_good_batches_and_quarantines_the_bad(project):
 def test_crash_after_raw_write_leaves_the_batch_in_landing_and_the_rerun_does_not_duplicate(project, monkeypatch):
     # Given a crash between writing raw and archiving the landing file
     land(project.dataset, "2013-10", rows=ROWS)
-    monkeypatch.setattr(ingest, "_move_into", CrashOnce())
+    monkeypatch.setattr(ingest, "move_into", CrashOnce())
     with pytest.raises(OSError, match="simulated crash"):
         ingest_landing(project)
     assert (landing(project) / "2013-10.csv").is_file()
@@ -234,7 +235,7 @@ def test_crash_while_quarantining_leaves_the_batch_in_landing_and_the_rerun_comp
 ):
     # Given a crash after the reports are written but before the batch is moved to quarantine
     land(project.dataset, "2013-11", rows=ROWS, broken=True)
-    monkeypatch.setattr(ingest, "_move_into", CrashOnce())
+    monkeypatch.setattr(ingest, "move_into", CrashOnce())
     with pytest.raises(OSError, match="simulated crash"):
         ingest_landing(project)
     assert (landing(project) / "2013-11.csv").is_file()

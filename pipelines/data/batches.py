@@ -1,0 +1,145 @@
+"""The batches of a tabular project's raw data: where each row came from, a ledger of what
+happened to each batch, a lock on the raw data, and taking a batch back.
+
+* Every raw row carries the batch it came from (``BATCH``: the batch's file name in the
+  archive, unique even when a batch of the same name is sent twice).
+* ``artifacts/<project>/batches.jsonl`` is the ledger: one line per event (``ingested``,
+  ``versioned``: the data version that first holds it, ``reverted``: why, by whom, the data
+  version without it). ``flywheel batches <project>`` reads it with the raw data.
+* ``data_lock`` serialises what rewrites or reads the raw data as a whole (ingestion, the DVC
+  split, a revert) across processes on one machine or a shared home: a revert that meets a
+  running retrain waits, then refuses naming the holder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pandas as pd
+import pyarrow.parquet as pq
+
+from pipelines.config import BATCH, ProjectConfig
+from pipelines.errors import DataLocked, NotRetryable
+from pipelines.lineage import Record, write_json
+
+LOCK_FILE = ".flywheel.lock"
+LOCK_WAIT_S = 600  # how long a nightly step waits for the raw data; then DataLocked, and its retries
+LEDGER_FILE = "batches.jsonl"
+REVERTED_FILE = "reverted.json"
+
+
+class UnknownBatch(NotRetryable, ValueError):
+    """The batch named is not in the raw data."""
+
+
+@contextlib.contextmanager
+def data_lock(data_dir: Path, what: str, timeout: float) -> Iterator[None]:
+    """Hold the raw data of the project whose DVC repository is ``data_dir`` while ``what`` runs
+    (``filelock``, an OS file lock); ``DataLocked`` after ``timeout`` seconds, naming the holder."""
+    from filelock import FileLock, Timeout
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    holder = data_dir / f"{LOCK_FILE}.json"
+    try:
+        with FileLock(data_dir / LOCK_FILE, timeout=timeout):
+            write_json(holder, {"what": what, "pid": os.getpid(), "host": socket.gethostname(), "since": _now()})
+            try:
+                yield
+            finally:
+                holder.unlink(missing_ok=True)
+    except Timeout:
+        held = json.loads(holder.read_text()) if holder.exists() else {}
+        by = f"{held.get('what', 'another step')} (pid {held.get('pid', '?')} on {held.get('host', '?')}, since {held.get('since', '?')})"
+        raise DataLocked(f"the raw data in {data_dir} is held by {by}; waited {timeout:g} s. Try again when it has finished") from None
+
+
+def ledger_path(config: ProjectConfig) -> Path:
+    return config.artifacts_dir / LEDGER_FILE
+
+
+def record(config: ProjectConfig, event: str, **details: object) -> None:
+    """Append an event to the project's batch ledger."""
+    path = ledger_path(config)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as out:
+        out.write(json.dumps({"time": _now(), "event": event, **details}, default=str) + "\n")
+
+
+def events(config: ProjectConfig) -> list[Record]:
+    path = ledger_path(config)
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def list_batches(config: ProjectConfig) -> list[Record]:
+    """Every batch ingested, oldest first: ``batch`` (its archived file name), ``rows`` (in the
+    raw data now: rows a later copy replaced are counted there), ``ingested_at``,
+    ``data_version`` (of the raw data that first held it; None until versioned) and ``status``
+    (``in raw`` or ``reverted``, with the reason)."""
+    batches: dict[str, Record] = {}
+    for event in events(config):
+        if event["event"] == "ingested":
+            batches[event["batch"]] = {"batch": event["batch"], "rows": 0, "ingested_at": event["time"], "data_version": None, "status": "in raw"}
+        elif event["event"] == "versioned":
+            for name in event["batches"]:
+                if name in batches and batches[name]["data_version"] is None:
+                    batches[name]["data_version"] = event["data_version"]
+        elif event["event"] == "reverted" and event["batch"] in batches:
+            batches[event["batch"]] |= {"status": "reverted", "reason": event["reason"], "reverted_at": event["time"]}
+    raw = config.dataset.raw_path
+    if not batches or not raw.exists() or BATCH not in pq.read_schema(raw).names:
+        return list(batches.values())  # raw data from before rows named their batch
+    counts = pd.read_parquet(raw, columns=[BATCH])[BATCH].value_counts()
+    for name, entry in batches.items():
+        entry["rows"] = int(counts.get(name, 0))
+    return list(batches.values())
+
+
+def unversioned(config: ProjectConfig) -> list[str]:
+    """Batches ingested that no data version holds yet."""
+    return [b["batch"] for b in list_batches(config) if b["data_version"] is None and b["status"] == "in raw"]
+
+
+def revert(config: ProjectConfig, batch: str, reason: str, by: Record, timeout: float) -> Record:
+    """Take ``batch`` back: its rows leave the raw data (a new data version, versioned and pushed
+    by DVC), its archived file goes back to quarantine with ``reason``, and the ledger records who
+    (``by``: a person or an Airflow run) and why. Returns the rows removed, the quarantine
+    folder and the new data version.
+
+    ``ValueError`` without a reason; ``UnknownBatch`` naming the batches there are;
+    ``DataLocked`` when another step holds the raw data for more than ``timeout`` seconds.
+    """
+    from pipelines.data.ingest import move_into, quarantine_folder
+    from pipelines.data.versioning import version_split
+
+    if not reason.strip():
+        raise ValueError("a revert needs a reason: it is recorded with the batch in quarantine and in the ledger")
+    dataset = config.dataset
+    with data_lock(config.data_dir, f"revert of {batch}", timeout):
+        raw = pd.read_parquet(dataset.raw_path) if dataset.raw_path.exists() else pd.DataFrame(columns=[BATCH])
+        if BATCH not in raw.columns:
+            raw = raw.assign(**{BATCH: None})
+        removed = raw[BATCH] == batch
+        if not removed.any():
+            known = sorted(set(raw[BATCH].dropna()))
+            raise UnknownBatch(f"project {config.name}: batch {batch!r} has no rows in the raw data; its batches are {known}")
+        partial = dataset.raw_path.with_name(f".{dataset.raw_path.name}.partial")
+        raw[~removed].to_parquet(partial, index=False)
+        os.replace(partial, dataset.raw_path)
+        archived = dataset.archive_dir / batch
+        folder = quarantine_folder(dataset.quarantine_dir, archived)
+        write_json(folder / REVERTED_FILE, {"batch": batch, "reason": reason, "by": by, "rows_removed": int(removed.sum()), "reverted_at": _now()})
+        if archived.exists():
+            move_into(archived, folder)
+    versioned = version_split(config)
+    record(config, "reverted", batch=batch, reason=reason, by=by, rows_removed=int(removed.sum()), data_version=versioned["data_version"])
+    return {"batch": batch, "rows_removed": int(removed.sum()), "quarantine": config.portable(folder), "data_version": versioned["data_version"]}
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
