@@ -18,6 +18,7 @@ from pathlib import Path
 
 from pipelines.config import load_config, load_deployment, load_project, load_text_project, project_home, project_kinds
 from pipelines.errors import DataLocked, NotRetryable, TritonUnavailable
+from pipelines.launch.up import UpError
 
 
 def cmd_init(args: argparse.Namespace) -> None:
@@ -73,19 +74,21 @@ def cmd_up(args: argparse.Namespace) -> None:
     from pipelines.launch.airflow import LocalAirflow
     from pipelines.launch.demo import REPO
     from pipelines.launch.triton import TritonServer
+    from pipelines.launch.up import only_instance, supervise
 
     deployment = load_deployment()
     airflow = LocalAirflow(REPO / ".airflow", REPO / "dags", REPO / "plugins", port=args.port, extra_env={"FLYWHEEL_HOME": str(deployment.home)})
-    with TritonServer(deployment) as triton, airflow:
+    triton = TritonServer(deployment)
+    with only_instance(airflow.airflow_home, airflow_port=args.port, triton=triton.url), triton, airflow:
         print(
             f"Airflow: http://localhost:{args.port} (user admin, password {airflow.password})\n"
             f"Triton:  {triton.url} (gRPC :{deployment.serving.triton.grpc_port}, metrics :{deployment.serving.triton.metrics_port})\n"
             f"Projects: {', '.join(project_kinds(deployment.home))}\n"
-            "Ctrl-C stops both.",
+            "Triton is restarted if it exits. Ctrl-C stops both.",
             flush=True,
         )
         try:
-            airflow.wait()
+            supervise({"Triton": triton, "Airflow": airflow}, restartable={"Triton"})
         except KeyboardInterrupt:
             pass
 
@@ -237,7 +240,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         args.run(args)
-    except (NotRetryable, ValueError, FileNotFoundError, TritonUnavailable, DataLocked) as error:
+    except (NotRetryable, ValueError, FileNotFoundError, TritonUnavailable, DataLocked, UpError) as error:
         sys.exit(f"flywheel {args.command}: {error}")
 
 

@@ -270,6 +270,17 @@ class LocalAirflow:
             raise LocalAirflowError("Airflow is not running")
         return next(iter(self._procs.values())).wait()
 
+    def poll(self) -> int | None:
+        """The exit code of the first process started if it stopped, None while it runs."""
+        if not self._procs:
+            raise LocalAirflowError("Airflow is not running")
+        return next(iter(self._procs.values())).poll()
+
+    def log_tail(self, lines: int = 30) -> str:
+        """The last ``lines`` of the first process's log."""
+        name = next(iter(self.processes()))
+        return "\n".join(self.log_of(name).read_text(errors="replace").splitlines()[-lines:]) if self.log_of(name).exists() else ""
+
     def token(self) -> str:
         """A JWT for the REST API from the simple auth manager's ``POST /auth/token``; cached."""
         if self._token is None:

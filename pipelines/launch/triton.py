@@ -90,6 +90,11 @@ class TritonServer:
     def url(self) -> str:
         return f"{self.host}:{self.ports.http_port}"
 
+    @property
+    def pid(self) -> int | None:
+        """PID of tritonserver (also its process group's id), if started."""
+        return self._proc.pid if self._proc else None
+
     def __enter__(self) -> TritonServer:
         self.start()
         return self
@@ -169,6 +174,12 @@ class TritonServer:
         if self._proc is None:
             raise TritonUnavailable("tritonserver is not running")
         return self._proc.wait()
+
+    def poll(self) -> int | None:
+        """The exit code of a tritonserver that stopped, None while it runs (``TritonUnavailable`` if never started)."""
+        if self._proc is None:
+            raise TritonUnavailable("tritonserver is not running")
+        return self._proc.poll()
 
     def log_tail(self, lines: int = 30) -> str:
         return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])

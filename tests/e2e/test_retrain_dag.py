@@ -141,6 +141,24 @@ def test_a_batch_mixing_time_forms_is_parsed_and_a_night_with_nothing_new_skips_
     assert "nothing new: run" in log and "train, export, gate and publish are skipped" in log
 
 
+def test_a_batch_taken_back_through_its_dag_leaves_the_data_and_the_next_night_trains_without_it(airflow):
+    airflow, config = airflow
+    run_id = airflow.trigger("revert_batch__flights", {"batch": "2013-03.csv", "reason": "e2e: March came from the test system"})
+
+    assert airflow.wait_for_run("revert_batch__flights", run_id, timeout=300) == "success", airflow.task_instances("revert_batch__flights", run_id)
+    reverted = airflow.xcom("revert_batch__flights", run_id, "revert")
+    assert reverted["rows_removed"] == ROWS
+    assert 3 not in set(pd.read_parquet(config.dataset.raw_path)["month"])
+    assert (config.home / reverted["quarantine"] / "2013-03.csv").is_file()
+
+    # The data changed, so the next night trains on the data without it
+    run_id, state = run_retrain(airflow)
+
+    assert state == "success", airflow.task_instances(RETRAIN, run_id)
+    assert airflow.xcom(RETRAIN, run_id, "version_data")["data_version"] == reverted["data_version"]
+    assert {t["task_id"]: t["state"] for t in airflow.task_instances(RETRAIN, run_id)}["train"] == "success"
+
+
 def test_a_corrupted_batch_fails_the_run_once_and_is_quarantined_with_its_report(airflow):
     airflow, config = airflow
     raw_before = config.path(config.dataset.raw_path).read_bytes()
