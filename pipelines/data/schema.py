@@ -71,22 +71,22 @@ def typed(frame: pd.DataFrame, dataset: DatasetConfig) -> tuple[pd.DataFrame, li
     ``frame`` lacks is left out (validation names it)."""
     out, problems = frame.copy(), []
 
-    def refuse(column: str, bad: pd.Series, expected: str) -> None:
+    def refuse(column: str, bad: pd.Series, expected: str, hint: str) -> None:
         samples = ", ".join(repr(v) for v in pd.unique(frame.loc[bad, column])[:SHOWN])
-        problems.append(f"{column}: {int(bad.sum()):,} of {len(frame):,} values are not {expected} (e.g. {samples})")
+        problems.append(f"{column}: {int(bad.sum()):,} of {len(frame):,} values are not {expected} (e.g. {samples}); {hint}")
 
     time = dataset.time_column
     if time and time in frame:
         out[time] = parse_times(frame[time])
         bad = frame[time].notna() & out[time].isna()
         if bad.any():
-            refuse(time, bad, "dates/times; expected ISO 8601 text such as 2013-01-01T10:00:00Z")
+            refuse(time, bad, "dates/times", "expected ISO 8601 text such as 2013-01-01T10:00:00Z")
     numeric = [*dataset.columns_of(FeatureType.numeric), dataset.label.column]
     for column in (c for c in numeric if c in frame):
         numbers = pd.to_numeric(frame[column], errors="coerce")
         bad = frame[column].notna() & numbers.isna()
         if bad.any():
-            refuse(column, bad, "numbers (text in a numeric column); leave a missing value empty")
+            refuse(column, bad, "numbers (text in a numeric column)", "leave a missing value empty")
         whole_label = column == dataset.label.column and dataset.label.task == Task.classification and numbers.notna().all()
         out[column] = numbers.astype("int64" if whole_label else "float64")
     for column in (c for c in dataset.columns_of(FeatureType.categorical) if c in frame):

@@ -81,6 +81,8 @@ def describe(result: ExpectationValidationResult) -> str:
         values = [_clip(entry["value"]) for entry in seen.get("partial_unexpected_counts", [])][:SAMPLE_VALUES]
         return f"{name}: {rows}, e.g. {values!r}"
     observed = (seen.get("details") or {}).get("mismatched") or seen.get("observed_value")
+    if observed is None:  # GE computed nothing: the values are not of the type the check reads
+        return f"{name}: could not be checked on these values (not of the column's type)"
     return f"{name}: observed {observed!r}"
 
 

@@ -384,6 +384,7 @@ def test_messages_say_what_the_file_holds(project):
     assert "distance: 200 of 200 values are not numbers (text in a numeric column)" in message and "'n/a'" in message
     assert "null" not in message.split("text.csv")[1].split("- ")[0]  # not "200 of 200 rows are null"
     assert "arr_delayed: 1 of 200 values are not numbers" in message and "'yes'" in message
+    assert "observed None" not in message
     assert "the header names 'distance' more than once" in message and "distance.1" not in message
 
 
