@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import socket
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
@@ -27,6 +26,7 @@ import pyarrow.parquet as pq
 from pipelines.config import BATCH, ProjectConfig
 from pipelines.errors import DataLocked, NotRetryable
 from pipelines.lineage import Record, write_json
+from pipelines.locks import Held, holding
 
 LOCK_FILE = ".flywheel.lock"
 LOCK_WAIT_S = 600  # how long a nightly step waits for the raw data; then DataLocked, and its retries
@@ -40,22 +40,14 @@ class UnknownBatch(NotRetryable, ValueError):
 
 @contextlib.contextmanager
 def data_lock(data_dir: Path, what: str, timeout: float) -> Iterator[None]:
-    """Hold the raw data of the project whose DVC repository is ``data_dir`` while ``what`` runs
-    (``filelock``, an OS file lock); ``DataLocked`` after ``timeout`` seconds, naming the holder."""
-    from filelock import FileLock, Timeout
-
-    data_dir.mkdir(parents=True, exist_ok=True)
-    holder = data_dir / f"{LOCK_FILE}.json"
+    """Hold the raw data of the project whose DVC repository is ``data_dir`` while ``what`` runs;
+    ``DataLocked`` after ``timeout`` seconds, naming the holder."""
     try:
-        with FileLock(data_dir / LOCK_FILE, timeout=timeout):
-            write_json(holder, {"what": what, "pid": os.getpid(), "host": socket.gethostname(), "since": _now()})
-            try:
-                yield
-            finally:
-                holder.unlink(missing_ok=True)
-    except Timeout:
-        held = json.loads(holder.read_text()) if holder.exists() else {}
-        by = f"{held.get('what', 'another step')} (pid {held.get('pid', '?')} on {held.get('host', '?')}, since {held.get('since', '?')})"
+        with holding(data_dir / LOCK_FILE, timeout, what=what):
+            yield
+    except Held as held:
+        who = held.holder
+        by = f"{who.get('what', 'another step')} (pid {who.get('pid', '?')} on {who.get('host', '?')}, since {who.get('since', '?')})"
         raise DataLocked(f"the raw data in {data_dir} is held by {by}; waited {timeout:g} s. Try again when it has finished") from None
 
 

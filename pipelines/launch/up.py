@@ -1,7 +1,7 @@
 """``flywheel up``: one local Airflow and one Triton on a deployment home, supervised.
 
 * **One at a time.** ``only_instance`` holds an OS file lock in the Airflow home for as long as
-  ``up`` runs (``filelock``; the OS lets go if the process dies), beside a record of who holds it:
+  ``up`` runs (``pipelines.locks``; the OS lets go if the process dies), with a record of who holds it:
   a second ``up`` is refused at once, naming the running one's pid and ports.
 * **Supervised.** ``supervise`` polls the servers: a Triton that exits is restarted (the
   versions its ``config.pbtxt`` files name are loaded again), at most ``max_restarts`` times in
@@ -12,16 +12,13 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-import os
 import time
 from collections.abc import Callable, Iterator, Mapping
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Protocol
 
-from pipelines.lineage import write_json
+from pipelines.locks import Held, holding
 
 log = logging.getLogger(__name__)
 LOCK_FILE = "flywheel-up.lock"
@@ -46,23 +43,15 @@ class Supervised(Protocol):
 def only_instance(folder: Path, **running: object) -> Iterator[None]:
     """Hold ``folder``'s ``up`` lock while the block runs; ``UpError`` naming the holder's pid,
     start time and ``running`` details (ports) when another ``up`` holds it."""
-    from filelock import FileLock, Timeout
-
-    folder.mkdir(parents=True, exist_ok=True)
-    record = folder / f"{LOCK_FILE}.json"
     try:
-        with FileLock(folder / LOCK_FILE, timeout=0):
-            write_json(record, {"pid": os.getpid(), "since": datetime.now(timezone.utc).isoformat(timespec="seconds"), **running})
-            try:
-                yield
-            finally:
-                record.unlink(missing_ok=True)
-    except Timeout:
-        held = json.loads(record.read_text()) if record.exists() else {}
-        details = ", ".join(f"{key} {value}" for key, value in held.items() if key not in ("pid", "since"))
+        with holding(folder / LOCK_FILE, 0, **running):
+            yield
+    except Held as held:
+        who = held.holder
+        details = ", ".join(f"{key} {value}" for key, value in who.items() if key not in ("pid", "host", "since"))
         raise UpError(
-            f"flywheel up is already running on {folder.parent} (pid {held.get('pid', '?')}, {details}, since {held.get('since', '?')}); "
-            f"use it, or stop it first (Ctrl-C in its terminal, or kill {held.get('pid', '<pid>')})"
+            f"flywheel up is already running on {folder.parent} (pid {who.get('pid', '?')}, {details}, since {who.get('since', '?')}); "
+            f"use it, or stop it first (Ctrl-C in its terminal, or kill {who.get('pid', '<pid>')})"
         ) from None
 
 
