@@ -25,7 +25,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from pipelines.artifacts import DOCS_FILE, RESULT_FILE
-from pipelines.config import BATCH, ROW_ID, DatasetConfig, MetricsConfig, ProjectConfig
+from pipelines.config import BATCH, ROW_ID, DatasetConfig, FeatureType, MetricsConfig, ProjectConfig
 from pipelines.data.batches import LOCK_WAIT_S, data_lock
 from pipelines.data.batches import record as record_batch
 from pipelines.data.schema import read_batch_file, typed
@@ -107,8 +107,8 @@ def append_to_raw(dataset: DatasetConfig, batch: pd.DataFrame, name: str) -> int
 def _typed_raw(raw: pd.DataFrame, dataset: DatasetConfig) -> pd.DataFrame:
     """Raw data as ``schema.typed`` types it: unchanged if it already is, else typed once (with
     its derived row ids hashed again from the typed values, as a re-sent row's will be)."""
-    time = dataset.time_column
-    if time is None or isinstance(raw[time].dtype, pd.DatetimeTZDtype):
+    time, numeric = dataset.time_column, dataset.columns_of(FeatureType.numeric)
+    if (time is None or isinstance(raw[time].dtype, pd.DatetimeTZDtype)) and all(raw[c].dtype == "float64" for c in numeric):
         return raw
     rows, problems = typed(raw[dataset.columns], dataset)
     if problems:
