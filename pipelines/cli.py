@@ -8,9 +8,9 @@ was wrong and what was expected, never a traceback.
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
 import logging
-import os
 import signal
 import sys
 from datetime import datetime, timezone
@@ -30,8 +30,8 @@ def cmd_init(args: argparse.Namespace) -> None:
     )
     print("\n".join(profile.summary))
     print(f"\nwrote {folder / 'params.yaml'} and {folder / 'expectations.json'}; the project's DAGs appear at the next parse:")
-    print(f"  retrain__{args.project}, drift__{args.project}, rollback__{args.project}")
-    print(f"land batches with `flywheel land {args.project} <file.csv>`")
+    print(f"  retrain__{args.project}, drift__{args.project}, rollback__{args.project}, revert_batch__{args.project}")
+    print(f"land batches with `flywheel land {args.project} <file.csv|file.parquet>`")
 
 
 def cmd_land(args: argparse.Namespace) -> None:
@@ -139,7 +139,7 @@ def cmd_batches(args: argparse.Namespace) -> None:
 def cmd_revert_batch(args: argparse.Namespace) -> None:
     from pipelines.data.batches import revert
 
-    by = {"user": os.environ.get("USER") or "unknown", "via": "flywheel revert-batch"}
+    by = {"user": getpass.getuser(), "via": "flywheel revert-batch"}
     print(json.dumps(revert(load_config(args.project), args.batch, args.reason, by, timeout=args.wait)))
 
 

@@ -83,22 +83,26 @@ def version_data(project: str) -> Record:
 
 def needs_training(project: str, data_version: dict[str, str], params: Record) -> Record:
     """Whether this run has anything to train: ``{"train": bool, "reason": str}``. Nothing, when
-    the data version is the one the project's last completed run trained on and no Param asks
-    for another run (a retrain would reuse that run's candidate and the gate refuse it again)."""
+    the splits (what training and the gate read) hash as those of the project's last completed
+    run and no Param asks for another run: a retrain would reuse that run's candidate and the
+    gate refuse it again. Raw data that changed without changing the splits (a batch re-sent
+    as it was) is nothing new."""
     from pipelines.serving.publish import run_records
 
     asked = sorted(name for name, value in params.items() if value not in (None, False, ""))
     if asked:
         return {"train": True, "reason": f"the run's Params set {asked}"}
-    records = run_records(load_config(project).artifacts_dir)
+    config = load_config(project)
+    records = run_records(config.artifacts_dir)
     if not records:
         return {"train": True, "reason": "no run has trained this project yet"}
+    splits = config.portable(config.split.output_dir) + "/"
     last = records[-1]
-    if last["data_version"] != data_version:
+    if {k: v for k, v in last["data_version"].items() if k.startswith(splits)} != {k: v for k, v in data_version.items() if k.startswith(splits)}:
         return {"train": True, "reason": f"the data changed since run {last['airflow']['run_id']}"}
     return {
         "train": False,
-        "reason": f"nothing new: run {last['airflow']['run_id']} ({last['created_at']}) trained on this data version "
+        "reason": f"nothing new: run {last['airflow']['run_id']} ({last['created_at']}) trained on these splits "
         f"and no Param is set; train, export, gate and publish are skipped",
     }
 

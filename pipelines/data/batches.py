@@ -69,14 +69,18 @@ def events(config: ProjectConfig) -> list[Record]:
 
 
 def list_batches(config: ProjectConfig) -> list[Record]:
-    """Every batch ingested, oldest first: ``batch`` (its archived file name), ``rows`` (in the
-    raw data now: rows a later copy replaced are counted there), ``ingested_at``,
-    ``data_version`` (of the raw data that first held it; None until versioned) and ``status``
-    (``in raw`` or ``reverted``, with the reason)."""
+    """Every batch ingested, oldest first: ``batch`` (its archived file name), ``source`` (its
+    name when it landed), ``ingested_at``, ``rows_ingested``, ``rows`` (in the raw data now),
+    ``data_version`` (of the raw data that first held it; None until versioned) and ``status``:
+    ``in raw``, ``replaced`` (a later batch re-sent every one of its rows) or ``reverted`` (with
+    the reason and time)."""
     batches: dict[str, Record] = {}
     for event in events(config):
         if event["event"] == "ingested":
-            batches[event["batch"]] = {"batch": event["batch"], "rows": 0, "ingested_at": event["time"], "data_version": None, "status": "in raw"}
+            batches[event["batch"]] = {
+                "batch": event["batch"], "source": event.get("source"), "ingested_at": event["time"],
+                "rows_ingested": event["rows"], "rows": 0, "data_version": None, "status": "in raw",
+            }
         elif event["event"] == "versioned":
             for name in event["batches"]:
                 if name in batches and batches[name]["data_version"] is None:
@@ -84,11 +88,12 @@ def list_batches(config: ProjectConfig) -> list[Record]:
         elif event["event"] == "reverted" and event["batch"] in batches:
             batches[event["batch"]] |= {"status": "reverted", "reason": event["reason"], "reverted_at": event["time"]}
     raw = config.dataset.raw_path
-    if not batches or not raw.exists() or BATCH not in pq.read_schema(raw).names:
-        return list(batches.values())  # raw data from before rows named their batch
-    counts = pd.read_parquet(raw, columns=[BATCH])[BATCH].value_counts()
-    for name, entry in batches.items():
-        entry["rows"] = int(counts.get(name, 0))
+    if batches and raw.exists() and BATCH in pq.read_schema(raw).names:
+        counts = pd.read_parquet(raw, columns=[BATCH])[BATCH].value_counts()
+        for name, entry in batches.items():
+            entry["rows"] = int(counts.get(name, 0))
+            if entry["rows"] == 0 and entry["status"] == "in raw":
+                entry["status"] = "replaced"
     return list(batches.values())
 
 
@@ -118,6 +123,10 @@ def revert(config: ProjectConfig, batch: str, reason: str, by: Record, timeout: 
             raw = raw.assign(**{BATCH: None})
         removed = raw[BATCH] == batch
         if not removed.any():
+            listed = {b["batch"]: b for b in list_batches(config)}
+            if batch in listed and listed[batch]["status"] != "in raw":
+                why = f" ({listed[batch]['reason']})" if "reason" in listed[batch] else ""
+                raise UnknownBatch(f"project {config.name}: batch {batch!r} has no rows left in the raw data: it was {listed[batch]['status']}{why}")
             known = sorted(set(raw[BATCH].dropna()))
             raise UnknownBatch(f"project {config.name}: batch {batch!r} has no rows in the raw data; its batches are {known}")
         partial = dataset.raw_path.with_name(f".{dataset.raw_path.name}.partial")

@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 
 from pipelines.artifacts import DOCS_FILE, RESULT_FILE
 from pipelines.config import BATCH, ROW_ID, DatasetConfig, FeatureType, MetricsConfig, ProjectConfig
-from pipelines.data.batches import LOCK_WAIT_S, data_lock
+from pipelines.data.batches import LOCK_WAIT_S, data_lock, list_batches
 from pipelines.data.batches import record as record_batch
 from pipelines.data.schema import read_batch_file, typed
 from pipelines.data.validation import BatchValidator, Outcome
@@ -61,10 +61,11 @@ def move_into(path: Path, directory: Path) -> Path:
 
 
 def quarantine_folder(root: Path, batch: Path) -> Path:
-    """The batch's own folder: the first of ``<stem>``, ``<stem>.2``, ... that does not yet hold
-    this batch (a folder left half-made by a crash is completed, not abandoned)."""
+    """The batch's own folder: the first of ``<stem>``, ``<stem>.2``, ... that holds no batch file
+    yet (a folder left half-made by a crash, reports without the batch, is completed, not abandoned)."""
     folder, copy = root / batch.stem, 2
-    while (folder / batch.name).exists():
+    # Taken: it holds this batch, or another batch of the same stem (x.csv beside x.parquet).
+    while folder.is_dir() and any(p.suffix.lower() in BATCH_SUFFIXES for p in folder.iterdir()):
         folder, copy = root / f"{batch.stem}.{copy}", copy + 1
     return folder
 
@@ -178,6 +179,7 @@ def ingest_landing(config: ProjectConfig) -> Record:
     # One writer of the raw data at a time: a revert (pipelines.data.batches) waits for this.
     with data_lock(config.data_dir, f"ingestion of {[b.name for b in batches]}", LOCK_WAIT_S):
         validator = BatchValidator(dataset, config.home)  # a broken suite stops here, before any batch moves
+        reverted = {b["source"]: b["reason"] for b in list_batches(config) if b["status"] == "reverted"}
         problems: list[str] = []
         for batch in batches:
             frame = read_batch(batch, dataset.columns)
@@ -206,6 +208,8 @@ def ingest_landing(config: ProjectConfig) -> Record:
                 total = append_to_raw(dataset, frame, archived.name)
                 move_into(batch, dataset.archive_dir)  # to `archived`: the data lock keeps other writers out
                 record_batch(config, "ingested", batch=archived.name, source=batch.name, rows=rows)
+                if batch.name in reverted:
+                    log.warning("%s was reverted before (%s); it is ingested again as %s", batch.name, reverted[batch.name], archived.name)
                 summary["passed"].append(batch.name)
                 summary["rows_ingested"] += rows
                 log.info("%s: %d rows passed validation; raw dataset now has %d rows", batch.name, rows, total)

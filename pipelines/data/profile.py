@@ -58,7 +58,10 @@ MODEL: Record = {"embedding_dim": 8, "hidden_sizes": [64, 32], "dropout": 0.1}
 TRAIN = {"max_epochs": 8, "batch_size": 1024, "learning_rate": 0.003, "patience": 2, "seed": 13}
 CLASSIFICATION_GATE = {"metric": "roc_auc", "min_improvement": 0.002, "floor": 0.55}
 
-# Tried in this order; the first that every sample value fits becomes the suite's strftime check.
+# A date, optionally a time (T or a space), fractions, and Z or an offset: any ISO 8601 form, as
+# ingestion parses it (pipelines.data.schema.parse_times). A sample in ISO 8601 gets this check.
+ISO_8601 = r"^\d{4}-\d{2}-\d{2}(?:[T ]\d{2}:\d{2}(?::\d{2}(?:\.\d+)?)?)?(?:Z|[+-]\d{2}:?\d{2})?$"
+# Otherwise, tried in this order; the first that every sample value fits becomes the suite's strftime check.
 # ISO 8601 first; month-first before day-first, as pandas guesses.
 TIME_FORMATS = (
     "%Y-%m-%dT%H:%M:%SZ",
@@ -422,7 +425,8 @@ def _time(column: pd.Series, name: str) -> tuple[list[str], list[Record]]:
             f"--time column {name!r} does not parse as dates/times in {int(text.isin(set(bad)).sum()):,} rows "
             f"(e.g. {_show(bad)}); expected date/time text such as 2013-01-01T10:00:00Z"
         )
-    fmt = _strftime_format(distinct.tolist())
+    iso = distinct.str.fullmatch(ISO_8601).all()
+    fmt = None if iso else _strftime_format(distinct.tolist())
     expectations = [
         _expect(
             "expect_column_values_to_not_be_null",
@@ -430,7 +434,17 @@ def _time(column: pd.Series, name: str) -> tuple[list[str], list[Record]]:
             f"{name} orders the rows for the time split; a row without it would fall out of every split.",
         )
     ]
-    if fmt:
+    if iso:
+        expectations.append(
+            _expect(
+                "expect_column_values_to_match_regex",
+                {"column": name, "regex": ISO_8601},
+                f"Every {name} in the sample is ISO 8601, which ingestion parses in any of its forms (Z, fractions, "
+                "offsets, T or a space): a batch in another format means the export changed.",
+            )
+        )
+        how = "ISO 8601"
+    elif fmt:
         expectations.append(
             _expect(
                 "expect_column_values_to_match_strftime_format",

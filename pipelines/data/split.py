@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipelines.config import DatasetConfig, SplitConfig, load_config
+from pipelines.config import BATCH, DatasetConfig, SplitConfig, load_config
 from pipelines.data.schema import parse_times
 from pipelines.errors import NotRetryable
 from pipelines.lineage import Record, write_json
@@ -115,7 +115,8 @@ def run(dataset: DatasetConfig, split: SplitConfig) -> Record:
     """Split the raw dataset (``dataset.raw_path``) and write the parts and ``summary.json``
     (DVC's metric: rows, time span, label mean of each part) into ``split.output_dir``.
     ``FileNotFoundError`` without raw data; ``ValueError`` when a part would be empty."""
-    raw = pd.read_parquet(raw_path(dataset))
+    # Where a row came from is the raw data's business: the splits (and their hashes) hold the rows only.
+    raw = pd.read_parquet(raw_path(dataset)).drop(columns=[BATCH], errors="ignore")
     if dataset.time_column:
         parts = split_by_time(raw, dataset.time_column, dataset.key, split.train, split.val)
     else:

@@ -47,9 +47,11 @@ def test_each_row_names_its_batch_and_the_ledger_lists_them_with_their_data_vers
 
     listed = {b["batch"]: b for b in list_batches(project)}
     assert list(listed) == ["2013-02.csv", "2013-03.csv", "2013-03.2.csv"]
-    assert [listed[b]["rows"] for b in listed] == [ROWS, 0, ROWS]
+    assert [(listed[b]["rows_ingested"], listed[b]["rows"], listed[b]["status"]) for b in listed] == [
+        (ROWS, ROWS, "in raw"), (ROWS, 0, "replaced"), (ROWS, ROWS, "in raw")
+    ]
+    assert listed["2013-03.2.csv"]["source"] == "2013-03.csv"
     assert listed["2013-02.csv"]["data_version"] == version and listed["2013-03.2.csv"]["data_version"] == later
-    assert {b["status"] for b in listed.values()} == {"in raw"}
 
 
 def test_a_reverted_batch_leaves_the_raw_data_as_a_new_version_and_returns_to_quarantine(two_batches):
@@ -66,9 +68,12 @@ def test_a_reverted_batch_leaves_the_raw_data_as_a_new_version_and_returns_to_qu
     assert reverted["reason"] == "March labels were shifted by a day upstream" and reverted["by"] == BY
     listed = {b["batch"]: b for b in list_batches(project)}
     assert listed["2013-03.csv"]["status"] == "reverted" and listed["2013-03.csv"]["reason"].startswith("March labels")
-    # the split the next retrain trains on holds no row of it
-    train = pd.read_parquet(project.split.output_dir / "train.parquet")
-    assert "2013-03.csv" not in set(train[BATCH])
+    # the splits the next retrain trains on hold no row of it
+    splits = pd.concat(pd.read_parquet(project.split.output_dir / f"{part}.parquet") for part in ("train", "val", "test"))
+    assert set(splits["flight_id"]) == set(raw["flight_id"]) and set(splits["month"]) == {2}
+    # a second revert says what became of it
+    with pytest.raises(UnknownBatch, match=r"batch '2013-03.csv' has no rows left in the raw data: it was reverted \(March labels"):
+        revert(project, "2013-03.csv", "again", BY, timeout=5)
 
 
 def test_a_revert_names_what_is_wrong(two_batches):

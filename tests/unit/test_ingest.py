@@ -411,3 +411,18 @@ def test_parquet_batches_land_are_validated_and_quarantined_like_csv(project):
     (incoming / "2013-05.json").write_text("{}")
     with pytest.raises(ValueError, match="as CSV files with a header row or as parquet files, got a .json file"):
         ingest.land_file(project.dataset, incoming / "2013-05.json")
+
+
+def test_a_csv_and_a_parquet_batch_of_one_name_get_quarantine_folders_of_their_own(project):
+    bad = month_batch("2013-03", rows=ROWS).assign(distance=-1)
+    landed_csv(project, "2013-03.csv", bad)
+    bad.to_parquet(landing(project) / "2013-03.parquet", index=False)
+
+    with pytest.raises(BatchValidationError):
+        ingest_landing(project)
+
+    folders = sorted(p.name for p in project.dataset.quarantine_dir.iterdir())
+    assert folders == ["2013-03", "2013-03.2"]
+    for folder in folders:  # each keeps its own batch and its own report
+        files = sorted(p.name for p in (project.dataset.quarantine_dir / folder).iterdir())
+        assert len([f for f in files if f.startswith("2013-03.")]) == 1 and "validation_result.json" in files

@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from pipelines.data.profile import ProfileError, init_project, profile, read_sample
+from pipelines.data.profile import ISO_8601, ProfileError, init_project, profile, read_sample
 from pipelines.data.validation import load_suite
 
 PATH_KEYS = {"landing_dir", "raw_path", "archive_dir", "quarantine_dir", "expectation_suite", "output_dir", "artifacts_dir"}
@@ -240,7 +240,7 @@ def test_flights_profile_infers_classification_with_id_and_iso_time(flights_proj
     assert [f["name"] for f in dataset["features"]] == FLIGHT_COLUMNS[2:]
     assert result.params["gate"] == {"metric": "roc_auc", "min_improvement": 0.002, "floor": 0.55}
     kinds = {(e["type"], e["kwargs"].get("column")): e["kwargs"] for e in result.suite["expectations"]}
-    assert kinds[("expect_column_values_to_match_strftime_format", "time_hour")]["strftime_format"] == "%Y-%m-%dT%H:%M:%SZ"
+    assert kinds[("expect_column_values_to_match_regex", "time_hour")]["regex"] == ISO_8601  # any ISO form ingestion parses
     assert ("expect_column_values_to_be_unique", "flight_id") in kinds
     assert kinds[("expect_column_values_to_be_in_set", "arr_delayed")]["value_set"] == [0, 1]
     assert kinds[("expect_column_values_to_be_in_set", "dest")]["mostly"] == 0.99  # ~90 airports: an open set
@@ -297,8 +297,8 @@ def test_parquet_sample_with_timestamps_expects_the_text_a_csv_batch_carries(tmp
         tmp_path, "timed", tmp_path / "january.parquet", "arr_delayed", time_column="time_hour", id_column="flight_id"
     )
 
-    (check,) = [e for e in result.suite["expectations"] if e["type"] == "expect_column_values_to_match_strftime_format"]
-    assert check["kwargs"]["strftime_format"] == "%Y-%m-%d %H:%M:%S%z"
+    (check,) = [e for e in result.suite["expectations"] if e["kwargs"].get("column") == "time_hour" and "match" in e["type"]]
+    assert check["kwargs"] == {"column": "time_hour", "regex": ISO_8601}
     assert validate(folder / "expectations.json", as_landed(march)) == set()
 
 
@@ -496,3 +496,16 @@ def test_unreadable_samples_are_refused_naming_the_file(tmp_path, name, content,
 def test_missing_sample_is_refused_naming_the_file(tmp_path):
     with pytest.raises(ProfileError, match=r"nowhere.csv: no such file"):
         read_sample(tmp_path / "nowhere.csv")
+
+
+def test_a_suite_profiled_from_iso_times_accepts_every_iso_form_ingestion_parses(tmp_path, flights, validate):
+    january, march = flights
+    january.to_csv(tmp_path / "january.csv", index=False)
+    folder, _ = init_project(tmp_path, "timed", tmp_path / "january.csv", "arr_delayed", time_column="time_hour", id_column="flight_id")
+    instants = pd.to_datetime(march["time_hour"], utc=True)
+    forms = (instants.dt.strftime("%Y-%m-%dT%H:%M:%S.000Z"), instants.dt.tz_convert("America/New_York").dt.strftime("%Y-%m-%dT%H:%M:%S%z"),
+             instants.dt.strftime("%Y-%m-%d %H:%M:%S+00:00"))
+    mixed = march.assign(time_hour=[forms[i % 3].iloc[i] for i in range(len(march))])
+
+    assert validate(folder / "expectations.json", as_landed(mixed)) == set()
+    assert validate(folder / "expectations.json", as_landed(march.assign(time_hour="03/01/2013 10:00"))) == {"expect_column_values_to_match_regex(time_hour)"}

@@ -49,7 +49,7 @@ def test_a_run_trains_only_on_new_data_or_when_a_param_asks(project, monkeypatch
     from pipelines.lineage import write_json
     from pipelines.serving.publish import run_record_path
 
-    version = {"data/flights/raw.parquet": "a"}
+    version = {"data/flights/raw.parquet": "a", "data/flights/split/train.parquet": "t"}
     none_set = {"force_publish": False, "force_reason": "", "max_epochs": None, "learning_rate": None}
     assert steps.needs_training("flights", version, none_set) == {"train": True, "reason": "no run has trained this project yet"}
 
@@ -57,6 +57,9 @@ def test_a_run_trains_only_on_new_data_or_when_a_param_asks(project, monkeypatch
     write_json(run_record_path(project.artifacts_dir, "night1"), record)
 
     same = steps.needs_training("flights", version, none_set)
-    assert not same["train"] and "nothing new: run night1 (2026-11-30T02:00:00+00:00) trained on this data version" in same["reason"]
-    assert steps.needs_training("flights", {"data/flights/raw.parquet": "b"}, none_set) == {"train": True, "reason": "the data changed since run night1"}
+    assert not same["train"] and "nothing new: run night1 (2026-11-30T02:00:00+00:00) trained on these splits" in same["reason"]
+    # a batch re-sent as it was changes the raw data, not the splits: still nothing new
+    assert not steps.needs_training("flights", version | {"data/flights/raw.parquet": "b"}, none_set)["train"]
+    changed = version | {"data/flights/split/train.parquet": "u"}
+    assert steps.needs_training("flights", changed, none_set) == {"train": True, "reason": "the data changed since run night1"}
     assert steps.needs_training("flights", version, none_set | {"max_epochs": 3}) == {"train": True, "reason": "the run's Params set ['max_epochs']"}
