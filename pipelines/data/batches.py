@@ -4,8 +4,8 @@ happened to each batch, a lock on the raw data, and taking a batch back.
 * Every raw row carries the batch it came from (``BATCH``: the batch's file name in the
   archive, unique even when a batch of the same name is sent twice).
 * ``artifacts/<project>/batches.jsonl`` is the ledger: one line per event (``ingested``,
-  ``versioned``: the data version that first holds it, ``reverted``: why, by whom, the data
-  version without it). ``flywheel batches <project>`` reads it with the raw data.
+  ``versioned``: the data version that first holds it, ``reverted``: why, by whom, how many
+  rows). ``flywheel batches <project>`` reads it with the raw data.
 * ``data_lock`` serialises what rewrites or reads the raw data as a whole (ingestion, the DVC
   split, a revert) across processes on one machine or a shared home: a revert that meets a
   running retrain waits, then refuses naming the holder.
@@ -132,13 +132,14 @@ def revert(config: ProjectConfig, batch: str, reason: str, by: Record, timeout: 
         partial = dataset.raw_path.with_name(f".{dataset.raw_path.name}.partial")
         raw[~removed].to_parquet(partial, index=False)
         os.replace(partial, dataset.raw_path)
+        # Recorded as soon as the rows are gone: the ledger never tells of rows the raw data lacks.
+        record(config, "reverted", batch=batch, reason=reason, by=by, rows_removed=int(removed.sum()))
         archived = dataset.archive_dir / batch
         folder = quarantine_folder(dataset.quarantine_dir, archived)
         write_json(folder / REVERTED_FILE, {"batch": batch, "reason": reason, "by": by, "rows_removed": int(removed.sum()), "reverted_at": _now()})
         if archived.exists():
             move_into(archived, folder)
     versioned = version_split(config)
-    record(config, "reverted", batch=batch, reason=reason, by=by, rows_removed=int(removed.sum()), data_version=versioned["data_version"])
     return {"batch": batch, "rows_removed": int(removed.sum()), "quarantine": config.portable(folder), "data_version": versioned["data_version"]}
 
 
