@@ -3,7 +3,7 @@
 * **flights** (tabular classification, the nycflights13 departures of 2013): each night a month
   lands and ``retrain__flights`` runs. The first night is the scheduler's own run of the
   nightly slot, later nights are triggered as a data scientist would from the UI. One month
-  arrives corrupted and is quarantined; a night with no new data reuses everything from cache.
+  arrives corrupted and is quarantined; a night with no new data skips training.
   Then a later month is sent through Triton as client traffic and logged, ``drift__flights``
   finds that traffic has moved, and its ``drift_detected`` Asset starts a retrain by itself.
   Finally ``rollback__flights`` puts the previous version back.
@@ -95,7 +95,8 @@ def xcoms(airflow: LocalAirflow, dag_id: str, run_id: str, *tasks: str) -> list[
 def night_summary(airflow: LocalAirflow, dag_id: str, run_id: str, label: str, state: str) -> Row:
     """One row of a tabular project's table, from the run's task states and XComs."""
     validated, versioned, trained, gate, published = xcoms(airflow, dag_id, run_id, "validate", "version_data", "train", "gate", "publish")
-    failed = [t["task_id"] for t in airflow.task_instances(dag_id, run_id) if t["state"] == "failed"]
+    states = {t["task_id"]: t["state"] for t in airflow.task_instances(dag_id, run_id)}
+    failed = [task for task, task_state in states.items() if task_state == "failed"]
     metric = gate.get("metric", "")
     challenger = (gate.get("challenger") or {}).get(metric)
     champion = (gate.get("champion") or {}).get(metric)
@@ -108,7 +109,8 @@ def night_summary(airflow: LocalAirflow, dag_id: str, run_id: str, label: str, s
         "training": "-" if not trained else ("reused" if trained["reused"] else f"{trained['epochs']} epochs"),
         "challenger": f"{metric} {challenger:.4f}" if challenger is not None else "-",
         "champion": f"{champion:.4f}" if champion is not None else "-",
-        "decision": published.get("decision", f"run {state}" + (f" at {failed[0]}" if failed else "")),
+        "decision": published.get("decision")
+        or ("nothing new: skipped" if states.get("train") == "skipped" else f"run {state}" + (f" at {failed[0]}" if failed else "")),
         "version": published.get("version") or "-",
         "seconds": run_seconds(airflow, dag_id, run_id),
     }
