@@ -68,12 +68,8 @@ def events(config: ProjectConfig) -> list[Record]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
-def list_batches(config: ProjectConfig) -> list[Record]:
-    """Every batch ingested, oldest first: ``batch`` (its archived file name), ``source`` (its
-    name when it landed), ``ingested_at``, ``rows_ingested``, ``rows`` (in the raw data now),
-    ``data_version`` (of the raw data that first held it; None until versioned) and ``status``:
-    ``in raw``, ``replaced`` (a later batch re-sent every one of its rows) or ``reverted`` (with
-    the reason and time)."""
+def _ledger(config: ProjectConfig) -> dict[str, Record]:
+    """The batches as the ledger alone tells them (``list_batches`` without the raw data's counts)."""
     batches: dict[str, Record] = {}
     for event in events(config):
         if event["event"] == "ingested":
@@ -87,6 +83,16 @@ def list_batches(config: ProjectConfig) -> list[Record]:
                     batches[name]["data_version"] = event["data_version"]
         elif event["event"] == "reverted" and event["batch"] in batches:
             batches[event["batch"]] |= {"status": "reverted", "reason": event["reason"], "reverted_at": event["time"]}
+    return batches
+
+
+def list_batches(config: ProjectConfig) -> list[Record]:
+    """Every batch ingested, oldest first: ``batch`` (its archived file name), ``source`` (its
+    name when it landed), ``ingested_at``, ``rows_ingested``, ``rows`` (in the raw data now),
+    ``data_version`` (of the raw data that first held it; None until versioned) and ``status``:
+    ``in raw``, ``replaced`` (a later batch re-sent every one of its rows) or ``reverted`` (with
+    the reason and time)."""
+    batches = _ledger(config)
     raw = config.dataset.raw_path
     if batches and raw.exists() and BATCH in pq.read_schema(raw).names:
         counts = pd.read_parquet(raw, columns=[BATCH])[BATCH].value_counts()
@@ -95,6 +101,11 @@ def list_batches(config: ProjectConfig) -> list[Record]:
             if entry["rows"] == 0 and entry["status"] == "in raw":
                 entry["status"] = "replaced"
     return list(batches.values())
+
+
+def reverted_sources(config: ProjectConfig) -> dict[str, str]:
+    """The landed names of the batches taken back, with the reason; from the ledger alone."""
+    return {b["source"]: b["reason"] for b in _ledger(config).values() if b["status"] == "reverted"}
 
 
 def unversioned(config: ProjectConfig) -> list[str]:

@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 
 from pipelines.artifacts import DOCS_FILE, RESULT_FILE
 from pipelines.config import BATCH, ROW_ID, DatasetConfig, FeatureType, MetricsConfig, ProjectConfig
-from pipelines.data.batches import LOCK_WAIT_S, data_lock, list_batches
+from pipelines.data.batches import LOCK_WAIT_S, data_lock, reverted_sources
 from pipelines.data.batches import record as record_batch
 from pipelines.data.schema import read_batch_file, typed
 from pipelines.data.validation import BatchValidator, Outcome
@@ -179,7 +179,7 @@ def ingest_landing(config: ProjectConfig) -> Record:
     # One writer of the raw data at a time: a revert (pipelines.data.batches) waits for this.
     with data_lock(config.data_dir, f"ingestion of {[b.name for b in batches]}", LOCK_WAIT_S):
         validator = BatchValidator(dataset, config.home)  # a broken suite stops here, before any batch moves
-        reverted = {b["source"]: b["reason"] for b in list_batches(config) if b["status"] == "reverted"}
+        reverted = reverted_sources(config)  # the ledger alone: no read of the raw data
         problems: list[str] = []
         for batch in batches:
             frame = read_batch(batch, dataset.columns)
