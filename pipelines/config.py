@@ -15,6 +15,7 @@ and the key instead of a silent default.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from datetime import timedelta
@@ -168,10 +169,41 @@ METRICS_FOR_TASK: dict[Task, frozenset[str]] = {
 }
 
 
+class ThresholdObjective(str, Enum):
+    f1 = "f1"  # the threshold of the best F1 on the validation split
+    precision = "precision"  # the best recall among thresholds whose precision is at least the target
+    recall = "recall"  # the best precision among thresholds whose recall is at least the target
+
+
+class DecisionThreshold(Strict):
+    """How a classifier's served ``label`` cut is chosen on the validation split."""
+
+    objective: ThresholdObjective = ThresholdObjective.f1
+    target: float | None = Field(default=None, gt=0, le=1, description="the precision or recall to keep (objective precision or recall)")
+
+    @model_validator(mode="after")
+    def _target_for_its_objective(self) -> DecisionThreshold:
+        if (self.objective == ThresholdObjective.f1) != (self.target is None):
+            raise ValueError(
+                f"threshold.target is {'required' if self.target is None else 'only used'} with objective {self.objective.value!r}: "
+                "give a target (e.g. 0.8) with objective precision or recall, none with f1"
+            )
+        return self
+
+
 class GateConfig(Strict):
     metric: Metric
-    min_improvement: float = Field(ge=0, description="challenger must beat the champion by at least this much")
+    # The lower bound of the interval of (challenger - champion) must clear it (in the metric's direction).
+    min_improvement: float = Field(ge=0, description="least improvement over the champion, at the interval's lower bound")
     floor: float = Field(description="absolute bound the challenger must pass, champion or not")
+    confidence: float = Field(default=0.95, gt=0.5, lt=1, description="two-sided level of the interval of the difference")
+    resamples: int = Field(default=1000, ge=100, description="paired bootstrap resamples of the test rows")
+    seed: int = Field(default=13, description="seed of the resamples")
+    min_slice_rows: int = Field(default=200, ge=10, description="test rows a categorical value needs to be a slice")
+    max_slice_regression: float = Field(default=0.02, ge=0, description="largest loss on any slice, at the interval's bound")
+    # Extra slices: name -> a pandas query over the test split's columns, e.g. {long_haul: "distance > 2000"}.
+    slices: dict[str, str] = {}
+    threshold: DecisionThreshold = DecisionThreshold()
 
 
 class TensorRTPrecision(str, Enum):
@@ -236,21 +268,52 @@ class DriftTest(Strict):
     threshold: float = Field(gt=0)
 
 
+class CalibratedTest(Strict):
+    # A distance whose threshold is calibrated per window size (pipelines.monitoring.calibration).
+    method: str
+
+
 class DriftTests(Strict):
-    numeric: DriftTest = DriftTest(method="wasserstein", threshold=0.1)
-    categorical: DriftTest = DriftTest(method="jensenshannon", threshold=0.1)
+    numeric: CalibratedTest = CalibratedTest(method="wasserstein")  # normed by the reference's std
+    categorical: CalibratedTest = CalibratedTest(method="jensenshannon")
     # A domain classifier told apart reference and current: drift when its ROC AUC passes 0.55.
     text: DriftTest = DriftTest(method="abs_text_content_drift", threshold=0.55)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_fixed_thresholds(cls, data: object) -> object:
+        for kind in ("numeric", "categorical"):
+            test = data.get(kind) if isinstance(data, dict) else None
+            if isinstance(test, dict) and "threshold" in test:
+                raise ValueError(
+                    f"monitoring.tests.{kind}.threshold: thresholds of numeric and categorical columns are calibrated per "
+                    "window size for monitoring.false_alarm_rate; remove the threshold"
+                )
+        return data
 
 
 class MonitoringConfig(Strict):
     reference_rows: int = Field(default=20000, ge=100, description="training rows stored with each version")
     min_rows: int = Field(default=200, ge=1, description="fewer logged rows in a window give no verdict")
     drift_share: float = Field(default=0.3, gt=0, le=1, description="share of drifted columns that is dataset drift")
+    false_alarm_rate: float = Field(default=0.01, gt=0, lt=0.5, description="chance a column drifts by chance in a window")
+    null_draws: int = Field(default=1000, ge=100, description="windows drawn per size to calibrate the thresholds")
     tests: DriftTests = DriftTests()
     exclude_columns: tuple[str, ...] = ()
     cooldown_hours: float = Field(default=24, ge=0, description="at most one drift-triggered retrain per period")
     reports_dir: Path = Path("reports/drift")
+
+    @model_validator(mode="after")
+    def _draws_resolve_the_rate(self) -> MonitoringConfig:
+        # The smallest p-value the draws give, doubled (a column's two tests), must reach the
+        # dataset verdict's level, at least drift_share * false_alarm_rate (pipelines.monitoring.drift).
+        needed = math.ceil(2 / (self.drift_share * self.false_alarm_rate))
+        if self.null_draws + 1 < needed:
+            raise ValueError(
+                f"monitoring.null_draws {self.null_draws} cannot resolve false_alarm_rate {self.false_alarm_rate:g} at "
+                f"drift_share {self.drift_share:g}: no window could ever be dataset drift; use at least {needed - 1}"
+            )
+        return self
 
 
 class FinetuneTask(str, Enum):

@@ -16,17 +16,20 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pandas as pd
 
-from pipelines.artifacts import REFERENCE_FILE, REPORT_FILE, SUMMARY_FILE, TEXT
+from pipelines.artifacts import NULL_FILE, REFERENCE_FILE, REPORT_FILE, SUMMARY_FILE, TEXT
 from pipelines.config import AnyProject, DatasetConfig, FeatureType, MonitoringConfig, ProjectConfig
 from pipelines.lineage import Record, read_json, write_json
 from pipelines.metrics import Sample, emit
-from pipelines.monitoring.drift import ColumnKind, DriftCheckError, compare
+from pipelines.monitoring import calibration
+from pipelines.monitoring.calibration import NullDistribution
+from pipelines.monitoring.drift import POOL_MIN_ROWS, ColumnKind, DriftCheckError, calibrate, compare
 from pipelines.serving import repository
 from pipelines.serving.client import log_dir
 
@@ -46,14 +49,40 @@ def monitored_columns(dataset: DatasetConfig, monitoring: MonitoringConfig) -> d
     return {f.name: kinds[f.type] for f in dataset.features if f.name not in excluded}
 
 
-def write_reference(train: Path, dataset: DatasetConfig, monitoring: MonitoringConfig, seed: int, destination: Path) -> Path:
-    """A sample of the training split ``train`` (a parquet file), its features only, at most
-    ``monitoring.reference_rows`` rows drawn with ``seed``: what a version is compared against.
-    Written to ``destination`` (parquet), which it returns."""
+def write_reference(train: Path, dataset: DatasetConfig, monitoring: MonitoringConfig, seed: int, folder: Path) -> Record:
+    """What a version is compared against, written into ``folder``: ``reference.parquet``, a
+    sample of the training split ``train`` (a parquet file), its features only, at most
+    ``monitoring.reference_rows`` rows drawn with ``seed``; and ``drift_null.parquet``, each
+    monitored column's null calibrated on windows drawn from the training rows beside that
+    sample (``drift.calibrate``). Returns the file paths by name and the calibration's summary
+    (pool rows, sizes, draws, seconds) for the lineage."""
     frame = pd.read_parquet(train, columns=[f.name for f in dataset.features])
     sample = frame.sample(n=min(len(frame), monitoring.reference_rows), random_state=seed)
-    sample.reset_index(drop=True).to_parquet(destination, index=False)
-    return destination
+    sample.reset_index(drop=True).to_parquet(folder / REFERENCE_FILE, index=False)
+    started = time.perf_counter()
+    columns = monitored_columns(dataset, monitoring)
+    pool = frame.drop(index=sample.index)
+    nulls = calibrate(sample, pool, columns, monitoring.min_rows, monitoring.null_draws, seed)
+    calibration.write(nulls, folder / NULL_FILE)
+    return {
+        "files": {REFERENCE_FILE: folder / REFERENCE_FILE, NULL_FILE: folder / NULL_FILE},
+        "calibration": {
+            "reference_rows": len(sample),
+            "pool_rows": len(pool) if len(pool) >= POOL_MIN_ROWS else 0,
+            "draws": monitoring.null_draws,
+            "sizes": [int(n) for n in next(iter(nulls.values())).sizes] if nulls else [],
+            "seconds": round(time.perf_counter() - started, 3),
+        },
+    }
+
+
+def read_nulls(version_dir: Path, reference: pd.DataFrame, columns: dict[str, ColumnKind], monitoring: MonitoringConfig) -> dict[str, NullDistribution]:
+    """The calibrated nulls stored with a version; a version published before calibration
+    existed gets them now, from its reference alone (``drift.calibrate``, seeded)."""
+    if (version_dir / NULL_FILE).exists():
+        return calibration.read(version_dir / NULL_FILE)
+    log.warning("%s: no %s; calibrating on the reference sample alone", version_dir, NULL_FILE)
+    return calibrate(reference, reference.iloc[:0], columns, monitoring.min_rows, monitoring.null_draws, seed=0)
 
 
 def read_window(folder: Path, start: datetime, end: datetime) -> pd.DataFrame:
@@ -110,7 +139,8 @@ def check_window(config: AnyProject, start: datetime, end: datetime) -> Record:
     reference = pd.read_parquet(reference_file)
 
     columns = monitored_columns(config.dataset, monitoring) if isinstance(config, ProjectConfig) else {TEXT: ColumnKind.text}
-    result = compare(reference, current, columns, monitoring.tests, monitoring.drift_share)
+    nulls = read_nulls(reference_file.parent, reference, columns, monitoring)
+    result = compare(reference, current, columns, monitoring.tests, monitoring.drift_share, monitoring.false_alarm_rate, nulls)
 
     folder = report_folder(monitoring, model, end)
     summary = {
@@ -125,7 +155,11 @@ def check_window(config: AnyProject, start: datetime, end: datetime) -> Record:
     _write_report(folder, result.snapshot, summary)
     log.info(
         "%s drift share %.2f (threshold %.2f): %s; report %s",
-        model, result.share, result.drift_share, result.drifted_columns or "no column drifted", summary["report"],
+        model,
+        result.share,
+        result.drift_share,
+        result.drifted_columns or "no column drifted",
+        summary["report"],
     )
     emit(config.metrics, config.identity, "drift", drift_samples(summary))
     return summary
@@ -157,10 +191,24 @@ def drift_samples(summary: Record) -> list[Sample]:
         Sample("flywheel_drift_window_rows", "Requests in the latest checked window.", float(summary["rows"]["current"])),
         Sample("flywheel_drift_window_end_timestamp_seconds", "End of the latest checked window.", datetime.fromisoformat(summary["window"]["end"]).timestamp()),
     ]
+    rate = summary["false_alarm_rate"]
     for column in summary["columns"]:
         labels = {"column": column["column"], "method": column["method"]}
-        samples.append(Sample("flywheel_drift_column_score", "Drift score of a column in the latest window (see the method).", column["score"], labels))
+        if column["score"] is not None:  # None: no usable value in the window
+            samples.append(Sample("flywheel_drift_column_score", "Drift score of a column in the latest window (see the method).", column["score"], labels))
+        samples.append(Sample("flywheel_drift_column_threshold", "Score above which the column drifts at the latest window's size.", column["threshold"], labels))
         samples.append(Sample("flywheel_drift_column_drifted", "1 if the column drifted in the latest window.", float(column["drifted"]), labels))
+        if column["p_value"] is not None:
+            samples.append(Sample("flywheel_drift_column_p_value", "The column's p-value in the latest window (both of its tests).", column["p_value"], labels))
+        samples.append(Sample("flywheel_drift_column_missing_share", "Share of missing or non-finite values of the column in the latest window.", column["missing_share"], labels))
+        samples.append(
+            Sample(
+                "flywheel_drift_column_missing_rise",
+                "1 if the column's missing or non-finite share rose beyond chance over the reference's in the latest window.",
+                float(2 * column["missing_p_value"] <= rate),
+                labels,
+            )
+        )
     return samples
 
 

@@ -1,15 +1,32 @@
-"""Has what the served model sees moved away from what it learned from? (Evidently 0.7)
+"""Has what the served model sees moved away from what it learned from?
 
-One Evidently ``ValueDrift`` metric a monitored column, with the method and threshold that
-``monitoring.tests`` gives the column's type, in one ``Report`` whose HTML is what on-call
-reads. Not ``DataDriftPreset``: it computes every column's test three times (the drifted
-count, the per-column values, the table it renders) and, with no method given, spends a large
-share of its time choosing one; at 1M rows a side that costs several times the tests
-themselves (``bench/drift_check.py``).
+Each monitored numeric or categorical column gets two tests, each a one-sided p-value:
+
+- its distribution: the normed Wasserstein distance (numeric) or the Jensen-Shannon distance
+  (categorical) of the window's finite values to the reference's, equal to scipy's (as
+  Evidently computes them), judged against the version's calibrated null at this window's
+  size (``pipelines.monitoring.calibration``): the threshold moves with the window's size;
+- its missing and non-finite values: a rise of their share over the reference's, Fisher's
+  exact test. A window where a column arrives empty or all ``inf`` is a drifted column, named,
+  not an error.
+
+A column drifts when the smaller of its two p-values, doubled (Bonferroni over its two tests),
+is at most ``monitoring.false_alarm_rate``: so a column of a window with no drift is flagged
+with at most that chance. The dataset verdict must not fire more often than that either,
+whatever the dependence between columns: with k columns and ``m = ceil(drift_share * k)``, the
+dataset drifts when the m-th smallest column p-value is at most ``m * rate / k`` (Rüger 1978;
+the bound holds under any dependence), which also means at least ``drift_share`` of the columns
+drifted. Text keeps Evidently's domain classifier with its configured threshold.
+
+Evidently renders the report (``ValueDrift`` a column), with these statistics and verdicts
+(``_reported``) and the distributions of a seeded sample of at most ``REPORT_ROWS`` rows a side,
+so the report costs the same at any window size; ``bench/drift_check.py`` measures it.
 """
 
 from __future__ import annotations
 
+import contextvars
+import math
 from dataclasses import asdict, dataclass
 from enum import Enum
 from typing import TYPE_CHECKING, Any
@@ -20,9 +37,17 @@ import pandas as pd
 from pipelines.config import DriftTests
 from pipelines.errors import NotRetryable
 from pipelines.lineage import Record
+from pipelines.monitoring import calibration
+from pipelines.monitoring.calibration import NullDistribution
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     from evidently.core.report import Snapshot  # untyped: Any to mypy
+
+REPORT_ROWS = 50_000  # rows a side whose distributions the HTML report draws
+CALIBRATED = {"numeric": "wasserstein", "categorical": "jensenshannon"}  # kind -> the statistic calibrated for it
+POOL_MIN_ROWS = 1000  # fewer training rows beside the reference: calibrate on the reference itself
 
 
 class ColumnKind(str, Enum):
@@ -40,16 +65,37 @@ class ColumnDrift:
     column: str
     kind: str
     method: str
-    score: float
-    threshold: float
+    score: float | None  # the distance of the window's finite values; None when it has none
+    threshold: float  # the score above which the distribution test alone drifts at this window's size
+    score_p_value: float | None  # None for text (a fixed threshold)
+    missing_share: float  # missing or non-finite values of the window
+    reference_missing_share: float
+    missing_p_value: float
+    p_value: float | None  # the column's: Bonferroni over its two tests
     drifted: bool
+    reason: str | None = None  # why it drifted, in words
+
+
+def needed_columns(columns: int, drift_share: float) -> int:
+    """Drifted columns that make dataset drift: ``ceil(drift_share * columns)``, at least one."""
+    return max(1, math.ceil(drift_share * columns - 1e-9))
+
+
+def dataset_verdict(p_values: list[float], drift_share: float, false_alarm_rate: float) -> bool:
+    """Dataset drift from the columns' p-values: the m-th smallest at most ``m * rate / k``, with
+    k columns and ``m = needed_columns(k, drift_share)`` (Rüger 1978): under no drift in any
+    column it fires with chance at most ``false_alarm_rate``, whatever their dependence."""
+    m = needed_columns(len(p_values), drift_share)
+    return sorted(p_values)[m - 1] <= m * false_alarm_rate / len(p_values)
 
 
 @dataclass
 class DriftResult:
     columns: list[ColumnDrift]
     drift_share: float  # the configured share of drifted columns that is dataset drift
+    false_alarm_rate: float
     snapshot: Snapshot  # for the HTML report
+    report_rows: dict[str, int]  # rows a side the report's distributions were drawn from
 
     @property
     def drifted_columns(self) -> list[str]:
@@ -60,76 +106,180 @@ class DriftResult:
         return len(self.drifted_columns) / len(self.columns)
 
     @property
+    def needed(self) -> int:
+        return needed_columns(len(self.columns), self.drift_share)
+
+    @property
+    def dataset_level(self) -> float:
+        return self.needed * self.false_alarm_rate / len(self.columns)
+
+    @property
     def dataset_drift(self) -> bool:
-        return self.share >= self.drift_share
+        p_values = [c.p_value for c in self.columns]
+        if any(p is None for p in p_values):  # text: a fixed threshold, no p-value
+            return self.share >= self.drift_share
+        return dataset_verdict([p for p in p_values if p is not None], self.drift_share, self.false_alarm_rate)
 
     def summary(self) -> Record:
-        """The verdict, the drifted share and each column's test, JSON-able."""
+        """The verdict, the drifted share, the dataset test and each column's tests, JSON-able."""
         return {
             "dataset_drift": self.dataset_drift,
             "share": round(self.share, 6),
             "drift_share": self.drift_share,
+            "false_alarm_rate": self.false_alarm_rate,
+            "dataset_test": {
+                "method": "Rüger: the m-th smallest column p-value at most m * false_alarm_rate / columns",
+                "m": self.needed,
+                "level": self.dataset_level,
+            },
             "drifted_columns": self.drifted_columns,
             "columns": [asdict(c) for c in self.columns],
+            "report_rows": self.report_rows,
         }
 
 
 def check_methods(tests: DriftTests) -> None:
-    """Every configured method is an Evidently stattest for its column type."""
+    """Numeric and categorical columns use the calibrated statistics; text, an Evidently text test."""
     from evidently.legacy.calculations.stattests.registry import _registered_stat_tests
 
-    evidently_type = {ColumnKind.numeric: "num", ColumnKind.categorical: "cat", ColumnKind.text: "text"}
-    for kind in ColumnKind:
-        method = getattr(tests, kind.value).method
-        known = sorted(name for name, types in _registered_stat_tests.items() if any(t.value == evidently_type[kind] for t in types))
-        if method not in known:
-            raise DriftCheckError(f"monitoring.tests.{kind.value}.method {method!r} is not an Evidently test for {kind.value} columns; use one of {known}")
+    for kind, method in CALIBRATED.items():
+        if getattr(tests, kind).method != method:
+            raise DriftCheckError(f"monitoring.tests.{kind}.method {getattr(tests, kind).method!r}: the calibrated test of {kind} columns is {method!r}")
+    known = sorted(name for name, types in _registered_stat_tests.items() if any(t.value == "text" for t in types))
+    if tests.text.method not in known:
+        raise DriftCheckError(f"monitoring.tests.text.method {tests.text.method!r} is not an Evidently test for text columns; use one of {known}")
 
 
-def prepare(reference: pd.DataFrame, current: pd.DataFrame, columns: dict[str, ColumnKind]) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The monitored columns of both frames, checked, in the dtypes that keep Evidently cheap:
-    categories hashed once into one shared ``category`` dtype (its tests then count codes, not
-    strings), and integers in the smallest type that holds both sides (Evidently copies the
-    whole frame once per numeric column). Both are lossless: scores do not change."""
+def _check_frames(reference: pd.DataFrame, current: pd.DataFrame, columns: Mapping[str, ColumnKind]) -> None:
     for name, frame in (("reference", reference), ("current", current)):
         missing = [c for c in columns if c not in frame.columns]
         if missing:
             raise DriftCheckError(f"the {name} data has no column {missing}; expected the monitored columns {sorted(columns)}")
         if frame.empty:
             raise DriftCheckError(f"the {name} data has no rows")
-    prepared: tuple[dict[str, Any], dict[str, Any]] = ({}, {})
+        for column, kind in columns.items():
+            if kind == ColumnKind.numeric and not pd.api.types.is_numeric_dtype(frame[column]):
+                raise DriftCheckError(f"column {column!r} of the {name} data is {frame[column].dtype}, expected numbers")
+
+
+def _usable(values: pd.Series, kind: ColumnKind) -> tuple[np.ndarray, np.ndarray]:
+    """(values as an array, mask of the usable ones: present, and finite for a number)."""
+    if kind == ColumnKind.numeric:
+        numbers = values.to_numpy(dtype=np.float64, na_value=np.nan)
+        return numbers, np.isfinite(numbers)
+    return values.to_numpy(dtype=object), values.notna().to_numpy()
+
+
+def calibrate(reference: pd.DataFrame, pool: pd.DataFrame, columns: Mapping[str, ColumnKind], smallest: int, draws: int, seed: int) -> dict[str, NullDistribution]:
+    """The null of each numeric and categorical column of ``columns``: ``draws`` windows a size,
+    from ``smallest`` rows doubling to 16 times the reference's, drawn from ``pool`` (rows of the
+    same data beside the reference: the rest of the training split) and scored against
+    ``reference``. With fewer than ``POOL_MIN_ROWS`` pool rows the windows are drawn from the
+    reference itself, which makes the thresholds a little tighter. ``DriftCheckError`` for a
+    column without usable reference values."""
+    rng = np.random.default_rng(seed)
+    if len(pool) < POOL_MIN_ROWS:
+        pool = reference
+    nulls = {}
     for column, kind in columns.items():
-        sides = (reference[column], current[column])
-        for name, values in zip(("reference", "current"), sides):
-            if values.isna().all():
-                raise DriftCheckError(f"column {column!r} of the {name} data has no values (all missing)")
+        if kind == ColumnKind.text:
+            continue
+        (ours, ours_ok), (theirs, theirs_ok) = _usable(reference[column], kind), _usable(pool[column], kind)
+        if not ours_ok.any():
+            raise DriftCheckError(f"column {column!r} of the reference data has no values (all missing or non-finite)")
+        ours, theirs = ours[ours_ok], theirs[theirs_ok] if theirs_ok.any() else ours[ours_ok]
+        sizes = calibration.ladder(smallest, 16 * len(ours))
         if kind == ColumnKind.numeric:
-            for name, values in zip(("reference", "current"), sides):
-                if not pd.api.types.is_numeric_dtype(values):
-                    raise DriftCheckError(f"column {column!r} of the {name} data is {values.dtype}, expected numbers")
-            if all(v.dtype.kind in "iu" for v in sides):  # plain numpy integers, never nullable ones
-                low, high = min(v.min() for v in sides), max(v.max() for v in sides)
-                # the span fits too, so no difference of two values can overflow
-                smallest = next(t for t in ("int8", "int16", "int32", "int64") if np.iinfo(t).min <= low and max(high, high - low) <= np.iinfo(t).max)
-                sides = tuple(v.astype(smallest) for v in sides)
-        elif kind == ColumnKind.categorical:
-            codes, categories = pd.factorize(pd.concat(sides, ignore_index=True))
-            dtype = pd.CategoricalDtype(categories)
-            split = len(sides[0])
-            sides = (pd.Categorical.from_codes(codes[:split], dtype=dtype), pd.Categorical.from_codes(codes[split:], dtype=dtype))
-        for out, values in zip(prepared, sides):
-            out[column] = values.to_numpy() if isinstance(values, pd.Series) else values
-    return pd.DataFrame(prepared[0]), pd.DataFrame(prepared[1])
+            nulls[column] = calibration.numeric_null(ours, theirs, sizes, draws, rng)
+        else:
+            codes, _ = pd.factorize(np.concatenate([ours, theirs]))
+            counts = np.bincount(codes[: len(ours)], minlength=codes.max() + 1), np.bincount(codes[len(ours) :], minlength=codes.max() + 1)
+            nulls[column] = calibration.categorical_null(counts[0].astype(np.float64), counts[1].astype(np.float64), sizes, draws, rng)
+    return nulls
+
+
+def _test_column(column: str, kind: ColumnKind, reference: pd.Series, current: pd.Series, null: NullDistribution, rate: float) -> ColumnDrift:
+    """Both tests of one numeric or categorical column (see the module's docstring)."""
+    from scipy.stats import fisher_exact
+
+    (ours, ours_ok), (theirs, theirs_ok) = _usable(reference, kind), _usable(current, kind)
+    if not ours_ok.any():
+        raise DriftCheckError(f"column {column!r} of the reference data has no values (all missing or non-finite)")
+    ours, theirs = ours[ours_ok], theirs[theirs_ok]
+    rows, reference_rows = len(theirs), len(ours)
+    bad, reference_bad = len(current) - rows, len(reference) - reference_rows
+    missing_p = float(fisher_exact([[bad, rows], [reference_bad, reference_rows]], alternative="greater").pvalue) if bad else 1.0
+    score = score_p = None
+    if rows:
+        if kind == ColumnKind.numeric:
+            score = calibration.wasserstein_normed(ours, theirs)
+        else:
+            codes, _ = pd.factorize(np.concatenate([ours, theirs]))
+            width = codes.max() + 1
+            score = calibration.jensen_shannon(np.bincount(codes[:reference_rows], minlength=width).astype(np.float64), np.bincount(codes[reference_rows:], minlength=width).astype(np.float64))
+        score_p = null.p_value(score, rows, reference_rows)
+    threshold = null.threshold(rate / 2, max(rows, 1), reference_rows)
+    p_value = min(1.0, 2 * min(score_p if score_p is not None else 1.0, missing_p))
+    drifted = p_value <= rate
+    reasons = []
+    if score_p is not None and 2 * score_p <= rate:
+        reasons.append(f"{CALIBRATED[kind.value]} {score:.4g} above {threshold:.4g}, the threshold at {rows} rows (p={score_p:.2g})")
+    if 2 * missing_p <= rate:
+        reasons.append(f"{bad / len(current):.1%} missing or non-finite against {reference_bad / len(reference):.1%} in the reference (p={missing_p:.2g})")
+    return ColumnDrift(
+        column=column,
+        kind=kind.value,
+        method=CALIBRATED[kind.value],
+        score=score,
+        threshold=threshold,
+        score_p_value=score_p,
+        missing_share=bad / len(current),
+        reference_missing_share=reference_bad / len(reference),
+        missing_p_value=missing_p,
+        p_value=p_value,
+        drifted=drifted,
+        reason="; ".join(reasons) if drifted else None,
+    )
+
+
+def judge(reference: pd.DataFrame, current: pd.DataFrame, columns: Mapping[str, ColumnKind], false_alarm_rate: float, nulls: Mapping[str, NullDistribution]) -> dict[str, ColumnDrift]:
+    """Both tests of each numeric and categorical column of ``columns`` (text is left out), no
+    report: what ``compare`` decides on."""
+    return {c: _test_column(c, k, reference[c], current[c], nulls[c], false_alarm_rate) for c, k in columns.items() if k != ColumnKind.text}
+
+
+# The column verdicts the report shows, by column, while Evidently renders it (see _reported).
+_VERDICTS: contextvars.ContextVar[dict[str, tuple[float, bool]]] = contextvars.ContextVar("drift_verdicts")
+
+
+def _reported(reference: pd.Series, current: pd.Series, column_type: Any, threshold: float) -> tuple[float, bool]:
+    """An Evidently stattest that returns the score and verdict this module computed on all rows."""
+    return _VERDICTS.get()[str(reference.name)]
+
+
+def _register_reported_tests() -> None:
+    from evidently.legacy.calculations.stattests.registry import StatTest, _registered_stat_tests, register_stattest
+    from evidently.legacy.core import ColumnType
+
+    names = {"numeric": ("Wasserstein distance (normed), calibrated threshold", ColumnType.Numerical), "categorical": ("Jensen-Shannon distance, calibrated threshold", ColumnType.Categorical)}
+    for kind, (title, column_type) in names.items():
+        if f"flywheel_{kind}" not in _registered_stat_tests:
+            register_stattest(StatTest(name=f"flywheel_{kind}", display_name=title, allowed_feature_types=[column_type]), default_impl=_reported)
 
 
 def compare(
     reference: pd.DataFrame,
     current: pd.DataFrame,
-    columns: dict[str, ColumnKind],
+    columns: Mapping[str, ColumnKind],
     tests: DriftTests,
     drift_share: float,
+    false_alarm_rate: float,
+    nulls: Mapping[str, NullDistribution],
 ) -> DriftResult:
-    """Test each of ``columns`` of ``current`` against ``reference``; one Evidently report."""
+    """Test each of ``columns`` of ``current`` against ``reference``: numeric and categorical
+    columns on their calibrated ``nulls`` (``calibrate``) at ``false_alarm_rate``, text with
+    Evidently; one Evidently report. ``DriftCheckError`` names a missing column, a wrong type,
+    an empty frame, a reference column without values or a column without calibration."""
     from evidently import DataDefinition, Dataset, Report
     from evidently.legacy.tests.base_test import TestStatus
     from evidently.metrics import ValueDrift
@@ -137,36 +287,50 @@ def compare(
     if not columns:
         raise DriftCheckError("no columns to monitor; check dataset.features and monitoring.exclude_columns")
     check_methods(tests)
-    reference, current = prepare(reference, current, columns)
-    of_kind = {kind: [c for c, k in columns.items() if k == kind] for kind in ColumnKind}
-    definition = DataDefinition(
-        numerical_columns=of_kind[ColumnKind.numeric],
-        categorical_columns=of_kind[ColumnKind.categorical],
-        text_columns=of_kind[ColumnKind.text],
-    )
+    _check_frames(reference, current, columns)
+    uncalibrated = [c for c, k in columns.items() if k != ColumnKind.text and c not in nulls]
+    if uncalibrated:
+        raise DriftCheckError(f"no calibrated null for columns {uncalibrated}; calibrate them against this reference first")
+    verdicts = judge(reference, current, columns, false_alarm_rate, nulls)
+
+    # Evidently draws the distributions of a sample; a column with no usable value has none to draw.
+    shown = [c for c in columns if c not in verdicts or verdicts[c].score is not None]
+    report_reference, report_current = (frame[shown].sample(n=min(len(frame), REPORT_ROWS), random_state=0) for frame in (reference, current))
+    of_kind = {kind: [c for c in shown if columns[c] == kind] for kind in ColumnKind}
+    definition = DataDefinition(numerical_columns=of_kind[ColumnKind.numeric], categorical_columns=of_kind[ColumnKind.categorical], text_columns=of_kind[ColumnKind.text])
+    _register_reported_tests()
     metrics = [
-        ValueDrift(column=c, method=getattr(tests, k.value).method, threshold=getattr(tests, k.value).threshold)
-        for c, k in columns.items()
+        ValueDrift(column=c, method=tests.text.method, threshold=tests.text.threshold)
+        if columns[c] == ColumnKind.text
+        else ValueDrift(column=c, method=f"flywheel_{columns[c].value}", threshold=verdicts[c].threshold if math.isfinite(verdicts[c].threshold) else None)
+        for c in shown
     ]
-    snapshot = Report(metrics, include_tests=True).run(
-        Dataset.from_pandas(current, data_definition=definition),
-        Dataset.from_pandas(reference, data_definition=definition),
-    )
+    token = _VERDICTS.set({c: (float(v.score), v.drifted) for c, v in verdicts.items() if v.score is not None})
+    try:
+        snapshot = Report(metrics, include_tests=True).run(Dataset.from_pandas(report_current, data_definition=definition), Dataset.from_pandas(report_reference, data_definition=definition))
+    finally:
+        _VERDICTS.reset(token)
     result = snapshot.dict()
     scores = {m["config"]["column"]: float(m["value"]) for m in result["metrics"]}
-    verdicts = {t["metric_config"]["params"]["column"]: t["status"] == TestStatus.FAIL for t in result["tests"]}
+    failed = {t["metric_config"]["params"]["column"]: t["status"] == TestStatus.FAIL for t in result["tests"]}
+    for c in of_kind[ColumnKind.text]:
+        verdicts[c] = ColumnDrift(
+            column=c,
+            kind=ColumnKind.text.value,
+            method=tests.text.method,
+            score=scores[c],
+            threshold=tests.text.threshold,
+            score_p_value=None,
+            missing_share=0.0,
+            reference_missing_share=0.0,
+            missing_p_value=1.0,
+            p_value=None,
+            drifted=failed[c],
+        )
     return DriftResult(
-        columns=[
-            ColumnDrift(
-                column=c,
-                kind=k.value,
-                method=getattr(tests, k.value).method,
-                score=scores[c],
-                threshold=getattr(tests, k.value).threshold,
-                drifted=verdicts[c],
-            )
-            for c, k in columns.items()
-        ],
+        columns=[verdicts[c] for c in columns],
         drift_share=drift_share,
+        false_alarm_rate=false_alarm_rate,
         snapshot=snapshot,
+        report_rows={"reference": len(report_reference), "current": len(report_current)},
     )

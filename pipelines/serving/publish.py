@@ -13,7 +13,7 @@ import re
 from datetime import datetime, timezone
 from pathlib import Path
 
-from pipelines.artifacts import MODEL_FILE, PLAN_FILE, REFERENCE_FILE
+from pipelines.artifacts import MODEL_FILE, PLAN_FILE
 from pipelines.config import AnyProject, ProjectConfig
 from pipelines.data.split import split_paths
 from pipelines.evaluation.gate import PROMOTED
@@ -80,8 +80,9 @@ def publish(
         if version is None:
             # what the drift check compares with
             train = split_paths(config.split.output_dir)["train"]
-            reference = write_reference(train, config.dataset, config.monitoring, config.train.seed, folder / REFERENCE_FILE)
-            files = {MODEL_FILE: folder / MODEL_FILE, repository.BACKEND_MODEL.name: repository.BACKEND_MODEL, REFERENCE_FILE: reference}
+            baseline = write_reference(train, config.dataset, config.monitoring, config.train.seed, folder)
+            lineage["drift_calibration"] = baseline["calibration"]
+            files = {MODEL_FILE: folder / MODEL_FILE, repository.BACKEND_MODEL.name: repository.BACKEND_MODEL, **baseline["files"]}
             version = repository.next_version(model_dir, *(repository.step_dir(model_dir, s) for s in repository.ENGINE_STEPS))
             if (folder / PLAN_FILE).is_file():  # export built a TensorRT engine: the gpu profile serves it
                 repository.add_engine_steps(model_dir, folder, version)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -115,6 +116,7 @@ def _fit(
         enable_model_summary=False,
     )
     resume_from, resumed_epochs = _resumable(folder / "checkpoints" / "last.ckpt")
+    started = time.perf_counter()
     trainer.fit(model, datamodule=data, ckpt_path=resume_from)
     best, score = Path(checkpoints.best_model_path), checkpoints.best_model_score
     assert score is not None  # set by the validation run of every epoch
@@ -126,6 +128,7 @@ def _fit(
         "epochs": trainer.current_epoch,
         "resumed_after_epochs": resumed_epochs,  # epochs a killed earlier try had already done
         "accelerator": "cuda" if cuda else "cpu",
+        "fit_seconds": round(time.perf_counter() - started, 3),  # this try's; a resumed one counts from its resume
         "inputs": inputs,
     }
     write_json(folder / CANDIDATE_FILE, record)

@@ -17,6 +17,7 @@ UNIT_TESTS = REPO / "tests/monitoring/alerts_test.yml"
 ALERTS = {
     "FlywheelDriftDetected": "drift-detected",
     "FlywheelDriftCheckStale": "drift-check-stale",
+    "FlywheelInputsMissing": "inputs-missing",
     "FlywheelValidationFailures": "validation-failures",
     "FlywheelGateRejectionsInARow": "gate-rejections-in-a-row",
     "FlywheelPublishFailed": "publish-failed",

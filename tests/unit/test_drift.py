@@ -1,5 +1,6 @@
 """The drift check (``pipelines.monitoring.drift``) on small seeded frames: which columns drift,
-the dataset verdict, the summary, the HTML report, and the errors a bad input gets."""
+the calibrated thresholds and p-values, missing and non-finite floods, the dataset verdict, the
+summary, the HTML report, and the errors a bad input gets."""
 
 from __future__ import annotations
 
@@ -9,13 +10,15 @@ import re
 import numpy as np
 import pandas as pd
 import pytest
+from pydantic import ValidationError
 from scipy import stats
 from scipy.spatial import distance
 
-from pipelines.config import DriftTest, DriftTests
-from pipelines.monitoring.drift import ColumnKind, DriftCheckError, compare
+from pipelines.config import CalibratedTest, DriftTest, DriftTests
+from pipelines.monitoring.drift import ColumnKind, DriftCheckError, calibrate, compare, dataset_verdict
 
 ROWS = 3000
+RATE = 0.01
 KINDS = {
     "dep_hour": ColumnKind.numeric,
     "dep_delay": ColumnKind.numeric,
@@ -45,40 +48,45 @@ def flights(seed: int, shift: tuple[str, ...] = (), rows: int = ROWS) -> pd.Data
 
 
 @pytest.fixture(scope="module")
-def shifted():
+def nulls():
+    """The null of each column of reference ``flights(1)``, calibrated on windows from ``flights(0)``."""
+    return calibrate(flights(1), flights(0, rows=20_000), KINDS, smallest=200, draws=2000, seed=5)
+
+
+def check(current: pd.DataFrame, nulls, drift_share: float = 0.3, columns=KINDS):
+    return compare(flights(1), current, columns, DriftTests(), drift_share, RATE, nulls)
+
+
+@pytest.fixture(scope="module")
+def shifted(nulls):
     """dep_delay (numeric) and origin (categorical) moved; the other three columns not."""
-    return flights(1), flights(2, shift=("dep_delay", "origin"))
+    return check(flights(2, shift=("dep_delay", "origin")), nulls)
 
 
-def test_without_a_shift_nothing_drifts():
-    result = compare(flights(1), flights(2), KINDS, DriftTests(), drift_share=0.3)
+def test_without_a_shift_nothing_drifts(nulls):
+    result = check(flights(2), nulls)
 
     assert [c.column for c in result.columns] == list(KINDS)
     assert result.drifted_columns == [] and result.share == 0.0 and result.dataset_drift is False
     for c in result.columns:
-        assert not c.drifted and 0 <= c.score < c.threshold, c
-        assert (c.method, c.threshold) == (("wasserstein", 0.1) if c.kind == "numeric" else ("jensenshannon", 0.1))
+        assert not c.drifted and c.p_value > RATE and 0 <= c.score < c.threshold and c.reason is None, c
+        assert c.method == ("wasserstein" if c.kind == "numeric" else "jensenshannon")
 
 
 def test_a_planted_shift_drifts_exactly_those_columns(shifted):
-    reference, current = shifted
-
-    result = compare(reference, current, KINDS, DriftTests(), drift_share=0.3)
-
-    assert result.drifted_columns == ["dep_delay", "origin"]
-    assert result.share == pytest.approx(2 / 5)
-    assert result.dataset_drift is True
-    by_name = {c.column: c for c in result.columns}
-    assert by_name["dep_delay"].score > 0.3 and by_name["origin"].score > 0.3
-    assert all(by_name[c].score < 0.1 for c in ("dep_hour", "distance", "carrier"))
+    assert shifted.drifted_columns == ["dep_delay", "origin"]
+    assert shifted.share == pytest.approx(2 / 5) and shifted.dataset_drift is True
+    by_name = {c.column: c for c in shifted.columns}
+    for name in ("dep_delay", "origin"):
+        c = by_name[name]
+        assert c.score > c.threshold and c.score_p_value == pytest.approx(1 / 2001) and c.p_value <= RATE
+        assert c.reason.startswith(f"{c.method} ") and "the threshold at 3000 rows" in c.reason
 
 
 def test_scores_are_the_normed_wasserstein_and_jensen_shannon_distances(shifted):
-    reference, current = shifted
+    reference, current = flights(1), flights(2, shift=("dep_delay", "origin"))
 
-    result = compare(reference, current, KINDS, DriftTests(), drift_share=0.3)
-
-    for c in result.columns:
+    for c in shifted.columns:
         ref, cur = reference[c.column], current[c.column]
         if c.kind == "numeric":
             expected = stats.wasserstein_distance(ref, cur) / np.std(ref)
@@ -88,60 +96,107 @@ def test_scores_are_the_normed_wasserstein_and_jensen_shannon_distances(shifted)
         assert c.score == pytest.approx(expected, rel=1e-9), c.column
 
 
-def test_dataset_drift_follows_drift_share(shifted):
-    reference, current = shifted  # 2 of 5 columns drift: share 0.4
+def test_the_threshold_shrinks_as_the_window_grows(nulls):
+    small, large = check(flights(2, rows=300), nulls), check(flights(2, rows=20_000), nulls)
 
-    verdicts = {share: compare(reference, current, KINDS, DriftTests(), drift_share=share).dataset_drift for share in (0.3, 0.4, 0.5)}
+    for a, b in zip(small.columns, large.columns):
+        assert a.threshold > 1.5 * b.threshold, (a, b)  # a distance of chance shrinks like 1/sqrt(n_eff)
+
+
+def test_a_small_shift_is_noise_in_a_small_window_and_drift_in_a_large_one(nulls):
+    # dep_delay moved by 0.1 standard deviations: invisible in 300 rows, plain in 20,000
+    small = flights(2, rows=300).assign(dep_delay=lambda f: f["dep_delay"] + 2.0)
+    large = flights(3, rows=20_000).assign(dep_delay=lambda f: f["dep_delay"] + 2.0)
+
+    assert "dep_delay" not in check(small, nulls).drifted_columns
+    assert "dep_delay" in check(large, nulls).drifted_columns
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf], ids=["null", "inf"])
+def test_a_flood_of_missing_or_non_finite_values_drifts_the_column_and_says_so(nulls, value):
+    rng = np.random.default_rng(11)
+    current = flights(2)
+    flooded = rng.random(ROWS) < 0.2
+    current.loc[flooded, "distance"] = value
+
+    result = check(current, nulls)
+
+    (c,) = [c for c in result.columns if c.column == "distance"]
+    assert result.drifted_columns == ["distance"]
+    assert c.missing_share == pytest.approx(flooded.mean()) and c.reference_missing_share == 0.0 and c.missing_p_value < 1e-10
+    assert f"{flooded.mean():.1%} missing or non-finite against 0.0% in the reference" in c.reason
+    # the distance is of the finite values only: unchanged by the flood
+    assert c.score == pytest.approx(stats.wasserstein_distance(flights(1)["distance"], current["distance"][~flooded]) / np.std(flights(1)["distance"]))
+
+
+def test_nulls_in_a_categorical_column_drift_it(nulls):
+    current = flights(2)
+    current.loc[: ROWS * 6 // 10, "origin"] = None
+
+    result = check(current, nulls)
+
+    assert result.drifted_columns == ["origin"] and "missing or non-finite" in result.columns[4].reason
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf], ids=["null", "inf", "-inf"])
+def test_a_column_with_no_usable_value_is_a_drifted_column_not_an_error(nulls, value):
+    result = check(flights(2).assign(dep_delay=value), nulls)
+
+    (c,) = [c for c in result.columns if c.column == "dep_delay"]
+    assert result.drifted_columns == ["dep_delay"]
+    assert c.score is None and c.score_p_value is None and c.missing_share == 1.0
+    assert c.reason.startswith("100.0% missing or non-finite against 0.0% in the reference")
+    assert result.report_rows == {"reference": ROWS, "current": ROWS}  # the other columns are still reported
+
+
+def test_missing_values_at_the_reference_rate_do_not_drift(nulls):
+    reference, current = flights(1), flights(2)
+    reference.loc[reference.index % 10 == 0, "dep_delay"] = np.nan
+    current.loc[current.index % 10 == 3, "dep_delay"] = np.nan
+
+    result = compare(reference, current, KINDS, DriftTests(), 0.3, RATE, nulls)
+
+    assert result.drifted_columns == [] and result.columns[1].missing_share == pytest.approx(0.1)
+
+
+def test_the_dataset_verdict_holds_the_false_alarm_rate_whatever_the_share():
+    # Rüger: 8 columns, drift_share 0.3 -> the 3rd smallest p-value at most 3 * 0.01 / 8
+    assert dataset_verdict([0.003, 0.003, 0.0037, 0.5, 0.5, 0.5, 0.9, 1.0], 0.3, 0.01) is True
+    assert dataset_verdict([0.003, 0.003, 0.0038, 0.5, 0.5, 0.5, 0.9, 1.0], 0.3, 0.01) is False
+    # three columns drift at 0.01 each (share 3/8 >= 0.3), but not beyond chance for the dataset
+    assert dataset_verdict([0.005, 0.006, 0.009, 0.5, 0.5, 0.5, 0.9, 1.0], 0.3, 0.01) is False
+
+
+def test_dataset_drift_follows_drift_share(nulls):
+    current = flights(2, shift=("dep_delay", "origin"))  # 2 of 5 columns drift: share 0.4
+
+    verdicts = {share: check(current, nulls, drift_share=share).dataset_drift for share in (0.3, 0.4, 0.5)}
 
     assert verdicts == {0.3: True, 0.4: True, 0.5: False}  # at the share counts as drift
 
 
 def test_summary_is_plain_json_with_the_verdicts(shifted):
-    reference, current = shifted
-
-    summary = compare(reference, current, KINDS, DriftTests(), drift_share=0.5).summary()
+    summary = shifted.summary()
 
     assert json.loads(json.dumps(summary)) == summary  # plain types only: it is logged and stored
-    assert summary["dataset_drift"] is False and summary["drift_share"] == 0.5
+    assert summary["dataset_drift"] is True and summary["drift_share"] == 0.3 and summary["false_alarm_rate"] == RATE
+    assert summary["dataset_test"]["m"] == 2 and summary["dataset_test"]["level"] == pytest.approx(2 * RATE / 5)
     assert summary["share"] == 0.4 and summary["drifted_columns"] == ["dep_delay", "origin"]
-    assert [c["column"] for c in summary["columns"]] == list(KINDS)
     delay = summary["columns"][1]
-    assert delay.keys() == {"column", "kind", "method", "score", "threshold", "drifted"}
-    assert delay["kind"] == "numeric" and delay["method"] == "wasserstein" and delay["threshold"] == 0.1 and delay["drifted"] is True
-
-
-def test_the_configured_method_and_threshold_decide():
-    reference, current = flights(1), flights(2, shift=("dep_delay",))
-    columns = {"dep_delay": ColumnKind.numeric}
-
-    loose = compare(reference, current, columns, DriftTests(numeric=DriftTest(method="wasserstein", threshold=0.9)), 0.5)
-    ks = compare(reference, current, columns, DriftTests(numeric=DriftTest(method="ks", threshold=0.05)), 0.5)
-
-    assert loose.columns[0].score < 0.9 and not loose.columns[0].drifted  # same score, higher bar
-    (c,) = ks.columns  # a p-value: drift below the threshold
-    assert (c.method, c.threshold) == ("ks", 0.05) and c.drifted and c.score < 1e-6
-    assert c.score == pytest.approx(stats.ks_2samp(reference["dep_delay"], current["dep_delay"]).pvalue, abs=1e-12)
-
-
-def test_a_distance_at_the_threshold_drifts():
-    reference = pd.DataFrame({"x": [0.0, 1.0] * 500})  # std 0.5
-    current = reference + 0.0625  # Wasserstein 0.0625: normed exactly 0.125
-
-    result = compare(reference, current, {"x": ColumnKind.numeric}, DriftTests(numeric=DriftTest(method="wasserstein", threshold=0.125)), 0.5)
-
-    assert result.columns[0].score == 0.125 and result.columns[0].drifted
+    assert {"score", "threshold", "score_p_value", "missing_share", "reference_missing_share", "missing_p_value", "p_value", "drifted", "reason"} <= delay.keys()
 
 
 def test_a_category_seen_only_in_the_current_data_drifts():
     rng = np.random.default_rng(7)
-    reference = pd.DataFrame({"carrier": CARRIERS[rng.choice(10, ROWS)], "dep_hour": rng.integers(5, 23, ROWS)})
-    before = pd.DataFrame({"carrier": CARRIERS[rng.choice(10, ROWS)], "dep_hour": rng.integers(5, 23, ROWS)})
+    frame = lambda: pd.DataFrame({"carrier": CARRIERS[rng.choice(10, ROWS)], "dep_hour": rng.integers(5, 23, ROWS)})  # noqa: E731
+    reference, pool, before = frame(), frame(), frame()
     current = before.copy()
     current.loc[rng.random(ROWS) < 0.1, "carrier"] = "NEW"  # a carrier the model never saw
     columns = {"carrier": ColumnKind.categorical, "dep_hour": ColumnKind.numeric}
+    calibrated = calibrate(reference, pool, columns, 200, 2000, seed=1)
 
-    result = compare(reference, current, columns, DriftTests(), 0.5)
-    without = compare(reference, before, columns, DriftTests(), 0.5)
+    result = compare(reference, current, columns, DriftTests(), 0.5, RATE, calibrated)
+    without = compare(reference, before, columns, DriftTests(), 0.5, RATE, calibrated)
 
     assert result.drifted_columns == ["carrier"]
     assert without.drifted_columns == []  # the same rows before NEW came in do not
@@ -167,7 +222,7 @@ TEXT = {"review": ColumnKind.text}
 
 
 def test_text_of_the_other_review_label_drifts(reviews):
-    result = compare(reviews["great"], reviews["other"], TEXT, DriftTests(), 0.5)
+    result = compare(reviews["great"], reviews["other"], TEXT, DriftTests(), 0.5, RATE, {})
 
     (c,) = result.columns
     assert (c.kind, c.method) == ("text", "abs_text_content_drift")
@@ -180,77 +235,77 @@ def test_text_of_the_same_review_label_does_not_drift(reviews):
     # beats 95% of random ones.
     tests = DriftTests(text=DriftTest(method="perc_text_content_drift", threshold=0.95))
 
-    result = compare(reviews["great"], reviews["great again"], TEXT, tests, 0.5)
+    result = compare(reviews["great"], reviews["great again"], TEXT, tests, 0.5, RATE, {})
 
     assert not result.columns[0].drifted and result.columns[0].score < 0.55
 
 
 def test_text_default_settings_do_not_flag_the_same_review_label(reviews):
-    result = compare(reviews["great"], reviews["great again"], TEXT, DriftTests(), 0.5)
+    result = compare(reviews["great"], reviews["great again"], TEXT, DriftTests(), 0.5, RATE, {})
 
     assert not result.columns[0].drifted, f"ROC AUC {result.columns[0].score:.3f} called drift"
 
 
-def test_the_html_report_shows_the_drifted_column(shifted, tmp_path):
-    result = compare(*shifted, KINDS, DriftTests(), drift_share=0.3)
-
-    result.snapshot.save_html(str(tmp_path / "drift.html"))
+def test_the_html_report_shows_the_calibrated_verdicts(shifted, tmp_path):
+    shifted.snapshot.save_html(str(tmp_path / "drift.html"))
 
     html = (tmp_path / "drift.html").read_text()
     assert re.search(r"Drift in column 'dep_delay'\", \"label\": \"Data drift detected", html)
     assert re.search(r"Drift in column 'origin'\", \"label\": \"Data drift detected", html)
     assert re.search(r"Drift in column 'carrier'\", \"label\": \"Data drift not detected", html)
+    assert "calibrated threshold" in html
 
 
 @pytest.mark.parametrize("frame", ["reference", "current"])
-def test_a_missing_column_is_named(frame):
+def test_a_missing_column_is_named(frame, nulls):
     frames = {"reference": flights(1), "current": flights(2)}
     frames[frame] = frames[frame].drop(columns="origin")
 
     with pytest.raises(DriftCheckError, match=rf"the {frame} data has no column \['origin'\]"):
-        compare(frames["reference"], frames["current"], KINDS, DriftTests(), 0.3)
+        compare(frames["reference"], frames["current"], KINDS, DriftTests(), 0.3, RATE, nulls)
 
 
-def test_a_numeric_column_of_strings_is_named_with_its_dtype():
-    current = flights(2).astype({"dep_delay": str})
-
+def test_a_numeric_column_of_strings_is_named_with_its_dtype(nulls):
     with pytest.raises(DriftCheckError, match=r"column 'dep_delay' of the current data is object, expected numbers"):
-        compare(flights(1), current, KINDS, DriftTests(), 0.3)
+        check(flights(2).astype({"dep_delay": str}), nulls)
 
 
-def test_an_unknown_method_names_the_setting_and_the_known_ones():
-    tests = DriftTests(numeric=DriftTest(method="wassertein", threshold=0.1))
-
-    with pytest.raises(DriftCheckError, match=r"monitoring\.tests\.numeric\.method 'wassertein'") as error:
-        compare(flights(1), flights(2), KINDS, tests, 0.3)
-
-    assert "use one of [" in str(error.value)
-    assert all(f"'{name}'" in str(error.value) for name in ("wasserstein", "ks", "psi"))
-    assert "'perc_text_content_drift'" not in str(error.value)  # only the numeric tests
+def test_a_fixed_threshold_for_a_calibrated_column_is_refused_saying_why():
+    with pytest.raises(ValidationError, match=r"monitoring\.tests\.numeric\.threshold: thresholds of numeric and categorical columns are calibrated"):
+        DriftTests.model_validate({"numeric": {"method": "wasserstein", "threshold": 0.1}})
 
 
-def test_a_method_of_another_column_type_is_refused():
-    tests = DriftTests(categorical=DriftTest(method="perc_text_content_drift", threshold=0.95))
+def test_another_method_for_a_calibrated_column_is_refused(nulls):
+    tests = DriftTests(numeric=CalibratedTest(method="ks"))
 
-    with pytest.raises(DriftCheckError, match=r"monitoring\.tests\.categorical\.method 'perc_text_content_drift' is not an Evidently test for categorical"):
-        compare(flights(1), flights(2), KINDS, tests, 0.3)
+    with pytest.raises(DriftCheckError, match=r"monitoring\.tests\.numeric\.method 'ks': the calibrated test of numeric columns is 'wasserstein'"):
+        compare(flights(1), flights(2), KINDS, tests, 0.3, RATE, nulls)
 
 
-def test_empty_current_data_is_refused():
+def test_a_method_of_another_column_type_is_refused_for_text(reviews):
+    tests = DriftTests(text=DriftTest(method="wasserstein", threshold=0.1))
+
+    with pytest.raises(DriftCheckError, match=r"monitoring\.tests\.text\.method 'wasserstein' is not an Evidently test for text"):
+        compare(reviews["great"], reviews["other"], TEXT, tests, 0.5, RATE, {})
+
+
+def test_a_column_without_calibration_is_refused(nulls):
+    with pytest.raises(DriftCheckError, match=r"no calibrated null for columns \['origin'\]"):
+        check(flights(2), {c: n for c, n in nulls.items() if c != "origin"})
+
+
+def test_empty_current_data_is_refused(nulls):
     with pytest.raises(DriftCheckError, match="the current data has no rows"):
-        compare(flights(1), flights(2).iloc[:0], KINDS, DriftTests(), 0.3)
+        check(flights(2).iloc[:0], nulls)
 
 
-def test_no_columns_to_monitor_is_refused():
+def test_no_columns_to_monitor_is_refused(nulls):
     with pytest.raises(DriftCheckError, match="no columns to monitor"):
-        compare(flights(1), flights(2), {}, DriftTests(), 0.3)
+        check(flights(2), nulls, columns={})
 
 
-@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
-def test_a_column_with_no_values_in_the_current_data_is_named():
-    current = flights(2).assign(dep_delay=np.nan)
+def test_a_reference_column_without_values_is_named():
+    reference = flights(1).assign(dep_delay=np.inf)
 
-    with pytest.raises(Exception) as error:
-        compare(flights(1), current, KINDS, DriftTests(), 0.3)
-
-    assert isinstance(error.value, DriftCheckError) and "dep_delay" in str(error.value), repr(error.value)
+    with pytest.raises(DriftCheckError, match=r"column 'dep_delay' of the reference data has no values \(all missing or non-finite\)"):
+        calibrate(reference, flights(0), KINDS, 200, 200, seed=1)
