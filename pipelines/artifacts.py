@@ -6,11 +6,14 @@ serving agree on them without importing one another.
 from __future__ import annotations
 
 # A tabular model's export (a candidate folder, then a version of the model repository).
-MODEL_FILE = "model.onnx"  # raw columns in, `prediction` out (the category lookup inside the graph)
+MODEL_FILE = "model.onnx"  # raw columns in, `prediction` (and a classifier's `label`) out (the category lookup inside the graph)
 LOOKUP_FILE = "lookup.onnx"  # its first half: category strings to int32 codes (ONNX Runtime)
 NETWORK_FILE = "network.onnx"  # its second half: numbers only (what TensorRT builds an engine of)
 PLAN_FILE = "model.plan"  # the TensorRT engine of network.onnx, where export.tensorrt built one
 OUTPUT = "prediction"  # the output tensor of every tabular rendering
+# A classifier's second output: int32, 1 where prediction >= the threshold chosen on the validation
+# split (export.json["threshold"]), else 0. Versions exported before it have none.
+LABEL_OUTPUT = "label"
 CODES, NUMERIC = "categorical_codes", "numeric"  # the tensors between the lookup and the network
 
 # A fine-tuned text classifier's export.
@@ -26,6 +29,7 @@ CANDIDATE_FILE = "candidate.json"  # a fine-tuning candidate's inputs and traini
 CONFIG_FILE = "config.pbtxt"
 LINEAGE_FILE = "lineage.json"  # where a version came from
 REFERENCE_FILE = "reference.parquet"  # a seeded sample of a version's training data: its drift reference
+NULL_FILE = "drift_null.parquet"  # each monitored column's drift statistic under no drift, by window size
 REPORT_FILE = "report.html"  # Evidently's report of one window
 SUMMARY_FILE = "summary.json"  # a window's verdict, share and per-column tests
 

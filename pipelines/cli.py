@@ -143,6 +143,16 @@ def cmd_revert_batch(args: argparse.Namespace) -> None:
     print(json.dumps(revert(load_config(args.project), args.batch, args.reason, by, timeout=args.wait)))
 
 
+def cmd_seed_noise(args: argparse.Namespace) -> None:
+    from pipelines.data.versioning import version_split
+    from pipelines.evaluation.seed_noise import measure
+
+    config = load_config(args.project)
+    record = measure(config, version_split(config)["data_version"], args.seeds)
+    print(json.dumps({k: v for k, v in record.items() if k != "data_version"}))
+    print(f"# in projects/{config.name}/params.yaml: gate: {{seed_noise: {record['seed_noise']:.4f}}}", file=sys.stderr)
+
+
 def cmd_versions(args: argparse.Namespace) -> None:
     from pipelines.serving.repository import version_rows
 
@@ -228,6 +238,11 @@ def main(argv: list[str] | None = None) -> None:
     revert_batch.add_argument("--reason", required=True, help="why: kept with the batch in quarantine and in the ledger")
     revert_batch.add_argument("--wait", type=float, default=60, help="seconds to wait for a running retrain to let go of the data")
     revert_batch.set_defaults(run=cmd_revert_batch)
+
+    seed_noise = commands.add_parser("seed-noise", help="measure how much the gate metric moves between training seeds (gate.seed_noise)")
+    seed_noise.add_argument("project")
+    seed_noise.add_argument("--seeds", type=int, default=5, help="trainings on the current split, one a seed (default 5)")
+    seed_noise.set_defaults(run=cmd_seed_noise)
 
     versions = commands.add_parser("versions", help="the published versions of every project's model (or one project's)")
     versions.add_argument("project", nargs="?")

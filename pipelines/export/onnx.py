@@ -6,15 +6,20 @@ inside the graph (``ai.onnx.ml`` LabelEncoder, unseen values to the OOV index), 
 to the network exported from PyTorch, so every runtime serving the file scores exactly
 what was trained. The batch axis is dynamic.
 
+A classifier's graph has a second output, ``label`` (int32, 1 where ``prediction >=`` the
+threshold chosen on the validation split, ``pipelines.evaluation.threshold``): the cut is in
+the served file, so every rendering answers the same label and no client picks its own.
+
 Beside it go the two halves of that file, for runtimes that cannot take strings (TensorRT):
 ``lookup.onnx`` (raw columns to ``categorical_codes`` and ``numeric``) and ``network.onnx``
-(those two to ``prediction``). The codes cross between them as int32, which TensorRT handles
-natively (it narrows int64 with a warning, or refuses it).
+(those two to ``prediction``, and ``label``). The codes cross between them as int32, which
+TensorRT handles natively (it narrows int64 with a warning, or refuses it).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -22,8 +27,8 @@ import numpy as np
 import numpy.typing as npt
 import pandas as pd
 
-from pipelines.artifacts import CODES, LOOKUP_FILE, MODEL_FILE, NETWORK_FILE, NUMERIC, OUTPUT, PLAN_FILE
-from pipelines.config import ExportConfig, ProjectConfig, TensorRTPrecision
+from pipelines.artifacts import CODES, LABEL_OUTPUT, LOOKUP_FILE, MODEL_FILE, NETWORK_FILE, NUMERIC, OUTPUT, PLAN_FILE
+from pipelines.config import DecisionThreshold, ExportConfig, Label, ProjectConfig, Task, TensorRTPrecision
 from pipelines.errors import NotRetryable
 from pipelines.lineage import Record, write_json
 
@@ -35,6 +40,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 ML_OPSET = 3  # ai.onnx.ml: LabelEncoder with tensor attributes
+THRESHOLD = f"{LABEL_OUTPUT}__threshold"  # the initializer that holds a classifier's cut
 
 
 def parity_gap(got: npt.NDArray[np.float32], expected: npt.NDArray[np.float32]) -> float:
@@ -43,6 +49,14 @@ def parity_gap(got: npt.NDArray[np.float32], expected: npt.NDArray[np.float32]) 
     probabilities, but a regression in the thousands (a price) differs by float32 rounding
     alone by more than 1e-4; relative to the value it is ~1e-7, whatever the label's scale."""
     return float(np.max(np.abs(got - expected) / np.maximum(1.0, np.abs(expected)))) if len(expected) else 0.0
+
+
+def label_mismatches(label: npt.NDArray[np.integer], prediction: npt.NDArray[np.floating], threshold: float, tolerance: float = 0.0) -> int:
+    """Rows whose ``label`` is not ``prediction >= threshold`` (all of shape (rows,)), leaving out
+    rows whose prediction is less than ``tolerance`` from the threshold, where a runtime within
+    that tolerance of ``prediction`` may cut the other way (0: every row counts)."""
+    expected = prediction >= np.float32(threshold)
+    return int(np.sum((label != expected) & ~(np.abs(prediction - threshold) < tolerance)))
 
 
 class ParityError(NotRetryable, RuntimeError):
@@ -54,6 +68,24 @@ def onnx_inputs(frame: pd.DataFrame, categorical: list[str], numeric: list[str])
     feeds = {c: frame[c].astype(str).to_numpy(dtype=object).reshape(-1, 1) for c in categorical}
     feeds |= {c: frame[c].to_numpy("float32").reshape(-1, 1) for c in numeric}
     return feeds
+
+
+def onnx_outputs(model: Path | bytes, frame: pd.DataFrame) -> dict[str, np.ndarray]:
+    """Every output of an ONNX model (a file, or its bytes) for raw rows, by name, each of shape
+    (rows,): ``prediction`` float32, and ``label`` int32 where the graph has it. Each input the
+    graph asks for is fed from the column of its name (strings or float32); ``KeyError`` when
+    ``frame`` lacks one."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(model) if isinstance(model, Path) else model, providers=["CPUExecutionProvider"])
+    inputs = session.get_inputs()
+    missing = [i.name for i in inputs if i.name not in frame.columns]
+    if missing:
+        raise KeyError(f"the ONNX model takes columns {missing}, which the rows do not have")
+    categorical = [i.name for i in inputs if i.type == "tensor(string)"]
+    names = [o.name for o in session.get_outputs()]
+    results = session.run(names, onnx_inputs(frame, categorical, [i.name for i in inputs if i.name not in categorical]))
+    return {name: result[:, 0] for name, result in zip(names, results)}
 
 
 def _network(model: TabularModel, categorical: list[str], numeric: list[str], opset: int) -> onnx.ModelProto:
@@ -113,9 +145,7 @@ def _lookup(categorical: dict[str, list[str]], numeric: list[str], opset: int) -
         helper.make_tensor_value_info("numeric", TensorProto.FLOAT, ["batch", len(numeric)]),
     ]
     graph = helper.make_graph(nodes, "lookup", inputs, outputs)
-    return helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid("ai.onnx.ml", ML_OPSET)]
-    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid("ai.onnx.ml", ML_OPSET)])
 
 
 def build_onnx(model: TabularModel, encoding: Encoding, opset: int) -> onnx.ModelProto:
@@ -130,9 +160,7 @@ def build_onnx(model: TabularModel, encoding: Encoding, opset: int) -> onnx.Mode
     network = _network(model, categorical, numeric, opset)
     lookup = _lookup(encoding.categorical, numeric, opset)
     lookup.ir_version = network.ir_version
-    merged = compose.merge_models(
-        lookup, network, io_map=[("categorical_codes", "categorical_codes"), ("numeric", "numeric")]
-    )
+    merged = compose.merge_models(lookup, network, io_map=[("categorical_codes", "categorical_codes"), ("numeric", "numeric")])
     # merge_models lists each part's opsets: one entry per domain, as tools like the quantiser expect.
     opsets: dict[str, int] = {}
     for entry in merged.opset_import:
@@ -143,10 +171,49 @@ def build_onnx(model: TabularModel, encoding: Encoding, opset: int) -> onnx.Mode
     return merged
 
 
+def with_label(model: onnx.ModelProto, threshold: float) -> onnx.ModelProto:
+    """``model`` (``build_onnx``'s) with a second output ``label``: int32 of the prediction's
+    shape (batch, 1), 1 where ``prediction >= threshold`` (compared in float32) else 0, checked
+    by ``onnx.checker``. The threshold is the initializer ``THRESHOLD`` (``threshold_of``)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    labelled = onnx.ModelProto()
+    labelled.CopyFrom(model)
+    graph = labelled.graph
+    graph.initializer.append(numpy_helper.from_array(np.array(threshold, dtype=np.float32), THRESHOLD))
+    cut = f"{LABEL_OUTPUT}__bool"
+    graph.node.extend(
+        [
+            helper.make_node("GreaterOrEqual", [OUTPUT, THRESHOLD], [cut]),
+            helper.make_node("Cast", [cut], [LABEL_OUTPUT], to=TensorProto.INT32),
+        ]
+    )
+    (prediction,) = [o for o in graph.output if o.name == OUTPUT]
+    label = graph.output.add()
+    label.CopyFrom(prediction)
+    label.name = LABEL_OUTPUT
+    label.type.tensor_type.elem_type = TensorProto.INT32
+    onnx.checker.check_model(labelled, full_check=True)
+    return labelled
+
+
+def threshold_of(model: onnx.ModelProto) -> float | None:
+    """The threshold ``with_label`` baked into a graph (a whole model, its network half, or its
+    int8 rendering), or None for a graph without a ``label`` output."""
+    from onnx import numpy_helper
+
+    if LABEL_OUTPUT not in {o.name for o in model.graph.output}:
+        return None
+    (value,) = [numpy_helper.to_array(i) for i in model.graph.initializer if i.name == THRESHOLD]
+    return float(value)
+
+
 def split(merged: onnx.ModelProto) -> tuple[onnx.ModelProto, onnx.ModelProto]:
     """``(lookup, network)``: the two halves of ``build_onnx``'s model, cut at ``categorical_codes``
     and ``numeric``, with the codes crossing as int32 (a Cast on each side keeps the arithmetic
-    exactly the merged model's)."""
+    exactly the merged model's). The network answers every output of the merged model
+    (``prediction``, and ``label`` where ``with_label`` added it)."""
     import onnx
     from onnx import TensorProto, helper
     from onnx.utils import Extractor
@@ -154,7 +221,7 @@ def split(merged: onnx.ModelProto) -> tuple[onnx.ModelProto, onnx.ModelProto]:
     extractor = Extractor(merged)
     raw = [i.name for i in merged.graph.input]
     lookup = extractor.extract_model(raw, [CODES, NUMERIC])
-    network = extractor.extract_model([CODES, NUMERIC], [OUTPUT])
+    network = extractor.extract_model([CODES, NUMERIC], [o.name for o in merged.graph.output])
 
     narrowed = f"{CODES}__int32"
     for node in lookup.graph.node:
@@ -176,9 +243,11 @@ def split(merged: onnx.ModelProto) -> tuple[onnx.ModelProto, onnx.ModelProto]:
 def export(config: ProjectConfig, candidate: str) -> Record:
     """Export the ``candidate`` folder (relative to the home) as ``write_onnx`` does, then build
     its TensorRT engine and try int8 where the ``export`` section asks; write and return the
-    record (``export.json``), its files named relative to the home.
+    record (``export.json``), its files named relative to the home. A classifier's record has
+    its ``threshold`` (``write_onnx``).
 
-    ``ParityError`` (from any of the three) stops the run before anything is published.
+    ``ParityError`` (from any of the three) stops the run before anything is published, as does
+    ``ThresholdError`` (no threshold reaches ``gate.threshold``'s target on the validation split).
     """
     from pipelines.data.split import split_paths
     from pipelines.training.train import load_candidate
@@ -186,7 +255,8 @@ def export(config: ProjectConfig, candidate: str) -> Record:
     folder = config.path(Path(candidate))
     splits = split_paths(config.split.output_dir)
     model, encoding = load_candidate(folder)
-    record = {"onnx": config.portable(folder / MODEL_FILE), **write_onnx(config.export, model, encoding, folder, splits["test"])}
+    written = write_onnx(config.export, model, encoding, folder, splits, config.dataset.label, config.gate.threshold)
+    record = {"onnx": config.portable(folder / MODEL_FILE), **written}
     if config.export.tensorrt != TensorRTPrecision.off:
         from pipelines.export.tensorrt import export_engine
 
@@ -200,38 +270,51 @@ def export(config: ProjectConfig, candidate: str) -> Record:
     return record
 
 
-def write_onnx(export: ExportConfig, model: TabularModel, encoding: Encoding, folder: Path, test: Path) -> Record:
+def write_onnx(export: ExportConfig, model: TabularModel, encoding: Encoding, folder: Path, splits: Mapping[str, Path], label: Label, setting: DecisionThreshold) -> Record:
     """Write ``model.onnx`` into the candidate ``folder`` after a parity check on the first
-    ``export.parity_rows`` rows of the ``test`` split file, and its halves ``lookup.onnx`` and
-    ``network.onnx`` beside it; remove an earlier export's ``model.plan``. Returns
-    ``parity_rows`` and ``max_abs_diff`` (the largest |ONNX - PyTorch| prediction).
+    ``export.parity_rows`` rows of the test split, and its halves ``lookup.onnx`` and
+    ``network.onnx`` beside it; remove an earlier export's ``model.plan``. ``splits`` are the
+    split files by part (``test``, and ``val`` for a classifier).
+
+    A classifier (``label.task``) gets its ``label`` output (``with_label``) at the threshold
+    ``setting`` asks for, chosen on the labelled rows of the validation split as the graph scores
+    them (``threshold.choose``). Returns ``parity_rows``, ``max_abs_diff`` (the largest |ONNX -
+    PyTorch| prediction) and, for a classifier, ``threshold`` (``choose``'s record).
 
     ``ParityError`` when ONNX Runtime and PyTorch differ by more than ``export.parity_tolerance``
-    (``parity_gap``); no ``model.onnx`` is left then.
+    (``parity_gap``), or the label is not the thresholded prediction on every parity row; no
+    ``model.onnx`` is left then. ``ThresholdError`` when no threshold can be chosen.
     """
     import onnx
-    import onnxruntime as ort
     import torch
 
     exported = build_onnx(model, encoding, export.opset)
+    record: Record = {}
+    if label.task == Task.classification:
+        from pipelines.evaluation.threshold import choose
+
+        validation = pd.read_parquet(splits["val"])
+        validation = validation[validation[label.column].notna()]
+        scores = onnx_outputs(exported.SerializeToString(), validation)[OUTPUT]  # as the served graph scores them
+        record["threshold"] = choose(validation[label.column].to_numpy().astype(int), scores, setting)
+        exported = with_label(exported, record["threshold"]["value"])
     partial = folder / f".{MODEL_FILE}.partial"
     onnx.save(exported, partial)
 
-    rows = pd.read_parquet(test).head(export.parity_rows)
+    rows = pd.read_parquet(splits["test"]).head(export.parity_rows)
     with torch.no_grad():
-        expected = model.predict(
-            torch.from_numpy(encoding.categorical_indices(rows)), torch.from_numpy(encoding.numeric_values(rows))
-        ).numpy()
-    session = ort.InferenceSession(str(partial), providers=["CPUExecutionProvider"])
-    (got,) = session.run([OUTPUT], onnx_inputs(rows, list(encoding.categorical), encoding.numeric))
-    max_abs_diff = float(np.max(np.abs(got[:, 0] - expected)))
-    gap = parity_gap(got[:, 0], expected)
+        expected = model.predict(torch.from_numpy(encoding.categorical_indices(rows)), torch.from_numpy(encoding.numeric_values(rows))).numpy()
+    got = onnx_outputs(partial, rows)
+    max_abs_diff = float(np.max(np.abs(got[OUTPUT] - expected)))
+    gap = parity_gap(got[OUTPUT], expected)
+    problems = []
     if not gap <= export.parity_tolerance:
+        problems.append(f"ONNX and PyTorch differ by {max_abs_diff:.3g} on {len(rows)} test rows (relative gap {gap:.3g}), more than export.parity_tolerance={export.parity_tolerance:g}")
+    if "threshold" in record and (flipped := label_mismatches(got[LABEL_OUTPUT], got[OUTPUT], record["threshold"]["value"])):
+        problems.append(f"{flipped} of {len(rows)} labels are not prediction >= {record['threshold']['value']:g}")
+    if problems:
         partial.unlink()
-        raise ParityError(
-            f"{folder / MODEL_FILE}: ONNX and PyTorch differ by {max_abs_diff:.3g} on {len(rows)} test rows "
-            f"(relative gap {gap:.3g}), more than export.parity_tolerance={export.parity_tolerance:g}; nothing was published"
-        )
+        raise ParityError(f"{folder / MODEL_FILE}: {'; '.join(problems)}; nothing was published")
     partial.replace(folder / MODEL_FILE)
     # Split from the fp32 graph just checked, before int8 may replace model.onnx: TensorRT takes
     # fp32 graphs, and its own precision is export.tensorrt's.
@@ -239,4 +322,7 @@ def write_onnx(export: ExportConfig, model: TabularModel, encoding: Encoding, fo
         onnx.save(part, folder / name)
     (folder / PLAN_FILE).unlink(missing_ok=True)  # an engine of an earlier export of this candidate is not this one's
     log.info("exported %s: max |onnx - torch| = %.2g over %d test rows", folder / MODEL_FILE, max_abs_diff, len(rows))
-    return {"parity_rows": len(rows), "max_abs_diff": max_abs_diff}
+    if "threshold" in record:
+        chosen = record["threshold"]
+        log.info("label at threshold %.4g (%s): validation %s", chosen["value"], chosen["objective"], chosen["validation"])
+    return {"parity_rows": len(rows), "max_abs_diff": max_abs_diff, **record}

@@ -6,7 +6,8 @@ Elsewhere ``export_engine`` logs one warning with the reason, records ``built: f
 the candidate is served through its ONNX rendering; it never raises for that.
 
 The engine takes the numeric half of the model (``network.onnx``: ``categorical_codes`` int32
-and ``numeric`` float32); the string lookup stays in ONNX Runtime (``lookup.onnx``), which the
+and ``numeric`` float32) and answers what it answers (``prediction``, and a classifier's int32
+``label``); the string lookup stays in ONNX Runtime (``lookup.onnx``), which the
 ``tensorrt_plan`` rendering runs as the first step of a Triton ensemble. Before it is kept the
 engine is checked against ONNX Runtime on the same test rows, within the configured tolerance.
 """
@@ -21,9 +22,9 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 import pandas as pd
 
-from pipelines.artifacts import LOOKUP_FILE, NETWORK_FILE, OUTPUT, PLAN_FILE
+from pipelines.artifacts import LABEL_OUTPUT, LOOKUP_FILE, NETWORK_FILE, OUTPUT, PLAN_FILE
 from pipelines.config import ExportConfig, TensorRTPrecision
-from pipelines.export.onnx import ParityError, onnx_inputs
+from pipelines.export.onnx import ParityError, label_mismatches, onnx_inputs, threshold_of
 from pipelines.lineage import Record
 
 if TYPE_CHECKING:
@@ -119,8 +120,11 @@ def build_engine(
 
     ``calibration`` (int8 only) and ``parity`` are the network's inputs by name. The engine is
     written beside ``plan`` and renamed into place only once its answers on ``parity`` are
-    within ``tolerance`` of ONNX Runtime's; otherwise ``ParityError``.
+    within ``tolerance`` of ONNX Runtime's: its predictions, and its labels (a classifier's
+    network) on every row whose ONNX Runtime prediction is at least ``tolerance`` from the
+    threshold (nearer, the engine may cut the other way); otherwise ``ParityError``.
     """
+    import onnx
     import tensorrt as trt
 
     if (precision == "int8") != (calibration is not None):
@@ -150,38 +154,51 @@ def build_engine(
         raise RuntimeError(f"TensorRT could not build a {precision} engine from {network_onnx} (its log above says why)")
 
     engine = trt.Runtime(logger).deserialize_cuda_engine(serialized)
-    got = run_engine(engine, parity, max_batch)
+    got = engine_outputs(engine, parity, max_batch)
     expected = _onnxruntime(network_onnx, parity)
-    max_abs_diff = float(np.max(np.abs(got - expected)))
-    rows = len(expected)
+    max_abs_diff = float(np.max(np.abs(got[OUTPUT] - expected[OUTPUT])))
+    rows = len(expected[OUTPUT])
+    problems = []
     if not max_abs_diff <= tolerance:
-        raise ParityError(
-            f"{plan}: the {precision} TensorRT engine and ONNX Runtime differ by {max_abs_diff:.3g} on {rows} test rows, "
-            f"more than export.tensorrt_{precision}_tolerance={tolerance:g}; no engine was kept"
-        )
+        problems.append(f"differ by {max_abs_diff:.3g} on {rows} test rows, more than export.tensorrt_{precision}_tolerance={tolerance:g}")
+    threshold = threshold_of(onnx.load(str(network_onnx)))
+    if threshold is not None and (flipped := label_mismatches(got[LABEL_OUTPUT][:, 0], expected[OUTPUT][:, 0], threshold, tolerance)):
+        problems.append(f"cut {flipped} of {rows} labels differently, on rows at least {tolerance:g} from the threshold {threshold:g}")
+    if problems:
+        raise ParityError(f"{plan}: the {precision} TensorRT engine and ONNX Runtime {'; and '.join(problems)}; no engine was kept")
     partial = plan.with_name(f".{plan.name}.partial")
     partial.write_bytes(bytes(serialized))
     partial.replace(plan)
     return {"precision": precision, "max_batch": max_batch, "parity_rows": rows, "max_abs_diff": max_abs_diff, "tolerance": tolerance}
 
 
-def _onnxruntime(network_onnx: Path, feeds: Arrays) -> np.ndarray:
+def _onnxruntime(network_onnx: Path, feeds: Arrays) -> Arrays:
+    """Every output of ``network_onnx`` for the network's inputs ``feeds``, by name, (rows, 1) each."""
     import onnxruntime as ort
 
-    out: np.ndarray
-    (out,) = ort.InferenceSession(str(network_onnx), providers=["CPUExecutionProvider"]).run([OUTPUT], feeds)
-    return out
+    session = ort.InferenceSession(str(network_onnx), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(names, feeds)))
 
 
 def run_engine(engine: trt.ICudaEngine, feeds: Arrays, max_batch: int) -> np.ndarray:
     """The engine's ``prediction`` (float32, (rows, 1)) for the network's inputs ``feeds``, in
     batches of at most ``max_batch`` rows (the engine's optimization profile). Needs CUDA."""
+    return engine_outputs(engine, feeds, max_batch)[OUTPUT]
+
+
+def engine_outputs(engine: trt.ICudaEngine, feeds: Arrays, max_batch: int) -> Arrays:
+    """Every output of the engine by name, (rows, 1) each (``prediction`` float32, a classifier's
+    ``label`` int32), for the network's inputs ``feeds``, as ``run_engine`` runs them. Needs CUDA."""
     rows = len(next(iter(feeds.values())))
-    return np.concatenate([_run(engine, {n: a[i : i + max_batch] for n, a in feeds.items()}) for i in range(0, rows, max_batch)])
+    batches = [_run(engine, {n: a[i : i + max_batch] for n, a in feeds.items()}) for i in range(0, rows, max_batch)]
+    return {name: np.concatenate([batch[name] for batch in batches]) for name in batches[0]}
 
 
-def _run(engine: trt.ICudaEngine, feeds: Arrays) -> np.ndarray:
-    """One batch through the engine, with torch CUDA tensors as its buffers."""
+def _run(engine: trt.ICudaEngine, feeds: Arrays) -> Arrays:
+    """One batch through the engine, with torch CUDA tensors as its buffers (TensorRT needs one
+    for every output, used or not)."""
+    import tensorrt as trt
     import torch
 
     context = engine.create_execution_context()
@@ -190,13 +207,16 @@ def _run(engine: trt.ICudaEngine, feeds: Arrays) -> np.ndarray:
         held[name] = torch.from_numpy(np.ascontiguousarray(array)).cuda()
         context.set_input_shape(name, tuple(array.shape))
         context.set_tensor_address(name, held[name].data_ptr())
-    out = torch.empty(tuple(context.get_tensor_shape(OUTPUT)), dtype=torch.float32, device="cuda")
-    context.set_tensor_address(OUTPUT, out.data_ptr())
+    outputs = [n for n in (engine.get_tensor_name(i) for i in range(engine.num_io_tensors)) if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+    for name in outputs:
+        dtype = getattr(torch, np.dtype(trt.nptype(engine.get_tensor_dtype(name))).name)  # float32 or int32
+        held[name] = torch.empty(tuple(context.get_tensor_shape(name)), dtype=dtype, device="cuda")
+        context.set_tensor_address(name, held[name].data_ptr())
     stream = torch.cuda.current_stream()
     if not context.execute_async_v3(stream.cuda_stream):
         raise RuntimeError("TensorRT failed to run the engine on the parity rows")
     stream.synchronize()
-    return out.cpu().numpy()
+    return {name: held[name].cpu().numpy() for name in outputs}
 
 
 def _calibrator(calibration: Arrays, batch: int) -> trt.IInt8EntropyCalibrator2:

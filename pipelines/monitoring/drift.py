@@ -16,7 +16,14 @@ with at most that chance. The dataset verdict must not fire more often than that
 whatever the dependence between columns: with k columns and ``m = ceil(drift_share * k)``, the
 dataset drifts when the m-th smallest column p-value is at most ``m * rate / k`` (Rüger 1978;
 the bound holds under any dependence), which also means at least ``drift_share`` of the columns
-drifted. Text keeps Evidently's domain classifier with its configured threshold.
+drifted.
+
+A text column is told apart by Evidently's domain classifier (``abs_text_content_drift``): a
+classifier trained on half of reference and window, its ROC AUC measured on the other half.
+Under no drift that held-out AUC is the Mann-Whitney statistic of exchangeable scores, so its
+p-value is the normal one of mean 1/2 and variance ``(n0 + n1 + 1) / (12 n0 n1)`` for the
+``n0`` reference and ``n1`` window texts of the held-out half (Hanley & McNeil 1982): the
+threshold moves with the window's size too, no calibration needed.
 
 Evidently renders the report (``ValueDrift`` a column), with these statistics and verdicts
 (``_reported``) and the distributions of a seeded sample of at most ``REPORT_ROWS`` rows a side,
@@ -29,9 +36,11 @@ import contextvars
 import math
 from dataclasses import asdict, dataclass
 from enum import Enum
+from statistics import NormalDist
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import numpy.typing as npt
 import pandas as pd
 
 from pipelines.config import DriftTests
@@ -46,7 +55,7 @@ if TYPE_CHECKING:
     from evidently.core.report import Snapshot  # untyped: Any to mypy
 
 REPORT_ROWS = 50_000  # rows a side whose distributions the HTML report draws
-CALIBRATED = {"numeric": "wasserstein", "categorical": "jensenshannon"}  # kind -> the statistic calibrated for it
+CALIBRATED = {"numeric": "wasserstein", "categorical": "jensenshannon", "text": "abs_text_content_drift"}  # kind -> its statistic
 POOL_MIN_ROWS = 1000  # fewer training rows beside the reference: calibrate on the reference itself
 
 
@@ -67,13 +76,19 @@ class ColumnDrift:
     method: str
     score: float | None  # the distance of the window's finite values; None when it has none
     threshold: float  # the score above which the distribution test alone drifts at this window's size
-    score_p_value: float | None  # None for text (a fixed threshold)
+    score_p_value: float | None
     missing_share: float  # missing or non-finite values of the window
     reference_missing_share: float
     missing_p_value: float
-    p_value: float | None  # the column's: Bonferroni over its two tests
+    p_value: float  # the column's: Bonferroni over its two tests (text: its one test)
     drifted: bool
     reason: str | None = None  # why it drifted, in words
+
+
+def _auc_spread(negatives: float, positives: float) -> float:
+    """The standard deviation of a ROC AUC on ``negatives`` and ``positives`` rows of exchangeable
+    scores (no signal): ``sqrt((n0 + n1 + 1) / (12 n0 n1))``, the Mann-Whitney null."""
+    return math.sqrt((negatives + positives + 1) / (12 * negatives * positives))
 
 
 def needed_columns(columns: int, drift_share: float) -> int:
@@ -115,10 +130,7 @@ class DriftResult:
 
     @property
     def dataset_drift(self) -> bool:
-        p_values = [c.p_value for c in self.columns]
-        if any(p is None for p in p_values):  # text: a fixed threshold, no p-value
-            return self.share >= self.drift_share
-        return dataset_verdict([p for p in p_values if p is not None], self.drift_share, self.false_alarm_rate)
+        return dataset_verdict([c.p_value for c in self.columns], self.drift_share, self.false_alarm_rate)
 
     def summary(self) -> Record:
         """The verdict, the drifted share, the dataset test and each column's tests, JSON-able."""
@@ -139,15 +151,10 @@ class DriftResult:
 
 
 def check_methods(tests: DriftTests) -> None:
-    """Numeric and categorical columns use the calibrated statistics; text, an Evidently text test."""
-    from evidently.legacy.calculations.stattests.registry import _registered_stat_tests
-
+    """Each column type uses the one statistic whose null this module knows."""
     for kind, method in CALIBRATED.items():
         if getattr(tests, kind).method != method:
             raise DriftCheckError(f"monitoring.tests.{kind}.method {getattr(tests, kind).method!r}: the calibrated test of {kind} columns is {method!r}")
-    known = sorted(name for name, types in _registered_stat_tests.items() if any(t.value == "text" for t in types))
-    if tests.text.method not in known:
-        raise DriftCheckError(f"monitoring.tests.text.method {tests.text.method!r} is not an Evidently test for text columns; use one of {known}")
 
 
 def _check_frames(reference: pd.DataFrame, current: pd.DataFrame, columns: Mapping[str, ColumnKind]) -> None:
@@ -192,10 +199,14 @@ def calibrate(reference: pd.DataFrame, pool: pd.DataFrame, columns: Mapping[str,
         if kind == ColumnKind.numeric:
             nulls[column] = calibration.numeric_null(ours, theirs, sizes, draws, rng)
         else:
-            codes, _ = pd.factorize(np.concatenate([ours, theirs]))
-            counts = np.bincount(codes[: len(ours)], minlength=codes.max() + 1), np.bincount(codes[len(ours) :], minlength=codes.max() + 1)
-            nulls[column] = calibration.categorical_null(counts[0].astype(np.float64), counts[1].astype(np.float64), sizes, draws, rng)
+            nulls[column] = calibration.categorical_null(*_category_counts(ours, theirs), sizes, draws, rng)
     return nulls
+
+
+def _category_counts(first: np.ndarray, second: np.ndarray) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    """How often each category occurs in ``first`` and in ``second``, over the categories of both."""
+    codes, categories = pd.factorize(np.concatenate([first, second]))
+    return (np.bincount(codes[: len(first)], minlength=len(categories)).astype(np.float64), np.bincount(codes[len(first) :], minlength=len(categories)).astype(np.float64))
 
 
 def _test_column(column: str, kind: ColumnKind, reference: pd.Series, current: pd.Series, null: NullDistribution, rate: float) -> ColumnDrift:
@@ -214,9 +225,7 @@ def _test_column(column: str, kind: ColumnKind, reference: pd.Series, current: p
         if kind == ColumnKind.numeric:
             score = calibration.wasserstein_normed(ours, theirs)
         else:
-            codes, _ = pd.factorize(np.concatenate([ours, theirs]))
-            width = codes.max() + 1
-            score = calibration.jensen_shannon(np.bincount(codes[:reference_rows], minlength=width).astype(np.float64), np.bincount(codes[reference_rows:], minlength=width).astype(np.float64))
+            score = calibration.jensen_shannon(*_category_counts(ours, theirs))
         score_p = null.p_value(score, rows, reference_rows)
     threshold = null.threshold(rate / 2, max(rows, 1), reference_rows)
     p_value = min(1.0, 2 * min(score_p if score_p is not None else 1.0, missing_p))
@@ -281,7 +290,6 @@ def compare(
     Evidently; one Evidently report. ``DriftCheckError`` names a missing column, a wrong type,
     an empty frame, a reference column without values or a column without calibration."""
     from evidently import DataDefinition, Dataset, Report
-    from evidently.legacy.tests.base_test import TestStatus
     from evidently.metrics import ValueDrift
 
     if not columns:
@@ -299,8 +307,11 @@ def compare(
     of_kind = {kind: [c for c in shown if columns[c] == kind] for kind in ColumnKind}
     definition = DataDefinition(numerical_columns=of_kind[ColumnKind.numeric], categorical_columns=of_kind[ColumnKind.categorical], text_columns=of_kind[ColumnKind.text])
     _register_reported_tests()
+    # a text column's held-out halves (Evidently splits the texts it keeps in two at random)
+    halves = {c: (report_reference[c].notna().sum() / 2, report_current[c].notna().sum() / 2) for c in of_kind[ColumnKind.text]}
+    text_thresholds = {c: 0.5 + NormalDist().inv_cdf(1 - false_alarm_rate) * _auc_spread(*halves[c]) for c in halves}
     metrics = [
-        ValueDrift(column=c, method=tests.text.method, threshold=tests.text.threshold)
+        ValueDrift(column=c, method=tests.text.method, threshold=text_thresholds[c])
         if columns[c] == ColumnKind.text
         else ValueDrift(column=c, method=f"flywheel_{columns[c].value}", threshold=verdicts[c].threshold if math.isfinite(verdicts[c].threshold) else None)
         for c in shown
@@ -310,22 +321,24 @@ def compare(
         snapshot = Report(metrics, include_tests=True).run(Dataset.from_pandas(report_current, data_definition=definition), Dataset.from_pandas(report_reference, data_definition=definition))
     finally:
         _VERDICTS.reset(token)
-    result = snapshot.dict()
-    scores = {m["config"]["column"]: float(m["value"]) for m in result["metrics"]}
-    failed = {t["metric_config"]["params"]["column"]: t["status"] == TestStatus.FAIL for t in result["tests"]}
+    scores = {m["config"]["column"]: float(m["value"]) for m in snapshot.dict()["metrics"]}
     for c in of_kind[ColumnKind.text]:
+        p_value = 1 - NormalDist().cdf((scores[c] - 0.5) / _auc_spread(*halves[c]))
         verdicts[c] = ColumnDrift(
             column=c,
             kind=ColumnKind.text.value,
             method=tests.text.method,
             score=scores[c],
-            threshold=tests.text.threshold,
-            score_p_value=None,
+            threshold=text_thresholds[c],
+            score_p_value=p_value,
             missing_share=0.0,
             reference_missing_share=0.0,
             missing_p_value=1.0,
-            p_value=None,
-            drifted=failed[c],
+            p_value=p_value,
+            drifted=p_value <= false_alarm_rate,
+            reason=f"domain classifier's ROC AUC {scores[c]:.3f} above {text_thresholds[c]:.3f}, the threshold at {len(report_current)} texts (p={p_value:.2g})"
+            if p_value <= false_alarm_rate
+            else None,
         )
     return DriftResult(
         columns=[verdicts[c] for c in columns],

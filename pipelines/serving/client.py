@@ -1,9 +1,10 @@
 """The client side of serving: send rows to the served model, and log what it saw.
 
 Every answered request is appended to the inference log, which the drift check reads: the
-feature values, the prediction, the version that answered and when. The log is parquet,
-partitioned by day (``<inference_log>/<model>/date=YYYY-MM-DD/part-*.parquet``), written in
-buffered chunks rather than one file per request; each chunk appears atomically.
+feature values, the prediction (and the ``label`` of a classifier version that answers one),
+the version that answered and when. The log is parquet, partitioned by day
+(``<inference_log>/<model>/date=YYYY-MM-DD/part-*.parquet``), written in buffered chunks rather
+than one file per request; each chunk appears atomically.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import numpy as np
 import numpy.typing as npt
 import pandas as pd
 
-from pipelines.artifacts import TEXT
+from pipelines.artifacts import LABEL_OUTPUT, TEXT
 from pipelines.config import AnyProject, DatasetConfig, FeatureType, ProjectConfig, ServingConfig
 from pipelines.errors import NotRetryable
 from pipelines.lineage import Record
@@ -52,10 +53,12 @@ class InferenceLog:
     def __exit__(self, *exc: object) -> None:
         self.flush()
 
-    def append(self, rows: pd.DataFrame, predictions: npt.NDArray[Any], version: int, served_at: datetime | None = None) -> None:
+    def append(self, rows: pd.DataFrame, predictions: npt.NDArray[Any], version: int, served_at: datetime | None = None, labels: npt.NDArray[np.int32] | None = None) -> None:
         """``served_at`` defaults to now; a replay of past traffic passes the time it was served.
         An id or time column the rows do not carry is left out; every feature (or the text) is kept.
-        ``predictions``: one a row (a number, or a text project's label)."""
+        ``predictions``: one a row (a number, or a text project's label); ``labels``: a tabular
+        classifier's served ``label``, one a row, where the version answered one (logged as the
+        nullable int32 column ``label``: blank for the rows of a version without)."""
         if isinstance(self.config, ProjectConfig):
             dataset = self.config.dataset
             columns, optional = input_columns(dataset), {dataset.id_column, dataset.time_column}
@@ -63,6 +66,8 @@ class InferenceLog:
             columns, optional = [TEXT], set()
         seen = rows[[c for c in columns if c in rows.columns or c not in optional]].reset_index(drop=True)
         seen["prediction"] = predictions
+        if labels is not None:
+            seen[LABEL_OUTPUT] = pd.array(labels, dtype="Int32")  # nullable: one chunk may hold versions with and without
         seen["model_version"] = version
         seen["served_at"] = pd.Timestamp(served_at or datetime.now(timezone.utc))
         self._buffer.append(seen)
@@ -102,22 +107,34 @@ class ServedModel:
     def __exit__(self, *exc: object) -> None:
         self.flush()
 
+    def answer(self, rows: pd.DataFrame) -> live.Answer:
+        """The served model's answer for ``rows``: predictions, labels (None from a version without
+        a ``label``) and the version; the request is logged."""
+        answered = live.answer(self.client, self.config.model.name, self.config.dataset, rows)
+        self.log.append(rows, answered.prediction, answered.version, labels=answered.label)
+        return answered
+
     def predict(self, rows: pd.DataFrame) -> npt.NDArray[np.float32]:
-        """The served model's predictions for ``rows``, shape (rows,); the request is logged."""
-        predictions, version = live.infer(self.client, self.config.model.name, self.config.dataset, rows)
-        self.log.append(rows, predictions, version)
-        return predictions
+        """The served model's predictions for ``rows``, shape (rows,); the request is logged (with its labels)."""
+        return self.answer(rows).prediction
 
     def flush(self) -> list[Path]:
         return self.log.flush()
 
 
 def read_log(serving: ServingConfig, model: str) -> pd.DataFrame:
-    """Everything logged for Triton's ``model`` (the ``date`` partition as a column)."""
+    """Everything logged for Triton's ``model`` (the ``date`` partition as a column). Every column
+    any chunk has is read (``label`` is blank for the rows of versions without one), not only
+    those of the first chunk."""
+    import pyarrow as pa
+    import pyarrow.dataset as ds
+
     folder = log_dir(serving, model)
     if not folder.is_dir():
         return pd.DataFrame()
-    return pd.read_parquet(folder)
+    chunks = ds.dataset(folder, format="parquet", partitioning=ds.HivePartitioning.discover(infer_dictionary=True))
+    everything = pa.unify_schemas([chunks.schema, *(chunk.physical_schema for chunk in chunks.get_fragments())])
+    return chunks.replace_schema(everything).to_table().to_pandas()
 
 
 class RequestError(NotRetryable, ValueError):

@@ -12,8 +12,8 @@ Going live is three steps, and the served version changes only in the last one:
 
 1. **smoke test**: the version is loaded beside the served model under a throwaway name
    (``<model>__smoke``, files sent through Triton's repository API), real test rows are sent
-   through tritonclient and the answers compared with ONNX Runtime run locally; then it is
-   unloaded again;
+   through tritonclient and the answers (predictions, and a classifier's labels) compared with
+   ONNX Runtime run locally; then it is unloaded again;
 2. ``config.pbtxt`` is rewritten to name the version;
 3. the model is reloaded: Triton loads the new version and retires the old one only once the
    new one is ready, so no request fails; if the load fails, Triton keeps serving the old
@@ -37,16 +37,16 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
 import pandas as pd
 
-from pipelines.artifacts import CONFIG_FILE, LINEAGE_FILE, MODEL_FILE, OUTPUT
+from pipelines.artifacts import CONFIG_FILE, LABEL_OUTPUT, LINEAGE_FILE, MODEL_FILE, OUTPUT
 from pipelines.config import AnyProject, DatasetConfig, FeatureType, ProjectConfig, ServingConfig, TritonConfig
 from pipelines.errors import NotRetryable, TritonUnavailable
-from pipelines.export.onnx import parity_gap
+from pipelines.export.onnx import label_mismatches, onnx_outputs, parity_gap, threshold_of
 from pipelines.lineage import Record, read_json, write_json
 from pipelines.serving import repository
 
@@ -92,12 +92,30 @@ def request_inputs(dataset: DatasetConfig, rows: pd.DataFrame, protocol: ModuleT
     return inputs
 
 
-def infer(client: InferenceServerClient, model: str, dataset: DatasetConfig, rows: pd.DataFrame) -> tuple[npt.NDArray[np.float32], int]:
-    """Predictions of Triton's ``model`` for ``rows`` (shape (rows,)) and the version that answered."""
+class Answer(NamedTuple):
+    """What Triton's model answered for some rows."""
+
+    prediction: npt.NDArray[np.float32]  # shape (rows,)
+    # shape (rows,): 1 where the prediction is at least the version's threshold, else 0; None from
+    # a version without one (a regression, or a classifier exported before the label)
+    label: npt.NDArray[np.int32] | None
+    version: int
+
+
+def answer(client: InferenceServerClient, model: str, dataset: DatasetConfig, rows: pd.DataFrame) -> Answer:
+    """Every output of Triton's ``model`` for ``rows``: Triton answers each one the served
+    version's config declares (``repository.outputs``)."""
     import tritonclient.http as http
 
     response = client.infer(model, request_inputs(dataset, rows, http))
-    return response.as_numpy(OUTPUT)[:, 0], int(response.get_response()["model_version"])
+    label = response.as_numpy(LABEL_OUTPUT)
+    return Answer(response.as_numpy(OUTPUT)[:, 0], None if label is None else label[:, 0], int(response.get_response()["model_version"]))
+
+
+def infer(client: InferenceServerClient, model: str, dataset: DatasetConfig, rows: pd.DataFrame) -> tuple[npt.NDArray[np.float32], int]:
+    """Predictions of Triton's ``model`` for ``rows`` (shape (rows,)) and the version that answered."""
+    answered = answer(client, model, dataset, rows)
+    return answered.prediction, answered.version
 
 
 def wait_ready(client: InferenceServerClient, model: str, version: int, timeout: float) -> bool:
@@ -110,15 +128,17 @@ def wait_ready(client: InferenceServerClient, model: str, version: int, timeout:
     return False
 
 
-def smoke_test(
-    model_dir: Path, serving: ServingConfig, dataset: DatasetConfig, client: InferenceServerClient, version: int, rows: pd.DataFrame
-) -> float:
+def smoke_test(model_dir: Path, serving: ServingConfig, dataset: DatasetConfig, client: InferenceServerClient, version: int, rows: pd.DataFrame) -> float:
     """Load ``version`` of the model in ``model_dir`` under a throwaway name, compare its answers
-    for ``rows`` with ONNX Runtime; returns the max difference, ``SmokeTestError`` above
-    ``serving.smoke_tolerance`` (an engine version: its export's tolerance) or if it fails to load."""
-    from google.protobuf import json_format
+    for ``rows`` with ONNX Runtime; returns the max difference of the predictions.
 
-    from pipelines.evaluation.gate import predict_onnx
+    ``SmokeTestError`` if it fails to load, if a prediction differs by more than
+    ``serving.smoke_tolerance`` (an engine version: its export's tolerance), or, where the
+    version has a ``label``, if one differs from ONNX Runtime's on a row whose prediction is at
+    least that tolerance from the threshold (nearer, a runtime within tolerance may cut the other
+    way; the cpu rendering runs ONNX Runtime itself, so every label matches)."""
+    import onnx
+    from google.protobuf import json_format
 
     model = model_dir.name
     folder = model_dir / str(version)
@@ -135,7 +155,7 @@ def smoke_test(
         if not wait_ready(client, name, 1, serving.triton.load_timeout_s):
             raise SmokeTestError(f"version {version} of {model} did not become ready in Triton")
         try:
-            served, _ = infer(client, name, dataset, rows)
+            served = answer(client, name, dataset, rows)
         except Exception as exc:  # noqa: BLE001
             raise SmokeTestError(f"version {version} of {model} failed a smoke inference: {exc}") from exc
     finally:
@@ -143,7 +163,8 @@ def smoke_test(
             client.unload_model(name)
         except Exception:  # noqa: BLE001 - never loaded: nothing to unload
             pass
-    difference = parity_gap(served, predict_onnx(folder / MODEL_FILE, rows))
+    expected = onnx_outputs(folder / MODEL_FILE, rows)
+    difference = parity_gap(served.prediction, expected[OUTPUT])
     tolerance, setting = serving.smoke_tolerance, "serving.smoke_tolerance"
     if rendering.platform == "ensemble":  # a TensorRT engine: as close to ONNX Runtime as its export accepted
         engine = repository.lineage_of(model_dir, version)["export"]["tensorrt"]
@@ -153,6 +174,16 @@ def smoke_test(
             f"version {version} of {model} answers differently through Triton than ONNX Runtime locally: "
             f"max difference {difference:.3g} (relative to values above 1) over {len(rows)} test rows > {setting} {tolerance:g}"
         )
+    threshold = threshold_of(onnx.load(str(folder / MODEL_FILE)))
+    if threshold is not None:
+        if served.label is None:
+            raise SmokeTestError(f"version {version} of {model} answers no {LABEL_OUTPUT!r} through Triton, though its model.onnx has one")
+        flipped = label_mismatches(served.label, expected[OUTPUT], threshold, tolerance)
+        if flipped:
+            raise SmokeTestError(
+                f"version {version} of {model} answers {flipped} of {len(rows)} test rows' labels differently through Triton than "
+                f"ONNX Runtime locally (rows at least {setting} {tolerance:g} from the threshold {threshold:g})"
+            )
     return difference
 
 

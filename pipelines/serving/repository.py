@@ -22,18 +22,20 @@ a version just because its folder appeared.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pipelines.artifacts import CODES, CONFIG_FILE, LINEAGE_FILE, LOOKUP_FILE, MODEL_FILE, NUMERIC, OUTPUT, PLAN_FILE
+from pipelines.artifacts import CODES, CONFIG_FILE, LABEL_OUTPUT, LINEAGE_FILE, LOOKUP_FILE, MODEL_FILE, NUMERIC, OUTPUT, PLAN_FILE
 from pipelines.config import DatasetConfig, FeatureType, ServingConfig, ServingProfile
 from pipelines.lineage import Record, read_json, write_json
 
 if TYPE_CHECKING:
     from tritonclient.grpc.model_config_pb2 import ModelConfig  # a protobuf message (untyped: Any to mypy)
 
+log = logging.getLogger(__name__)
 Tensor = tuple[str, str, int]  # (name, Triton data type, width per row)
 
 # The Python-backend model that serves model.onnx in the cpu rendering; in every version, so
@@ -74,17 +76,34 @@ def model_config(model_dir: Path, serving: ServingConfig, dataset: DatasetConfig
     folder's), in the rendering ``serving.profile`` asks for.
 
     Inputs are the dataset's feature columns, shape [1] per row (strings for categories,
-    float32 for numbers), the output is ``prediction``: the signature every export has, and
-    the smoke test checks the version against it. ``cpu``: the Python backend running ONNX
-    Runtime on the version's ``model.onnx`` (``model.py`` beside it). ``gpu``:
+    float32 for numbers), the outputs are ``prediction`` and, where the version's graph has it
+    (``outputs``), a classifier's ``label``: the smoke test checks the version against them.
+    ``cpu``: the Python backend running ONNX Runtime on the version's ``model.onnx``
+    (``model.py`` beside it, answering every output declared here). ``gpu``:
     ``onnxruntime_onnx`` with the TensorRT execution accelerator in FP16, engines cached, so
     TensorRT builds the engine inside Triton at load time; or, for a version whose export built
     an engine (``has_engine``), the ``tensorrt_plan`` ensemble of ``ensemble_config``.
     """
     if serving.profile == ServingProfile.gpu and has_engine(model_dir, version):
         return ensemble_config(model_dir, serving, dataset, version)
-    rendering = _signature(serving, model_dir.name, [version], _feature_inputs(dataset), [(OUTPUT, "TYPE_FP32", 1)])
+    rendering = _signature(serving, model_dir.name, [version], _feature_inputs(dataset), outputs(model_dir, version))
     return place(rendering, serving.profile)
+
+
+def outputs(model_dir: Path, version: int) -> list[Tensor]:
+    """What ``version`` answers, as its ``model.onnx`` says: ``prediction`` float32, then int32
+    ``label`` where its export baked a classifier's threshold in (versions exported before that
+    have none, and keep the prediction alone). A file that is not an ONNX model gets the
+    prediction alone: Triton's load then says what is wrong with it."""
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    answered = [(OUTPUT, "TYPE_FP32", 1)]
+    try:
+        names = {o.name for o in onnx.load(str(model_dir / str(version) / MODEL_FILE), load_external_data=False).graph.output}
+    except (OSError, DecodeError):
+        return answered
+    return answered + ([(LABEL_OUTPUT, "TYPE_INT32", 1)] if LABEL_OUTPUT in names else [])
 
 
 def _feature_inputs(dataset: DatasetConfig) -> list[Tensor]:
@@ -92,9 +111,7 @@ def _feature_inputs(dataset: DatasetConfig) -> list[Tensor]:
     return [(f.name, types[f.type], 1) for f in dataset.features]
 
 
-def _signature(
-    serving: ServingConfig, name: str, served: list[int], inputs: list[Tensor], outputs: list[Tensor], batching: bool = True
-) -> ModelConfig:
+def _signature(serving: ServingConfig, name: str, served: list[int], inputs: list[Tensor], outputs: list[Tensor], batching: bool = True) -> ModelConfig:
     """A batched ModelConfig serving ``served``; inputs and outputs as (name, type, width) per row."""
     from tritonclient.grpc import model_config_pb2 as mc
 
@@ -132,7 +149,11 @@ def _widths(dataset: DatasetConfig) -> tuple[int, int]:
 def step_configs(model_dir: Path, serving: ServingConfig, dataset: DatasetConfig, served: list[int]) -> dict[str, ModelConfig]:
     """The composing models' ModelConfigs by step, each serving the versions ``served``.
 
-    ``served`` lists more than one version only while going live switches between them.
+    ``served`` lists more than one version only while going live switches between them, the
+    version going live last. The engine step declares the outputs of that version's engine
+    (``outputs``) and TensorRT takes a config only with every output of an engine, so an engine
+    with other outputs (a version exported before the ``label``, or after it on a rollback) is
+    left out: the ensemble serving it fails requests until the switch.
     """
     from tritonclient.grpc import model_config_pb2 as mc
 
@@ -141,18 +162,24 @@ def step_configs(model_dir: Path, serving: ServingConfig, dataset: DatasetConfig
     lookup = _signature(serving, step_dir(model_dir, "lookup").name, served, _feature_inputs(dataset), between)
     lookup.platform = "onnxruntime_onnx"  # model.onnx: strings are for ONNX Runtime, not TensorRT
     lookup.instance_group.append(mc.ModelInstanceGroup(kind=mc.ModelInstanceGroup.KIND_CPU, count=1))
-    engine = _signature(serving, step_dir(model_dir, "engine").name, served, between, [(OUTPUT, "TYPE_FP32", 1)])
+    answered = outputs(model_dir, served[-1])
+    alike = [v for v in served if outputs(model_dir, v) == answered]
+    if alike != served:
+        log.warning("%s: versions %s answer other outputs than version %d; its engine step holds %s only", model_dir.name, sorted(set(served) - set(alike)), served[-1], alike)
+    engine = _signature(serving, step_dir(model_dir, "engine").name, alike, between, answered)
     engine.platform = "tensorrt_plan"  # model.plan
     engine.instance_group.append(mc.ModelInstanceGroup(kind=mc.ModelInstanceGroup.KIND_GPU, count=1))
     return {"lookup": lookup, "engine": engine}
 
 
 def ensemble_config(model_dir: Path, serving: ServingConfig, dataset: DatasetConfig, version: int) -> ModelConfig:
-    """The served model of an engine version: raw columns -> lookup -> engine -> ``prediction``,
-    both steps pinned to ``version``; the same inputs and output as every other rendering."""
+    """The served model of an engine version: raw columns -> lookup -> engine -> ``prediction``
+    (and ``label``), both steps pinned to ``version``; the same inputs and outputs as every
+    other rendering of the version."""
     from tritonclient.grpc import model_config_pb2 as mc
 
-    rendering = _signature(serving, model_dir.name, [version], _feature_inputs(dataset), [(OUTPUT, "TYPE_FP32", 1)], batching=False)
+    answered = outputs(model_dir, version)
+    rendering = _signature(serving, model_dir.name, [version], _feature_inputs(dataset), answered, batching=False)
     rendering.platform = "ensemble"
     between = {CODES: CODES, NUMERIC: NUMERIC}
     features = {f.name: f.name for f in dataset.features}
@@ -160,7 +187,7 @@ def ensemble_config(model_dir: Path, serving: ServingConfig, dataset: DatasetCon
     rendering.ensemble_scheduling.step.extend(
         [
             mc.ModelEnsembling.Step(model_name=lookup, model_version=version, input_map=features, output_map=between),
-            mc.ModelEnsembling.Step(model_name=engine, model_version=version, input_map=between, output_map={OUTPUT: OUTPUT}),
+            mc.ModelEnsembling.Step(model_name=engine, model_version=version, input_map=between, output_map={n: n for n, _, _ in answered}),
         ]
     )
     return rendering
@@ -191,9 +218,7 @@ def place(rendering: ModelConfig, profile: ServingProfile) -> ModelConfig:
         rendering.platform = "onnxruntime_onnx"
         rendering.instance_group.append(mc.ModelInstanceGroup(kind=mc.ModelInstanceGroup.KIND_GPU, count=1))
         tensorrt = rendering.optimization.execution_accelerators.gpu_execution_accelerator.add(name="tensorrt")
-        tensorrt.parameters.update(
-            {"precision_mode": "FP16", "trt_engine_cache_enable": "true", "trt_engine_cache_path": "/tmp/triton-trt-cache"}
-        )
+        tensorrt.parameters.update({"precision_mode": "FP16", "trt_engine_cache_enable": "true", "trt_engine_cache_path": "/tmp/triton-trt-cache"})
     return rendering
 
 

@@ -12,6 +12,7 @@ process it starts (each task included), and they pull in pandas and numpy.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -22,6 +23,7 @@ TABULAR, TEXT = "tabular", "text"  # pipelines.config.ProjectKind's values (a st
 # The name of a report folder: the window's end, as ``pipelines.monitoring.check.FOLDER_TIME``
 # writes it. The only thing a URL may name; never a path.
 REPORT_FOLDER = re.compile(r"\d{8}T\d{6}Z")
+SLICES_SHOWN = 5  # slices a gate decision shows at once; the others fold away
 
 
 class NotFound(LookupError):
@@ -132,12 +134,14 @@ def column_rows(summary: dict) -> list[dict[str, Any]]:
 
 def gate_metrics(gate: dict) -> list[dict[str, Any]]:
     """Challenger against champion (and, for a text project, against the untuned ``base`` with a
-    linear head), metric by metric, the one the gate decides on first."""
+    linear head), metric by metric, the one the gate decides on first. A classifier's
+    ``threshold`` is a row like the metrics; its ``threshold_source`` (text) is not."""
     challenger = gate.get("challenger") or {}
     champion = gate.get("champion") or {}
     base = gate.get("base") or {}
     deciding = gate.get("metric")
-    names = sorted(set(challenger) | set(champion) | set(base), key=lambda name: (name != deciding, name))
+    named = {name for record in (challenger, champion, base) for name, value in record.items() if not isinstance(value, str)}
+    names = sorted(named, key=lambda name: (name != deciding, name))
     return [
         {
             "metric": name,
@@ -148,6 +152,62 @@ def gate_metrics(gate: dict) -> list[dict[str, Any]]:
         }
         for name in names
     ]
+
+
+def threshold_sources(gate: dict) -> dict[str, str]:
+    """Where each model's decision threshold came from (``export``, or ``default``: 0.5 for a
+    model exported before thresholds were chosen), by role; empty for a regression or text gate."""
+    roles = ((role, gate.get(role)) for role in ("challenger", "champion"))
+    return {role: metrics["threshold_source"] for role, metrics in roles if isinstance(metrics, dict) and "threshold_source" in metrics}
+
+
+def slice_row(entry: dict) -> dict[str, Any]:
+    """One slice of a gate's comparison: both models' metric on its rows, the difference
+    (positive: the challenger is better) with its interval, refused or not, or why it was skipped."""
+    interval = entry.get("interval") or {}
+    return {
+        "slice": entry.get("slice"),
+        "rows": entry.get("rows"),
+        "challenger": entry.get("challenger"),
+        "champion": entry.get("champion"),
+        "difference": entry.get("difference"),
+        "low": interval.get("low"),
+        "high": interval.get("high"),
+        "refused": bool(entry.get("refused")),
+        "skipped": entry.get("skipped"),
+    }
+
+
+def gate_comparison(gate: dict) -> dict[str, Any] | None:
+    """The paired comparison a tabular gate made (``pipelines.evaluation.gate.compare``): the
+    difference in the deciding metric (positive: the challenger is better) with its interval,
+    and the slices: refused first, then by the upper bound of their interval (the nearest to a
+    refusal first), the skipped last. ``shown``: what a version shows at once (every refused
+    slice, at least ``SLICES_SHOWN``); ``more``: the rest. None for a gate without an interval
+    (no champion, a text project's, one recorded before the gate tested significance)."""
+    interval = gate.get("interval")
+    if not isinstance(interval, dict):
+        return None
+    entries = [entry for entry in gate.get("slices") or [] if isinstance(entry, dict)]
+    scored = sorted((e for e in entries if not e.get("skipped")), key=lambda e: (not e.get("refused"), (e.get("interval") or {}).get("high", math.inf)))
+    skipped = [e for e in entries if e.get("skipped")]
+    refused = sum(bool(e.get("refused")) for e in scored)
+    rows = [slice_row(e) for e in scored + skipped]
+    shown = max(refused, SLICES_SHOWN)
+    return {
+        "difference": gate.get("difference"),
+        "low": interval.get("low"),
+        "high": interval.get("high"),
+        "confidence": gate.get("confidence"),
+        "resamples": gate.get("resamples"),
+        "method": gate.get("method"),
+        "slice_confidence": gate.get("slice_confidence"),
+        "slices": len(entries),
+        "refused": refused,
+        "skipped": len(skipped),
+        "shown": rows[:shown],
+        "more": rows[shown:],
+    }
 
 
 def base_model_name(base: dict | str | None) -> str | None:
@@ -171,6 +231,8 @@ def version_row(version: int, lineage: dict, served: int | None) -> dict[str, An
         "forced": bool(gate.get("forced")),
         "metric": gate.get("metric"),
         "metrics": gate_metrics(gate),
+        "threshold_sources": threshold_sources(gate),
+        "comparison": gate_comparison(gate),
         "champion_version": gate.get("champion_version"),
         "data_version": dict(lineage.get("data_version") or {}),
         "code_version": lineage.get("code_version"),
@@ -195,6 +257,8 @@ def run_row(record: dict) -> dict[str, Any]:
         "reason": gate.get("reason"),
         "forced": bool(gate.get("forced")),
         "metrics": gate_metrics(gate),
+        "threshold_sources": threshold_sources(gate),
+        "comparison": gate_comparison(gate),
         "champion_version": gate.get("champion_version"),
         "version": record.get("version"),
         "live": (record.get("live") or {}).get("event"),
@@ -329,12 +393,23 @@ def report_html(config, folder: str) -> Path:
 
 def promotion_rule(config) -> dict[str, Any]:
     """What a candidate must pass to become a version: ``{"gate": ...}``, a tabular project's
-    gate section, or ``{"finetune": ...}``, a text project's margins (over the untuned base with
-    a linear head, over the champion; the metric is in each version's gate record)."""
+    gate settings (the metric, the least improvement at the lower bound of the interval and the
+    interval's level, the largest regression on a slice, the floor), or ``{"finetune": ...}``, a
+    text project's margins (over the untuned base with a linear head, over the champion; the
+    metric is in each version's gate record)."""
     if kind_name(config.kind) == TEXT:
         settings = config.finetune
         return {"finetune": {"min_gain_over_base": settings.min_gain_over_base, "min_improvement": settings.min_improvement}}
-    return {"gate": {"metric": config.gate.metric, "min_improvement": config.gate.min_improvement, "floor": config.gate.floor}}
+    gate = config.gate
+    return {
+        "gate": {
+            "metric": gate.metric,
+            "min_improvement": gate.min_improvement,
+            "floor": gate.floor,
+            "confidence": gate.confidence,
+            "max_slice_regression": gate.max_slice_regression,
+        }
+    }
 
 
 def load_models(config, runs_limit: int = 20) -> dict[str, Any]:

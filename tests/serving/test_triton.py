@@ -5,25 +5,28 @@ from __future__ import annotations
 
 import json
 import shutil
+from datetime import datetime, timedelta, timezone
 
 import numpy as np
 import pandas as pd
 import pytest
+from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.utils import InferenceServerException
 
-from pipelines.artifacts import CONFIG_FILE, LINEAGE_FILE, MODEL_FILE
+from pipelines.artifacts import CONFIG_FILE, LABEL_OUTPUT, LINEAGE_FILE, MODEL_FILE, OUTPUT
 from pipelines.data.split import split_paths
 from pipelines.data.versioning import version_split
 from pipelines.evaluation.gate import PROMOTED, evaluate, predict_onnx
-from pipelines.export.onnx import export
+from pipelines.export.onnx import export, onnx_outputs
 from pipelines.launch.triton import TritonServer
 from pipelines.serving import live, repository
-from pipelines.serving.client import ServedModel, read_log
+from pipelines.serving.client import ServedModel, log_dir, read_log
 from pipelines.serving.publish import publish
 from pipelines.serving.rollback import rollback
 from pipelines.training.train import train
 from tests.conftest import free_ports, make_project
 from tests.serving.traffic import Traffic
+from tests.unit.test_model_chain import without_label
 from tests.unit.test_split import write_raw
 
 pytestmark = pytest.mark.e2e
@@ -62,17 +65,25 @@ def test_a_published_version_goes_live_and_answers_over_http_and_grpc(served):
     result = publish(config, first, evaluate(config, first), data_version, run("night1"))
 
     assert result["decision"] == PROMOTED and result["version"] == result["served_version"] == 1
-    expected = predict_onnx(config.model_dir / "1" / MODEL_FILE, rows)
-    over_http, version = live.infer(live.connect(config.serving.triton), config.model.name, config.dataset, rows)
-    np.testing.assert_allclose(over_http, expected, atol=1e-6)
-    assert version == 1
+    expected = onnx_outputs(config.model_dir / "1" / MODEL_FILE, rows)
+    over_http = live.answer(live.connect(config.serving.triton), config.model.name, config.dataset, rows)
+    np.testing.assert_allclose(over_http.prediction, expected[OUTPUT], atol=1e-6)
+    assert over_http.version == 1
+    # the label is the prediction cut at the threshold validation chose for this candidate
+    lineage = json.loads((config.model_dir / "1" / LINEAGE_FILE).read_text())
+    threshold = lineage["export"]["threshold"]
+    assert threshold == json.loads((config.home / first / "export.json").read_text())["threshold"] and threshold["objective"] == "f1"
+    assert over_http.label.dtype == np.int32
+    np.testing.assert_array_equal(over_http.label, over_http.prediction >= np.float32(threshold["value"]))
+    np.testing.assert_array_equal(over_http.label, expected[LABEL_OUTPUT])
+    assert [(o.name, mc.DataType.Name(o.data_type)) for o in repository.read_model_config(config.model_dir).output] == [(OUTPUT, "TYPE_FP32"), (LABEL_OUTPUT, "TYPE_INT32")]
 
     import tritonclient.grpc as grpc
 
     client = grpc.InferenceServerClient(f"127.0.0.1:{config.serving.triton.grpc_port}")
     response = client.infer(config.model.name, live.request_inputs(config.dataset, rows, grpc))
-    np.testing.assert_allclose(response.as_numpy("prediction")[:, 0], expected, atol=1e-6)
-    lineage = json.loads((config.model_dir / "1" / LINEAGE_FILE).read_text())
+    np.testing.assert_allclose(response.as_numpy(OUTPUT)[:, 0], expected[OUTPUT], atol=1e-6)
+    np.testing.assert_array_equal(response.as_numpy(LABEL_OUTPUT)[:, 0], expected[LABEL_OUTPUT])
     assert lineage["airflow"]["run_id"] == "night1"
 
 
@@ -140,13 +151,16 @@ def test_what_the_served_model_sees_reaches_the_inference_log(served):
 
     with ServedModel(config, flush_rows=15) as model:
         first = model.predict(rows.head(10))
-        model.predict(rows.tail(10))  # 20 buffered rows: flushed as one file
+        answered = model.answer(rows.tail(10))  # 20 buffered rows: flushed as one file
 
     logged = read_log(config.serving, config.served_model)
     assert len(logged) == 20 and set(logged["model_version"]) == {repository.served_version(config.model_dir)}
     np.testing.assert_allclose(logged["prediction"].head(10), first)
     assert {"flight_id", "carrier", "distance", "served_at", "date"} <= set(logged.columns)
     assert len(list((config.home / "inference_log").rglob("*.parquet"))) == 1
+    # the served label is logged beside the prediction
+    np.testing.assert_array_equal(logged[LABEL_OUTPUT].tail(10).to_numpy(int), answered.label)
+    np.testing.assert_array_equal(logged[LABEL_OUTPUT].head(10).to_numpy(int), onnx_outputs(config.model_dir / str(answered.version) / MODEL_FILE, rows.head(10))[LABEL_OUTPUT])
 
 
 def test_a_request_that_is_not_utf8_fails_alone_and_its_batch_neighbours_are_answered(served):
@@ -184,6 +198,53 @@ def test_a_request_that_is_not_utf8_fails_alone_and_its_batch_neighbours_are_ans
     assert len(good_answers) == 150
     for answer in good_answers:
         np.testing.assert_allclose(answer, expected, atol=1e-6)
+
+
+def test_a_version_exported_before_the_label_still_goes_live_and_serves_its_prediction_alone(served, tmp_path):
+    import onnx
+
+    from pipelines.monitoring.check import read_window
+
+    # Given a candidate as exported before the label: no label output, no threshold
+    config, data_version, (first, _), rows, _ = served
+    old = tmp_path / "old"
+    shutil.copytree(config.home / first, old)
+    onnx.save(without_label(old / MODEL_FILE), old / MODEL_FILE)
+    exported = json.loads((old / "export.json").read_text())
+    (old / "export.json").write_text(json.dumps({k: v for k, v in exported.items() if k != "threshold"}))
+    forced = {"decision": PROMOTED, "reason": "test: an old export", "metric": "roc_auc", "challenger": {}, "champion": {}}
+    logged_before = len(read_log(config.serving, config.served_model))
+
+    # When it is published (its smoke test compares the prediction alone)
+    version = publish(config, str(old), forced, data_version, run("old-export"))["version"]
+
+    # Then Triton serves it with the prediction alone, and the log keeps a blank label for it
+    assert [o.name for o in repository.read_model_config(config.model_dir).output] == [OUTPUT]
+    with ServedModel(config) as model:
+        answered = model.answer(rows)
+    assert answered.version == version and answered.label is None
+    np.testing.assert_allclose(answered.prediction, predict_onnx(config.model_dir / str(version) / MODEL_FILE, rows), atol=1e-6)
+    logged = read_log(config.serving, config.served_model)
+    assert len(logged) == logged_before + len(rows)
+    assert logged.loc[logged["model_version"] == version, LABEL_OUTPUT].isna().all()
+    assert logged.loc[logged["model_version"] != version, LABEL_OUTPUT].notna().all()
+    # what the drift check reads of the same log: every row, with its features
+    now = datetime.now(timezone.utc)
+    window = read_window(log_dir(config.serving, config.served_model), now - timedelta(days=1), now + timedelta(minutes=1))
+    assert len(window) == len(logged) and {f.name for f in config.dataset.features} <= set(window.columns)
+
+
+def test_a_version_whose_labels_differ_from_onnx_runtime_fails_its_smoke_test(served, monkeypatch):
+    # Given a labelled candidate, and ONNX Runtime locally told its threshold is 0 (every row a 1)
+    config, data_version, (first, _), rows, _ = served
+    before = repository.served_version(config.model_dir)
+    monkeypatch.setattr(live, "threshold_of", lambda model: 0.0)
+    forced = {"decision": PROMOTED, "reason": "test: labels that differ", "metric": "roc_auc", "challenger": {}, "champion": {}}
+
+    # Then the smoke test refuses it, counting the labels Triton cut otherwise, and the served version stays
+    with pytest.raises(live.SmokeTestError, match=r"answers [1-9]\d* of \d+ test rows' labels differently through Triton than ONNX Runtime locally"):
+        publish(config, first, forced, data_version, run("labels-differ"))
+    assert repository.served_version(config.model_dir) == before
 
 
 def test_the_server_restarts_serving_the_version_config_pbtxt_names(served):

@@ -10,12 +10,15 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from sklearn.metrics import f1_score
 
-from pipelines.artifacts import CONFIG_FILE, MODEL_FILE
+from pipelines.artifacts import CODES, CONFIG_FILE, LABEL_OUTPUT, LOOKUP_FILE, MODEL_FILE, NETWORK_FILE, NUMERIC, OUTPUT, PLAN_FILE
 from pipelines.config import load_config
 from pipelines.data.split import split_paths
 from pipelines.data.versioning import version_split
 from pipelines.evaluation.gate import NOT_PROMOTED, PROMOTED, beats, decide, evaluate, predict_onnx, score
+from pipelines.evaluation.threshold import choose
+from pipelines.export import onnx as onnx_export
 from pipelines.export.onnx import ParityError, export, onnx_inputs
 from pipelines.serving import repository
 from pipelines.serving.publish import publish, rejections_in_a_row
@@ -80,17 +83,119 @@ def test_onnx_model_takes_raw_columns_with_a_dynamic_batch_and_matches_torch(tra
     rows.loc[rows.index[0], "dest"] = "NEVER-SEEN"  # an unseen category maps to the OOV slot, not an error
 
     session = ort.InferenceSession(str(config.home / candidate["candidate"] / MODEL_FILE))
-    (got,) = session.run(None, onnx_inputs(rows, list(encoding.categorical), encoding.numeric))
+    (got,) = session.run([OUTPUT], onnx_inputs(rows, list(encoding.categorical), encoding.numeric))
 
     with torch.no_grad():
-        expected = model.predict(
-            torch.from_numpy(encoding.categorical_indices(rows)), torch.from_numpy(encoding.numeric_values(rows))
-        ).numpy()
+        expected = model.predict(torch.from_numpy(encoding.categorical_indices(rows)), torch.from_numpy(encoding.numeric_values(rows))).numpy()
     assert got.shape == (37, 1)
     np.testing.assert_allclose(got[:, 0], expected, atol=1e-5)
     assert {i.name for i in session.get_inputs()} == {f.name for f in config.dataset.features}
     batch_dim = onnx.load(str(config.home / candidate["candidate"] / MODEL_FILE)).graph.input[0].type.tensor_type.shape.dim[0]
     assert batch_dim.dim_param and not batch_dim.dim_value
+
+
+def test_a_classifier_answers_a_label_cut_at_the_threshold_chosen_on_validation(trained):
+    config, _, candidate = trained
+    folder = config.home / candidate["candidate"]
+    column = config.dataset.label.column
+    paths = split_paths(config.split.output_dir)
+    chosen = json.loads((folder / "export.json").read_text())["threshold"]
+
+    # The threshold is the F1-best cut of the validation split, as the served graph scores it
+    validation = pd.read_parquet(paths["val"]).dropna(subset=[column])
+    assert chosen == choose(validation[column].to_numpy().astype(int), predict_onnx(folder / MODEL_FILE, validation), config.gate.threshold)
+    assert chosen["objective"] == "f1" and chosen["validation"]["rows"] == len(validation)
+
+    # and the exported model answers it as a second output: 1 exactly where prediction >= threshold
+    test = pd.read_parquet(paths["test"])
+    session = ort.InferenceSession(str(folder / MODEL_FILE))
+    assert [(o.name, o.type) for o in session.get_outputs()] == [(OUTPUT, "tensor(float)"), (LABEL_OUTPUT, "tensor(int32)")]
+    _, encoding = load_candidate(folder)
+    prediction, label = session.run(None, onnx_inputs(test, list(encoding.categorical), encoding.numeric))
+    assert label.shape == prediction.shape == (len(test), 1) and label.dtype == np.int32
+    np.testing.assert_array_equal(label, (prediction >= np.float32(chosen["value"])).astype(np.int32))
+    assert set(np.unique(label)) == {0, 1}
+    # as does the network half TensorRT builds an engine of
+    codes, numeric = ort.InferenceSession(str(folder / LOOKUP_FILE)).run([CODES, NUMERIC], onnx_inputs(test, list(encoding.categorical), encoding.numeric))
+    np.testing.assert_array_equal(ort.InferenceSession(str(folder / NETWORK_FILE)).run([LABEL_OUTPUT], {CODES: codes, NUMERIC: numeric})[0], label)
+
+
+def test_the_chosen_threshold_finds_the_delays_a_cut_at_one_half_misses(trained):
+    # The issue: the delay classifier rarely gives a delay more than 0.5, so a client cutting the
+    # probability there is told "on time" for (nearly) every flight
+    config, _, candidate = trained
+    test = pd.read_parquet(split_paths(config.split.output_dir)["test"]).dropna(subset=[config.dataset.label.column])
+    truth = test[config.dataset.label.column].to_numpy().astype(int)
+    answers = onnx_export.onnx_outputs(config.home / candidate["candidate"] / MODEL_FILE, test)
+
+    at_half, at_label = (f1_score(truth, cut) for cut in (answers[OUTPUT] >= 0.5, answers[LABEL_OUTPUT]))
+
+    assert at_label > at_half + 0.1, (at_label, at_half)
+
+
+def test_a_label_that_is_not_the_thresholded_prediction_fails_the_export(trained, tmp_path, monkeypatch):
+    # Given a graph whose label cuts at another value than the threshold export.json records
+    config, _, candidate = trained
+    folder = config.home / candidate["candidate"]
+    recorded = json.loads((folder / "export.json").read_text())["threshold"]["value"]
+    test = pd.read_parquet(split_paths(config.split.output_dir)["test"]).head(config.export.parity_rows)
+    below = int(np.sum(predict_onnx(folder / MODEL_FILE, test) < np.float32(recorded)))
+    labelled = onnx_export.with_label
+    monkeypatch.setattr(onnx_export, "with_label", lambda model, threshold: labelled(model, 0.0))  # every row a 1
+    (folder / MODEL_FILE).rename(tmp_path / MODEL_FILE)
+
+    # Then the export's parity check counts the rows it cuts wrong, and leaves no model
+    try:
+        with pytest.raises(ParityError, match=rf"{below} of {len(test)} labels are not prediction >= {recorded:g}; nothing was published"):
+            export(config, candidate["candidate"])
+        assert below and not (folder / MODEL_FILE).exists()
+    finally:
+        (tmp_path / MODEL_FILE).replace(folder / MODEL_FILE)
+
+
+def without_label(model_file):
+    """The graph of ``model_file`` as an export from before the label made it: ``prediction`` only."""
+    from onnx.utils import Extractor
+
+    model = onnx.load(str(model_file))
+    return Extractor(model).extract_model([i.name for i in model.graph.input], [OUTPUT])
+
+
+def test_a_version_exported_before_the_label_is_configured_with_the_prediction_only(trained, tmp_path):
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    # Given a version with a label and one exported before it (its engine steps too, as bytes)
+    config, _, candidate = trained
+    folder = config.home / candidate["candidate"]
+    model_dir = tmp_path / "model_repository" / config.model.name
+    for version in (1, 2):
+        (model_dir / str(version)).mkdir(parents=True)
+        (repository.step_dir(model_dir, "engine") / str(version)).mkdir(parents=True)
+        (repository.step_dir(model_dir, "engine") / str(version) / PLAN_FILE).write_bytes(b"engine")
+    onnx.save(without_label(folder / MODEL_FILE), model_dir / "1" / MODEL_FILE)
+    shutil.copy(folder / MODEL_FILE, model_dir / "2" / MODEL_FILE)
+    gpu = config.serving.model_copy(update={"profile": "gpu"})
+
+    def answered(rendering):
+        return [(o.name, o.data_type, list(o.dims)) for o in rendering.output]
+
+    # Then every rendering of each declares what its model.onnx answers: the new one its label too
+    prediction, label = (OUTPUT, mc.TYPE_FP32, [1]), (LABEL_OUTPUT, mc.TYPE_INT32, [1])
+    for serving in (config.serving, gpu):
+        assert answered(repository.model_config(model_dir, serving, config.dataset, 1)) == [prediction]
+        assert answered(repository.model_config(model_dir, serving, config.dataset, 2)) == [prediction, label]
+    old, new = (repository.model_config(model_dir, gpu, config.dataset, v) for v in (1, 2))
+    assert old.platform == new.platform == "ensemble"
+    assert dict(old.ensemble_scheduling.step[1].output_map) == {OUTPUT: OUTPUT}
+    assert dict(new.ensemble_scheduling.step[1].output_map) == {OUTPUT: OUTPUT, LABEL_OUTPUT: LABEL_OUTPUT}
+    # and an engine step holds only engines that answer what the version going live answers
+    for served, held, outputs in (([1, 2], [2], [prediction, label]), ([2, 1], [1], [prediction]), ([2], [2], [prediction, label])):
+        engine = repository.step_configs(model_dir, gpu, config.dataset, served)["engine"]
+        assert (list(engine.version_policy.specific.versions), answered(engine)) == (held, outputs), served
+        assert list(repository.step_configs(model_dir, gpu, config.dataset, served)["lookup"].version_policy.specific.versions) == sorted(served)
+    # A file that is not an ONNX model is configured as every export was: Triton's load refuses it
+    (model_dir / "1" / MODEL_FILE).write_bytes(b"not an onnx model")
+    assert answered(repository.model_config(model_dir, config.serving, config.dataset, 1)) == [prediction]
 
 
 def test_a_failing_parity_check_leaves_no_model_file(trained, tmp_path):
@@ -225,10 +330,14 @@ def test_a_regression_project_is_a_config_change_not_a_code_change(tmp_path):
     # probabilities (the gap is relative above 1), is scored with regression metrics, gated on
     # RMSE (lower is better), and publishable
     assert set(decision["challenger"]) == {"rmse", "mae"} and decision["decision"] == PROMOTED
+    # no threshold and no label: a regression serves its prediction alone
+    assert "threshold" not in json.loads((config.home / candidate["candidate"] / "export.json").read_text())
+    assert [o.name for o in onnx.load(str(config.home / candidate["candidate"] / MODEL_FILE)).graph.output] == [OUTPUT]
     # and it learned: well below the error of always predicting the mean
     assert decision["challenger"]["rmse"] < 0.7 * pd.read_parquet(split_paths(config.split.output_dir)["test"])["distance"].std()
     result = publish(config, candidate["candidate"], decision, data_version, RUN)
     assert result["version"] == 1 and repository.read_model_config(config.model_dir).name == "flights_distance"
+    assert [o.name for o in repository.read_model_config(config.model_dir).output] == [OUTPUT]
 
 
 def test_both_renderings_of_a_version_are_valid_triton_configs(trained):
@@ -272,6 +381,12 @@ def test_int8_is_kept_only_within_the_metric_tolerance(trained, tmp_path, tolera
     assert set(record["roc_auc"]) == {"fp32", "int8"} and record["roc_auc"]["int8"] != record["roc_auc"]["fp32"]
     assert ((folder / MODEL_FILE).read_bytes() != fp32_bytes) == kept
     assert (folder / FP32_FILE).exists() == kept and not list(folder.glob(".*int8*"))
+    # int8 keeps the label, cut at the threshold export chose, on every test row
+    assert record["label_mismatches"] == 0
+    test = pd.read_parquet(split_paths(config.split.output_dir)["test"])
+    served = onnx_export.onnx_outputs(folder / MODEL_FILE, test)
+    threshold = json.loads((folder / "export.json").read_text())["threshold"]["value"]
+    np.testing.assert_array_equal(served[LABEL_OUTPUT], served[OUTPUT] >= np.float32(threshold))
 
 
 def test_publish_counts_the_challengers_the_gate_refused_in_a_row(trained):
@@ -283,7 +398,7 @@ def test_publish_counts_the_challengers_the_gate_refused_in_a_row(trained):
         publish(config, candidate["candidate"], refused, data_version, {**RUN, "run_id": run_id})
 
     assert rejections_in_a_row(config.artifacts_dir) == before + 2
-    assert f"flywheel_gate_rejections_in_a_row{{model=\"{config.model.name}\",project=\"{config.name}\"}} {before + 2:.1f}" in (config.path(config.metrics.textfile_dir) / "publish.prom").read_text()
+    assert f'flywheel_gate_rejections_in_a_row{{model="{config.model.name}",project="{config.name}"}} {before + 2:.1f}' in (config.path(config.metrics.textfile_dir) / "publish.prom").read_text()
 
 
 def test_publish_reports_its_outcome_and_both_metrics_for_prometheus(trained):

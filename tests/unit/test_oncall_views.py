@@ -25,6 +25,7 @@ from tests.browser.oncall_project import (
     TEXT_V2_RUN,
     V1,
     V2,
+    V3,
     write_text_versions,
     write_versions,
 )
@@ -165,6 +166,93 @@ def test_gate_metrics_put_the_deciding_metric_first_and_show_a_missing_champion(
     assert second[0]["challenger"] == V2["roc_auc"] and second[0]["champion"] == V1["roc_auc"]
 
 
+def slice_entry(name: str, difference: float, half_width: float, refused: bool = False, rows: int = 400) -> dict:
+    """A slice of the table ``pipelines.evaluation.gate.compare`` records."""
+    return {
+        "slice": name,
+        "rows": rows,
+        "challenger": 0.70 + difference,
+        "champion": 0.70,
+        "difference": difference,
+        "interval": {"low": difference - half_width, "high": difference + half_width},
+        "refused": refused,
+        "skipped": None,
+    }
+
+
+SKIPPED = {
+    "slice": "carrier=HA",
+    "rows": 230,
+    "challenger": None,
+    "champion": None,
+    "difference": None,
+    "interval": None,
+    "refused": False,
+    "skipped": "only class 0 in its 230 rows: roc_auc is undefined",
+}
+
+
+def compared_gate(slices: list[dict], decision: str = NOT_PROMOTED, reason: str = "worse on carrier=UA") -> dict:
+    """A tabular gate record as ``pipelines.evaluation.gate.evaluate`` now writes it: thresholds,
+    the interval of the difference, the slices."""
+    return {
+        "decision": decision,
+        "reason": reason,
+        "metric": "roc_auc",
+        "forced": False,
+        "challenger": {**V3, "precision": 0.3012, "recall": 0.5520, "threshold": 0.3712, "threshold_source": "export"},
+        "champion": {**V2, "precision": 0.2811, "recall": 0.5012, "threshold": 0.5, "threshold_source": "default"},
+        "difference": 0.0059,
+        "interval": {"low": 0.0012, "high": 0.0106},
+        "confidence": 0.95,
+        "resamples": 1000,
+        "seed": 13,
+        "method": "paired bootstrap, normal interval",
+        "slice_confidence": 1 - 0.05 / len(slices) if slices else None,
+        "slices": slices,
+        "test_rows": 20000,
+        "champion_version": 2,
+    }
+
+
+def test_a_gates_comparison_shows_refused_slices_first_then_the_nearest_to_a_refusal():
+    slices = [
+        slice_entry("carrier=AA", 0.05, 0.01),
+        SKIPPED,
+        slice_entry("carrier=UA", -0.09, 0.03, refused=True),
+        *(slice_entry(f"dest=D{i}", 0.01 * i, 0.02) for i in range(6)),
+        slice_entry("origin=EWR", -0.05, 0.02, refused=True),
+    ]
+
+    comparison = data.gate_comparison(compared_gate(slices))
+
+    assert (comparison["difference"], comparison["low"], comparison["high"]) == (0.0059, 0.0012, 0.0106)
+    assert (comparison["slices"], comparison["refused"], comparison["skipped"]) == (10, 2, 1)
+    shown = [s["slice"] for s in comparison["shown"]]
+    assert shown == ["carrier=UA", "origin=EWR", "dest=D0", "dest=D1", "dest=D2"]  # refused by upper bound, then the nearest
+    assert [s["slice"] for s in comparison["more"]][-1] == "carrier=HA"  # skipped last, with the reason
+    assert comparison["more"][-1]["skipped"].startswith("only class 0") and comparison["shown"][0]["high"] == pytest.approx(-0.06)
+
+
+def test_every_refused_slice_is_shown_however_many():
+    slices = [slice_entry(f"dest=D{i}", -0.1, 0.02, refused=True) for i in range(data.SLICES_SHOWN + 2)]
+
+    comparison = data.gate_comparison(compared_gate(slices))
+
+    assert len(comparison["shown"]) == data.SLICES_SHOWN + 2 and comparison["more"] == []
+
+
+def test_a_gate_without_an_interval_has_no_comparison_and_a_thresholds_source_is_no_metric():
+    assert data.gate_comparison({"metric": "roc_auc", "challenger": V1, "champion": None}) is None
+    assert data.gate_comparison({"metric": "roc_auc", "challenger": V1, "champion": None, "interval": None, "slices": []}) is None
+
+    gate = compared_gate([])
+    metrics = data.gate_metrics(gate)
+
+    assert [m["metric"] for m in metrics] == ["roc_auc", "f1", "log_loss", "precision", "recall", "threshold"]
+    assert metrics[-1]["challenger"] == 0.3712 and data.threshold_sources(gate) == {"challenger": "export", "champion": "default"}
+
+
 def test_a_text_gate_shows_the_untuned_base_beside_challenger_and_champion():
     metrics = data.gate_metrics({"metric": "accuracy", "challenger": TEXT_V2, "champion": TEXT_V1, "base": TEXT_BASE})
 
@@ -244,7 +332,9 @@ def test_the_models_view_reads_versions_history_and_runs_from_the_project(projec
     view = data.load_models(project)
 
     assert (view["project"], view["kind"], view["model"], view["served_version"]) == ("flights", "tabular", "flights_delay", 2)
-    assert view["gate"] == {"metric": "roc_auc", "min_improvement": 0.002, "floor": 0.5} and "finetune" not in view
+    assert view["gate"] == {"metric": "roc_auc", "min_improvement": 0.002, "floor": 0.5, "confidence": 0.95, "max_slice_regression": 0.02}
+    assert "finetune" not in view
+    assert all(v["comparison"] is None for v in view["versions"])  # recorded before the gate tested significance
     assert [(v["version"], v["serving"], v["status"]) for v in view["versions"]] == [(3, False, "rejected"), (2, True, "published"), (1, False, "published")]
     assert [(e["event"], e["version"]) for e in view["history"]] == [("rejected", 3), ("publish", 2), ("publish", 1)]
     assert view["runs"][0]["decision"] == NOT_PROMOTED and view["runs"][0]["version"] is None
@@ -503,6 +593,30 @@ def test_the_models_page_shows_the_served_version_and_both_metrics(logged_in, pr
     assert '<div class="value" id="served-version">version 2</div>' in html
     assert f"{V2['roc_auc']:.4f}" in html and f"{V1['roc_auc']:.4f}" in html and "champion (v1)" in html
     assert REJECTED_REASON in html and "Latest retrain runs" in html
+
+
+def test_the_models_page_shows_the_interval_of_the_difference_and_the_slices(logged_in, project):
+    from pipelines.serving import repository
+
+    write_versions(project)
+    hostile = '<img src=x onerror="alert(1)">'
+    slices = [slice_entry("carrier=AA", 0.03, 0.01), SKIPPED, slice_entry("carrier=UA", -0.0912, 0.03, refused=True), slice_entry(hostile, 0.01, 0.02)]
+    slices += [slice_entry(f"dest=D{i}", 0.02, 0.01) for i in range(4)]
+    gate = compared_gate(slices, reason="roc_auc 0.7102 vs the champion's 0.7043: +0.0059 [0.0012, 0.0106]; but worse on carrier=UA")
+    lineage = {"gate": gate, "airflow": {"dag_id": "retrain__flights", "run_id": "manual__sliced", "run_type": "manual"}, "created_at": "2026-03-03T10:00:00+00:00"}
+    repository.add_version(project.model_dir, {}, lineage)
+
+    html = logged_in.get("/flywheel/projects/flights/models").text
+
+    assert "difference <strong>+0.0059 [0.0012, 0.0106]</strong>" in html and "95%, 1000 paired resamples" in html
+    assert 'class="refused"' in html and "carrier=UA" in html and "-0.0912 [-0.1212, -0.0612]" in html
+    assert html.index("carrier=UA") < html.index("carrier=AA")  # the refused slice first
+    assert "8 slices" in html and "1 worse beyond noise" in html and "1 skipped" in html
+    assert "skipped: only class 0 in its 230 rows: roc_auc is undefined" in html and "<details>" in html
+    assert "[99.38%]" in html  # the slices' Bonferroni level
+    assert hostile not in html and "&lt;img src=x onerror=" in html
+    assert "lower bound of the 95% interval" in html  # the rule, in the lead
+    assert html.count('0.5000 <span class="muted"') == 1  # the champion's threshold is the default
 
 
 def test_the_models_page_of_a_text_project_shows_its_versions_the_base_and_the_finetune_margins(logged_in, text_project):

@@ -23,6 +23,7 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
+from pipelines.artifacts import LABEL_OUTPUT
 from pipelines.config import ExportConfig
 from pipelines.data.split import split_paths
 from pipelines.data.versioning import version_split
@@ -222,12 +223,12 @@ def test_an_engine_version_is_served_by_the_gpu_profile_as_a_lookup_then_tensorr
     # Then the served model keeps its public signature and runs lookup (CPU) then engine (GPU), pinned to the version
     features = [f.name for f in config.dataset.features]
     assert ensemble.platform == "ensemble" and list(ensemble.version_policy.specific.versions) == [version]
-    assert [i.name for i in ensemble.input] == features and [o.name for o in ensemble.output] == [OUTPUT]
+    assert [i.name for i in ensemble.input] == features and [o.name for o in ensemble.output] == [OUTPUT, LABEL_OUTPUT]
     assert not ensemble.HasField("dynamic_batching")  # the steps batch, an ensemble cannot
     first, second = ensemble.ensemble_scheduling.step
     assert (first.model_name, first.model_version, second.model_name, second.model_version) == (lookup.name, version, engine.name, version)
     assert dict(first.input_map) == {f: f for f in features} and dict(first.output_map) == {CODES: CODES, NUMERIC: NUMERIC}
-    assert dict(second.input_map) == {CODES: CODES, NUMERIC: NUMERIC} and dict(second.output_map) == {OUTPUT: OUTPUT}
+    assert dict(second.input_map) == {CODES: CODES, NUMERIC: NUMERIC} and dict(second.output_map) == {OUTPUT: OUTPUT, LABEL_OUTPUT: LABEL_OUTPUT}
     assert lookup.platform == "onnxruntime_onnx" and lookup.instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU
     assert engine.platform == "tensorrt_plan" and engine.instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU
     # what flows between the steps is what lookup.onnx writes and the engine reads: int32 codes, float32 numbers
