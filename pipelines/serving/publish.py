@@ -82,6 +82,10 @@ def publish(
             train = split_paths(config.split.output_dir)["train"]
             baseline = write_reference(train, config.dataset, config.monitoring, config.train.seed, folder)
             lineage["drift_calibration"] = baseline["calibration"]
+            fit = training.get("fit_seconds")
+            log.info(
+                "drift thresholds calibrated in %.1f s%s", baseline["calibration"]["seconds"], f" ({baseline['calibration']['seconds'] / fit:.0%} of the training's {fit:.1f} s)" if fit else ""
+            )
             files = {MODEL_FILE: folder / MODEL_FILE, repository.BACKEND_MODEL.name: repository.BACKEND_MODEL, **baseline["files"]}
             version = repository.next_version(model_dir, *(repository.step_dir(model_dir, s) for s in repository.ENGINE_STEPS))
             if (folder / PLAN_FILE).is_file():  # export built a TensorRT engine: the gpu profile serves it
