@@ -147,6 +147,8 @@ def cmd_seed_noise(args: argparse.Namespace) -> None:
     from pipelines.data.versioning import version_split
     from pipelines.evaluation.seed_noise import measure
 
+    if args.seeds < 2:
+        sys.exit(f"--seeds {args.seeds}: a standard deviation needs at least two trainings")
     config = load_config(args.project)
     record = measure(config, version_split(config)["data_version"], args.seeds)
     print(json.dumps({k: v for k, v in record.items() if k != "data_version"}))

@@ -185,7 +185,7 @@ class DecisionThreshold(Strict):
     def _target_for_its_objective(self) -> DecisionThreshold:
         if (self.objective == ThresholdObjective.f1) != (self.target is None):
             raise ValueError(
-                f"threshold.target is {'required' if self.target is None else 'only used'} with objective {self.objective.value!r}: "
+                f"threshold.target is {'required' if self.target is None else 'not used'} with objective {self.objective.value!r}: "
                 "give a target (e.g. 0.8) with objective precision or recall, none with f1"
             )
         return self
@@ -269,6 +269,10 @@ class CalibratedTest(Strict):
     method: str
 
 
+# The one statistic of each column type whose null the drift check knows (pipelines.monitoring.drift).
+DRIFT_METHODS = {"numeric": "wasserstein", "categorical": "jensenshannon", "text": "abs_text_content_drift"}
+
+
 class DriftTests(Strict):
     numeric: CalibratedTest = CalibratedTest(method="wasserstein")  # normed by the reference's std
     categorical: CalibratedTest = CalibratedTest(method="jensenshannon")
@@ -286,6 +290,13 @@ class DriftTests(Strict):
                     "monitoring.false_alarm_rate; remove the threshold"
                 )
         return data
+
+    @model_validator(mode="after")
+    def _known_methods(self) -> DriftTests:
+        for kind, method in DRIFT_METHODS.items():
+            if getattr(self, kind).method != method:
+                raise ValueError(f"monitoring.tests.{kind}.method {getattr(self, kind).method!r}: the calibrated test of {kind} columns is {method!r}")
+        return self
 
 
 class MonitoringConfig(Strict):

@@ -128,12 +128,15 @@ def slices(dataset: DatasetConfig, gate: GateConfig, test: pd.DataFrame) -> dict
     for name, query in gate.slices.items():
         if name in found:
             raise SliceError(f"gate.slices names {name!r}, the name of a categorical slice; give the query {query!r} another name")
+        columns = ", ".join(map(str, test.columns))
         try:
             # no local or global names: a query reads the test split's columns and nothing else
-            found[name] = positions.query(query, local_dict={}, global_dict={}).index.to_numpy()
+            chosen = positions.eval(query, local_dict={}, global_dict={})
         except Exception as error:  # noqa: BLE001 - pandas raises many kinds; all mean the query is wrong
-            columns = ", ".join(map(str, test.columns))
-            raise SliceError(f"gate.slices.{name}: the query {query!r} does not run on the test split ({type(error).__name__}: {error}); its columns are {columns}") from error
+            raise SliceError(f"gate.slices.{name}: the query {query!r} does not run on the test split ({type(error).__name__}: {str(error)[:200]}); its columns are {columns}") from error
+        if not (isinstance(chosen, pd.Series) and pd.api.types.is_bool_dtype(chosen)):
+            raise SliceError(f"gate.slices.{name}: the query {query!r} is not a condition (true or false for each test row); its columns are {columns}")
+        found[name] = np.flatnonzero(chosen.to_numpy())
     return found
 
 

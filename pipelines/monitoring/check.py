@@ -52,12 +52,15 @@ def monitored_columns(dataset: DatasetConfig, monitoring: MonitoringConfig) -> d
 def write_reference(train: Path, dataset: DatasetConfig, monitoring: MonitoringConfig, seed: int, folder: Path) -> Record:
     """What a version is compared against, written into ``folder``: ``reference.parquet``, a
     sample of the training split ``train`` (a parquet file), its features only, at most
-    ``monitoring.reference_rows`` rows drawn with ``seed``; and ``drift_null.parquet``, each
+    ``monitoring.reference_rows`` rows drawn with ``seed``, fewer where that would leave under
+    ``POOL_MIN_ROWS`` beside it (down to half the split); and ``drift_null.parquet``, each
     monitored column's null calibrated on windows drawn from the training rows beside that
     sample (``drift.calibrate``). Returns the file paths by name and the calibration's summary
     (pool rows, sizes, draws, seconds) for the lineage."""
     frame = pd.read_parquet(train, columns=[f.name for f in dataset.features])
-    sample = frame.sample(n=min(len(frame), monitoring.reference_rows), random_state=seed)
+    # Windows scored against the very reference must come from rows it does not hold.
+    rows = min(monitoring.reference_rows, max(len(frame) - POOL_MIN_ROWS, len(frame) // 2))
+    sample = frame.sample(n=max(rows, 1), random_state=seed)
     sample.reset_index(drop=True).to_parquet(folder / REFERENCE_FILE, index=False)
     started = time.perf_counter()
     columns = monitored_columns(dataset, monitoring)
@@ -196,7 +199,8 @@ def drift_samples(summary: Record) -> list[Sample]:
         labels = {"column": column["column"], "method": column["method"]}
         if column["score"] is not None:  # None: no usable value in the window
             samples.append(Sample("flywheel_drift_column_score", "Drift score of a column in the latest window (see the method).", column["score"], labels))
-        samples.append(Sample("flywheel_drift_column_threshold", "Score above which the column drifts at the latest window's size.", column["threshold"], labels))
+        if column["threshold"] is not None:
+            samples.append(Sample("flywheel_drift_column_threshold", "Score above which the column drifts at the latest window's size.", column["threshold"], labels))
         samples.append(Sample("flywheel_drift_column_drifted", "1 if the column drifted in the latest window.", float(column["drifted"]), labels))
         if column["p_value"] is not None:
             samples.append(Sample("flywheel_drift_column_p_value", "The column's p-value in the latest window (both of its tests).", column["p_value"], labels))

@@ -14,7 +14,7 @@ from pydantic import ValidationError
 from scipy import stats
 from scipy.spatial import distance
 
-from pipelines.config import CalibratedTest, DriftTests
+from pipelines.config import DriftTests
 from pipelines.monitoring.drift import ColumnKind, DriftCheckError, calibrate, compare, dataset_verdict
 
 ROWS = 3000
@@ -277,18 +277,12 @@ def test_a_fixed_threshold_for_a_calibrated_column_is_refused_saying_why():
         DriftTests.model_validate({"numeric": {"method": "wasserstein", "threshold": 0.1}})
 
 
-def test_another_method_for_a_calibrated_column_is_refused(nulls):
-    tests = DriftTests(numeric=CalibratedTest(method="ks"))
-
-    with pytest.raises(DriftCheckError, match=r"monitoring\.tests\.numeric\.method 'ks': the calibrated test of numeric columns is 'wasserstein'"):
-        compare(flights(1), flights(2), KINDS, tests, 0.3, RATE, nulls)
-
-
-def test_another_method_for_text_is_refused(reviews):
-    tests = DriftTests(text=CalibratedTest(method="perc_text_content_drift"))
-
-    with pytest.raises(DriftCheckError, match=r"monitoring\.tests\.text\.method 'perc_text_content_drift': the calibrated test of text columns is 'abs_text_content_drift'"):
-        compare(reviews["great"], reviews["other"], TEXT, tests, 0.5, RATE, {})
+@pytest.mark.parametrize(
+    ("kind", "method", "known"), [("numeric", "ks", "wasserstein"), ("categorical", "psi", "jensenshannon"), ("text", "perc_text_content_drift", "abs_text_content_drift")]
+)
+def test_another_method_is_refused_when_the_config_loads(kind, method, known):
+    with pytest.raises(ValidationError, match=rf"monitoring\.tests\.{kind}\.method '{method}': the calibrated test of {kind} columns is '{known}'"):
+        DriftTests.model_validate({kind: {"method": method}})
 
 
 def test_a_column_without_calibration_is_refused(nulls):
