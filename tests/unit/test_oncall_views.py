@@ -5,6 +5,7 @@ auth manager decides per project (its retrain or finetune DAG, its drift DAG) wh
 
 from __future__ import annotations
 
+import html
 import json
 import sys
 from pathlib import Path
@@ -563,6 +564,22 @@ def test_the_drift_pages_link_each_report_under_the_mount_prefix(logged_in, proj
     assert 'href="/flywheel/projects"' in page and 'href="/flywheel/projects/flights/models"' in page
     assert "dest, distance" in page and "0.50" in page
     assert detail.index("dest") < detail.index("carrier")  # drifted first
+
+
+def test_a_calibrated_windows_page_shows_each_columns_p_value_missing_share_and_why(logged_in, project):
+    reason = "100.0% missing or non-finite against 0.0% in the reference (p<1e-16)"
+    columns = [
+        {"column": "carrier", "kind": "categorical", "method": "jensenshannon", "score": 0.021, "threshold": 0.035, "p_value": 0.4136,
+         "missing_share": 0.0, "reference_missing_share": 0.0, "drifted": False, "reason": None},
+        {"column": "distance", "kind": "numeric", "method": "wasserstein", "score": None, "threshold": None, "p_value": 0.0,
+         "missing_share": 1.0, "reference_missing_share": 0.0, "drifted": True, "reason": reason},
+    ]
+    write_report(project, columns=columns, drifted_columns=["distance"], false_alarm_rate=0.01, dataset_test={"m": 1, "level": 0.005})
+
+    detail = " ".join(logged_in.get(f"/flywheel/projects/flights/drift/{FOLDER}").text.split())
+
+    assert html.escape(reason) in detail and "0.4136" in detail and "100.0% / 0.0%" in detail
+    assert "it drifts at or below 0.010" in detail and "Dataset drift when 1 or more columns have a p-value at most 0.00500" in detail
 
 
 def test_evidentlys_report_is_served_in_a_sandbox_of_its_own(logged_in, project):
