@@ -106,9 +106,19 @@ def _draws(probabilities: Floats, size: int, draws: int, rng: np.random.Generato
     return frequencies
 
 
-def numeric_null(reference: Floats, pool: Floats, sizes: npt.NDArray[np.int64], draws: int, rng: np.random.Generator) -> NullDistribution:
+def _scale(size: int, reference_rows: int, bootstrap: bool) -> float:
+    """What a null statistic at ``size`` is multiplied by: ``sqrt(n_eff)`` for windows from an
+    independent pool (both samples' noise is in the statistic), ``sqrt(size)`` for windows
+    bootstrapped from the reference itself (only the window's is: the one-sample statistic
+    scaled by sqrt(n) has the two-sample one's limit)."""
+    return math.sqrt(size if bootstrap else NullDistribution.effective_size(size, reference_rows))
+
+
+def numeric_null(reference: Floats, pool: Floats | None, sizes: npt.NDArray[np.int64], draws: int, rng: np.random.Generator) -> NullDistribution:
     """The scaled null of ``wasserstein_normed`` against ``reference`` for windows drawn from
-    ``pool`` (both 1-D finite numbers)."""
+    ``pool`` (both 1-D finite numbers; None: from the reference itself, a bootstrap)."""
+    bootstrap = pool is None
+    pool = reference if pool is None else pool
     norm = max(float(np.std(reference)), NORM_FLOOR)
     pooled = np.concatenate([reference, pool])
     support, index = np.unique(pooled, return_inverse=True)
@@ -124,15 +134,18 @@ def numeric_null(reference: Floats, pool: Floats, sizes: npt.NDArray[np.int64], 
         window_cdf = np.cumsum(_draws(pool_probabilities, int(size), draws, rng), axis=1)[:, :-1]
         # W1 of two distributions on one support: the area between their CDFs (scipy's _cdf_distance)
         distance = np.abs(window_cdf - reference_cdf) @ gaps / norm
-        scaled[i] = distance * math.sqrt(NullDistribution.effective_size(int(size), len(reference)))
+        scaled[i] = distance * _scale(int(size), len(reference), bootstrap)
     return NullDistribution(sizes, np.sort(scaled, axis=1))
 
 
-def categorical_null(reference: Floats, pool: Floats, sizes: npt.NDArray[np.int64], draws: int, rng: np.random.Generator) -> NullDistribution:
+def categorical_null(reference: Floats, pool: Floats | None, sizes: npt.NDArray[np.int64], draws: int, rng: np.random.Generator) -> NullDistribution:
     """The scaled null of ``jensen_shannon`` against a reference with category counts
-    ``reference`` for windows drawn from a pool with counts ``pool`` (both (K,), same categories)."""
+    ``reference`` for windows drawn from a pool with counts ``pool`` (both (K,), same categories;
+    None: from the reference itself, a bootstrap)."""
     from scipy.special import rel_entr
 
+    bootstrap = pool is None
+    pool = reference if pool is None else pool
     kept = (reference + pool) > 0
     reference_frequencies, pool_probabilities = reference[kept] / reference.sum(), pool[kept] / pool.sum()
     scaled = np.empty((len(sizes), draws))
@@ -140,7 +153,7 @@ def categorical_null(reference: Floats, pool: Floats, sizes: npt.NDArray[np.int6
         window = _draws(pool_probabilities, int(size), draws, rng)
         middle = (reference_frequencies + window) / 2
         divergence = (rel_entr(reference_frequencies, middle) + rel_entr(window, middle)).sum(axis=1) / 2
-        scaled[i] = np.sqrt(np.maximum(divergence, 0.0)) * math.sqrt(NullDistribution.effective_size(int(size), int(reference.sum())))
+        scaled[i] = np.sqrt(np.maximum(divergence, 0.0)) * _scale(int(size), int(reference.sum()), bootstrap)
     return NullDistribution(sizes, np.sort(scaled, axis=1))
 
 

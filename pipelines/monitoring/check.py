@@ -29,7 +29,7 @@ from pipelines.lineage import Record, read_json, write_json
 from pipelines.metrics import Sample, emit
 from pipelines.monitoring import calibration
 from pipelines.monitoring.calibration import NullDistribution
-from pipelines.monitoring.drift import POOL_MIN_ROWS, ColumnKind, DriftCheckError, calibrate, compare
+from pipelines.monitoring.drift import ColumnKind, DriftCheckError, calibrate, compare
 from pipelines.serving import repository
 from pipelines.serving.client import log_dir
 
@@ -52,15 +52,13 @@ def monitored_columns(dataset: DatasetConfig, monitoring: MonitoringConfig) -> d
 def write_reference(train: Path, dataset: DatasetConfig, monitoring: MonitoringConfig, seed: int, folder: Path) -> Record:
     """What a version is compared against, written into ``folder``: ``reference.parquet``, a
     sample of the training split ``train`` (a parquet file), its features only, at most
-    ``monitoring.reference_rows`` rows drawn with ``seed``, fewer where that would leave under
-    ``POOL_MIN_ROWS`` beside it (down to half the split); and ``drift_null.parquet``, each
+    ``monitoring.reference_rows`` rows drawn with ``seed``; and ``drift_null.parquet``, each
     monitored column's null calibrated on windows drawn from the training rows beside that
     sample (``drift.calibrate``). Returns the file paths by name and the calibration's summary
-    (pool rows, sizes, draws, seconds) for the lineage."""
+    (pool rows, 0 when the windows were bootstrapped from the reference; sizes, draws, seconds)
+    for the lineage."""
     frame = pd.read_parquet(train, columns=[f.name for f in dataset.features])
-    # Windows scored against the very reference must come from rows it does not hold.
-    rows = min(monitoring.reference_rows, max(len(frame) - POOL_MIN_ROWS, len(frame) // 2))
-    sample = frame.sample(n=max(rows, 1), random_state=seed)
+    sample = frame.sample(n=min(len(frame), monitoring.reference_rows), random_state=seed)
     sample.reset_index(drop=True).to_parquet(folder / REFERENCE_FILE, index=False)
     started = time.perf_counter()
     columns = monitored_columns(dataset, monitoring)
@@ -71,7 +69,7 @@ def write_reference(train: Path, dataset: DatasetConfig, monitoring: MonitoringC
         "files": {REFERENCE_FILE: folder / REFERENCE_FILE, NULL_FILE: folder / NULL_FILE},
         "calibration": {
             "reference_rows": len(sample),
-            "pool_rows": len(pool) if len(pool) >= POOL_MIN_ROWS else 0,
+            "pool_rows": len(pool) if len(pool) >= len(sample) else 0,
             "draws": monitoring.null_draws,
             "sizes": [int(n) for n in next(iter(nulls.values())).sizes] if nulls else [],
             "seconds": round(time.perf_counter() - started, 3),

@@ -55,7 +55,6 @@ if TYPE_CHECKING:
     from evidently.core.report import Snapshot  # untyped: Any to mypy
 
 REPORT_ROWS = 50_000  # rows a side whose distributions the HTML report draws
-POOL_MIN_ROWS = 1000  # fewer training rows beside the reference: calibrate on the reference itself
 
 
 class ColumnKind(str, Enum):
@@ -173,27 +172,28 @@ def calibrate(reference: pd.DataFrame, pool: pd.DataFrame, columns: Mapping[str,
     """The null of each numeric and categorical column of ``columns``: ``draws`` windows a size,
     from ``smallest`` rows doubling to 16 times the reference's, drawn from ``pool`` (rows of the
     same data beside the reference: the rest of the training split) and scored against
-    ``reference``. With fewer than ``POOL_MIN_ROWS`` pool rows (a training split under 2,000
-    rows, or a version published before calibration) the windows are drawn from the reference
-    itself: the thresholds are then tighter, and a column of a window without drift is flagged
-    more often than the rate (about 2% at a 1% rate, measured on 3,000-row windows).
-    ``DriftCheckError`` for a column without usable reference values."""
+    ``reference``, so the rate holds for this very reference. A pool smaller than the reference
+    would add more noise of its own than it removes: then the windows are bootstrapped from the
+    reference itself (``calibration``), which holds the rate on average over references, not for
+    each one. ``DriftCheckError`` for a column without usable reference values."""
     rng = np.random.default_rng(seed)
-    if len(pool) < POOL_MIN_ROWS:
-        pool = reference
+    bootstrap = len(pool) < len(reference)
     nulls = {}
     for column, kind in columns.items():
         if kind == ColumnKind.text:
             continue
-        (ours, ours_ok), (theirs, theirs_ok) = _usable(reference[column], kind), _usable(pool[column], kind)
+        ours, ours_ok = _usable(reference[column], kind)
         if not ours_ok.any():
             raise DriftCheckError(f"column {column!r} of the reference data has no values (all missing or non-finite)")
-        ours, theirs = ours[ours_ok], theirs[theirs_ok] if theirs_ok.any() else ours[ours_ok]
+        ours = ours[ours_ok]
+        values, values_ok = _usable(pool[column], kind)
+        theirs = None if bootstrap or not values_ok.any() else values[values_ok]
         sizes = calibration.ladder(smallest, 16 * len(ours))
         if kind == ColumnKind.numeric:
             nulls[column] = calibration.numeric_null(ours, theirs, sizes, draws, rng)
         else:
-            nulls[column] = calibration.categorical_null(*_category_counts(ours, theirs), sizes, draws, rng)
+            counts, pool_counts = _category_counts(ours, ours if theirs is None else theirs)
+            nulls[column] = calibration.categorical_null(counts, None if theirs is None else pool_counts, sizes, draws, rng)
     return nulls
 
 

@@ -31,6 +31,7 @@ from tests.conftest import REPO, free_ports, make_home, make_project
 
 pytestmark = pytest.mark.e2e
 ROWS = 4000
+WINDOW_ROWS = 10_000
 # Whole hours well in the past, so that no scheduled run of the drift DAG checks them too.
 BASE = datetime.now(timezone.utc).replace(minute=0, second=0, microsecond=0) - timedelta(hours=8)
 BACKFILLED = [BASE + timedelta(hours=1), BASE + timedelta(hours=2)]
@@ -38,8 +39,9 @@ SAME_SEASON, LATER_SEASON, STILL_LATER = (BASE + timedelta(hours=h) for h in (4,
 
 
 def log_traffic(config, month: str, window_end: datetime, seed: int = 0) -> None:
-    """Real flights of ``month`` answered by the served version half an hour before ``window_end``."""
-    rows = month_batch(month, 3000, seed=seed)
+    """Real flights of ``month`` answered by the served version half an hour before ``window_end``:
+    enough that the calibrated check tells a later season from chance against a 5,600-row reference."""
+    rows = month_batch(month, WINDOW_ROWS, seed=seed)
     with InferenceLog(config) as log:
         log.append(rows, predict_onnx(config.model_dir / "1" / MODEL_FILE, rows), 1, served_at=window_end - timedelta(minutes=30))
 
@@ -119,7 +121,7 @@ def test_a_window_from_the_same_season_triggers_nothing(loop):
 
     run_id, summary = check_window(airflow, SAME_SEASON)
 
-    assert summary["status"] == "checked" and summary["rows"]["current"] == 3000
+    assert summary["status"] == "checked" and summary["rows"]["current"] == WINDOW_ROWS
     assert not summary["dataset_drift"] and summary["share"] < config.monitoring.drift_share
     assert summary["window"] == {"start": (SAME_SEASON - timedelta(hours=1)).isoformat(), "end": SAME_SEASON.isoformat()}
     assert {t["task_id"]: t["state"] for t in airflow.task_instances(DRIFT, run_id)}["trigger_retrain"] == "skipped"

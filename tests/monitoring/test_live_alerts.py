@@ -196,7 +196,7 @@ def test_a_drifted_window_fires_drift_detected_and_a_clean_one_does_not(project,
     model = project.model.name
     version = serve_reference(project, month_batch("2013-01", 4000))
     log_requests(project, month_batch("2013-01", 3000, seed=1), HOUR - timedelta(minutes=30), version)  # winter
-    log_requests(project, month_batch("2013-07", 3000), HOUR + timedelta(minutes=30), version)  # summer
+    log_requests(project, month_batch("2013-07", 10000), HOUR + timedelta(minutes=30), version)  # summer: enough rows to tell from chance
 
     # Before any verdict, Prometheus has no drift metric at all: the absent() rule fires
     assert wait_for("FlywheelDriftCheckStale (missing)", lambda: monitoring.firing("FlywheelDriftCheckStale", verdict="missing"), monitoring.logs)
