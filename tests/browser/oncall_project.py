@@ -89,7 +89,7 @@ def _lineage(config: ProjectConfig, run: dict, decision: dict, created_at: str, 
 def write_versions(config: ProjectConfig) -> None:
     """Versions 1 and 2 published (2 serves), 3 rejected by its smoke test, one run not promoted."""
     reference = config.home / REFERENCE_FILE
-    month_batch("2013-01", ROWS)[[f.name for f in config.dataset.features]].to_parquet(reference, index=False)
+    month_batch("2013-01", 20_000)[[f.name for f in config.dataset.features]].to_parquet(reference, index=False)  # as monitoring.reference_rows samples
     model_dir = config.model_dir
     dag = f"retrain__{config.name}"
     published = [
@@ -118,8 +118,9 @@ def write_drift_reports(config: ProjectConfig) -> list[dict]:
     """Log an hour of January flights and an hour of July flights answered by version 2 and check
     both windows as the drift DAG does; returns the two summaries (calm first)."""
     with InferenceLog(config) as log:
-        for start, month in ((CALM, "2013-01"), (DRIFTED, "2013-07")):
-            rows = month_batch(month, ROWS, seed=1)
+        # July's window large enough for the calibrated check to tell the season from chance
+        for start, month, rows in ((CALM, "2013-01", ROWS), (DRIFTED, "2013-07", 10_000)):
+            rows = month_batch(month, rows, seed=1)
             log.append(rows, np.full(len(rows), 0.2, dtype="float32"), version=2, served_at=start + timedelta(minutes=30))
     return [check_window(config, start, start + timedelta(hours=1)) for start in (CALM, DRIFTED)]
 
