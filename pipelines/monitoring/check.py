@@ -29,7 +29,7 @@ from pipelines.lineage import Record, read_json, write_json
 from pipelines.metrics import Sample, emit
 from pipelines.monitoring import calibration
 from pipelines.monitoring.calibration import NullDistribution
-from pipelines.monitoring.drift import ColumnKind, DriftCheckError, calibrate, compare
+from pipelines.monitoring.drift import ColumnKind, DriftCheckError, calibrate, compare, draws_from_pool
 from pipelines.serving import repository
 from pipelines.serving.client import log_dir
 
@@ -69,7 +69,7 @@ def write_reference(train: Path, dataset: DatasetConfig, monitoring: MonitoringC
         "files": {REFERENCE_FILE: folder / REFERENCE_FILE, NULL_FILE: folder / NULL_FILE},
         "calibration": {
             "reference_rows": len(sample),
-            "pool_rows": len(pool) if len(pool) >= len(sample) else 0,
+            "pool_rows": len(pool) if draws_from_pool(len(sample), len(pool)) else 0,
             "draws": monitoring.null_draws,
             "sizes": [int(n) for n in next(iter(nulls.values())).sizes] if nulls else [],
             "seconds": round(time.perf_counter() - started, 3),

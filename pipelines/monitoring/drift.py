@@ -168,6 +168,12 @@ def _usable(values: pd.Series, kind: ColumnKind) -> tuple[np.ndarray, np.ndarray
     return values.to_numpy(dtype=object), values.notna().to_numpy()
 
 
+def draws_from_pool(reference_rows: int, pool_rows: int) -> bool:
+    """Whether ``calibrate`` draws its windows from the pool: one smaller than the reference would
+    add more noise of its own than it removes, and the reference is bootstrapped instead."""
+    return pool_rows >= reference_rows
+
+
 def calibrate(reference: pd.DataFrame, pool: pd.DataFrame, columns: Mapping[str, ColumnKind], smallest: int, draws: int, seed: int) -> dict[str, NullDistribution]:
     """The null of each numeric and categorical column of ``columns``: ``draws`` windows a size,
     from ``smallest`` rows doubling to 16 times the reference's, drawn from ``pool`` (rows of the
@@ -177,7 +183,7 @@ def calibrate(reference: pd.DataFrame, pool: pd.DataFrame, columns: Mapping[str,
     reference itself (``calibration``), which holds the rate on average over references, not for
     each one. ``DriftCheckError`` for a column without usable reference values."""
     rng = np.random.default_rng(seed)
-    bootstrap = len(pool) < len(reference)
+    bootstrap = not draws_from_pool(len(reference), len(pool))
     nulls = {}
     for column, kind in columns.items():
         if kind == ColumnKind.text:
