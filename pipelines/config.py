@@ -248,6 +248,15 @@ class TritonConfig(Strict):
     load_timeout_s: float = Field(default=120, gt=0)
 
 
+class InferenceLogConfig(Strict):
+    """How Triton's side writes the inference log: off the request path, in buffered parquet
+    chunks; a chunk is written when it holds ``flush_rows`` rows or is ``flush_seconds`` old,
+    and at model unload (a clean shutdown loses nothing; a crash at most one chunk)."""
+
+    flush_rows: int = Field(default=1000, ge=1, description="rows buffered before a chunk is written")
+    flush_seconds: float = Field(default=5.0, gt=0, description="longest a served row waits in the buffer")
+
+
 class ServingConfig(Strict):
     model_repository: Path = Path("model_repository")  # one Triton repository for every project
     profile: ServingProfile = ServingProfile.cpu
@@ -257,6 +266,7 @@ class ServingConfig(Strict):
     smoke_rows: int = Field(default=64, ge=1, description="real test rows sent to a new version before it serves")
     smoke_tolerance: float = Field(default=1e-5, gt=0)
     inference_log: Path = Path("inference_log")
+    log: InferenceLogConfig = InferenceLogConfig()
 
 
 class MetricsConfig(Strict):
@@ -321,6 +331,32 @@ class MonitoringConfig(Strict):
                 f"drift_share {self.drift_share:g}: no window could ever be dataset drift; use at least {needed - 1}"
             )
         return self
+
+
+class FeedbackConfig(Strict):
+    """Ground truth that comes back for served requests, keyed by request id (``pipelines.feedback``)."""
+
+    landing_dir: Path  # <name>.csv / .parquet files of request_id,label[,observed_at]
+    labelled_dir: Path  # the joined rows, day-partitioned by served_at like the inference log
+    archive_dir: Path  # feedback files once processed
+    quarantine_dir: Path  # rows (or whole files) refused, with the validation report
+    horizon_hours: float = Field(default=168, gt=0, description="a label observed later than this after its request is late")
+    land_batches: bool = Field(default=True, description="labelled production rows are landed as training batches")
+
+
+class PerformanceConfig(Strict):
+    """Realized and estimated performance of the served version per window (``pipelines.feedback.performance``)."""
+
+    window_hours: int = Field(default=24, ge=1, le=24 * 7, description="length of a performance window")
+    min_labels: int = Field(default=200, ge=10, description="fewer labelled rows in a window give no realized verdict")
+    false_alarm_rate: float = Field(default=0.01, gt=0, lt=0.5, description="chance a window without a drop is called degraded")
+    min_drop: float = Field(default=0.0, ge=0, description="least drop below the version's test metric that matters, at the interval's bound")
+    resamples: int = Field(default=1000, ge=100, description="bootstrap resamples of a window's labelled rows")
+    seed: int = 13
+    label_check_min_skill: float = Field(
+        default=0.25, ge=0, lt=1, description="a labelled batch on which the champion keeps less of its test skill than this share is held"
+    )
+    reports_dir: Path = Path("reports/performance")
 
 
 class FinetuneTask(str, Enum):
@@ -441,6 +477,8 @@ class ProjectConfig(Project):
     train: TrainConfig
     gate: GateConfig
     export: ExportConfig = ExportConfig()
+    feedback: FeedbackConfig
+    performance: PerformanceConfig = PerformanceConfig()
 
     @model_validator(mode="after")
     def _metric_fits_task(self) -> ProjectConfig:
@@ -547,6 +585,12 @@ def state_defaults(name: str, kind: ProjectKind) -> dict[str, Any]:
             },
             "split": {"output_dir": f"{data}/split"},
             "model": {"name": name},
+            "feedback": {
+                "landing_dir": f"landing/{name}/feedback",
+                "labelled_dir": f"feedback/{name}/labelled",
+                "archive_dir": f"feedback/{name}/archive",
+                "quarantine_dir": f"quarantine/{name}/feedback",
+            },
         }
     else:
         defaults["finetune"] = {
