@@ -109,7 +109,7 @@ def main() -> None:
     with throwaway_project(months, landed) as config:
         candidate = exported_candidate(config, max_epochs)
         # The same version twice: with dynamic batching (as published) and without (the baseline).
-        files = {"model.onnx": candidate / "model.onnx", "model.py": repository.BACKEND_MODEL}
+        files = {"model.onnx": candidate / "model.onnx", **repository.BACKEND_FILES}
         unbatched = config.model_copy(update={"model": config.model.model_copy(update={"name": config.model.name + "_unbatched"})})
         for project in (config, unbatched):
             version = repository.add_version(project.model_dir, files, {"bench": True})

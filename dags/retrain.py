@@ -2,24 +2,29 @@
 ### retrain__<project>
 
 One DAG per tabular project (`projects/<project>/params.yaml`), nightly and when that
-project's drift DAG emits its Asset `flywheel://<project>/drift_detected`: validate the batches
+project's drift DAG emits its Asset `flywheel://<project>/drift_detected` or its performance DAG
+`flywheel://<project>/performance_degraded`: validate the batches
 that landed, version the split with DVC, train a challenger, export it to ONNX
 (parity-checked), gate it against the served champion on the same test split, and publish it
 as a new Triton model version if it wins.
 
 * A batch that fails validation is moved to `quarantine/<project>/` with its report; the run
-  fails without retrying, so the failure pages someone. So does anything else a retry cannot
+  fails without retrying, so the failure pages someone. So does a batch whose labels fail the
+  label check (the champion keeps almost none of its test skill on them): it is held in
+  quarantine with the evidence until a run names it in `confirm_batches`. So does anything else a retry cannot
   fix (a config error, a missing column, a suite that does not parse): `pipelines.steps.run`.
 * A new version goes live in Triton only after a smoke test through tritonclient; one that
   fails is marked rejected, the served version keeps answering, and the run fails.
 * A challenger that loses is kept with its metrics; the run succeeds with the decision
   "not promoted" in the `publish` task's result and the run's lineage record.
-* Why a run ran (schedule, drift with its report, manual) is in its lineage record.
+* Why a run ran (schedule, drift with its report, a performance drop with its window, manual)
+  is in its lineage record.
 * A night with nothing new (the data version the last completed run trained on, no Param
   set) skips train, export, gate and publish; `needs_training`'s log says why.
 * `train` and `export` run on the `gpu` queue: on the CeleryExecutor only GPU workers take them.
 * **Params**: `force_publish` (with a `force_reason`) overrides the gate; `max_epochs` and
-  `learning_rate` override the project's params.yaml for this run.
+  `learning_rate` override the project's params.yaml for this run; `confirm_batches` names held
+  batches whose labels a person has checked, to be ingested without the label check.
 
 All logic is in `pipelines.steps`; this file only wires it.
 """
@@ -30,14 +35,15 @@ import pendulum
 from airflow.sdk import Asset, AssetOrTimeSchedule, CronTriggerTimetable, Param, dag, task
 
 from pipelines.config import GPU_QUEUE, ProjectKind, project_kinds, task_defaults
-from pipelines.steps import drift_asset
+from pipelines.steps import DRIFT_DETECTED, PERFORMANCE_DEGRADED, project_asset
 
 
 def retrain_dag(project: str):
     @dag(
         dag_id=f"retrain__{project}",
         schedule=AssetOrTimeSchedule(
-            timetable=CronTriggerTimetable("0 2 * * *", timezone="UTC"), assets=[Asset(drift_asset(project))]
+            timetable=CronTriggerTimetable("0 2 * * *", timezone="UTC"),
+            assets=Asset(project_asset(project, DRIFT_DETECTED)) | Asset(project_asset(project, PERFORMANCE_DEGRADED)),
         ),
         start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
         catchup=False,
@@ -50,6 +56,9 @@ def retrain_dag(project: str):
             "force_reason": Param("", type="string", maxLength=500, description="Why the gate is overridden (required with force_publish)."),
             "max_epochs": Param(None, type=["null", "integer"], minimum=1, maximum=500, description="Override train.max_epochs."),
             "learning_rate": Param(None, type=["null", "number"], exclusiveMinimum=0, maximum=1, description="Override train.learning_rate."),
+            "confirm_batches": Param(
+                [], type="array", items={"type": "string"}, description="Held batches (their names in quarantine) whose labels were checked: ingest them without the label check."
+            ),
         },
     )
     def retrain():
@@ -60,8 +69,8 @@ def retrain_dag(project: str):
             return steps.run(steps.check_params, project, params["force_publish"], params["force_reason"])
 
         @task
-        def validate():
-            return steps.run(steps.validate, project)
+        def validate(params=None):
+            return steps.run(steps.validate, project, list(params["confirm_batches"]))
 
         @task
         def version_data():
@@ -89,7 +98,7 @@ def retrain_dag(project: str):
         @task
         def publish(trained, decision, versioned, params=None, dag_run=None, triggering_asset_events=None):
             run_type = getattr(dag_run.run_type, "value", dag_run.run_type)
-            events = [e.extra for events in (triggering_asset_events or {}).values() for e in events]
+            events = [{"asset": e.asset.uri, "extra": e.extra} for events in (triggering_asset_events or {}).values() for e in events]
             run = steps.airflow_run(dag_run, steps.trigger(run_type, events))
             return steps.run(steps.publish, project, trained["candidate"], decision, versioned["data_version"], run, dict(params))
 

@@ -14,6 +14,9 @@ OUTPUT = "prediction"  # the output tensor of every tabular rendering
 # A classifier's second output: int32, 1 where prediction >= the threshold chosen on the validation
 # split (export.json["threshold"]), else 0. Versions exported before it have none.
 LABEL_OUTPUT = "label"
+# Each row's key, answered (string, shape (rows, 1)) and logged by the cpu rendering of a version
+# that logs: the request's id (the client's or one the server made), ``<id>/<i>`` for row i of several.
+REQUEST_ID = "request_id"
 CODES, NUMERIC = "categorical_codes", "numeric"  # the tensors between the lookup and the network
 
 # A fine-tuned text classifier's export.
@@ -32,7 +35,11 @@ REFERENCE_FILE = "reference.parquet"  # a seeded sample of a version's training 
 NULL_FILE = "drift_null.parquet"  # each monitored column's drift statistic under no drift, by window size
 REPORT_FILE = "report.html"  # Evidently's report of one window
 SUMMARY_FILE = "summary.json"  # a window's verdict, share and per-column tests
+# A version's test split as its model.onnx scored it at publish (features, truth, prediction):
+# what its production performance is compared with and estimated from (pipelines.feedback).
+PERFORMANCE_REFERENCE_FILE = "performance_reference.parquet"
 
 # Quarantine of a tabular batch.
 RESULT_FILE = "validation_result.json"
 DOCS_FILE = "data_docs.html"
+LABEL_CHECK_FILE = "label_check.json"  # why the label check held a batch that passed validation (pipelines.data.label_check)

@@ -30,7 +30,7 @@ def cmd_init(args: argparse.Namespace) -> None:
     )
     print("\n".join(profile.summary))
     print(f"\nwrote {folder / 'params.yaml'} and {folder / 'expectations.json'}; the project's DAGs appear at the next parse:")
-    print(f"  retrain__{args.project}, drift__{args.project}, rollback__{args.project}, revert_batch__{args.project}")
+    print(f"  retrain__{args.project}, drift__{args.project}, feedback__{args.project}, performance__{args.project}, rollback__{args.project}, revert_batch__{args.project}")
     print(f"land batches with `flywheel land {args.project} <file.csv|file.parquet>`")
 
 
@@ -38,6 +38,12 @@ def cmd_land(args: argparse.Namespace) -> None:
     from pipelines.data.ingest import land_file
 
     print(land_file(load_config(args.project).dataset, args.file))
+
+
+def cmd_land_feedback(args: argparse.Namespace) -> None:
+    from pipelines.feedback.labels import land_feedback
+
+    print(land_feedback(load_config(args.project), args.file))
 
 
 def cmd_replay(args: argparse.Namespace) -> None:
@@ -183,6 +189,11 @@ def main(argv: list[str] | None = None) -> None:
     land.add_argument("project")
     land.add_argument("file", type=Path)
     land.set_defaults(run=cmd_land)
+
+    land_feedback = commands.add_parser("land-feedback", help="land a file of ground truth (request_id,label[,observed_at]) for feedback__<project>")
+    land_feedback.add_argument("project")
+    land_feedback.add_argument("file", type=Path)
+    land_feedback.set_defaults(run=cmd_land_feedback)
 
     replay = commands.add_parser("replay", help="land months of the 2013 flights as batches of a project")
     replay.add_argument("project")

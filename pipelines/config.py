@@ -347,7 +347,7 @@ class FeedbackConfig(Strict):
 class PerformanceConfig(Strict):
     """Realized and estimated performance of the served version per window (``pipelines.feedback.performance``)."""
 
-    window_hours: int = Field(default=24, ge=1, le=24 * 7, description="length of a performance window")
+    window_hours: int = Field(default=24, ge=1, le=24, description="length of a performance window, a divisor of 24")
     min_labels: int = Field(default=200, ge=10, description="fewer labelled rows in a window give no realized verdict")
     false_alarm_rate: float = Field(default=0.01, gt=0, lt=0.5, description="chance a window without a drop is called degraded")
     min_drop: float = Field(default=0.0, ge=0, description="least drop below the version's test metric that matters, at the interval's bound")
@@ -357,6 +357,14 @@ class PerformanceConfig(Strict):
         default=0.25, ge=0, lt=1, description="a labelled batch on which the champion keeps less of its test skill than this share is held"
     )
     reports_dir: Path = Path("reports/performance")
+
+    @field_validator("window_hours")
+    @classmethod
+    def _whole_days(cls, hours: int) -> int:
+        # Windows aligned to UTC midnight, so every day is cut the same way and a cron fires at each end.
+        if 24 % hours:
+            raise ValueError(f"performance.window_hours {hours} must divide 24 (1, 2, 3, 4, 6, 8, 12 or 24)")
+        return hours
 
 
 class FinetuneTask(str, Enum):

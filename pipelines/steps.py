@@ -19,14 +19,25 @@ from pipelines.errors import NotRetryable
 from pipelines.lineage import Record
 
 T = TypeVar("T")
-# The Asset a project's drift DAG emits and its retrain DAG is scheduled on: one per project,
-# so drift in one project never retrains another's model.
-DRIFT_DETECTED = "drift_detected"
+# The Assets of a project (`flywheel://<project>/<event>`): one set per project, so drift or a
+# performance drop in one project never retrains another's model.
+DRIFT_DETECTED = "drift_detected"  # drift__<p> -> retrain__<p>
+PERFORMANCE_DEGRADED = "performance_degraded"  # performance__<p> -> retrain__<p>
+FEEDBACK_LANDED = "feedback_landed"  # anyone (the REST API) -> feedback__<p>, extra {"path": ...}
+LABELS_JOINED = "labels_joined"  # feedback__<p> -> performance__<p>, extra {"windows": [[start, end], ...]}
 FINETUNE_EXPORT_DIR = "export"
 
 
+def project_asset(project: str, event: str) -> str:
+    return f"flywheel://{project}/{event}"
+
+
 def drift_asset(project: str) -> str:
-    return f"flywheel://{project}/{DRIFT_DETECTED}"
+    return project_asset(project, DRIFT_DETECTED)
+
+
+def performance_asset(project: str) -> str:
+    return project_asset(project, PERFORMANCE_DEGRADED)
 
 
 def run(step: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -67,11 +78,12 @@ def check_params(project: str, force_publish: bool, force_reason: str | None) ->
     return {"force_publish": force_publish}
 
 
-def validate(project: str) -> Record:
-    """Validate new landing batches; passing ones join the raw data, failing ones go to quarantine."""
+def validate(project: str, confirmed: list[str] | None = None) -> Record:
+    """Validate new landing batches; passing ones join the raw data, failing ones go to quarantine,
+    batches whose labels fail the label check are held there, unless ``confirmed`` names them."""
     from pipelines.data.ingest import ingest_landing
 
-    return ingest_landing(load_config(project))
+    return ingest_landing(load_config(project), confirmed or ())
 
 
 def version_data(project: str) -> Record:
@@ -125,10 +137,13 @@ def gate(project: str, candidate: str, force_publish: bool, force_reason: str | 
     return evaluate(load_config(project), candidate, force_publish, force_reason)
 
 
-def trigger(run_type: str, drift_events: list[Record]) -> Record:
-    """Why a run ran, for its lineage: the schedule, drift (with its reports), or a person."""
+def trigger(run_type: str, events: list[Record]) -> Record:
+    """Why a run ran, for its lineage: the schedule, drift (with its reports), a performance drop
+    (with its window), or a person. ``events``: ``{"asset": uri, "extra": ...}`` of the Asset events
+    that started it."""
     if run_type == "asset_triggered":
-        return {"kind": "drift", "events": drift_events}
+        kinds = sorted({"performance" if e["asset"].endswith(f"/{PERFORMANCE_DEGRADED}") else "drift" for e in events})
+        return {"kind": "+".join(kinds) or "drift", "events": [e["extra"] for e in events]}
     return {"kind": {"scheduled": "schedule"}.get(run_type, run_type)}
 
 
@@ -175,6 +190,78 @@ def drift_decide(project: str, summary: Record, last_trigger_at: str | None, ret
             "columns": summary["drifted_columns"],
         }
     return decision
+
+
+# --- feedback__<project> and performance__<project> ------------------------------------------
+
+
+def feedback_land(project: str, paths: list[str]) -> Record:
+    """Land the label files an Asset event or the run's ``path`` Param names (relative to the
+    deployment home, or absolute) into the project's feedback landing folder."""
+    from pipelines.feedback.labels import land_feedback
+
+    config = load_config(project)
+    return {"landed": [config.portable(land_feedback(config, config.path(Path(path)))) for path in paths]}
+
+
+def feedback_join(project: str) -> Record:
+    """Validate the landed label files and join them to the inference log (``ingest_feedback``).
+    A file refused whole does not stop the others: it is reported in ``refused`` for
+    ``feedback_refused`` to fail on, after the joined labels were announced and landed."""
+    from pipelines.feedback.labels import FeedbackFileError, ingest_feedback
+
+    try:
+        return ingest_feedback(load_config(project))
+    except FeedbackFileError as error:
+        return {**error.summary, "error": str(error)}
+
+
+def feedback_land_production(project: str, joined: Record) -> Record:
+    """Land the rows ``joined`` labelled as training batches, when ``feedback.land_batches``."""
+    from pipelines.feedback.production import land_labelled
+
+    config = load_config(project)
+    if not config.feedback.land_batches:
+        return {"batches": [], "reason": "feedback.land_batches is off"}
+    return {"batches": [land_labelled(config, datetime.fromisoformat(start), datetime.fromisoformat(end)) for start, end in joined["windows"]]}
+
+
+def feedback_refused(joined: Record) -> Record:
+    """``NotRetryable`` with the join's message when it refused a label file whole; else the refused rows' counts."""
+    if joined.get("error"):
+        raise NotRetryable(joined["error"])
+    return {"quarantined": joined.get("quarantined", {})}
+
+
+def performance_check(project: str, start: str | None, end: str, events: list[Record]) -> list[Record]:
+    """The performance summary of each window to check: those the Asset ``events`` of
+    ``feedback__<p>`` name (windows that got labels), else the run's data interval ``[start, end)``
+    (no start: the window before ``end``)."""
+    from pipelines.feedback.performance import evaluate_window
+
+    config = load_config(project)
+    windows = sorted({tuple(w) for event in events for w in event.get("windows", [])})
+    if not windows:
+        until = datetime.fromisoformat(end)
+        windows = [(start or (until - timedelta(hours=config.performance.window_hours)).isoformat(), end)]
+    return [evaluate_window(config, datetime.fromisoformat(a), datetime.fromisoformat(b)) for a, b in windows]
+
+
+def performance_decide(project: str, summaries: list[Record], last_trigger_at: str | None, retrains_active: int, run_type: str) -> Record:
+    """Whether a degraded window should start a retrain; the event's extra when it should."""
+    from pipelines.feedback.performance import decide
+
+    config = load_config(project)
+    degraded = [s for s in summaries if s.get("degraded")]
+    summary = degraded[-1] if degraded else (summaries[-1] if summaries else {"status": "no_verdict", "reason": "no window checked"})
+    return decide(
+        config,
+        summary,
+        datetime.fromisoformat(last_trigger_at) if last_trigger_at else None,
+        retrains_active,
+        run_type,
+        datetime.now(timezone.utc),
+    )
 
 
 # --- rollback__<project> --------------------------------------------------------------------

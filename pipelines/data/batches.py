@@ -5,7 +5,9 @@ happened to each batch, a lock on the raw data, and taking a batch back.
   archive, unique even when a batch of the same name is sent twice).
 * ``artifacts/<project>/batches.jsonl`` is the ledger: one line per event (``ingested``,
   ``versioned``: the data version that first holds it, ``reverted``: why, by whom, how many
-  rows). ``flywheel batches <project>`` reads it with the raw data.
+  rows; ``held``: a batch the label check kept out of the raw data, with its evidence and
+  quarantine folder; ``confirmed``: a held batch a person sent on). ``flywheel batches
+  <project>`` reads it with the raw data.
 * ``data_lock`` serialises what rewrites or reads the raw data as a whole (ingestion, the DVC
   split, a revert) across processes on one machine or a shared home: a revert that meets a
   running retrain waits, then refuses naming the holder.
@@ -86,12 +88,27 @@ def _ledger(config: ProjectConfig) -> dict[str, Record]:
     return batches
 
 
+def held_batches(config: ProjectConfig) -> dict[str, Record]:
+    """The batches the label check holds for review and no one has confirmed yet, by the name
+    they landed with: the ``held`` event of each (``quarantine``: its folder, relative to the
+    home; ``rows``; ``label_check``: the evidence). From the ledger alone."""
+    held: dict[str, Record] = {}
+    for event in events(config):
+        if event["event"] == "held":
+            held[event["batch"]] = event
+        elif event["event"] == "confirmed":
+            held.pop(event["batch"], None)
+    return held
+
+
 def list_batches(config: ProjectConfig) -> list[Record]:
     """Every batch ingested, oldest first: ``batch`` (its archived file name), ``source`` (its
     name when it landed), ``ingested_at``, ``rows_ingested``, ``rows`` (in the raw data now),
     ``data_version`` (of the raw data that first held it; None until versioned) and ``status``:
     ``in raw``, ``replaced`` (a later batch re-sent every one of its rows) or ``reverted`` (with
-    the reason and time)."""
+    the reason and time). Then the batches held for review (``held_batches``), never in the raw
+    data: ``batch`` and ``source`` their landed name, ``status`` ``held``, ``held_at`` and
+    ``quarantine``."""
     batches = _ledger(config)
     raw = config.dataset.raw_path
     if batches and raw.exists() and BATCH in pq.read_schema(raw).names:
@@ -100,7 +117,14 @@ def list_batches(config: ProjectConfig) -> list[Record]:
             entry["rows"] = int(counts.get(name, 0))
             if entry["rows"] == 0 and entry["status"] == "in raw":
                 entry["status"] = "replaced"
-    return list(batches.values())
+    held = [
+        {
+            "batch": name, "source": name, "held_at": event["time"], "rows_ingested": 0, "rows": 0,
+            "data_version": None, "status": "held", "quarantine": event["quarantine"],
+        }
+        for name, event in held_batches(config).items()
+    ]
+    return [*batches.values(), *held]
 
 
 def reverted_sources(config: ProjectConfig) -> dict[str, str]:

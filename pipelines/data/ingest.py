@@ -7,7 +7,11 @@ steps read it (``pipelines.data.schema``):
 * a passing batch is appended to the raw dataset, typed, de-duplicated by id (a re-sent row
   replaces the older copy), then moved to the archive;
 * a failing, unreadable or unparseable batch is moved into its own folder in quarantine, with the
-  validation result and its Data Docs page. Nothing is deleted.
+  validation result and its Data Docs page. Nothing is deleted;
+* while a version is served, a passing batch is first scored by it (``pipelines.data.label_check``):
+  one on whose labels it keeps implausibly little of its test skill (shuffled, shifted or
+  mis-joined labels) is held for review in its own quarantine folder with the evidence
+  (``label_check.json``) instead of joining the raw data, until a run confirms it by name.
 
 The raw dataset is rewritten atomically before the batch leaves landing, so a crash at any
 point leaves the batch in landing and the next run redoes it without duplicating rows.
@@ -15,24 +19,28 @@ point leaves the batch in landing and the next run redoes it without duplicating
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
+from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 
 import pandas as pd
 import pyarrow.parquet as pq
 
-from pipelines.artifacts import DOCS_FILE, RESULT_FILE
+from pipelines.artifacts import DOCS_FILE, LABEL_CHECK_FILE, RESULT_FILE
 from pipelines.config import BATCH, ROW_ID, DatasetConfig, FeatureType, MetricsConfig, ProjectConfig
-from pipelines.data.batches import LOCK_WAIT_S, data_lock, reverted_sources
+from pipelines.data import label_check
+from pipelines.data.batches import LOCK_WAIT_S, data_lock, held_batches, reverted_sources
 from pipelines.data.batches import record as record_batch
 from pipelines.data.schema import read_batch_file, typed
 from pipelines.data.validation import BatchValidator, Outcome
 from pipelines.errors import NotRetryable
 from pipelines.lineage import Record, write_json
 from pipelines.metrics import Sample, emit
+from pipelines.serving.repository import served_version
 
 log = logging.getLogger(__name__)
 BATCH_SUFFIXES = (".csv", ".parquet")
@@ -163,15 +171,64 @@ def quarantine(dataset: DatasetConfig, batch: Path, result: Record, docs_page: P
     return folder
 
 
-def ingest_landing(config: ProjectConfig) -> Record:
-    """Validate every complete batch in landing; returns the batches seen, passed and
-    quarantined, the rows ingested and quarantined, and the raw dataset's rows. Raises
-    ``BatchValidationError`` after handling all of them if any failed (the passing ones are
-    ingested all the same); ``SuiteError`` for a broken suite, before any batch moves."""
+def hold(dataset: DatasetConfig, batch: Path, evidence: Record) -> Path:
+    """Move ``batch`` into its own folder of the quarantine with the label check's ``evidence``
+    (``label_check.json``); returns the folder. The evidence first, then the batch, as ``quarantine``."""
+    folder = quarantine_folder(dataset.quarantine_dir, batch)
+    write_json(folder / LABEL_CHECK_FILE, evidence)
+    move_into(batch, folder)
+    return folder
+
+
+def return_confirmed(config: ProjectConfig, confirmed: Sequence[str]) -> dict[str, str]:
+    """Move the held batches that ``confirmed`` names (as they landed) from their quarantine
+    folders back into landing, each confirmation recorded in the ledger; returns the landed name
+    of each (``x.2.csv`` where landing holds another ``x.csv``) -> the name confirmed. A batch an
+    earlier run already moved back is found in landing. ``NotRetryable`` naming the held batches,
+    before anything moves, for a name that is neither held nor in landing, or whose file left its
+    folder. Call it holding the data lock."""
+    landing, held = config.dataset.landing_dir, held_batches(config)
+    unknown = [name for name in confirmed if name not in held and not (landing / name).is_file()]
+    if unknown:
+        raise NotRetryable(f"project {config.name}: confirmed batches {unknown} are not held for review; the batches held are {sorted(held) or 'none'}")
+    returned: dict[str, str] = {}
+    for name in dict.fromkeys(confirmed):
+        folder = config.path(Path(held[name]["quarantine"])) if name in held else None
+        if folder is not None and (folder / name).is_file():
+            landing.mkdir(parents=True, exist_ok=True)
+            landed = Path(shutil.move(folder / name, free_name(landing, name)))
+        elif (landing / name).is_file():
+            landed = landing / name  # moved back by an earlier run that stopped before ingesting it
+        else:
+            raise NotRetryable(f"project {config.name}: held batch {name} is no longer in its quarantine folder {folder}, nor in {landing}")
+        if name in held:
+            record_batch(config, "confirmed", batch=name, quarantine=held[name]["quarantine"], landed_as=landed.name)
+        returned[landed.name] = name
+        log.warning("%s: held by the label check, confirmed: ingested without it as %s", name, landed.name)
+    return returned
+
+
+def ingest_landing(config: ProjectConfig, confirmed: Sequence[str] = ()) -> Record:
+    """Validate every complete batch in landing; returns the batches seen, passed, quarantined
+    and held (by the label check), the rows of each, each batch's label check in a line
+    (``label_checks``) and the raw dataset's rows. Raises ``BatchValidationError`` after handling
+    all of them if any failed or was held (the passing ones are ingested all the same);
+    ``SuiteError`` for a broken suite, before any batch moves.
+
+    ``confirmed``: names (as they landed) of batches held before whose labels a person has
+    checked: they are moved back from quarantine into landing first (``return_confirmed``), then
+    validated as any batch and ingested without the label check."""
     dataset = config.dataset
     landing = dataset.landing_dir
+    returned: dict[str, str] = {}
+    if confirmed:
+        with data_lock(config.data_dir, f"confirmation of {list(confirmed)}", LOCK_WAIT_S):
+            returned = return_confirmed(config, confirmed)
     batches = sorted(p for p in landing.iterdir() if p.is_file() and p.suffix.lower() in BATCH_SUFFIXES) if landing.is_dir() else []
-    summary: Record = {"batches": [b.name for b in batches], "passed": [], "quarantined": [], "rows_ingested": 0, "rows_quarantined": 0}
+    summary: Record = {
+        "batches": [b.name for b in batches], "passed": [], "quarantined": [], "held": [], "confirmed": sorted(returned),
+        "rows_ingested": 0, "rows_quarantined": 0, "rows_held": 0, "label_checks": {},
+    }
     if not batches:
         log.info("No new batches in %s", landing)
         return {**summary, "raw_rows": raw_rows(dataset)}
@@ -180,7 +237,10 @@ def ingest_landing(config: ProjectConfig) -> Record:
     with data_lock(config.data_dir, f"ingestion of {[b.name for b in batches]}", LOCK_WAIT_S):
         validator = BatchValidator(dataset, config.home)  # a broken suite stops here, before any batch moves
         reverted = reverted_sources(config)  # the ledger alone: no read of the raw data
+        served = served_version(config.model_dir)
+        champion = config.model_dir / str(served) if served is not None else None
         problems: list[str] = []
+        held: list[str] = []
         for batch in batches:
             frame = read_batch(batch, dataset.columns)
             if isinstance(frame, str):
@@ -204,10 +264,23 @@ def ingest_landing(config: ProjectConfig) -> Record:
                     outcome = Outcome(False, result, [*unparsed, *outcome.failures], outcome.docs_page)
 
             if outcome.success and not isinstance(frame, str):
+                if batch.name in returned:
+                    evidence: Record = {"status": label_check.CONFIRMED, "reason": f"{returned[batch.name]} was held by it, then confirmed"}
+                else:
+                    evidence = label_check.check(dataset, config.performance, champion, frame)
+                summary["label_checks"][batch.name] = label_check.describe(evidence)
+                if evidence["status"] == label_check.HELD:
+                    folder = hold(dataset, batch, {"batch": batch.name, **evidence})
+                    record_batch(config, "held", batch=batch.name, rows=rows, quarantine=config.portable(folder), label_check=evidence)
+                    summary["held"].append(batch.name)
+                    summary["rows_held"] += rows
+                    held.append(f"- {batch.name} -> {folder} ({LABEL_CHECK_FILE})\n    {label_check.describe(evidence)}")
+                    log.error("%s passed validation but is held for review: %s", batch.name, label_check.describe(evidence))
+                    continue
                 archived = free_name(dataset.archive_dir, batch.name)  # the batch's name in the raw data and the ledger
                 total = append_to_raw(dataset, frame, archived.name)
                 move_into(batch, dataset.archive_dir)  # to `archived`: the data lock keeps other writers out
-                record_batch(config, "ingested", batch=archived.name, source=batch.name, rows=rows)
+                record_batch(config, "ingested", batch=archived.name, source=batch.name, rows=rows, label_check=evidence)
                 if batch.name in reverted:
                     log.warning("%s was reverted before (%s); it is ingested again as %s", batch.name, reverted[batch.name], archived.name)
                 summary["passed"].append(batch.name)
@@ -224,11 +297,22 @@ def ingest_landing(config: ProjectConfig) -> Record:
 
     summary["raw_rows"] = raw_rows(dataset)
     report(config.metrics, config.identity, summary)  # before raising, so a quarantine reaches Prometheus
-    if problems:
-        message = (
-            f"{len(problems)} of {len(batches)} landing batch(es) failed validation against "
-            f"{dataset.expectation_suite} and were moved to quarantine:\n" + "\n".join(problems)
-        )
+    if problems or held:
+        parts = []
+        if problems:
+            parts.append(
+                f"{len(problems)} of {len(batches)} landing batch(es) failed validation against "
+                f"{dataset.expectation_suite} and were moved to quarantine:\n" + "\n".join(problems)
+            )
+        if held:
+            parts.append(
+                f"{len(held)} of {len(batches)} landing batch(es) passed validation but were held for review: the served "
+                "model keeps implausibly little of its test skill on their labels (shuffled, shifted or mis-joined labels?):\n"
+                + "\n".join(held)
+                + f"\nIf their labels are right, ingest them without the check: trigger retrain__{config.name} with the Param "
+                f"confirm_batches {json.dumps(summary['held'])}"
+            )
+        message = "\n".join(parts)
         if summary["passed"]:
             message += f"\nBatches that passed were ingested: {summary['passed']}"
         raise BatchValidationError(message, summary)
@@ -238,12 +322,13 @@ def ingest_landing(config: ProjectConfig) -> Record:
 def report(metrics: MetricsConfig, identity: dict[str, str], summary: Record) -> None:
     """Rows and batches that passed or were quarantined in this run (``summary``, as
     ``ingest_landing`` returns it), for Prometheus, labelled with the project's ``identity``.
+    Batches the label check held count as quarantined (they are, and the run fails the same way).
     Only a run that validated batches reports (like a drift check with a verdict): an empty
     landing leaves the previous verdict in place. A metrics outage is logged, never the run's failure."""
     samples = []
     for result, rows, batches in (
         ("passed", summary["rows_ingested"], summary["passed"]),
-        ("quarantined", summary["rows_quarantined"], summary["quarantined"]),
+        ("quarantined", summary["rows_quarantined"] + summary["rows_held"], summary["quarantined"] + summary["held"]),
     ):
         samples.append(Sample("flywheel_validation_rows", "Rows of the latest ingestion run's batches, by validation result.", float(rows), {"result": result}))
         samples.append(Sample("flywheel_validation_batches", "Batches of the latest ingestion run, by validation result.", float(len(batches)), {"result": result}))

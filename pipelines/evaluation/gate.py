@@ -67,7 +67,7 @@ def predict_onnx(model_file: Path, frame: pd.DataFrame) -> np.ndarray:
     feeds = {}
     for spec in session.get_inputs():
         if spec.name not in frame.columns:
-            raise KeyError(f"{model_file} needs column {spec.name!r}, which the test split does not have")
+            raise KeyError(f"{model_file} needs column {spec.name!r}, which the rows to score do not have")
         column = frame[spec.name]
         values = column.astype(str).to_numpy(object) if spec.type == "tensor(string)" else column.to_numpy("float32")
         feeds[spec.name] = values.reshape(-1, 1)

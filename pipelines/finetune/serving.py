@@ -3,14 +3,21 @@
 Layout in the model repository, for ``finetune.model_name`` (say ``reviews_sentiment``)::
 
     reviews_sentiment/config.pbtxt              ensemble: text -> tokenizer -> classifier -> label, scores
+                                                (-> log -> request_id)
     reviews_sentiment/<N>/lineage.json          where version N came from
     reviews_sentiment_tokenizer/<N>/model.py    Python backend (pipelines/serving/backend/tokenizer.py)
     reviews_sentiment_tokenizer/<N>/tokenizer/  the exported tokenizer, and serving.json
     reviews_sentiment_classifier/<N>/model.onnx the exported graph (model.py beside it: cpu profile)
+    reviews_sentiment_log/<N>/model.py          the logging step (pipelines/serving/backend/log_step.py)
 
-The three folders of a version share its number N, and the ensemble's steps pin
-``model_version: N``, so one served version is one consistent tokenizer and classifier. The
-ensemble's version folder is written last: a version exists once its lineage does.
+The folders of a version share its number N, and the ensemble's steps pin ``model_version: N``,
+so one served version is one consistent tokenizer and classifier. The ensemble's version folder
+is written last: a version exists once its lineage does.
+
+Every answered text is logged by the server, whatever the client: the logging step gets the
+text, label and scores, writes them to ``<serving.inference_log>/<model>`` (keyed by
+``request_id``, as a tabular model's rows) and answers the keys. A version published before the
+step has none, and is served without it (nothing logged).
 
 Going live, rollback, rejection and the serving history are ``pipelines.serving.live``'s, the
 same as for a tabular model; ``text_unit`` is this kind's adapter: the composing models hold
@@ -33,12 +40,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 import numpy.typing as npt
 
-from pipelines.artifacts import INPUTS, LABEL, LINEAGE_FILE, MODEL_FILE, REFERENCE_FILE, SCORES, SERVING_FILE, TEXT, TOKENIZER_DIR
-from pipelines.config import FinetuneConfig, MonitoringConfig, ServingConfig, TextProjectConfig
+from pipelines.artifacts import INPUTS, LABEL, LINEAGE_FILE, MODEL_FILE, REFERENCE_FILE, REQUEST_ID, SCORES, SERVING_FILE, TEXT, TOKENIZER_DIR
+from pipelines.config import FinetuneConfig, MonitoringConfig, ServingConfig, ServingProfile, TextProjectConfig
 from pipelines.finetune.export import predict_folder
 from pipelines.lineage import Record, read_json
 from pipelines.serving import live, repository
-from pipelines.serving.client import InferenceLog
 
 if TYPE_CHECKING:  # untyped packages: Any to mypy
     from tritonclient.grpc.model_config_pb2 import ModelConfig
@@ -46,8 +52,10 @@ if TYPE_CHECKING:  # untyped packages: Any to mypy
 
 log = logging.getLogger(__name__)
 TOKENIZER_BACKEND = repository.BACKEND_MODEL.parent / "tokenizer.py"
+LOG_STEP_BACKEND = repository.BACKEND_MODEL.parent / "log_step.py"
 # The ensemble's composing models, in order: ``<model>_<step>`` beside it (``repository.step_dir``).
 STEPS = ("tokenizer", "classifier")
+LOG_STEP = "log"  # the step after them that logs what the ensemble answered, in versions that have it
 
 # ``model_dir`` below is the ensemble's folder in the model repository (a project's
 # ``served_model_dir``): its name is the served model's, its steps (``STEPS``) lie beside it.
@@ -121,14 +129,47 @@ def classifier_config(model_dir: Path, serving: ServingConfig, served: list[int]
     return repository.place(rendering, serving.profile)
 
 
-def ensemble_config(model_dir: Path, serving: ServingConfig, version: int) -> ModelConfig:
-    """The served model: text -> tokenizer -> classifier, both steps pinned to ``version``."""
+def has_log_step(model_dir: Path, serving: ServingConfig, version: int) -> bool:
+    """Whether ``version`` is served with the logging step: in the cpu profile (the gpu one, NVIDIA's
+    image, has no pyarrow in its Python backend and logs nothing, as a tabular model's), where it
+    has one (versions published before it have none)."""
+    return serving.profile == ServingProfile.cpu and (repository.step_dir(model_dir, LOG_STEP) / str(version) / "model.py").is_file()
+
+
+def log_step_config(model_dir: Path, serving: ServingConfig, served: list[int]) -> ModelConfig | None:
+    """The logging step, holding those of ``served`` that have it (None: none has): Python backend
+    on the CPU, the ensemble's text and the classifier's answers in; the answers passed through,
+    and each row's key, out. It logs as the ensemble (``repository.log_parameters``)."""
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    logged = [v for v in served if has_log_step(model_dir, serving, v)]
+    if not logged:
+        return None
+    _, labels = _shape(model_dir, logged)
+    answers = [(LABEL, mc.TYPE_STRING, [1]), (SCORES, mc.TYPE_FP32, [labels])]
+    rendering = _batched(serving, repository.step_dir(model_dir, LOG_STEP).name, logged)
+    rendering.backend = "python"
+    rendering.input.extend(mc.ModelInput(name=name, data_type=kind, dims=dims) for name, kind, dims in [(TEXT, mc.TYPE_STRING, [1]), *answers])
+    rendering.output.extend(mc.ModelOutput(name=name, data_type=kind, dims=dims) for name, kind, dims in [*answers, (REQUEST_ID, mc.TYPE_STRING, [1])])
+    rendering.instance_group.append(mc.ModelInstanceGroup(kind=mc.ModelInstanceGroup.KIND_CPU, count=1))
+    for name, value in repository.log_parameters(serving, model_dir.name).items():
+        rendering.parameters[name].string_value = value
+    return rendering
+
+
+def ensemble_config(model_dir: Path, serving: ServingConfig, version: int, logged: bool = True) -> ModelConfig:
+    """The served model: text -> tokenizer -> classifier, both steps pinned to ``version``; then,
+    for a version with the logging step and ``logged`` (the smoke test's is not), the log step,
+    which answers the classifier's label and scores and each row's key (``request_id``)."""
     from tritonclient.grpc import model_config_pb2 as mc
 
     _, labels = _shape(model_dir, [version])
     tokenizer, classifier = (repository.step_dir(model_dir, step).name for step in STEPS)
     tensors = {name: name for name in INPUTS}
-    return mc.ModelConfig(
+    logs = logged and has_log_step(model_dir, serving, version)
+    # With the log step, the classifier's answers go through it, so no request skips it.
+    answered = {SCORES: f"classifier_{SCORES}", LABEL: f"classifier_{LABEL}"} if logs else {SCORES: SCORES, LABEL: LABEL}
+    rendering = mc.ModelConfig(
         name=model_dir.name,
         platform="ensemble",
         max_batch_size=serving.max_batch_size,
@@ -138,12 +179,16 @@ def ensemble_config(model_dir: Path, serving: ServingConfig, version: int) -> Mo
         ensemble_scheduling=mc.ModelEnsembling(
             step=[
                 mc.ModelEnsembling.Step(model_name=tokenizer, model_version=version, input_map={TEXT: TEXT}, output_map=tensors),
-                mc.ModelEnsembling.Step(
-                    model_name=classifier, model_version=version, input_map=tensors, output_map={SCORES: SCORES, LABEL: LABEL}
-                ),
+                mc.ModelEnsembling.Step(model_name=classifier, model_version=version, input_map=tensors, output_map=answered),
             ]
         ),
     )
+    if logs:
+        log_step = repository.step_dir(model_dir, LOG_STEP).name
+        step = mc.ModelEnsembling.Step(model_name=log_step, model_version=version, input_map={TEXT: TEXT, **answered}, output_map={name: name for name in (LABEL, SCORES, REQUEST_ID)})
+        rendering.ensemble_scheduling.step.append(step)
+        rendering.output.append(mc.ModelOutput(name=REQUEST_ID, data_type=mc.TYPE_STRING, dims=[1]))
+    return rendering
 
 
 # --- versions ---------------------------------------------------------------------------
@@ -159,11 +204,13 @@ def add_version(model_dir: Path, folder: Path, lineage: Record) -> int:
     if missing:
         raise FileNotFoundError(f"{folder}: not an exported classifier, missing {missing} (pipelines.finetune.export.export_classifier writes them)")
     tokenizer_dir, classifier_dir = (repository.step_dir(model_dir, step) for step in STEPS)
-    version = repository.next_version(model_dir, tokenizer_dir, classifier_dir)
+    version = repository.next_version(model_dir, tokenizer_dir, classifier_dir, repository.step_dir(model_dir, LOG_STEP))
     tokenizer_files = {"model.py": TOKENIZER_BACKEND, TOKENIZER_DIR: folder / TOKENIZER_DIR, SERVING_FILE: folder / SERVING_FILE}
     repository.add_version(tokenizer_dir, tokenizer_files, None, version)
-    classifier_files = {MODEL_FILE: folder / MODEL_FILE, "model.py": repository.BACKEND_MODEL}
+    classifier_files = {MODEL_FILE: folder / MODEL_FILE, **repository.BACKEND_FILES}
     repository.add_version(classifier_dir, classifier_files, None, version)
+    log_files = {"model.py": LOG_STEP_BACKEND, repository.BACKEND_LOG.name: repository.BACKEND_LOG}
+    repository.add_version(repository.step_dir(model_dir, LOG_STEP), log_files, None, version)
     # The drift reference of the version (finetune_publish writes it beside the export).
     reference = {REFERENCE_FILE: folder / REFERENCE_FILE} if (folder / REFERENCE_FILE).is_file() else {}
     return repository.add_version(model_dir, reference, lineage, version)
@@ -218,7 +265,7 @@ def text_unit(config: TextProjectConfig) -> live.ServedUnit:
         return ensemble_config(model_dir, serving, version)
 
     def steps(served: list[int]) -> dict[Path, ModelConfig | None]:
-        renderers = zip(STEPS, (tokenizer_config, classifier_config))
+        renderers = zip((*STEPS, LOG_STEP), (tokenizer_config, classifier_config, log_step_config))
         return {repository.step_dir(model_dir, step): render(model_dir, serving, served) if served else None for step, render in renderers}
 
     def smoke(client: InferenceServerClient, version: int) -> float:
@@ -249,7 +296,7 @@ def smoke_test(model_dir: Path, serving: ServingConfig, tolerance: float, client
 
     name = model_dir.name
     smoke = name + live.SMOKE_SUFFIX
-    rendering = ensemble_config(model_dir, serving, version)
+    rendering = ensemble_config(model_dir, serving, version, logged=False)  # test texts are not traffic
     rendering.name = smoke
     rendering.version_policy.specific.versions[:] = [1]
     lineage = (model_dir / str(version) / LINEAGE_FILE).read_bytes()
@@ -293,14 +340,12 @@ def infer(client: InferenceServerClient, protocol: ModuleType, model: str, texts
 
 
 def classify(config: TextProjectConfig, texts: list[str], url: str | None = None, protocol: str = "http") -> tuple[list[str], npt.NDArray[np.float32]]:
-    """Labels and scores of the project's served text classifier for raw ``texts``; the texts,
-    labels and answering version are appended to the inference log, for the drift check.
+    """Labels and scores of the project's served text classifier for raw ``texts`` (Triton logs
+    them, for the drift check).
 
     ``url`` defaults to ``serving.triton.url`` (Triton's HTTP endpoint); pass its gRPC one with
     ``protocol="grpc"``.
     """
-    import pandas as pd
-
     if protocol == "http":
         import tritonclient.http as module
     elif protocol == "grpc":
@@ -308,7 +353,5 @@ def classify(config: TextProjectConfig, texts: list[str], url: str | None = None
     else:
         raise ValueError(f"protocol {protocol!r}: expected 'http' or 'grpc'")
     with module.InferenceServerClient(url or config.serving.triton.url) as client:
-        labels, scores, version = infer(client, module, config.finetune.model_name, texts)
-    with InferenceLog(config) as log:
-        log.append(pd.DataFrame({TEXT: texts}), np.array(labels, dtype=object), version)
+        labels, scores, _ = infer(client, module, config.finetune.model_name, texts)
     return labels, scores

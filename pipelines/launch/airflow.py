@@ -369,6 +369,16 @@ class LocalAirflow:
         body = TriggerDAGRunPostBody(logical_date=logical_date, conf=conf, dag_run_id=run_id)
         return str(self._api("DagRunApi", "trigger_dag_run", dag_id, body)["dag_run_id"])
 
+    def emit_asset_event(self, uri: str, extra: dict[str, Any]) -> dict[str, Any]:
+        """``POST /api/v2/assets/events``: an event of the Asset ``uri`` with ``extra``, as any
+        authorised client may send it (it starts the DAGs scheduled on that Asset)."""
+        from airflow_client.client.models.create_asset_events_body import CreateAssetEventsBody
+
+        assets = [a for a in self._api("AssetApi", "get_assets", uri_pattern=uri)["assets"] if a["uri"] == uri]
+        if not assets:
+            raise AirflowApiError("create_asset_event", self.base_url, 404, f"no Asset {uri}: is a DAG scheduled on it parsed?")
+        return self._api("AssetApi", "create_asset_event", CreateAssetEventsBody(asset_id=assets[0]["id"], extra=extra))
+
     def unpause(self, dag_id: str) -> None:
         """Let the scheduler create runs of ``dag_id`` (its schedule, its Assets)."""
         from airflow_client.client.models.dag_patch_body import DAGPatchBody

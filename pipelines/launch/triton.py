@@ -17,8 +17,10 @@ loads it, so a version goes live only after its smoke test.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -37,6 +39,7 @@ log = logging.getLogger(__name__)
 
 BACKEND_ENV = Path(sys.prefix) / "triton-python"  # made by `make install`
 RUNTIME_DIR = ".triton"  # in the project home: backends, logs
+SHARED_MEMORY = re.compile(r"/dev/shm/triton_python_backend_shm_region_\S+")  # a stub's, and its server's
 
 
 def _bundled() -> Path:
@@ -77,8 +80,11 @@ def server_env() -> dict[str, str]:
 class TritonServer:
     """``tritonserver`` on the project's model repository, loopback ports from ``serving.triton``."""
 
-    def __init__(self, config: Deployment, host: str = "127.0.0.1") -> None:
+    def __init__(self, config: Deployment, host: str = "127.0.0.1", exit_timeout_s: int = 30) -> None:
         self.config = config
+        # How long a stopping Triton serves the client connections still open, then waits for
+        # the models to unload, before it exits regardless (Triton's --exit-timeout-secs).
+        self.exit_timeout_s = exit_timeout_s
         self.repository = config.serving.model_repository
         self.runtime = config.home / RUNTIME_DIR
         self.log_file = self.runtime / "tritonserver.log"
@@ -134,6 +140,7 @@ class TritonServer:
             # Ready means "up": a version that failed its load must not make the whole server unready.
             "--strict-readiness=false",
             "--log-verbose=0",
+            f"--exit-timeout-secs={self.exit_timeout_s}",
         ]
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         with self.log_file.open("ab") as out:
@@ -159,16 +166,25 @@ class TritonServer:
                     log.info("loaded %s version %s", model_dir.name, repository.served_version(model_dir))
         log.info("Triton ready on %s (gRPC %d, metrics %d)", self.url, self.ports.grpc_port, self.ports.metrics_port)
 
-    def stop(self, timeout: float = 40) -> None:
+    def stop(self, timeout: float | None = None) -> None:
+        """SIGTERM to the server's process group, its Python-backend stubs included (whose
+        inference logs then write each answered row before answering it: ``backend/model.py``);
+        SIGKILL if it has not exited after ``timeout`` seconds (default: its exit timeout + 10)."""
         proc, self._proc = self._proc, None
         if proc is None or proc.poll() is not None:
             return
+        timeout = self.exit_timeout_s + 10 if timeout is None else timeout
         os.killpg(proc.pid, signal.SIGTERM)  # Triton drains in-flight requests, then exits
         try:
             proc.wait(timeout)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+        # A server that exits at its exit timeout does not unload its models, and a stub caught
+        # in a request then hangs without its server: never left running.
+        left = kill_group(proc.pid)
+        if left:
+            log.warning("tritonserver exited leaving %d Python-backend stubs running; killed", left)
 
     def wait(self) -> int:
         if self._proc is None:
@@ -183,3 +199,37 @@ class TritonServer:
 
     def log_tail(self, lines: int = 30) -> str:
         return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
+
+
+def group_members(group: int) -> list[int]:
+    """The live processes (zombies aside) of process group ``group``."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            state, _, pgid = stat.read_text().rsplit(")", 1)[1].split()[:3]
+        except (OSError, ValueError):
+            continue  # gone meanwhile
+        if int(pgid) == group and state != "Z":
+            members.append(int(stat.parent.name))
+    return members
+
+
+def kill_group(group: int, timeout: float = 10) -> int:
+    """SIGKILL every process of a tritonserver's process group ``group`` (the server, whose pid
+    it is, and its Python-backend stubs), wait until they are gone and remove the shared-memory
+    regions they held, which killed stubs leave in /dev/shm. Returns how many it killed."""
+    members = group_members(group)
+    regions: set[str] = set()
+    for pid in members:
+        with contextlib.suppress(OSError):
+            regions |= set(SHARED_MEMORY.findall(Path(f"/proc/{pid}/maps").read_text()))
+    if not members:
+        return 0
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(group, signal.SIGKILL)
+    deadline = time.monotonic() + timeout
+    while group_members(group) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for region in regions:
+        Path(region).unlink(missing_ok=True)
+    return len(members)

@@ -1,30 +1,30 @@
-"""The client side of serving: send rows to the served model, and log what it saw.
+"""The client side of serving: send rows to the served model, read what Triton logged.
 
-Every answered request is appended to the inference log, which the drift check reads: the
-feature values, the prediction (and the ``label`` of a classifier version that answers one),
-the version that answered and when. The log is parquet, partitioned by day
-(``<inference_log>/<model>/date=YYYY-MM-DD/part-*.parquet``), written in buffered chunks rather
-than one file per request; each chunk appears atomically.
+Triton logs every row it answers itself, whatever the client (``backend/inference_log.py``):
+``<inference_log>/<model>/date=YYYY-MM-DD/part-*.parquet``, one row a served row, keyed by
+``request_id``; the drift check and the feedback join read it. This client only sends. A log
+can also be written from here (``write_log``), with the server's schema: replays of past
+traffic and tests.
 """
 
 from __future__ import annotations
 
-import uuid
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
 import pandas as pd
 
-from pipelines.artifacts import LABEL_OUTPUT, TEXT
+from pipelines.artifacts import LABEL, LABEL_OUTPUT, OUTPUT, SCORES, TEXT
 from pipelines.config import AnyProject, DatasetConfig, FeatureType, ProjectConfig, ServingConfig
 from pipelines.errors import NotRetryable
 from pipelines.lineage import Record
 from pipelines.serving import live
 
-FLUSH_ROWS = 5000
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 
 def log_dir(serving: ServingConfig, model: str) -> Path:
@@ -32,94 +32,75 @@ def log_dir(serving: ServingConfig, model: str) -> Path:
     return serving.inference_log / model
 
 
-def input_columns(dataset: DatasetConfig) -> list[str]:
-    """What the log keeps of a tabular request: its id and time (when the project has them) and
-    features (a text project's log keeps its text)."""
-    return [c for c in (dataset.id_column, dataset.time_column) if c] + [f.name for f in dataset.features]
+def log_columns(config: AnyProject) -> dict[str, pa.DataType]:
+    """The model's own columns of its inference log, as Triton writes them (the log's own,
+    ``request_id`` to ``latency_ms``, follow): a tabular model's features as it receives them
+    (categories as strings, numbers as float32), ``prediction`` and ``label``; a text model's
+    ``text``, the ``label`` it answered and its ``scores`` (one a label)."""
+    import pyarrow as pa
+
+    if isinstance(config, ProjectConfig):
+        types = {FeatureType.categorical: pa.string(), FeatureType.numeric: pa.float32()}
+        return {**{f.name: types[f.type] for f in config.dataset.features}, OUTPUT: pa.float32(), LABEL_OUTPUT: pa.int32()}
+    return {TEXT: pa.string(), LABEL: pa.string(), SCORES: pa.list_(pa.float32())}
 
 
-class InferenceLog:
-    """Appends what a model saw and answered to the inference log, in buffered parquet chunks.
-    Use as a context manager (or call ``flush``) so the last rows reach the log."""
+def write_log(config: AnyProject, rows: pd.DataFrame, version: int, served_at: datetime | None = None, request_ids: list[str] | None = None) -> None:
+    """Append ``rows`` to the project's inference log as if Triton had answered them with
+    ``version`` at ``served_at`` (default now): a replay of past traffic, or a test's window.
 
-    def __init__(self, config: AnyProject, flush_rows: int = FLUSH_ROWS) -> None:
-        self.config = config
-        self.flush_rows = flush_rows
-        self._buffer: list[pd.DataFrame] = []
+    ``rows`` holds the model's columns (``log_columns``; a missing one is blank, others are
+    ignored; numbers are cast to float32, as Triton receives them); ``request_ids`` defaults to
+    one uuid4 hex a row. Written at once through the server's own writer; ``OSError`` if it
+    could not be.
+    """
+    from pipelines.serving.backend.inference_log import InferenceLogWriter, request_keys
 
-    def __enter__(self) -> InferenceLog:
-        return self
+    columns = log_columns(config)
+    when = (served_at or datetime.now(timezone.utc)).timestamp()
+    values = {name: _as_logged(rows[name], kind) for name, kind in columns.items() if name in rows.columns}
+    ids = request_ids if request_ids is not None else [request_keys("", 1)[0] for _ in range(len(rows))]
+    writer = InferenceLogWriter(log_dir(config.serving, config.served_model), config.served_model, columns, max(1, len(rows)), config.serving.log.flush_seconds)
+    writer.append(values, ids, version, when)
+    writer.close()
+    if writer.lost:
+        raise OSError(f"{writer.lost} of {len(rows)} rows could not be written to the inference log {writer.folder}: see the log above")
 
-    def __exit__(self, *exc: object) -> None:
-        self.flush()
 
-    def append(self, rows: pd.DataFrame, predictions: npt.NDArray[Any], version: int, served_at: datetime | None = None, labels: npt.NDArray[np.int32] | None = None) -> None:
-        """``served_at`` defaults to now; a replay of past traffic passes the time it was served.
-        An id or time column the rows do not carry is left out; every feature (or the text) is kept.
-        ``predictions``: one a row (a number, or a text project's label); ``labels``: a tabular
-        classifier's served ``label``, one a row, where the version answered one (logged as the
-        nullable int32 column ``label``: blank for the rows of a version without)."""
-        if isinstance(self.config, ProjectConfig):
-            dataset = self.config.dataset
-            columns, optional = input_columns(dataset), {dataset.id_column, dataset.time_column}
-        else:
-            columns, optional = [TEXT], set()
-        seen = rows[[c for c in columns if c in rows.columns or c not in optional]].reset_index(drop=True)
-        seen["prediction"] = predictions
-        if labels is not None:
-            seen[LABEL_OUTPUT] = pd.array(labels, dtype="Int32")  # nullable: one chunk may hold versions with and without
-        seen["model_version"] = version
-        seen["served_at"] = pd.Timestamp(served_at or datetime.now(timezone.utc))
-        self._buffer.append(seen)
-        if sum(len(part) for part in self._buffer) >= self.flush_rows:
-            self.flush()
+def _as_logged(column: pd.Series, kind: pa.DataType) -> npt.NDArray[np.generic]:
+    """A frame's column as the writer takes it: strings, float32 as Triton receives numbers, or
+    Python ints (None where missing: blank in the log)."""
+    import pyarrow as pa
 
-    def flush(self) -> list[Path]:
-        """Write the buffered rows, one parquet file for each day partition they fall in."""
-        if not self._buffer:
-            return []
-        chunk = pd.concat(self._buffer, ignore_index=True)
-        self._buffer = []
-        written = []
-        for day, rows in chunk.groupby(chunk["served_at"].dt.strftime("%Y-%m-%d")):
-            folder = log_dir(self.config.serving, self.config.served_model) / f"date={day}"
-            folder.mkdir(parents=True, exist_ok=True)
-            path = folder / f"part-{datetime.now(timezone.utc):%H%M%S}-{uuid.uuid4().hex[:8]}.parquet"
-            partial = folder / f".{path.name}.partial"
-            rows.to_parquet(partial, index=False)
-            partial.replace(path)
-            written.append(path)
-        return written
+    if pa.types.is_string(kind):
+        return np.asarray(column.astype(str).to_numpy(object))
+    if pa.types.is_floating(kind):
+        return np.asarray(column.to_numpy(kind.to_pandas_dtype()))
+    return np.asarray(column.astype(object).where(column.notna(), None).to_numpy(object))
 
 
 class ServedModel:
-    """Predictions from the model Triton serves, each request logged. Use as a context manager
-    (or call ``flush``) so the last rows reach the log."""
+    """Predictions from the model Triton serves (which logs them itself). Use as a context
+    manager so its connection is closed."""
 
-    def __init__(self, config: ProjectConfig, flush_rows: int = FLUSH_ROWS) -> None:
+    def __init__(self, config: ProjectConfig) -> None:
         self.config = config
         self.client = live.connect(config.serving.triton)
-        self.log = InferenceLog(config, flush_rows)
 
     def __enter__(self) -> ServedModel:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.flush()
+        self.client.close()
 
     def answer(self, rows: pd.DataFrame) -> live.Answer:
         """The served model's answer for ``rows``: predictions, labels (None from a version without
-        a ``label``) and the version; the request is logged."""
-        answered = live.answer(self.client, self.config.model.name, self.config.dataset, rows)
-        self.log.append(rows, answered.prediction, answered.version, labels=answered.label)
-        return answered
+        a ``label``), the version and each row's key in the inference log."""
+        return live.answer(self.client, self.config.model.name, self.config.dataset, rows)
 
     def predict(self, rows: pd.DataFrame) -> npt.NDArray[np.float32]:
-        """The served model's predictions for ``rows``, shape (rows,); the request is logged (with its labels)."""
+        """The served model's predictions for ``rows``, shape (rows,)."""
         return self.answer(rows).prediction
-
-    def flush(self) -> list[Path]:
-        return self.log.flush()
 
 
 def read_log(serving: ServingConfig, model: str) -> pd.DataFrame:
@@ -170,7 +151,7 @@ def read_requests(project: str, dataset: DatasetConfig, path: Path, rows: int | 
 
 
 def send(config: ProjectConfig, rows: pd.DataFrame, batch_size: int = 32) -> Record:
-    """Send ``rows`` to the project's served model in client-sized requests, each one logged."""
+    """Send ``rows`` to the project's served model in client-sized requests (Triton logs them)."""
     with ServedModel(config) as served:
         for start in range(0, len(rows), batch_size):
             served.predict(rows.iloc[start : start + batch_size])

@@ -11,9 +11,9 @@ version that fails, rolling back, the serving history.
 Going live is three steps, and the served version changes only in the last one:
 
 1. **smoke test**: the version is loaded beside the served model under a throwaway name
-   (``<model>__smoke``, files sent through Triton's repository API), real test rows are sent
-   through tritonclient and the answers (predictions, and a classifier's labels) compared with
-   ONNX Runtime run locally; then it is unloaded again;
+   (``<model>__smoke``, files sent through Triton's repository API, logging off: test rows are
+   not traffic), real test rows are sent through tritonclient and the answers (predictions, and
+   a classifier's labels) compared with ONNX Runtime run locally; then it is unloaded again;
 2. ``config.pbtxt`` is rewritten to name the version;
 3. the model is reloaded: Triton loads the new version and retires the old one only once the
    new one is ready, so no request fails; if the load fails, Triton keeps serving the old
@@ -43,7 +43,7 @@ import numpy as np
 import numpy.typing as npt
 import pandas as pd
 
-from pipelines.artifacts import CONFIG_FILE, LABEL_OUTPUT, LINEAGE_FILE, MODEL_FILE, OUTPUT
+from pipelines.artifacts import CONFIG_FILE, LABEL_OUTPUT, LINEAGE_FILE, MODEL_FILE, OUTPUT, REQUEST_ID
 from pipelines.config import AnyProject, DatasetConfig, FeatureType, ProjectConfig, ServingConfig, TritonConfig
 from pipelines.errors import NotRetryable, TritonUnavailable
 from pipelines.export.onnx import label_mismatches, onnx_outputs, parity_gap, threshold_of
@@ -100,16 +100,24 @@ class Answer(NamedTuple):
     # a version without one (a regression, or a classifier exported before the label)
     label: npt.NDArray[np.int32] | None
     version: int
+    # each row's key in the inference log (``REQUEST_ID``); None from a version that logs none
+    request_ids: list[str] | None = None
 
 
-def answer(client: InferenceServerClient, model: str, dataset: DatasetConfig, rows: pd.DataFrame) -> Answer:
+def answer(client: InferenceServerClient, model: str, dataset: DatasetConfig, rows: pd.DataFrame, request_id: str = "") -> Answer:
     """Every output of Triton's ``model`` for ``rows``: Triton answers each one the served
-    version's config declares (``repository.outputs``)."""
+    version's config declares (``repository.outputs``). ``request_id``: the request's id (the
+    rows' keys derive from it); empty, Triton makes one."""
     import tritonclient.http as http
 
-    response = client.infer(model, request_inputs(dataset, rows, http))
-    label = response.as_numpy(LABEL_OUTPUT)
-    return Answer(response.as_numpy(OUTPUT)[:, 0], None if label is None else label[:, 0], int(response.get_response()["model_version"]))
+    response = client.infer(model, request_inputs(dataset, rows, http), request_id=request_id)
+    label, keys = response.as_numpy(LABEL_OUTPUT), response.as_numpy(REQUEST_ID)
+    return Answer(
+        response.as_numpy(OUTPUT)[:, 0],
+        None if label is None else label[:, 0],
+        int(response.get_response()["model_version"]),
+        None if keys is None else [key.decode("utf-8") for key in keys[:, 0]],
+    )
 
 
 def infer(client: InferenceServerClient, model: str, dataset: DatasetConfig, rows: pd.DataFrame) -> tuple[npt.NDArray[np.float32], int]:
@@ -143,7 +151,7 @@ def smoke_test(model_dir: Path, serving: ServingConfig, dataset: DatasetConfig, 
     model = model_dir.name
     folder = model_dir / str(version)
     name = model + SMOKE_SUFFIX
-    rendering = repository.model_config(model_dir, serving, dataset, version)
+    rendering = repository.model_config(model_dir, serving, dataset, version, logged=False)  # test rows are not traffic
     rendering.name = name
     rendering.version_policy.specific.versions[:] = [1]
     files = {f"file:1/{p.name}": p.read_bytes() for p in folder.iterdir() if p.name != LINEAGE_FILE}

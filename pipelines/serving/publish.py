@@ -17,6 +17,7 @@ from pipelines.artifacts import MODEL_FILE, PLAN_FILE
 from pipelines.config import AnyProject, ProjectConfig
 from pipelines.data.split import split_paths
 from pipelines.evaluation.gate import PROMOTED
+from pipelines.feedback.reference import write_reference as write_performance_reference
 from pipelines.lineage import Record, code_version, read_json, write_json
 from pipelines.metrics import Sample, emit
 from pipelines.monitoring.check import write_reference
@@ -86,7 +87,15 @@ def publish(
             log.info(
                 "drift thresholds calibrated in %.1f s%s", baseline["calibration"]["seconds"], f" ({baseline['calibration']['seconds'] / fit:.0%} of the training's {fit:.1f} s)" if fit else ""
             )
-            files = {MODEL_FILE: folder / MODEL_FILE, repository.BACKEND_MODEL.name: repository.BACKEND_MODEL, **baseline["files"]}
+            # what production performance is compared with and estimated from; a model ONNX Runtime
+            # cannot run is for the smoke test to refuse, with the version recorded as rejected
+            try:
+                scored = write_performance_reference(split_paths(config.split.output_dir)["test"], config.dataset, folder / MODEL_FILE, config.performance.seed, folder)
+            except Exception as failed:  # noqa: BLE001 - ONNX Runtime raises many kinds for a broken model
+                log.warning("no performance reference: scoring the test split failed: %s", failed)
+                scored = {"files": {}, "error": f"{type(failed).__name__}: {failed}"}
+            lineage["performance_reference"] = {k: v for k, v in scored.items() if k != "files"}
+            files = {MODEL_FILE: folder / MODEL_FILE, **repository.BACKEND_FILES, **baseline["files"], **scored["files"]}
             version = repository.next_version(model_dir, *(repository.step_dir(model_dir, s) for s in repository.ENGINE_STEPS))
             if (folder / PLAN_FILE).is_file():  # export built a TensorRT engine: the gpu profile serves it
                 repository.add_engine_steps(model_dir, folder, version)

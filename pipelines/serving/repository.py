@@ -5,6 +5,7 @@ Layout (what Triton loads)::
     model_repository/<model>/config.pbtxt      generated from Triton's ModelConfig protobuf
     model_repository/<model>/<N>/model.onnx
     model_repository/<model>/<N>/model.py      the Python-backend model (cpu rendering)
+    model_repository/<model>/<N>/inference_log.py  its inference-log writer
     model_repository/<model>/<N>/lineage.json  where version N came from
     model_repository/<model>/<N>/reference.parquet  a sample of its training data, for drift checks
 
@@ -28,7 +29,7 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pipelines.artifacts import CODES, CONFIG_FILE, LABEL_OUTPUT, LINEAGE_FILE, LOOKUP_FILE, MODEL_FILE, NUMERIC, OUTPUT, PLAN_FILE
+from pipelines.artifacts import CODES, CONFIG_FILE, LABEL_OUTPUT, LINEAGE_FILE, LOOKUP_FILE, MODEL_FILE, NUMERIC, OUTPUT, PLAN_FILE, REQUEST_ID
 from pipelines.config import DatasetConfig, FeatureType, ServingConfig, ServingProfile
 from pipelines.lineage import Record, read_json, write_json
 
@@ -41,6 +42,10 @@ Tensor = tuple[str, str, int]  # (name, Triton data type, width per row)
 # The Python-backend model that serves model.onnx in the cpu rendering; in every version, so
 # switching profiles only rewrites config.pbtxt.
 BACKEND_MODEL = Path(__file__).resolve().parent / "backend" / "model.py"
+# The inference log's writer, beside model.py in every version since the server logs: such a
+# version's cpu rendering answers each row's key (REQUEST_ID) and logs (``model_config``).
+BACKEND_LOG = BACKEND_MODEL.with_name("inference_log.py")
+BACKEND_FILES = {file.name: file for file in (BACKEND_MODEL, BACKEND_LOG)}  # beside model.onnx in every version
 STAGING_PREFIX = ".staging-"
 ENGINE_STEPS = ("lookup", "engine")  # the tensorrt_plan rendering's composing models, in order
 
@@ -71,7 +76,7 @@ def served_version(model_dir: Path) -> int | None:
     return int(max(config.version_policy.specific.versions))
 
 
-def model_config(model_dir: Path, serving: ServingConfig, dataset: DatasetConfig, version: int) -> ModelConfig:
+def model_config(model_dir: Path, serving: ServingConfig, dataset: DatasetConfig, version: int, logged: bool = True) -> ModelConfig:
     """Triton's ModelConfig for a version of the model in ``model_dir`` (its name is the
     folder's), in the rendering ``serving.profile`` asks for.
 
@@ -79,15 +84,35 @@ def model_config(model_dir: Path, serving: ServingConfig, dataset: DatasetConfig
     float32 for numbers), the outputs are ``prediction`` and, where the version's graph has it
     (``outputs``), a classifier's ``label``: the smoke test checks the version against them.
     ``cpu``: the Python backend running ONNX Runtime on the version's ``model.onnx``
-    (``model.py`` beside it, answering every output declared here). ``gpu``:
-    ``onnxruntime_onnx`` with the TensorRT execution accelerator in FP16, engines cached, so
-    TensorRT builds the engine inside Triton at load time; or, for a version whose export built
-    an engine (``has_engine``), the ``tensorrt_plan`` ensemble of ``ensemble_config``.
+    (``model.py`` beside it, answering every output declared here); a version with the log's
+    writer beside it (``BACKEND_LOG``) also answers each row's key (``request_id``, string) and,
+    ``logged``, writes every answered row to ``<serving.inference_log>/<model>`` (``log_parameters``).
+    ``gpu``: ``onnxruntime_onnx`` with the TensorRT execution accelerator in FP16, engines
+    cached, so TensorRT builds the engine inside Triton at load time; or, for a version whose
+    export built an engine (``has_engine``), the ``tensorrt_plan`` ensemble of ``ensemble_config``.
+    Neither gpu rendering logs.
     """
     if serving.profile == ServingProfile.gpu and has_engine(model_dir, version):
         return ensemble_config(model_dir, serving, dataset, version)
-    rendering = _signature(serving, model_dir.name, [version], _feature_inputs(dataset), outputs(model_dir, version))
+    answered = outputs(model_dir, version)
+    logs = serving.profile == ServingProfile.cpu and (model_dir / str(version) / BACKEND_LOG.name).is_file()
+    rendering = _signature(serving, model_dir.name, [version], _feature_inputs(dataset), answered + ([(REQUEST_ID, "TYPE_STRING", 1)] if logs else []))
+    if logs and logged:
+        for name, value in log_parameters(serving, model_dir.name).items():
+            rendering.parameters[name].string_value = value
     return place(rendering, serving.profile)
+
+
+def log_parameters(serving: ServingConfig, model: str) -> dict[str, str]:
+    """The parameters that make a Python-backend model log what Triton's ``model`` answers (the
+    model itself, or the logging step of its ensemble): the folder (absolute), the model it logs
+    as, and when a buffered chunk is written (``serving.log``); read by ``inference_log.from_config``."""
+    return {
+        "inference_log": str(serving.inference_log.resolve() / model),
+        "inference_log_model": model,
+        "inference_log_flush_rows": str(serving.log.flush_rows),
+        "inference_log_flush_seconds": str(serving.log.flush_seconds),
+    }
 
 
 def outputs(model_dir: Path, version: int) -> list[Tensor]:

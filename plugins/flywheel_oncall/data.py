@@ -15,6 +15,7 @@ import json
 import math
 import re
 from collections.abc import Callable, Iterable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ TABULAR, TEXT = "tabular", "text"  # pipelines.config.ProjectKind's values (a st
 # writes it. The only thing a URL may name; never a path.
 REPORT_FOLDER = re.compile(r"\d{8}T\d{6}Z")
 SLICES_SHOWN = 5  # slices a gate decision shows at once; the others fold away
+PERFORMANCE_WINDOWS = 90  # the latest performance windows the Models page charts (90 days of daily ones)
 
 
 class NotFound(LookupError):
@@ -210,6 +212,54 @@ def gate_comparison(gate: dict) -> dict[str, Any] | None:
     }
 
 
+def _finite(value: Any) -> float | None:
+    """A number of a summary as a float; None for null, NaN, infinity or anything else."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def performance_window(summary: dict) -> dict[str, Any]:
+    """One performance window as the Models page charts it, from the ``summary.json``
+    ``pipelines.feedback.performance.evaluate_window`` writes: the realized gate metric with its
+    interval (None below ``performance.min_labels`` labels), the estimated one (None, with the
+    reason, where it could not be), the version's test metric, the verdict, label coverage.
+
+    ``KeyError`` without ``start``, ``end`` or ``metric``; ``ValueError`` if a time is not ISO 8601.
+    """
+    for key in ("start", "end"):
+        datetime.fromisoformat(summary[key])
+    realized = summary.get("realized") or {}
+    interval = realized.get("interval") or [None, None]
+    estimated = summary.get("estimated") or {}
+    difference = summary.get("difference") or {}
+    bias = summary.get("prediction_bias") or {}
+    return {
+        "start": summary["start"],
+        "end": summary["end"],
+        "metric": summary["metric"],
+        "version": summary.get("version"),
+        "status": summary.get("status"),
+        "reason": summary.get("reason"),
+        "rows": summary.get("rows"),
+        "labelled": summary.get("labelled"),
+        "label_coverage": _finite(summary.get("label_coverage")),
+        "realized": _finite(realized.get("value")),
+        "realized_low": _finite(interval[0]) if len(interval) == 2 else None,
+        "realized_high": _finite(interval[1]) if len(interval) == 2 else None,
+        "confidence": _finite(realized.get("confidence")),
+        "estimated": _finite(estimated.get("value")),
+        "estimated_method": estimated.get("method"),
+        "estimated_reason": estimated.get("reason"),
+        "test": _finite((summary.get("test") or {}).get("value")),
+        "degraded": bool(summary.get("degraded")),
+        "p_value": _finite(difference.get("p_value")),
+        "calibration_error": _finite(summary.get("calibration_error")),
+        "prediction_bias": _finite(bias.get("difference")),
+        "checked_at": summary.get("checked_at"),
+    }
+
+
 def base_model_name(base: dict | str | None) -> str | None:
     """The checkpoint a text project's version was fine-tuned from: its lineage's ``base_model``
     is ``{"name", "sha256"}`` (``pipelines.finetune.train``); None for a tabular version."""
@@ -391,6 +441,38 @@ def report_html(config, folder: str) -> Path:
     return path
 
 
+def performance_root(config) -> Path:
+    """Where the performance summaries of a tabular project's served model are, one folder a
+    window (``pipelines.feedback.performance.report_folder``'s parent)."""
+    return Path(config.performance.reports_dir) / config.served_model
+
+
+def load_performance(config, limit: int = PERFORMANCE_WINDOWS) -> dict[str, Any]:
+    """The latest ``limit`` performance windows of a tabular project's served model, oldest
+    first (``performance_window``), from ``performance_root``'s ``<window end>/summary.json``.
+    A summary that cannot be read is named in ``unreadable`` with why, not charted: one torn
+    file does not hide the others."""
+    from pipelines.artifacts import SUMMARY_FILE
+    from pipelines.lineage import read_json
+
+    root = performance_root(config)
+    folders = sorted(p for p in root.iterdir() if REPORT_FOLDER.fullmatch(p.name) and (p / SUMMARY_FILE).is_file()) if root.is_dir() else []
+    windows, unreadable = [], []
+    for folder in folders[-limit:]:
+        try:
+            windows.append(performance_window(read_json(folder / SUMMARY_FILE)))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+            unreadable.append(f"{folder.name}/{SUMMARY_FILE}: {type(error).__name__}: {error}")
+    return {
+        "reports_dir": str(root),
+        "window_hours": config.performance.window_hours,
+        "min_labels": config.performance.min_labels,
+        "false_alarm_rate": config.performance.false_alarm_rate,
+        "windows": windows,
+        "unreadable": unreadable,
+    }
+
+
 def promotion_rule(config) -> dict[str, Any]:
     """What a candidate must pass to become a version: ``{"gate": ...}``, a tabular project's
     gate settings (the metric, the least improvement at the lower bound of the interval and the
@@ -414,7 +496,8 @@ def promotion_rule(config) -> dict[str, Any]:
 
 def load_models(config, runs_limit: int = 20) -> dict[str, Any]:
     """The Models page of a project: the versions of its served model (newest first), the
-    serving history, the latest training runs (retrain or finetune), promoted or not."""
+    serving history, the latest training runs (retrain or finetune), promoted or not, and a
+    tabular project's performance windows (``load_performance``; None for a text project)."""
     from pipelines.lineage import read_json
     from pipelines.serving import live, repository
     from pipelines.serving.publish import runs_dir
@@ -430,6 +513,7 @@ def load_models(config, runs_limit: int = 20) -> dict[str, Any]:
         **_project(config),
         "served_version": served,
         **promotion_rule(config),
+        "performance": None if kind_name(config.kind) == TEXT else load_performance(config),
         "versions": versions,
         "history": history,
         "runs": runs[:runs_limit],

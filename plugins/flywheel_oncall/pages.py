@@ -10,6 +10,8 @@ from pathlib import Path
 import jinja2
 from starlette.requests import Request
 
+from flywheel_oncall.chart import performance_chart
+
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 
 
@@ -77,4 +79,7 @@ def drift_report(request: Request, view: dict) -> str:
 
 
 def models(request: Request, view: dict) -> str:
-    return render("models.html", request, view=view, project=view["project"])
+    """The Models page; a tabular project's with the chart of its performance windows."""
+    performance = view.get("performance")
+    chart = performance_chart(performance["windows"]) if performance else None
+    return render("models.html", request, view=view, project=view["project"], chart=chart)

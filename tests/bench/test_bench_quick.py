@@ -25,7 +25,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 BENCH = REPO / "bench"
 SCRIPTS = sorted(p.name for p in BENCH.glob("*.py") if 'if __name__ == "__main__":' in p.read_text())
-NEEDS_TRITON = {"nightly_rerun.py", "serving_batching.py"}
+NEEDS_TRITON = {"nightly_rerun.py", "serving_batching.py", "serving_log.py"}
 # What bench/project.py's print_ratio writes: "ratio: <what> = <number>".
 RATIO = re.compile(r"^ratio: (?P<what>.+) = (?P<value>\S+)$", re.MULTILINE)
 TIMEOUT_S = 300  # each takes well under a minute on 2 idle cores; this is for a loaded CI machine
@@ -34,7 +34,7 @@ pytestmark = pytest.mark.bench
 
 
 def test_every_benchmark_is_covered():
-    assert {"drift_check.py", "nightly_rerun.py", "onnx_runtime.py", "serving_batching.py"} <= set(SCRIPTS)
+    assert {"drift_check.py", "feedback_join.py", "nightly_rerun.py", "onnx_runtime.py", "serving_batching.py", "serving_log.py"} <= set(SCRIPTS)
     assert NEEDS_TRITON <= set(SCRIPTS)
 
 

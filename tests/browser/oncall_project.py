@@ -25,7 +25,7 @@ from pipelines.evaluation.gate import NOT_PROMOTED, PROMOTED
 from pipelines.lineage import write_json
 from pipelines.monitoring.check import check_window
 from pipelines.serving import live, repository
-from pipelines.serving.client import InferenceLog
+from pipelines.serving.client import write_log
 from pipelines.serving.publish import run_record_path
 
 ROWS = 2000
@@ -117,11 +117,9 @@ def write_versions(config: ProjectConfig) -> None:
 def write_drift_reports(config: ProjectConfig) -> list[dict]:
     """Log an hour of January flights and an hour of July flights answered by version 2 and check
     both windows as the drift DAG does; returns the two summaries (calm first)."""
-    with InferenceLog(config) as log:
-        # July's window large enough for the calibrated check to tell the season from chance
-        for start, month, rows in ((CALM, "2013-01", ROWS), (DRIFTED, "2013-07", 10_000)):
-            rows = month_batch(month, rows, seed=1)
-            log.append(rows, np.full(len(rows), 0.2, dtype="float32"), version=2, served_at=start + timedelta(minutes=30))
+    # July's window large enough for the calibrated check to tell the season from chance
+    for start, month, rows in ((CALM, "2013-01", ROWS), (DRIFTED, "2013-07", 10_000)):
+        write_log(config, month_batch(month, rows, seed=1).assign(prediction=np.float32(0.2)), 2, start + timedelta(minutes=30))
     return [check_window(config, start, start + timedelta(hours=1)) for start in (CALM, DRIFTED)]
 
 

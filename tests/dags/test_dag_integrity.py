@@ -51,8 +51,8 @@ def test_every_dag_file_imports_without_errors(dagbag):
 
 def test_each_project_gets_the_dags_of_its_kind(dagbag):
     assert set(dagbag.dags) == {
-        "retrain__flights", "drift__flights", "rollback__flights", "revert_batch__flights",
-        "retrain__taxis", "drift__taxis", "rollback__taxis", "revert_batch__taxis",
+        "retrain__flights", "drift__flights", "rollback__flights", "revert_batch__flights", "feedback__flights", "performance__flights",
+        "retrain__taxis", "drift__taxis", "rollback__taxis", "revert_batch__taxis", "feedback__taxis", "performance__taxis",
         "finetune__reviews", "drift__reviews", "rollback__reviews",
     }
     assert "project:taxis" in dagbag.dags["retrain__taxis"].tags
@@ -115,9 +115,9 @@ def test_retrain_params_validate_what_the_ui_form_sends(dagbag):
 
     params = dagbag.dags["retrain__flights"].params
     good = ParamsDict(params)
-    good.update({"max_epochs": 5, "learning_rate": 0.01, "force_publish": True, "force_reason": "INC-1"})
+    good.update({"max_epochs": 5, "learning_rate": 0.01, "force_publish": True, "force_reason": "INC-1", "confirm_batches": ["production-x.parquet"]})
     good.validate()
-    for bad in ({"max_epochs": 0}, {"learning_rate": 0}, {"learning_rate": -1}, {"force_publish": "yes"}):
+    for bad in ({"max_epochs": 0}, {"learning_rate": 0}, {"learning_rate": -1}, {"force_publish": "yes"}, {"confirm_batches": "production-x.parquet"}):
         with pytest.raises(ParamValidationError, match=f"Invalid input for param {next(iter(bad))}"):
             ParamsDict(params).update(bad)
 
@@ -162,23 +162,34 @@ def test_revert_batch_params_need_a_batch_and_a_reason(dagbag):
             ParamsDict(dag.params).update(bad)
 
 
-def test_each_projects_drift_emits_the_asset_that_schedules_its_own_retrain_only(dagbag):
+def test_each_projects_drift_and_performance_emit_the_assets_that_schedule_its_own_retrain_only(dagbag):
     from datetime import timedelta
 
     from airflow.sdk import AssetOrTimeSchedule
 
     for project, other in (("flights", "taxis"), ("taxis", "flights")):
-        drift, retrain = dagbag.dags[f"drift__{project}"], dagbag.dags[f"retrain__{project}"]
-        emitter = drift.get_task("trigger_retrain")
-        emitted = [a.uri for a in emitter.outlets]
-        assert emitted == [f"flywheel://{project}/drift_detected"] and drift.get_task("check") in emitter.upstream_list
+        retrain = dagbag.dags[f"retrain__{project}"]
+        emitted = []
+        for monitor in (dagbag.dags[f"drift__{project}"], dagbag.dags[f"performance__{project}"]):
+            emitter = monitor.get_task("trigger_retrain")
+            assert monitor.get_task("check") in emitter.upstream_list
+            emitted += [a.uri for a in emitter.outlets]
+        assert emitted == [f"flywheel://{project}/drift_detected", f"flywheel://{project}/performance_degraded"]
         assert isinstance(retrain.timetable, AssetOrTimeSchedule)
         assert retrain.timetable.timetable.expression == "0 2 * * *"
-        assert [a.uri for a in retrain.timetable.asset_condition.objects] == emitted
+        assert [a.uri for a in retrain.timetable.asset_condition.objects] == emitted  # either one starts a retrain
         # drift in one project never schedules another's retrain
         assert not set(emitted) & {a.uri for a in dagbag.dags[f"retrain__{other}"].timetable.asset_condition.objects}
+        # labels joined by feedback__<p> start performance__<p>; an event of feedback_landed starts feedback__<p>
+        feedback, performance = dagbag.dags[f"feedback__{project}"], dagbag.dags[f"performance__{project}"]
+        assert [a.uri for a in feedback.get_task("announce").outlets] == [f"flywheel://{project}/labels_joined"]
+        assert [a.uri for a in performance.timetable.asset_condition.objects] == [f"flywheel://{project}/labels_joined"]
+        assert [a.uri for a in feedback.timetable.asset_condition.objects] == [f"flywheel://{project}/feedback_landed"]
+        # a performance window ends at each cron tick (UTC midnight for a day) and is the run's data interval
+        assert (performance.timetable.timetable.expression, performance.timetable.timetable.interval) == ("0 */24 * * *", timedelta(hours=24))
     # a run at hh:00 checks the hour before it: its data interval is the window
-    assert (drift.timetable.expression, drift.timetable.interval) == ("0 * * * *", timedelta(hours=1))
+    drift = dagbag.dags["drift__flights"].timetable
+    assert (drift.expression, drift.interval) == ("0 * * * *", timedelta(hours=1))
 
 
 def test_finetune_refuses_bad_params_in_the_form_and_sends_training_to_the_gpu_queue(dagbag):

@@ -5,6 +5,13 @@ real flights make ``drift__flights`` emit its ``drift_detected`` Asset, and ``re
 starts by itself and ends with a gate decision while ``retrain__taxis`` does not run. A window
 from the same season triggers nothing; a backfill writes one report a window and retrains
 nothing; a rollback of one project leaves the other serving as it was.
+
+Then production closes the loop: requests a plain tritonclient client sends are logged by
+Triton, their true labels come back through an Asset event sent to Airflow's REST API,
+``feedback__flights`` joins them and ``performance__flights`` finds the window healthy; a window
+whose labels are shuffled is found degraded, its ``performance_degraded`` Asset starts
+``retrain__flights`` by itself, and the shuffled labels, landed as a production batch, are held
+by the label check instead of being trained on.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ import sqlite3
 import time
 from datetime import datetime, timedelta, timezone
 
+import pandas as pd
 import pytest
 
 from pipelines.artifacts import MODEL_FILE
@@ -24,9 +32,9 @@ from pipelines.launch.airflow import LocalAirflow
 from pipelines.launch.triton import TritonServer
 from pipelines.monitoring.check import report_folder
 from pipelines.serving import live, repository
-from pipelines.serving.client import InferenceLog
+from pipelines.serving.client import read_log, write_log
 from pipelines.serving.publish import run_record_path
-from pipelines.steps import drift_asset
+from pipelines.steps import FEEDBACK_LANDED, PERFORMANCE_DEGRADED, drift_asset, project_asset
 from tests.conftest import REPO, free_ports, make_home, make_project
 
 pytestmark = pytest.mark.e2e
@@ -42,8 +50,7 @@ def log_traffic(config, month: str, window_end: datetime, seed: int = 0) -> None
     """Real flights of ``month`` answered by the served version half an hour before ``window_end``:
     enough that the calibrated check tells a later season from chance against a 5,600-row reference."""
     rows = month_batch(month, WINDOW_ROWS, seed=seed)
-    with InferenceLog(config) as log:
-        log.append(rows, predict_onnx(config.model_dir / "1" / MODEL_FILE, rows), 1, served_at=window_end - timedelta(minutes=30))
+    write_log(config, rows.assign(prediction=predict_onnx(config.model_dir / "1" / MODEL_FILE, rows)), 1, window_end - timedelta(minutes=30))
 
 
 RETRAIN, DRIFT = "retrain__flights", "drift__flights"
@@ -65,7 +72,7 @@ def loop(tmp_path_factory):
         extra_env={"FLYWHEEL_HOME": str(home)}, scheduled=True,  # Asset-triggered runs need the scheduler's own scheduling
     )
     with TritonServer(load_deployment(home)), local:
-        for dag_id in (DRIFT, RETRAIN, "drift__taxis", "retrain__taxis", "rollback__taxis"):
+        for dag_id in (DRIFT, RETRAIN, "drift__taxis", "retrain__taxis", "rollback__taxis", "feedback__flights", "performance__flights"):
             local.wait_for_dag(dag_id)
             local.unpause(dag_id)
         # Unpaused with catchup off, each retrain runs its latest nightly slot at once: the champions
@@ -104,14 +111,18 @@ def check_window(airflow: LocalAirflow, window_end: datetime) -> tuple[str, dict
 
 
 def drift_events(airflow: LocalAirflow, project: str = "flights") -> list[dict]:
-    """The project's ``drift_detected`` events in Airflow's metadata database, oldest first. Read
-    from the database: Airflow 3.3.2's ``GET /api/v2/assets/events`` answers 500 once an event has
-    started an asset-triggered run (that run has no logical date, which its response model requires)."""
+    return asset_events(airflow, drift_asset(project))
+
+
+def asset_events(airflow: LocalAirflow, uri: str) -> list[dict]:
+    """The events of the Asset ``uri`` in Airflow's metadata database, oldest first. Read from the
+    database: Airflow 3.3.2's ``GET /api/v2/assets/events`` answers 500 once an event has started
+    an asset-triggered run (that run has no logical date, which its response model requires)."""
     with sqlite3.connect(airflow.airflow_home / "airflow.db") as db:
         rows = db.execute(
             "SELECT e.extra, e.source_run_id FROM asset_event e JOIN asset a ON a.id = e.asset_id"
             " WHERE a.name = ? ORDER BY e.timestamp",
-            (drift_asset(project),),
+            (uri,),
         ).fetchall()
     return [{"extra": json.loads(extra), "source_run_id": run_id} for extra, run_id in rows]
 
@@ -214,3 +225,118 @@ def wait_for_backfill_runs(airflow: LocalAirflow, count: int, timeout: float = 6
             return runs
         time.sleep(1)
     raise AssertionError(f"backfill of {DRIFT} did not finish {count} runs within {timeout:.0f} s: {airflow.dag_runs(DRIFT)}")
+
+
+# --- production: the served rows' labels come back ---------------------------------------
+
+FEEDBACK, PERFORMANCE = "feedback__flights", "performance__flights"
+
+
+def send_plain(config, rows) -> list[str]:
+    """``rows`` sent as a service would, with tritonclient's gRPC client and no Flywheel code: one
+    request a flight, its id the flight's (so its labelled row joins the raw data under that id);
+    returns the keys Triton answered in ``request_id``."""
+    import numpy as np
+    import tritonclient.grpc as grpc
+
+    keys: list[str] = []
+    with grpc.InferenceServerClient(f"127.0.0.1:{config.serving.triton.grpc_port}") as client:
+        for _, row in rows.iterrows():
+            inputs = []
+            for feature in config.dataset.features:
+                numeric = feature.type.value == "numeric"
+                tensor = grpc.InferInput(feature.name, [1, 1], "FP32" if numeric else "BYTES")
+                tensor.set_data_from_numpy(np.array([[row[feature.name]]], dtype=np.float32 if numeric else np.object_))
+                inputs.append(tensor)
+            answer = client.infer(config.model.name, inputs, request_id=str(row["flight_id"]))
+            keys.append(answer.as_numpy("request_id")[0, 0].decode())
+    return keys
+
+
+def wait_for_new_run(airflow: LocalAirflow, dag_id: str, known: set[str], timeout: float = 120) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        new = [r["dag_run_id"] for r in airflow.dag_runs(dag_id) if r["dag_run_id"] not in known and r["run_type"] == "asset_triggered"]
+        if new:
+            return new[0]
+        time.sleep(1)
+    raise AssertionError(f"no asset-triggered {dag_id} run within {timeout:.0f} s: {airflow.dag_runs(dag_id)}")
+
+
+def test_labels_of_what_triton_answered_come_back_and_a_healthy_window_triggers_nothing(loop, tmp_path):
+    airflow, config, _, _ = loop
+    rows = month_batch("2013-02", 2000, seed=7)
+    retrains = {r["dag_run_id"] for r in airflow.dag_runs(RETRAIN)}
+    feedback_runs, performance_runs = ({r["dag_run_id"] for r in airflow.dag_runs(d)} for d in (FEEDBACK, PERFORMANCE))
+
+    # Given 2,000 February flights answered by Triton for a client that is not Flywheel's
+    keys = send_plain(config, rows)
+    assert keys == rows["flight_id"].astype(str).tolist()
+    logged = wait_until_logged(config, keys)
+
+    # When their true labels come back through the REST API (an Asset event naming the file)
+    labels = tmp_path / "labels.csv"
+    pd.DataFrame({"request_id": keys, "label": rows["arr_delayed"]}).to_csv(labels, index=False)
+    airflow.emit_asset_event(project_asset("flights", FEEDBACK_LANDED), {"path": str(labels)})
+
+    # Then feedback__flights joins them and performance__flights measures their window by itself
+    joined = wait_for_new_run(airflow, FEEDBACK, feedback_runs)
+    assert airflow.wait_for_run(FEEDBACK, joined, timeout=300) == "success", airflow.task_instances(FEEDBACK, joined)
+    assert airflow.xcom(FEEDBACK, joined, "join")["labelled"] == len(rows)
+    measured = wait_for_new_run(airflow, PERFORMANCE, performance_runs)
+    assert airflow.wait_for_run(PERFORMANCE, measured, timeout=300) == "success", airflow.task_instances(PERFORMANCE, measured)
+    (summary,) = airflow.xcom(PERFORMANCE, measured, "check")
+    served = logged["model_version"].iloc[0]
+    assert summary["status"] == "checked" and summary["version"] == served and summary["labelled"] == len(rows)
+    assert not summary["degraded"], summary
+    assert {t["task_id"]: t["state"] for t in airflow.task_instances(PERFORMANCE, measured)}["trigger_retrain"] == "skipped"
+    assert asset_events(airflow, project_asset("flights", PERFORMANCE_DEGRADED)) == []
+    assert {r["dag_run_id"] for r in airflow.dag_runs(RETRAIN)} == retrains
+
+
+def wait_until_logged(config, keys: list[str], timeout: float = 30) -> pd.DataFrame:
+    """The logged rows of ``keys``, once Triton's log holds them all (it flushes within serving.log.flush_seconds)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        logged = read_log(config.serving, config.served_model)
+        mine = logged[logged["request_id"].isin(keys)] if len(logged) else logged
+        if len(mine) == len(keys) or time.monotonic() > deadline:
+            assert len(mine) == len(keys), f"{len(mine)} of {len(keys)} answered rows in the inference log"
+            return mine
+        time.sleep(0.5)
+
+
+def test_a_window_of_shuffled_labels_is_degraded_retrains_by_itself_and_its_batch_is_held(loop, tmp_path):
+    airflow, config, _, _ = loop
+    served = repository.served_version(config.model_dir)
+    # Given 10,000 March flights the served version answered two days ago (written as Triton
+    # writes its log), whose labels come back shuffled (a mis-join upstream)
+    day = (datetime.now(timezone.utc) - timedelta(days=2)).replace(hour=12, minute=0, second=0, microsecond=0)
+    rows = month_batch("2013-03", 10_000, seed=8)
+    keys = rows["flight_id"].astype(str).tolist()
+    write_log(config, rows.assign(prediction=predict_onnx(config.model_dir / str(served) / MODEL_FILE, rows)), served, day, keys)
+    shuffled = rows["arr_delayed"].sample(frac=1, random_state=0).to_numpy()
+    labels = tmp_path / "shuffled.csv"
+    pd.DataFrame({"request_id": keys, "label": shuffled, "observed_at": (day + timedelta(hours=3)).isoformat()}).to_csv(labels, index=False)
+    retrains, performance_runs = ({r["dag_run_id"] for r in airflow.dag_runs(d)} for d in (RETRAIN, PERFORMANCE))
+
+    # When they are joined (a run of feedback__flights with the file as its Param)
+    run_id = airflow.trigger(FEEDBACK, {"path": str(labels)})
+    assert airflow.wait_for_run(FEEDBACK, run_id, timeout=300) == "success", airflow.task_instances(FEEDBACK, run_id)
+    (batch,) = airflow.xcom(FEEDBACK, run_id, "land_production")["batches"]
+
+    # Then the window is degraded, beyond its false-alarm rate, and performance_degraded starts a retrain
+    measured = wait_for_new_run(airflow, PERFORMANCE, performance_runs)
+    assert airflow.wait_for_run(PERFORMANCE, measured, timeout=300) == "success", airflow.task_instances(PERFORMANCE, measured)
+    (summary,) = airflow.xcom(PERFORMANCE, measured, "check")
+    assert summary["degraded"] and summary["difference"]["p_value"] < config.performance.false_alarm_rate, summary
+    (event,) = asset_events(airflow, project_asset("flights", PERFORMANCE_DEGRADED))
+    assert event["source_run_id"] == measured and event["extra"]["version"] == served and event["extra"]["metric"] == "roc_auc"
+    retrain = wait_for_new_run(airflow, RETRAIN, retrains)
+    # and its validate holds the shuffled production batch with the evidence: it is not trained on
+    assert airflow.wait_for_run(RETRAIN, retrain, timeout=600) == "failed"
+    states = {t["task_id"]: t["state"] for t in airflow.task_instances(RETRAIN, retrain)}
+    assert states["validate"] == "failed" and states["train"] != "success", states
+    held = config.dataset.quarantine_dir / batch["batch"].removesuffix(".parquet")
+    assert (held / "label_check.json").exists(), sorted(config.dataset.quarantine_dir.iterdir())
+    assert not run_record_path(config.artifacts_dir, retrain).exists()  # no publish ran: nothing was learned from the shuffled labels

@@ -4,6 +4,7 @@ silent otherwise) pass."""
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 
@@ -14,10 +15,12 @@ from tests.conftest import REPO
 
 RULES = REPO / "pipelines/monitoring/prometheus/alerts.yml"
 UNIT_TESTS = REPO / "tests/monitoring/alerts_test.yml"
+RUNBOOK = REPO / "docs/oncall.md"
 ALERTS = {
     "FlywheelDriftDetected": "drift-detected",
     "FlywheelDriftCheckStale": "drift-check-stale",
     "FlywheelInputsMissing": "inputs-missing",
+    "FlywheelPerformanceDegraded": "performance-degraded",
     "FlywheelValidationFailures": "validation-failures",
     "FlywheelGateRejectionsInARow": "gate-rejections-in-a-row",
     "FlywheelPublishFailed": "publish-failed",
@@ -57,3 +60,10 @@ def test_every_alert_has_a_for_a_severity_and_annotations_naming_the_model_and_i
         annotations = rule["annotations"]
         assert "$labels.model" in annotations["summary"] and "$labels.model" in annotations["description"], rule["alert"]
         assert annotations["runbook_url"] == f"docs/oncall.md#{ALERTS[rule['alert']]}"
+
+
+def test_every_runbook_url_names_a_section_of_the_runbook():
+    # GitHub's anchor of a heading: lower case, punctuation dropped, spaces to hyphens
+    anchors = {re.sub(r"[^\w\- ]", "", line.lstrip("#").strip().lower()).replace(" ", "-") for line in RUNBOOK.read_text().splitlines() if line.startswith("## ")}
+
+    assert set(ALERTS.values()) <= anchors, set(ALERTS.values()) - anchors

@@ -1,7 +1,9 @@
 """The project's real metrics reach a real Prometheus through a real Pushgateway and fire the
 repository's alerts: a drift check of a summer hour against a January reference fires
 FlywheelDriftDetected and a January hour does not; an ingestion that quarantines a broken
-batch fires FlywheelValidationFailures and a clean one does not.
+batch fires FlywheelValidationFailures and a clean one does not; a performance window of real
+flights whose labels came back shuffled fires FlywheelPerformanceDegraded and one with their
+true labels does not.
 
 Prometheus scrapes the Pushgateway every second with ``honor_labels: true`` (as a deployment
 must, to keep the pushed job and model labels) and evaluates the rules every second. The rules
@@ -28,13 +30,15 @@ import pandas as pd
 import pytest
 import yaml
 
-from pipelines.artifacts import REFERENCE_FILE
+from pipelines.artifacts import MODEL_FILE, OUTPUT, PERFORMANCE_REFERENCE_FILE, REFERENCE_FILE, REQUEST_ID
 from pipelines.config import ProjectConfig
 from pipelines.data.ingest import BatchValidationError, ingest_landing
 from pipelines.data.replay import land, month_batch
+from pipelines.feedback.labels import ingest_feedback, land_feedback
+from pipelines.feedback.performance import evaluate_window
 from pipelines.monitoring.check import check_window
 from pipelines.serving import repository
-from pipelines.serving.client import InferenceLog
+from pipelines.serving.client import write_log
 from tests.conftest import free_ports, make_project
 from tests.monitoring.test_alert_rules import RULES
 
@@ -188,8 +192,58 @@ def serve_reference(config: ProjectConfig, reference: pd.DataFrame) -> int:
 
 
 def log_requests(config: ProjectConfig, rows: pd.DataFrame, served_at: datetime, version: int) -> None:
-    with InferenceLog(config) as log:
-        log.append(rows, np.full(len(rows), 0.3, dtype="float32"), version, served_at=served_at)
+    write_log(config, rows.assign(prediction=np.float32(0.3)), version, served_at)
+
+
+@pytest.fixture(scope="module")
+def flights_model(tmp_path_factory) -> tuple[Path, Path, pd.DataFrame]:
+    """A flights model trained on 3,000 flights of January and February each (3 epochs), its
+    performance reference as publish writes it, and the fresh flights of its test split's period
+    (February flights from the first test row on that it did not learn from: 6,317) with its
+    scores in ``prediction``: the recipe of tests/unit/test_performance.py."""
+    from pipelines.data.replay import flights
+    from pipelines.data.split import split_paths
+    from pipelines.data.versioning import version_split
+    from pipelines.evaluation.gate import predict_onnx
+    from pipelines.export.onnx import export
+    from pipelines.feedback.reference import write_reference
+    from pipelines.training.train import train
+    from tests.unit.test_split import write_raw
+
+    config = make_project(tmp_path_factory.mktemp("performance") / "project")
+    write_raw(config, "2013-01", "2013-02", rows=3000)
+    data_version = version_split(config)["data_version"]
+    candidate = config.home / train(config, data_version)["candidate"]
+    export(config, config.portable(candidate))
+    test = split_paths(config.split.output_dir)["test"]
+    write_reference(test, config.dataset, candidate / MODEL_FILE, config.performance.seed, candidate)
+    raw = pd.read_parquet(config.path(config.dataset.raw_path))
+    every = flights()
+    first = pd.to_datetime(pd.read_parquet(test, columns=["time_hour"])["time_hour"]).min()
+    fresh = every[(every["month"] == 2) & (pd.to_datetime(every["time_hour"]) >= first) & ~every["flight_id"].isin(raw["flight_id"])].reset_index(drop=True)
+    scored = fresh.assign(**{OUTPUT: predict_onnx(candidate / MODEL_FILE, fresh).astype(np.float32)})
+    return candidate / MODEL_FILE, candidate / PERFORMANCE_REFERENCE_FILE, scored
+
+
+def serve_model(config: ProjectConfig, model_file: Path, performance_reference: Path) -> int:
+    """A served version of ``model_file`` with its performance reference (its lineage has no export
+    record: the default threshold, which ROC AUC does not use)."""
+    files = {MODEL_FILE: model_file, PERFORMANCE_REFERENCE_FILE: performance_reference}
+    version = repository.add_version(config.model_dir, files, {"export": {}})
+    repository.write_model_config(config.model_dir, repository.model_config(config.model_dir, config.serving, config.dataset, version))
+    return version
+
+
+def labels_come_back(config: ProjectConfig, flights: pd.DataFrame, truth: np.ndarray, served_at: datetime, version: int, name: str) -> dict:
+    """``flights`` (with the served ``prediction``) answered at ``served_at`` under request ids
+    ``<name>-<row>``, then their labels ``truth`` landed as ``<name>.csv`` and joined by the feedback
+    ingestion an hour later; returns its summary."""
+    ids = [f"{name}-{row}" for row in range(len(flights))]
+    write_log(config, flights, version, served_at, request_ids=ids)
+    source = config.home / f"{name}.csv"
+    pd.DataFrame({REQUEST_ID: ids, "label": truth}).to_csv(source, index=False)
+    land_feedback(config, source)
+    return ingest_feedback(config, now=served_at + timedelta(hours=1))
 
 
 def test_a_drifted_window_fires_drift_detected_and_a_clean_one_does_not(project, monitoring):
@@ -275,3 +329,51 @@ def test_a_quarantined_batch_fires_validation_failures_and_a_clean_ingestion_doe
     assert alert["annotations"]["runbook_url"] == "docs/oncall.md#validation-failures"
     rows = monitoring.query(f'flywheel_validation_rows{{model="{model}", result="quarantined"}}')
     assert float(rows[0]["value"][1]) == 3000
+
+
+def test_a_window_whose_labels_came_back_shuffled_fires_performance_degraded_and_true_labels_do_not(project, monitoring, flights_model):
+    model, column = project.model.name, project.dataset.label.column
+    model_file, performance_reference, fresh = flights_model
+    version = serve_model(project, model_file, performance_reference)
+    true_day, shuffled_day = datetime(2026, 3, 2, tzinfo=timezone.utc), datetime(2026, 3, 3, tzinfo=timezone.utc)
+    truth = fresh[column].to_numpy()
+
+    # Given the fresh flights served on one day and their true delays back
+    joined = labels_come_back(project, fresh, truth, true_day + timedelta(hours=12), version, "true")
+    assert joined["labelled"] == len(fresh) and joined["windows"] == [[true_day.isoformat(), (true_day + timedelta(days=1)).isoformat()]]
+
+    # When that day's window is evaluated: the model keeps its test skill
+    kept = evaluate_window(project, true_day, true_day + timedelta(days=1))
+    assert kept["status"] == "checked" and not kept["degraded"] and kept["label_coverage"] == 1.0
+
+    # Then its realized ROC AUC arrives with the project's, model's and metric's labels, and the rule stays silent
+    (realized,) = monitoring.arrived(f'flywheel_performance_realized{{model="{model}"}}')
+    assert realized["metric"] == {"__name__": "flywheel_performance_realized", "job": "flywheel_performance", "project": project.name, "model": model, "metric": "roc_auc"}
+    assert float(realized["value"][1]) == kept["realized"]["value"]
+    (degraded,) = monitoring.query(f'flywheel_performance_degraded{{model="{model}"}}')
+    assert degraded["value"][1] == "0"
+    seen = time.time()
+    monitoring.evaluated_since("FlywheelPerformanceDegraded", seen)
+    assert monitoring.alerts("FlywheelPerformanceDegraded") == []
+
+    # When the same flights served the next day get their delays back shuffled among them (labels mis-joined)
+    labels_come_back(project, fresh, np.random.default_rng(0).permutation(truth), shuffled_day + timedelta(hours=12), version, "shuffled")
+    lost = evaluate_window(project, shuffled_day, shuffled_day + timedelta(days=1))
+    assert lost["degraded"] and abs(lost["realized"]["value"] - 0.5) < 0.03  # no skill left
+
+    # Then FlywheelPerformanceDegraded fires for the model and metric, its value the realized ROC AUC
+    alert = wait_for("FlywheelPerformanceDegraded firing", lambda: monitoring.firing("FlywheelPerformanceDegraded", model=model), monitoring.logs)
+    assert alert["labels"] == {"alertname": "FlywheelPerformanceDegraded", "severity": "warning", "job": "flywheel_performance", "model": model, "project": project.name, "metric": "roc_auc"}
+    assert float(alert["value"]) == lost["realized"]["value"]
+    # the annotations look up the interval and the test metric of the same push
+    (low, high), test = lost["realized"]["interval"], lost["test"]["value"]
+    value = lost["realized"]["value"]
+    assert alert["annotations"]["summary"] == f"roc_auc of model {model} dropped to {value:.4f} [{low:.4f}, {high:.4f}] against its test {test:.4f}"
+    description = alert["annotations"]["description"]
+    assert "(100% of the window's requests labelled)" in description and f"reports/performance/{model}/" in description
+    assert "ended 2026-03-04 00:00:00 +0000 UTC" in description
+    assert alert["annotations"]["runbook_url"] == "docs/oncall.md#performance-degraded"
+
+    # And the true day evaluated again replaces the verdict: resolved
+    evaluate_window(project, true_day, true_day + timedelta(days=1))
+    wait_for("FlywheelPerformanceDegraded resolved", lambda: not monitoring.alerts("FlywheelPerformanceDegraded"), monitoring.logs)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -64,7 +65,7 @@ def served(tmp_path_factory, exported):
     """A project and a Triton on its (empty) model repository."""
     http_port, grpc_port, metrics_port = free_ports(3)
     triton = {"url": f"127.0.0.1:{http_port}", "http_port": http_port, "grpc_port": grpc_port, "metrics_port": metrics_port}
-    config = make_text_project(tmp_path_factory.mktemp("ensemble"), {"serving": {"triton": triton, "smoke_rows": 32}})
+    config = make_text_project(tmp_path_factory.mktemp("ensemble"), {"serving": {"triton": triton, "smoke_rows": 32, "log": {"flush_seconds": 0.2}}})
     with TritonServer(config) as server:
         yield config, server
 
@@ -75,6 +76,15 @@ def client(served):
     config, _ = served
     with http.InferenceServerClient(config.serving.triton.url) as client:
         yield client
+
+
+def wait_rows(config, rows: int, timeout: float = 15):
+    """The inference log once it holds ``rows`` rows (``AssertionError`` after ``timeout`` s, or if it holds more)."""
+    deadline = time.monotonic() + timeout
+    while len(logged := read_log(config.serving, config.served_model)) < rows and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert len(logged) == rows, f"{len(logged)} rows logged, expected {rows}"
+    return logged
 
 
 def review_traffic(config, texts: list[str]) -> Traffic:
@@ -104,10 +114,13 @@ def test_the_configs_of_both_profiles_parse_and_place_each_step(tmp_path, export
     )
     assert ensemble.platform == "ensemble" and ensemble.name == "reviews_sentiment"
     assert [(i.name, i.data_type, list(i.dims)) for i in ensemble.input] == [("text", mc.TYPE_STRING, [1])]
-    assert [(o.name, o.data_type, list(o.dims)) for o in ensemble.output] == [("label", mc.TYPE_STRING, [1]), ("scores", mc.TYPE_FP32, [2])]
+    # the cpu profile logs what it answers in a last step, which answers each row's key
+    logs = [("request_id", mc.TYPE_STRING, [1])] if profile == "cpu" else []
+    assert [(o.name, o.data_type, list(o.dims)) for o in ensemble.output] == [("label", mc.TYPE_STRING, [1]), ("scores", mc.TYPE_FP32, [2]), *logs]
     assert [(s.model_name, s.model_version) for s in ensemble.ensemble_scheduling.step] == [
         ("reviews_sentiment_tokenizer", 1),
         ("reviews_sentiment_classifier", 1),
+        *([("reviews_sentiment_log", 1)] if logs else []),
     ]
     # the tokenizer runs on the CPU in every profile and pads, so the classifier's batcher can stack rows
     assert tokenizer.backend == "python" and tokenizer.instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU
@@ -121,7 +134,12 @@ def test_the_configs_of_both_profiles_parse_and_place_each_step(tmp_path, export
         assert classifier.platform == "onnxruntime_onnx" and classifier.instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU
         assert classifier.optimization.execution_accelerators.gpu_execution_accelerator[0].name == "tensorrt"
     assert sorted(p.name for p in (tokenizer_dir / "1").iterdir()) == ["model.py", "serving.json", "tokenizer"]
-    assert sorted(p.name for p in (classifier_dir / "1").iterdir()) == ["model.onnx", "model.py"]
+    assert sorted(p.name for p in (classifier_dir / "1").iterdir()) == ["inference_log.py", "model.onnx", "model.py"]
+    log_dir = repository.step_dir(folder, serving.LOG_STEP)
+    assert sorted(p.name for p in (log_dir / "1").iterdir()) == ["inference_log.py", "model.py"]  # in every profile; served by cpu's
+    if logs:
+        log_step = text_format.Parse((log_dir / "config.pbtxt").read_text(), mc.ModelConfig())
+        assert [i.name for i in log_step.input] == ["text", "label", "scores"] and log_step.parameters["inference_log_model"].string_value == "reviews_sentiment"
     assert repository.lineage_of(folder, 1)["airflow"]["run_id"] == "r1"
     # a retried publish of the same run finds its version
     assert serving.publish_classifier(config, exported[0], {}, run("r1"))["live"]["unchanged"]
@@ -158,10 +176,19 @@ def test_a_published_classifier_answers_raw_text_over_http_and_grpc(served, expo
         client.infer("reviews_sentiment", [bad])
     assert serving.classify(config, texts[:3])[0] == expected_labels[:3]
     assert json.loads(live.history_path(config.artifacts_dir, config.served_model).read_text().splitlines()[-1])["event"] == "publish"
-    # what the classifier answered is in the inference log, for the drift check
-    logged = read_log(config.serving, config.served_model)
-    assert sorted(logged["text"]) == sorted(texts * 2 + texts[:3]) and set(logged["model_version"]) == {1}
-    assert sorted(logged["prediction"]) == sorted(expected_labels * 2 + expected_labels[:3])
+    # what the ensemble answered is in the inference log (Triton's logging step wrote it), for the
+    # drift check; a raw client's id is its key; the smoke test's reviews are not there
+    request = http.InferInput("text", [2, 1], "BYTES")
+    request.set_data_from_numpy(np.array([t.encode() for t in texts[:2]], dtype=object).reshape(-1, 1))
+    keyed = client.infer("reviews_sentiment", [request], request_id="review-1").as_numpy("request_id")[:, 0]
+    assert [k.decode() for k in keyed] == ["review-1/0", "review-1/1"]
+    logged = wait_rows(config, len(texts) * 2 + 3 + 2)
+    assert sorted(logged["text"]) == sorted(texts * 2 + texts[:3] + texts[:2]) and set(logged["model_version"]) == {1}
+    assert sorted(logged["label"]) == sorted(expected_labels * 2 + expected_labels[:3] + expected_labels[:2])
+    assert set(logged["model"]) == {"reviews_sentiment"} and logged["scores"].map(len).eq(len(LABELS)).all()
+    by_key = logged.set_index("request_id")
+    assert by_key.loc["review-1/1", "text"] == texts[1] and by_key.loc["review-1/1", "label"] == expected_labels[1]
+    assert [p.name for p in config.serving.inference_log.iterdir()] == ["reviews_sentiment"]
     # and the publish reached the metrics, labelled with the project
     prom = (config.path(config.metrics.textfile_dir) / "publish.prom").read_text()
     assert 'flywheel_served_version{model="reviews_sentiment",project="reviews"} 1.0' in prom

@@ -13,7 +13,7 @@ import pytest
 from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.utils import InferenceServerException
 
-from pipelines.artifacts import CONFIG_FILE, LABEL_OUTPUT, LINEAGE_FILE, MODEL_FILE, OUTPUT
+from pipelines.artifacts import CONFIG_FILE, LABEL_OUTPUT, LINEAGE_FILE, MODEL_FILE, OUTPUT, REQUEST_ID
 from pipelines.data.split import split_paths
 from pipelines.data.versioning import version_split
 from pipelines.evaluation.gate import PROMOTED, evaluate, predict_onnx
@@ -25,6 +25,7 @@ from pipelines.serving.publish import publish
 from pipelines.serving.rollback import rollback
 from pipelines.training.train import train
 from tests.conftest import free_ports, make_project
+from tests.serving.test_inference_log import FLUSH_SECONDS, wait_logged
 from tests.serving.traffic import Traffic
 from tests.unit.test_model_chain import without_label
 from tests.unit.test_split import write_raw
@@ -48,7 +49,7 @@ def served(tmp_path_factory):
     """A project with two exported candidates, and a Triton on its model repository."""
     http, grpc, metrics = free_ports(3)
     triton = {"url": f"127.0.0.1:{http}", "http_port": http, "grpc_port": grpc, "metrics_port": metrics}
-    config = make_project(tmp_path_factory.mktemp("serving"), {"serving": {"triton": triton}})
+    config = make_project(tmp_path_factory.mktemp("serving"), {"serving": {"triton": triton, "log": {"flush_seconds": FLUSH_SECONDS}}})
     write_raw(config, "2013-01", "2013-02", rows=3000)
     data_version = version_split(config)["data_version"]
     candidates = [train(config, data_version), train(config, data_version, max_epochs=1, learning_rate=1e-3)]
@@ -76,7 +77,8 @@ def test_a_published_version_goes_live_and_answers_over_http_and_grpc(served):
     assert over_http.label.dtype == np.int32
     np.testing.assert_array_equal(over_http.label, over_http.prediction >= np.float32(threshold["value"]))
     np.testing.assert_array_equal(over_http.label, expected[LABEL_OUTPUT])
-    assert [(o.name, mc.DataType.Name(o.data_type)) for o in repository.read_model_config(config.model_dir).output] == [(OUTPUT, "TYPE_FP32"), (LABEL_OUTPUT, "TYPE_INT32")]
+    outputs = [(o.name, mc.DataType.Name(o.data_type)) for o in repository.read_model_config(config.model_dir).output]
+    assert outputs == [(OUTPUT, "TYPE_FP32"), (LABEL_OUTPUT, "TYPE_INT32"), (REQUEST_ID, "TYPE_STRING")]
 
     import tritonclient.grpc as grpc
 
@@ -149,15 +151,16 @@ def test_rollback_serves_a_previous_version_again_without_a_failed_request(serve
 def test_what_the_served_model_sees_reaches_the_inference_log(served):
     config, _, _, rows, _ = served
 
-    with ServedModel(config, flush_rows=15) as model:
-        first = model.predict(rows.head(10))
-        answered = model.answer(rows.tail(10))  # 20 buffered rows: flushed as one file
+    with ServedModel(config) as model:  # the project's client: Triton logs what it answers
+        first = model.answer(rows.head(10))
+        answered = model.answer(rows.tail(10))
 
-    logged = read_log(config.serving, config.served_model)
-    assert len(logged) == 20 and set(logged["model_version"]) == {repository.served_version(config.model_dir)}
-    np.testing.assert_allclose(logged["prediction"].head(10), first)
-    assert {"flight_id", "carrier", "distance", "served_at", "date"} <= set(logged.columns)
-    assert len(list((config.home / "inference_log").rglob("*.parquet"))) == 1
+    keys = first.request_ids + answered.request_ids
+    assert len(set(keys)) == 20 and all(k.endswith(f"/{i}") for k, i in zip(first.request_ids, range(10)))
+    logged = wait_logged(config, set(keys)).loc[keys]
+    assert set(logged["model_version"]) == {repository.served_version(config.model_dir)}
+    np.testing.assert_allclose(logged[OUTPUT].head(10), first.prediction)
+    assert {"carrier", "distance", "served_at", "date"} <= set(logged.columns)
     # the served label is logged beside the prediction
     np.testing.assert_array_equal(logged[LABEL_OUTPUT].tail(10).to_numpy(int), answered.label)
     np.testing.assert_array_equal(logged[LABEL_OUTPUT].head(10).to_numpy(int), onnx_outputs(config.model_dir / str(answered.version) / MODEL_FILE, rows.head(10))[LABEL_OUTPUT])
@@ -213,19 +216,19 @@ def test_a_version_exported_before_the_label_still_goes_live_and_serves_its_pred
     exported = json.loads((old / "export.json").read_text())
     (old / "export.json").write_text(json.dumps({k: v for k, v in exported.items() if k != "threshold"}))
     forced = {"decision": PROMOTED, "reason": "test: an old export", "metric": "roc_auc", "challenger": {}, "champion": {}}
-    logged_before = len(read_log(config.serving, config.served_model))
 
     # When it is published (its smoke test compares the prediction alone)
     version = publish(config, str(old), forced, data_version, run("old-export"))["version"]
 
     # Then Triton serves it with the prediction alone, and the log keeps a blank label for it
-    assert [o.name for o in repository.read_model_config(config.model_dir).output] == [OUTPUT]
+    assert [o.name for o in repository.read_model_config(config.model_dir).output] == [OUTPUT, REQUEST_ID]
     with ServedModel(config) as model:
         answered = model.answer(rows)
     assert answered.version == version and answered.label is None
     np.testing.assert_allclose(answered.prediction, predict_onnx(config.model_dir / str(version) / MODEL_FILE, rows), atol=1e-6)
+    wait_logged(config, set(answered.request_ids))
     logged = read_log(config.serving, config.served_model)
-    assert len(logged) == logged_before + len(rows)
+    assert (logged["model_version"] == version).sum() == len(rows)
     assert logged.loc[logged["model_version"] == version, LABEL_OUTPUT].isna().all()
     assert logged.loc[logged["model_version"] != version, LABEL_OUTPUT].notna().all()
     # what the drift check reads of the same log: every row, with its features

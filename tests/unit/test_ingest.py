@@ -58,7 +58,8 @@ def test_no_new_batches_is_a_normal_night(project):
 
     # Then it reports nothing to do instead of failing the nightly DAG
     assert summary == {
-        "batches": [], "passed": [], "quarantined": [], "rows_ingested": 0, "rows_quarantined": 0, "raw_rows": 0
+        "batches": [], "passed": [], "quarantined": [], "held": [], "confirmed": [],
+        "rows_ingested": 0, "rows_quarantined": 0, "rows_held": 0, "label_checks": {}, "raw_rows": 0,
     }
 
 
@@ -75,8 +76,12 @@ def test_passing_batch_is_appended_to_raw_and_archived(project):
         "batches": ["2013-02.csv"],
         "passed": ["2013-02.csv"],
         "quarantined": [],
+        "held": [],
+        "confirmed": [],
         "rows_ingested": ROWS,
         "rows_quarantined": 0,
+        "rows_held": 0,
+        "label_checks": {"2013-02.csv": "label check not run: no version is served yet: there is no model to check the labels against"},
         "raw_rows": 2 * ROWS,
     }
     assert set(raw(project)["month"]) == {1, 2}

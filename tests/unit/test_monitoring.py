@@ -16,7 +16,7 @@ from pipelines.monitoring.check import check_window, read_window, recent_reports
 from pipelines.monitoring.drift import DriftCheckError
 from pipelines.monitoring.trigger import decide
 from pipelines.serving import repository
-from pipelines.serving.client import InferenceLog, log_dir
+from pipelines.serving.client import log_dir, write_log
 
 HOUR = datetime(2026, 3, 1, 5, tzinfo=timezone.utc)
 
@@ -31,8 +31,7 @@ def serve_reference(config, reference: pd.DataFrame) -> int:
 
 
 def log_requests(config, rows: pd.DataFrame, served_at: datetime, version: int = 1) -> None:
-    with InferenceLog(config) as log:
-        log.append(rows, np.full(len(rows), 0.3, dtype="float32"), version, served_at=served_at)
+    write_log(config, rows.assign(prediction=np.float32(0.3)), version, served_at, request_ids=rows["flight_id"].astype(str).tolist())
 
 
 @pytest.fixture
@@ -107,7 +106,7 @@ def test_the_window_reads_only_its_hour_across_a_day_partition(project):
 
     window = read_window(log_dir(project.serving, project.served_model), midnight - timedelta(minutes=30), midnight + timedelta(minutes=30))
 
-    assert sorted(window["flight_id"]) == sorted(rows["flight_id"].iloc[:20])
+    assert sorted(window["request_id"]) == sorted(rows["flight_id"].astype(str).iloc[:20])
     assert sorted(p.name for p in (project.home / "inference_log/flights_delay").iterdir()) == ["date=2026-03-01", "date=2026-03-02"]
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 import html
 import json
 import sys
+import xml.etree.ElementTree as ET
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -634,6 +636,136 @@ def test_the_models_page_shows_the_interval_of_the_difference_and_the_slices(log
     assert hostile not in html and "&lt;img src=x onerror=" in html
     assert "lower bound of the 95% interval" in html  # the rule, in the lead
     assert html.count('0.5000 <span class="muted"') == 1  # the champion's threshold is the default
+
+
+# --- the performance chart of the Models page ----------------------------------------------------
+
+SVG = "{http://www.w3.org/2000/svg}"
+DAY_1 = datetime(2026, 3, 1, tzinfo=timezone.utc)
+
+
+def performance_summary(day: int, *, version: int = 2, realized: float | None = 0.7012, degraded: bool = False, estimated: float | None = 0.6990, labelled: int = 1800) -> dict:
+    """The summary.json of the daily window ``day`` (1: March 1st) as
+    ``pipelines.feedback.performance.evaluate_window`` writes it (spec of issue 14)."""
+    start = DAY_1 + timedelta(days=day - 1)
+    test = {2: V2["roc_auc"], 3: V3["roc_auc"]}[version]
+    checked = realized is not None
+    return {
+        "project": "flights",
+        "model": "flights_delay",
+        "version": version,
+        "start": start.isoformat(),
+        "end": (start + timedelta(days=1)).isoformat(),
+        "status": "checked" if checked else "no_verdict",
+        "reason": None if checked else f"{labelled} labelled rows, fewer than performance.min_labels 200",
+        "rows": 2000,
+        "labelled": labelled,
+        "label_coverage": labelled / 2000,
+        "metric": "roc_auc",
+        "realized": {"value": realized, "interval": [realized - 0.021, realized + 0.020], "confidence": 0.95} if checked else None,
+        "estimated": {"value": estimated, "method": "CBPE", "rows": 2000} if estimated is not None else {"value": None, "reason": "version 2 has no performance_reference.parquet"},
+        "test": {"value": test, "se": 0.004},
+        "difference": {"value": realized - test, "upper": realized - test + 0.02, "p_value": 0.0003 if degraded else 0.41, "false_alarm_rate": 0.01, "min_drop": 0.0} if checked else None,
+        "degraded": degraded,
+        "calibration_error": 0.012 if checked else None,
+        "prediction_bias": {"mean_prediction": 0.21, "observed": 0.2, "difference": 0.01} if checked else None,
+        "checked_at": (start + timedelta(days=2)).isoformat(),
+    }
+
+
+def write_performance(config, *summaries: dict) -> Path:
+    root = data.performance_root(config)
+    for s in summaries:
+        write_json(root / datetime.fromisoformat(s["end"]).strftime("%Y%m%dT%H%M%SZ") / "summary.json", s)
+    return root
+
+
+WINDOWS = (  # three healthy days of version 2, version 3 degraded on day 4, day 5 without its labels yet
+    performance_summary(1),
+    performance_summary(2, realized=0.6975, estimated=0.7021),
+    performance_summary(3, realized=0.7030, estimated=0.6950),
+    performance_summary(4, version=3, realized=0.6412, degraded=True, estimated=0.7001),
+    performance_summary(5, version=3, realized=None, estimated=0.6870, labelled=150),
+)
+
+
+def chart_of(page: str) -> ET.Element:
+    """The page's performance chart, parsed as the XML an <svg> is."""
+    start = page.index('<svg id="performance-chart"')
+    return ET.fromstring(page[start : page.index("</svg>", start) + len("</svg>")])
+
+
+def test_a_performance_window_reads_realized_estimated_and_the_verdict_from_its_summary():
+    degraded = data.performance_window(performance_summary(4, version=3, realized=0.6412, degraded=True))
+    unlabelled = data.performance_window({**performance_summary(5, realized=None, estimated=None, labelled=150), "label_coverage": float("nan")})
+
+    assert (degraded["realized"], degraded["realized_low"], degraded["realized_high"]) == (0.6412, pytest.approx(0.6202), pytest.approx(0.6612))
+    assert (degraded["test"], degraded["version"], degraded["degraded"], degraded["p_value"], degraded["estimated_method"]) == (V3["roc_auc"], 3, True, 0.0003, "CBPE")
+    assert unlabelled["realized"] is None and unlabelled["estimated"] is None and unlabelled["label_coverage"] is None
+    assert unlabelled["estimated_reason"] == "version 2 has no performance_reference.parquet" and "fewer than performance.min_labels" in unlabelled["reason"]
+    with pytest.raises(KeyError):
+        data.performance_window({"metric": "roc_auc", "end": "2026-03-02T00:00:00+00:00"})
+
+
+def test_the_models_page_charts_realized_and_estimated_performance_per_window(logged_in, project):
+    write_versions(project)
+    write_performance(project, *WINDOWS)
+
+    page = logged_in.get("/flywheel/projects/flights/models").text
+    svg = chart_of(page)
+
+    points = [c for c in svg.iter(f"{SVG}circle") if c.find(f"{SVG}title") is not None]  # not the legend's
+    diamonds = [d for d in svg.iter(f"{SVG}polygon") if d.find(f"{SVG}title") is not None]
+    assert len(points) == 4 and len(diamonds) == 5  # day 5 has no realized value yet
+    assert [p.get("class") for p in points] == ["realized"] * 3 + ["realized degraded"]
+    assert "2026-03-04T00:00:00+00:00" in points[3].find(f"{SVG}title").text and "degraded" in points[3].find(f"{SVG}title").text
+    shaded = [r for r in svg.iter(f"{SVG}rect") if r.get("class") == "degraded-window" and r.find(f"{SVG}title") is not None]
+    assert len(shaded) == 1 and float(shaded[0].get("x")) < float(points[3].get("cx")) < float(shaded[0].get("x")) + float(shaded[0].get("width"))
+    tests = {line.find(f"{SVG}title").text: float(line.get("y1")) for line in svg.iter(f"{SVG}line") if line.get("class") == "test" and line.find(f"{SVG}title") is not None}
+    assert list(tests) == [f"version 2: test roc_auc {V2['roc_auc']:.4f}", f"version 3: test roc_auc {V3['roc_auc']:.4f}"]
+    assert float(points[3].get("cy")) > tests[f"version 3: test roc_auc {V3['roc_auc']:.4f}"]  # drawn below its version's test line
+    texts = [t.text for t in svg.iter(f"{SVG}text")]
+    assert "v2" in texts and "v3" in texts and "roc_auc" in texts  # versions marked, the axis named
+    assert {"realized 0.6412", "estimated 0.6870", f"test v3 {V3['roc_auc']:.4f}", "labelled 8%"} <= set(texts)  # the latest values, written
+    assert len([line for line in svg.iter(f"{SVG}polyline") if line.get("class") == "realized-line"]) == 1
+    last = " ".join(page[page.index('id="performance-last"') :].split("</p>")[0].split())
+    assert "150 of 2000 requests labelled (8%)" in last and "no verdict: 150 labelled rows, fewer than performance.min_labels 200" in last
+    assert "Latest realized value: window ending 2026-03-05 00:00:00 UTC (version 3), 0.6412 [0.6202, 0.6612]" in last
+    assert "<script" not in page and "http://" not in page.replace('xmlns="http://www.w3.org/2000/svg"', "")
+
+
+def test_without_performance_summaries_the_models_page_says_so(logged_in, project, text_project):
+    write_versions(project)
+    write_text_versions(text_project)
+
+    page = logged_in.get("/flywheel/projects/flights/models").text
+    text_page = logged_in.get("/flywheel/projects/reviews/models").text
+
+    assert 'id="no-performance"' in page and "<svg" not in page and str(data.performance_root(project)) in page
+    assert "Performance in production" not in text_page  # text projects have no performance check
+    assert logged_in.get("/flywheel/api/projects/flights/models").json()["performance"]["windows"] == []
+
+
+def test_a_window_with_a_realized_value_but_no_verdict_is_not_called_healthy(logged_in, project):
+    reason = "version 2 has no test roc_auc to compare with (no performance_reference.parquet, none in its lineage)"
+    write_performance(project, {**performance_summary(1), "status": "no_verdict", "reason": reason, "test": {"value": None, "se": None}, "difference": None})
+
+    page = logged_in.get("/flywheel/projects/flights/models").text
+
+    (point,) = [c for c in chart_of(page).iter(f"{SVG}circle") if c.find(f"{SVG}title") is not None]
+    assert point.find(f"{SVG}title").text.endswith(f"no verdict: {reason}")
+    assert "not degraded" not in page and f"no verdict: {reason}" in page
+
+
+def test_a_torn_performance_summary_is_named_and_the_other_windows_still_charted(logged_in, project):
+    root = write_performance(project, *WINDOWS[:2])
+    (root / "20260304T000000Z").mkdir()
+    (root / "20260304T000000Z" / "summary.json").write_text('{"project": "flights", "start": "2026-03-')
+
+    page = logged_in.get("/flywheel/projects/flights/models").text
+
+    assert len([c for c in chart_of(page).iter(f"{SVG}circle") if c.find(f"{SVG}title") is not None]) == 2
+    assert 'id="performance-unreadable"' in page and "20260304T000000Z/summary.json: JSONDecodeError" in page
 
 
 def test_the_models_page_of_a_text_project_shows_its_versions_the_base_and_the_finetune_margins(logged_in, text_project):

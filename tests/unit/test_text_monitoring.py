@@ -7,16 +7,15 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone
 
-import numpy as np
 import pandas as pd
 import pytest
 
-from pipelines.artifacts import REFERENCE_FILE, TEXT
+from pipelines.artifacts import LABEL, REFERENCE_FILE, TEXT
 from pipelines.finetune import data
 from pipelines.finetune.serving import write_reference
 from pipelines.monitoring.check import check_window, report_folder
 from pipelines.serving import repository
-from pipelines.serving.client import InferenceLog
+from pipelines.serving.client import write_log
 from tests.conftest import make_text_project
 
 HOUR = datetime(2026, 3, 2, 12, tzinfo=timezone.utc)
@@ -52,8 +51,7 @@ def served(tmp_path, reviews):
 
 
 def log_texts(config, texts: list[str], served_at: datetime) -> None:
-    with InferenceLog(config) as log:
-        log.append(pd.DataFrame({TEXT: texts}), np.array(["great"] * len(texts), dtype=object), 1, served_at=served_at)
+    write_log(config, pd.DataFrame({TEXT: texts, LABEL: "great"}), 1, served_at)
 
 
 def test_the_reference_is_a_seeded_sample_of_the_training_texts(served, reviews):
