@@ -4,8 +4,12 @@
   lands and ``retrain__flights`` runs. The first night is the scheduler's own run of the
   nightly slot, later nights are triggered as a data scientist would from the UI. One month
   arrives corrupted and is quarantined; a night with no new data skips training.
-  Then a later month is sent through Triton as client traffic and logged, ``drift__flights``
-  finds that traffic has moved, and its ``drift_detected`` Asset starts a retrain by itself.
+  Then a later month is sent to Triton by a plain tritonclient client (each flight's id as its
+  request id) and Triton logs it; the flights' real ``arr_delayed`` come back as feedback through
+  an Asset event sent to Airflow's REST API, ``feedback__flights`` joins them and lands them as a
+  production batch, ``performance__flights`` measures the window's realized ROC AUC, and
+  ``drift__flights`` finds that traffic has moved: its ``drift_detected`` Asset starts a retrain by
+  itself, which learns from the labelled production rows.
   Finally the rollback DAG of the first project with two versions puts the previous one back.
 * **diamonds** (tabular regression, ggplot2's diamonds: no id and no time column), added by
   ``flywheel init`` alone from a sample file: two batches land and ``retrain__diamonds``
@@ -23,11 +27,15 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from pipelines.config import load_config, load_deployment, load_text_project, project_kinds
+from pipelines.config import DatasetConfig, ProjectConfig, load_config, load_deployment, load_text_project, project_kinds
 from pipelines.data.replay import land
 from pipelines.launch.airflow import PASSWORDS_FILE, LocalAirflow
 from pipelines.lineage import Record
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 REPO = Path(__file__).resolve().parents[2]
 FLIGHTS, DIAMONDS, REVIEWS = "flights", "diamonds", "reviews"
@@ -55,8 +63,8 @@ NIGHTS = (
 
 # Runtime state of a deployment home; `--fresh` clears it (and Airflow's database, so that the
 # scheduler runs the nightly slot again) so the demo starts from nothing.
-STATE = ("landing", "data", "quarantine", "artifacts", "reports", "gx", ".dvc-remote", "inference_log")
-# After the nights: a later month of real flights sent to the served model, as clients would;
+STATE = ("landing", "data", "quarantine", "artifacts", "reports", "gx", ".dvc-remote", "inference_log", "feedback")
+# After the nights: a later month of real flights sent to the served model, as a service would;
 # enough that the calibrated drift check tells the summer schedule from chance.
 TRAFFIC_MONTH, TRAFFIC_ROWS = "2013-07", 10000
 # The diamonds project: written by `flywheel init` from a sample; two batches of the rest land.
@@ -173,7 +181,7 @@ def run(home: Path, fresh: bool, port: int) -> tuple[dict[str, list[Row]], list[
     from pipelines.finetune.data import write_review_datasets
     from pipelines.launch.triton import TritonServer
     from pipelines.serving import repository
-    from pipelines.serving.client import log_dir, send
+    from pipelines.serving.client import log_dir
 
     if fresh:
         reset(home)
@@ -207,12 +215,16 @@ def run(home: Path, fresh: bool, port: int) -> tuple[dict[str, list[Row]], list[
             print(f"flights night {number}: {night.label}: {state}", flush=True)
 
         served = repository.served_version(flights.model_dir)
-        traffic = send(flights, month_batch(TRAFFIC_MONTH, TRAFFIC_ROWS))
+        traffic = month_batch(TRAFFIC_MONTH, TRAFFIC_ROWS)
+        started = time.monotonic()
+        keys = send_as_a_service(flights.serving.triton.grpc_port, flights.model.name, flights.dataset, traffic)
         serving.append(
-            f"traffic:   {traffic['rows']} flights of {TRAFFIC_MONTH} scored by flights_delay version {served} in Triton ({triton.url}), "
-            f"{traffic['requests']} requests, logged to {log_dir(flights.serving, flights.served_model)}"
+            f"traffic:   {len(keys)} flights of {TRAFFIC_MONTH} sent one a request by a plain tritonclient gRPC client in "
+            f"{time.monotonic() - started:.0f} s, answered by flights_delay version {served} and logged by Triton ({triton.url}) to "
+            f"{log_dir(flights.serving, flights.served_model)}"
         )
-        land(flights.dataset, TRAFFIC_MONTH)  # the month's labelled flights arrive too
+        # A day later, the flights' real arrival delays come back (the labelled rows become a training batch)
+        serving += feedback(airflow, home, flights, traffic)
         retrain, line = drift_check(airflow)
         serving.append(line)
         if retrain:
@@ -256,7 +268,7 @@ def scheduled_run(airflow: LocalAirflow, project: str, timeout: float = 120) -> 
     scheduler starts (a manual one if it does not, e.g. when this Airflow home already ran the
     latest slot)."""
     retrain = f"retrain__{project}"
-    dag_ids = (retrain, f"drift__{project}", f"rollback__{project}")
+    dag_ids = (retrain, f"drift__{project}", f"rollback__{project}", f"feedback__{project}", f"performance__{project}")
     for dag_id in dag_ids:
         airflow.wait_for_dag(dag_id)
     known = {r["dag_run_id"] for r in airflow.dag_runs(retrain)}
@@ -269,6 +281,74 @@ def scheduled_run(airflow: LocalAirflow, project: str, timeout: float = 120) -> 
             return new[0]
         time.sleep(1)
     return airflow.trigger(retrain, {}, run_id=f"demo_{int(time.time())}_{project}1")
+
+
+def send_as_a_service(grpc_port: int, model: str, dataset: DatasetConfig, rows: pd.DataFrame) -> list[str]:
+    """``rows`` sent to Triton's ``model`` as any service would, with tritonclient's gRPC client
+    and nothing of Flywheel's: one request a row, its id the row's own (``dataset.id_column``), so
+    the labelled row joins the raw data under that id. Returns the keys Triton answered in
+    ``request_id`` (shape: one a row)."""
+    import numpy as np
+    import tritonclient.grpc as grpc
+
+    keys: list[str] = []
+    with grpc.InferenceServerClient(f"127.0.0.1:{grpc_port}") as client:
+        for row in rows.itertuples(index=False):
+            values = row._asdict()
+            inputs = []
+            for feature in dataset.features:
+                numeric = feature.type.value == "numeric"
+                tensor = grpc.InferInput(feature.name, [1, 1], "FP32" if numeric else "BYTES")
+                tensor.set_data_from_numpy(np.array([[values[feature.name]]], dtype=np.float32 if numeric else np.object_))
+                inputs.append(tensor)
+            answer = client.infer(model, inputs, request_id=str(values[dataset.id_column]))
+            keys.append(answer.as_numpy("request_id")[0, 0].decode())
+    return keys
+
+
+def feedback(airflow: LocalAirflow, home: Path, config: ProjectConfig, traffic: pd.DataFrame, timeout: float = 300) -> list[str]:
+    """The ground truth of ``traffic`` sent back as a service would: a file of
+    ``request_id,label`` named in an event of the Asset ``flywheel://flights/feedback_landed``
+    (Airflow's REST API); then the feedback run it starts and the performance run that run's
+    ``labels_joined`` starts. Lines for the demo's report."""
+    from pipelines.steps import FEEDBACK_LANDED, project_asset
+
+    labels = home / "landing" / f"{TRAFFIC_MONTH}-labels.csv"  # outside landing/<p>/feedback/: the DAG lands it
+    traffic[[config.dataset.id_column, config.dataset.label.column]].set_axis(["request_id", "label"], axis=1).to_csv(labels, index=False)
+    known = {d: {r["dag_run_id"] for r in airflow.dag_runs(d)} for d in (f"feedback__{FLIGHTS}", f"performance__{FLIGHTS}")}
+    airflow.emit_asset_event(project_asset(FLIGHTS, FEEDBACK_LANDED), {"path": str(labels)})
+    lines: list[str] = []
+    for dag_id, task in ((f"feedback__{FLIGHTS}", "join"), (f"performance__{FLIGHTS}", "check")):
+        run_id = next_asset_run(airflow, dag_id, known[dag_id], timeout)
+        if run_id is None:
+            return [*lines, f"{dag_id}: no run started by the Asset within {timeout:.0f} s"]
+        state = airflow.wait_for_run(dag_id, run_id, timeout=timeout)
+        result = airflow.xcom(dag_id, run_id, task) or {}
+        if task == "join":
+            batches = (airflow.xcom(dag_id, run_id, "land_production") or {}).get("batches", [])
+            lines.append(
+                f"feedback:  {dag_id} {state}: {result.get('labelled')} of {result.get('rows')} labels joined to the log, "
+                f"quarantined {result.get('quarantined')}; production batch {[b.get('batch') for b in batches]} landed for the next retrain"
+            )
+        for summary in result if isinstance(result, list) else []:
+            realized, estimated, test = summary.get("realized") or {}, summary.get("estimated") or {}, summary.get("test") or {}
+            lines.append(
+                f"realized:  {dag_id} {state}: window {summary['start'][:16]} to {summary['end'][:16]}, version {summary.get('version')}: "
+                f"{summary.get('metric')} {realized.get('value')} {realized.get('interval')} on {summary.get('labelled')} labelled flights, "
+                f"estimated (CBPE) {estimated.get('value')}, its test {test.get('value')}; degraded: {summary.get('degraded')}"
+            )
+    return lines
+
+
+def next_asset_run(airflow: LocalAirflow, dag_id: str, known: set[str], timeout: float) -> str | None:
+    """The first asset-triggered run of ``dag_id`` not in ``known`` within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        new: list[str] = [r["dag_run_id"] for r in airflow.dag_runs(dag_id) if r["dag_run_id"] not in known and r["run_type"] == "asset_triggered"]
+        if new:
+            return new[0]
+        time.sleep(1)
+    return None
 
 
 def drift_check(airflow: LocalAirflow, timeout: float = 120) -> tuple[str | None, str]:

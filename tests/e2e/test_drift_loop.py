@@ -29,6 +29,7 @@ from pipelines.config import load_deployment
 from pipelines.data.replay import land, month_batch
 from pipelines.evaluation.gate import NOT_PROMOTED, PROMOTED, predict_onnx
 from pipelines.launch.airflow import LocalAirflow
+from pipelines.launch.demo import next_asset_run, send_as_a_service
 from pipelines.launch.triton import TritonServer
 from pipelines.monitoring.check import report_folder
 from pipelines.serving import live, repository
@@ -232,35 +233,10 @@ def wait_for_backfill_runs(airflow: LocalAirflow, count: int, timeout: float = 6
 FEEDBACK, PERFORMANCE = "feedback__flights", "performance__flights"
 
 
-def send_plain(config, rows) -> list[str]:
-    """``rows`` sent as a service would, with tritonclient's gRPC client and no Flywheel code: one
-    request a flight, its id the flight's (so its labelled row joins the raw data under that id);
-    returns the keys Triton answered in ``request_id``."""
-    import numpy as np
-    import tritonclient.grpc as grpc
-
-    keys: list[str] = []
-    with grpc.InferenceServerClient(f"127.0.0.1:{config.serving.triton.grpc_port}") as client:
-        for _, row in rows.iterrows():
-            inputs = []
-            for feature in config.dataset.features:
-                numeric = feature.type.value == "numeric"
-                tensor = grpc.InferInput(feature.name, [1, 1], "FP32" if numeric else "BYTES")
-                tensor.set_data_from_numpy(np.array([[row[feature.name]]], dtype=np.float32 if numeric else np.object_))
-                inputs.append(tensor)
-            answer = client.infer(config.model.name, inputs, request_id=str(row["flight_id"]))
-            keys.append(answer.as_numpy("request_id")[0, 0].decode())
-    return keys
-
-
 def wait_for_new_run(airflow: LocalAirflow, dag_id: str, known: set[str], timeout: float = 120) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        new = [r["dag_run_id"] for r in airflow.dag_runs(dag_id) if r["dag_run_id"] not in known and r["run_type"] == "asset_triggered"]
-        if new:
-            return new[0]
-        time.sleep(1)
-    raise AssertionError(f"no asset-triggered {dag_id} run within {timeout:.0f} s: {airflow.dag_runs(dag_id)}")
+    run_id = next_asset_run(airflow, dag_id, known, timeout)
+    assert run_id, f"no asset-triggered {dag_id} run within {timeout:.0f} s: {airflow.dag_runs(dag_id)}"
+    return run_id
 
 
 def test_labels_of_what_triton_answered_come_back_and_a_healthy_window_triggers_nothing(loop, tmp_path):
@@ -270,7 +246,7 @@ def test_labels_of_what_triton_answered_come_back_and_a_healthy_window_triggers_
     feedback_runs, performance_runs = ({r["dag_run_id"] for r in airflow.dag_runs(d)} for d in (FEEDBACK, PERFORMANCE))
 
     # Given 2,000 February flights answered by Triton for a client that is not Flywheel's
-    keys = send_plain(config, rows)
+    keys = send_as_a_service(config.serving.triton.grpc_port, config.model.name, config.dataset, rows)
     assert keys == rows["flight_id"].astype(str).tolist()
     logged = wait_until_logged(config, keys)
 
