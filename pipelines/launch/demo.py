@@ -332,10 +332,12 @@ def feedback(airflow: LocalAirflow, home: Path, config: ProjectConfig, traffic: 
             )
         for summary in result if isinstance(result, list) else []:
             realized, estimated, test = summary.get("realized") or {}, summary.get("estimated") or {}, summary.get("test") or {}
+            value, (low, high) = realized.get("value") or float("nan"), realized.get("interval") or (float("nan"),) * 2
             lines.append(
                 f"realized:  {dag_id} {state}: window {summary['start'][:16]} to {summary['end'][:16]}, version {summary.get('version')}: "
-                f"{summary.get('metric')} {realized.get('value')} {realized.get('interval')} on {summary.get('labelled')} labelled flights, "
-                f"estimated (CBPE) {estimated.get('value')}, its test {test.get('value')}; degraded: {summary.get('degraded')}"
+                f"{summary.get('metric')} {value:.4f} [{low:.4f}, {high:.4f}] on {summary.get('labelled')} labelled flights, "
+                f"estimated (CBPE) {estimated.get('value') or float('nan'):.4f}, its test {test.get('value') or float('nan'):.4f}; "
+                f"degraded: {summary.get('degraded')} ({summary.get('reason') or 'p ' + format((summary.get('difference') or {}).get('p_value', float('nan')), '.3g')})"
             )
     return lines
 
