@@ -101,7 +101,7 @@ def needs_training(project: str, data_version: dict[str, str], params: Record) -
     as it was) is nothing new."""
     from pipelines.serving.publish import run_records
 
-    asked = sorted(name for name, value in params.items() if value not in (None, False, ""))
+    asked = sorted(name for name, value in params.items() if value not in (None, False, "", []))  # the form's defaults ask for nothing
     if asked:
         return {"train": True, "reason": f"the run's Params set {asked}"}
     config = load_config(project)
