@@ -63,15 +63,21 @@ CALIBRATION_SPLITS = 10  # held-out splits of the reference that decide whether 
 MAX_CATEGORIES = 255  # HistGradientBoosting's limit of categories a feature; above it, codes are numbers
 
 
-def expected_calibration_error(truth: np.ndarray, predicted: np.ndarray, bins: int = BINS) -> float:
+def expected_calibration_error(truth: np.ndarray, predicted: np.ndarray, bins: int = BINS, equal_mass: bool = False) -> float:
     """The expected calibration error (Naeini et al. 2015): over ``bins`` equal-width bins of the
-    predicted probability on [0, 1], the share of rows in each bin times the gap between their
-    mean probability and the share of them that are positive, summed. ``truth`` (0/1) and
-    ``predicted`` have shape (rows,); nan without rows. 0 for a calibrated model on many rows."""
+    predicted probability on [0, 1] (``equal_mass``: bins of as many rows each, ordered by the
+    prediction, the adaptive ECE of Nixon et al. 2019), the share of rows in each bin times the
+    gap between their mean probability and the share of them that are positive, summed.
+    ``truth`` (0/1) and ``predicted`` have shape (rows,); nan without rows. 0 for a calibrated
+    model on many rows."""
     if len(truth) == 0:
         return float("nan")
     predicted = np.clip(predicted.astype(np.float64), 0, 1)
-    bin_of = np.minimum((predicted * bins).astype(int), bins - 1)  # 1.0 falls in the last bin
+    if equal_mass:
+        bin_of = np.empty(len(predicted), dtype=int)
+        bin_of[np.argsort(predicted, kind="stable")] = np.arange(len(predicted)) * bins // len(predicted)
+    else:
+        bin_of = np.minimum((predicted * bins).astype(int), bins - 1)  # 1.0 falls in the last bin
     rows = np.bincount(bin_of, minlength=bins)
     gaps = np.bincount(bin_of, weights=predicted, minlength=bins) - np.bincount(bin_of, weights=truth.astype(np.float64), minlength=bins)
     return float(np.abs(gaps).sum() / rows.sum())
@@ -87,8 +93,11 @@ def _isotonic(truth: np.ndarray, scores: np.ndarray) -> Any:  # sklearn is untyp
 def needs_calibration(truth: np.ndarray, scores: np.ndarray, seed: int, splits: int = CALIBRATION_SPLITS) -> bool:
     """Whether isotonic calibration lowers the expected calibration error of ``scores`` on rows it
     was not fitted on (NannyML's check): mean ECE over ``splits`` stratified shuffle splits (90%
-    fit, 10% held out, seeded) of the calibrated scores against the raw ones. False for one class
-    or a perfect ranking (nothing to learn; NannyML says the same)."""
+    fit, 10% held out, seeded) of the calibrated scores against the raw ones. The ECE here has
+    bins of equal mass: with a rare class every score sits in the lowest equal-width bins, which
+    hide an under-confident model (measured: a 3% class whose scores stay under 0.15 at ROC AUC
+    0.94 was left uncalibrated and estimated at 0.74). False for one class or a perfect ranking
+    (nothing to learn; NannyML says the same)."""
     from sklearn.metrics import roc_auc_score
     from sklearn.model_selection import StratifiedShuffleSplit
 
@@ -96,8 +105,8 @@ def needs_calibration(truth: np.ndarray, scores: np.ndarray, seed: int, splits: 
         return False
     raw, calibrated = [], []
     for fit, held in StratifiedShuffleSplit(n_splits=splits, test_size=0.1, random_state=seed).split(scores, truth):
-        raw.append(expected_calibration_error(truth[held], scores[held]))
-        calibrated.append(expected_calibration_error(truth[held], _isotonic(truth[fit], scores[fit]).predict(scores[held].astype(np.float64))))
+        raw.append(expected_calibration_error(truth[held], scores[held], equal_mass=True))
+        calibrated.append(expected_calibration_error(truth[held], _isotonic(truth[fit], scores[fit]).predict(scores[held].astype(np.float64)), equal_mass=True))
     return float(np.mean(calibrated)) < float(np.mean(raw))
 
 

@@ -37,12 +37,14 @@ def _utc(moment: datetime) -> datetime:
     return moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment.astimezone(timezone.utc)
 
 
-def as_batch(config: ProjectConfig, labelled: pd.DataFrame) -> pd.DataFrame:
+def as_batch(config: ProjectConfig, labelled: pd.DataFrame, integer_ids: bool = False) -> pd.DataFrame:
     """Labelled rows (the inference log's columns, the ground truth in the label column) as a
     batch of the project's columns, in its order (``dataset.columns``):
 
-    * the id column <- ``request_id`` (text; a parquet batch is validated as the CSV of its
-      values, so ids that are all digits read as whole numbers, as in a CSV); no id column: none;
+    * the id column <- ``request_id``: as int64 where the raw data's ids are integers
+      (``integer_ids``; rows whose key is not a whole number, a key the server made or a
+      ``<id>/<i>``, cannot be a row of such data and are left out: ``not_row_ids``), else as text;
+      no id column: none;
     * the time column <- ``served_at``, as ISO 8601 UTC text (``2013-07-01T10:00:00.000000Z``);
     * the features as the model received them. Triton received numbers as FP32: each is widened
       through its shortest decimal (0.1f is 0.1, not 0.10000000149), and a numeric column whose
@@ -54,9 +56,11 @@ def as_batch(config: ProjectConfig, labelled: pd.DataFrame) -> pd.DataFrame:
     dataset = config.dataset
     rows = labelled.sort_values("observed_at", kind="stable") if "observed_at" in labelled else labelled
     rows = rows.drop_duplicates(subset=["request_id"], keep="last").sort_values(["served_at", "request_id"], kind="stable")
+    if dataset.id_column and integer_ids:
+        rows = rows[~not_row_ids(rows["request_id"])]
     out = pd.DataFrame(index=rows.index)
     if dataset.id_column:
-        out[dataset.id_column] = rows["request_id"].astype(str)
+        out[dataset.id_column] = rows["request_id"].astype("int64") if integer_ids else rows["request_id"].astype(str)
     if dataset.time_column:
         out[dataset.time_column] = pd.to_datetime(rows["served_at"], utc=True).dt.strftime(ISO_UTC)
     for feature in dataset.features:
@@ -64,6 +68,23 @@ def as_batch(config: ProjectConfig, labelled: pd.DataFrame) -> pd.DataFrame:
         out[feature.name] = _number(values) if feature.type == FeatureType.numeric else values.astype(object)
     out[dataset.label.column] = _number(rows[dataset.label.column])
     return out.reset_index(drop=True)
+
+
+def not_row_ids(keys: pd.Series) -> pd.Series:
+    """Which request keys are not whole numbers, so cannot be the row id of data whose ids are integers."""
+    return ~keys.astype(str).str.fullmatch(r"-?\d{1,18}")
+
+
+def _integer_ids(config: ProjectConfig) -> bool:
+    """Whether the raw data's id column holds integers (False before any raw data, or without an id column)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    dataset = config.dataset
+    if not dataset.id_column or not dataset.raw_path.is_file():
+        return False
+    schema = pq.read_schema(dataset.raw_path)
+    return dataset.id_column in schema.names and pa.types.is_integer(schema.field(dataset.id_column).type)
 
 
 def _number(values: pd.Series) -> pd.Series:
@@ -102,8 +123,9 @@ def land_labelled(config: ProjectConfig, start: datetime, end: datetime) -> Reco
     """Land the labelled rows served in ``[start, end)`` as the training batch
     ``production-<start>-<end>.parquet`` in ``dataset.landing_dir`` (columns: ``as_batch``),
     written as ``.partial`` then renamed (``pipelines.data.ingest.land_file``), so ingestion
-    never reads half of it. Returns ``batch`` (its name), ``rows``, ``landed`` (bool) and
-    ``reason`` where nothing landed.
+    never reads half of it. Returns ``batch`` (its name), ``rows``, ``landed`` (bool),
+    ``reason`` where nothing landed, and ``not_row_ids``: labelled rows left out because their
+    key cannot be a row id of the raw data (``as_batch``; they still count for performance).
 
     Idempotent: the same window again gives the same name, and replaces the copy in landing
     while it waits there. Once ingested it is not landed again unless the window got more
@@ -122,14 +144,24 @@ def land_labelled(config: ProjectConfig, start: datetime, end: datetime) -> Reco
         empty = f"no labelled rows served in [{start.isoformat()}, {end.isoformat()}) in {config.feedback.labelled_dir}"
         log.info("%s: %s", name, empty)
         return {"batch": name, "rows": 0, "landed": False, "reason": empty}
-    batch = as_batch(config, labelled)
+    integer_ids = _integer_ids(config)
+    batch = as_batch(config, labelled, integer_ids)
+    left_out = int(not_row_ids(labelled["request_id"]).sum()) if integer_ids else 0
+    if left_out:
+        log.warning(
+            "%s: %d labelled rows left out: their request ids (e.g. %s) are not whole numbers like the ids of %s; "
+            "a client that sends a row's own id as the request id, one row a request, makes its rows trainable",
+            name, left_out, labelled["request_id"][not_row_ids(labelled["request_id"])].head(3).tolist(), config.dataset.raw_path,
+        )
+    if batch.empty:
+        return {"batch": name, "rows": 0, "landed": False, "reason": f"none of the {len(labelled)} labelled rows has a request id that can be a row id", "not_row_ids": left_out}
     reason = _reason_not_to_land(config, name, len(batch))
     if reason is not None:
         log.info("%s: not landed: %s", name, reason)
-        return {"batch": name, "rows": len(batch), "landed": False, "reason": reason}
+        return {"batch": name, "rows": len(batch), "landed": False, "reason": reason, "not_row_ids": left_out}
     with tempfile.TemporaryDirectory(prefix="flywheel-production-") as scratch:
         written = Path(scratch) / name
         batch.to_parquet(written, index=False)
         landed = land_file(config.dataset, written)
     log.info("%s: %d labelled production rows landed in %s", name, len(batch), landed.parent)
-    return {"batch": name, "rows": len(batch), "landed": True, "reason": None}
+    return {"batch": name, "rows": len(batch), "landed": True, "reason": None, "not_row_ids": left_out}

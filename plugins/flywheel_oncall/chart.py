@@ -115,6 +115,9 @@ def seconds(moment: str) -> float:
     return (parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)).timestamp()
 
 
+BOUNDED_METRICS = ("roc_auc", "f1", "precision", "recall", "accuracy")  # metrics that live in [0, 1]
+
+
 def nice_step(span: float, ticks: int = 5) -> float:
     """A step of 1, 2, 2.5 or 5 times a power of ten that cuts ``span`` into about ``ticks`` parts."""
     raw = span / ticks
@@ -122,9 +125,10 @@ def nice_step(span: float, ticks: int = 5) -> float:
     return next(m * power for m in (1, 2, 2.5, 5, 10) if m * power >= raw)
 
 
-def value_range(values: Sequence[float]) -> tuple[float, float, float]:
-    """The metric axis: ``(low, high, step)`` covering ``values`` with a margin, on tick steps.
-    No values: 0 to 1."""
+def value_range(values: Sequence[float], bounded: bool = False) -> tuple[float, float, float]:
+    """The metric axis: ``(low, high, step)`` covering ``values`` with a margin, on tick steps,
+    kept within [0, 1] for a ``bounded`` metric (ROC AUC, F1: an axis to 1.2 shows what cannot
+    be). No values: 0 to 1."""
     if not values:
         return 0.0, 1.0, 0.2
     low, high = min(values), max(values)
@@ -132,7 +136,8 @@ def value_range(values: Sequence[float]) -> tuple[float, float, float]:
     middle = (low + high) / 2
     low, high = min(low, middle - span / 2) - 0.08 * span, max(high, middle + span / 2) + 0.08 * span
     step = nice_step(high - low)
-    return math.floor(low / step) * step, math.ceil(high / step) * step, step
+    low, high = math.floor(low / step) * step, math.ceil(high / step) * step
+    return (max(low, 0.0), min(high, 1.0), step) if bounded else (low, high, step)
 
 
 def decimals(step: float) -> int:
@@ -187,7 +192,10 @@ def performance_chart(windows: Sequence[dict[str, Any]]) -> Chart | None:
     shown = [w for w in windows if w["metric"] == metric]
     starts, ends = [seconds(w["start"]) for w in shown], [seconds(w["end"]) for w in shown]
     t0, t1 = min(starts), max(max(ends), min(starts) + 1)
-    low, high, step = value_range([v for w in shown for v in (w["realized"], w["realized_low"], w["realized_high"], w["estimated"], w["test"]) if v is not None])
+    low, high, step = value_range(
+        [v for w in shown for v in (w["realized"], w["realized_low"], w["realized_high"], w["estimated"], w["test"]) if v is not None],
+        bounded=metric in BOUNDED_METRICS,
+    )
     digits = decimals(step)
 
     def x(t: float) -> float:

@@ -23,7 +23,7 @@ DAY = datetime(2026, 7, 1, tzinfo=timezone.utc)
 NEXT = DAY + timedelta(days=1)
 
 
-def label_rows(config: ProjectConfig, flights: pd.DataFrame, served_at: pd.Series, part: str = "part-0") -> None:
+def label_rows(config: ProjectConfig, flights: pd.DataFrame, served_at: pd.Series, part: str = "part-0", ids: list[str] | None = None) -> None:
     """Write ``flights`` as labelled production rows (``feedback.labelled_dir/date=.../<part>.parquet``):
     the features as Triton received them (numbers float32), the served answer, the request id
     (the flight's id), the serving time, and the ground truth (float64) in the label column."""
@@ -36,7 +36,7 @@ def label_rows(config: ProjectConfig, flights: pd.DataFrame, served_at: pd.Serie
     columns |= {
         "prediction": pa.array(prediction),
         "label": pa.array((prediction > 0.3).astype("int32")),
-        "request_id": pa.array(flights["flight_id"].astype(str), pa.string()),
+        "request_id": pa.array(ids if ids is not None else flights["flight_id"].astype(str), pa.string()),
         "model": pa.array([config.served_model] * len(flights)),
         "model_version": pa.array(np.ones(len(flights), dtype="int64")),
         "served_at": pa.array(served_at, pa.timestamp("us", tz="UTC")),
@@ -77,7 +77,7 @@ def test_a_window_lands_with_the_projects_columns_and_passes_the_suite_into_the_
 
     # Then one parquet batch named after the window holds that day's rows, the project's columns only
     name = "production-20260701T0000Z-20260702T0000Z.parquet"
-    assert result == {"batch": name, "rows": 300, "landed": True, "reason": None}
+    assert result == {"batch": name, "rows": 300, "landed": True, "reason": None, "not_row_ids": 0}
     assert sorted(p.name for p in config.dataset.landing_dir.iterdir()) == [name]  # no .partial left
     batch = pd.read_parquet(config.dataset.landing_dir / name)
     assert list(batch.columns) == config.dataset.columns
@@ -101,6 +101,25 @@ def test_a_window_lands_with_the_projects_columns_and_passes_the_suite_into_the_
     assert list(raw.index) == sorted(first["flight_id"]) and raw[BATCH].eq(name).all()
     assert (raw["arr_delayed"] == expected["arr_delayed"]).all()
     assert str(raw["time_hour"].dtype) == "datetime64[ns, UTC]" and raw["time_hour"].min() == pd.Timestamp(DAY) + pd.Timedelta(microseconds=123)
+
+
+def test_keys_that_cannot_be_row_ids_are_left_out_where_the_ids_are_integers(july):
+    config, _, second = july
+    land_labelled(config, DAY, NEXT)
+    ingest_landing(config)  # the raw data's flight_id is int64 now
+    # Given, beside the 100 flights keyed by their ids, three answered to clients that sent no
+    # usable row id (a curl request's own id, row 0 of a batched request, a key Triton made)
+    strays = month_batch("2013-09", rows=3, seed=2)
+    label_rows(config, strays, served_over(strays, NEXT, 1), "part-c", ids=["curl-1", "svc-7/0", "9f2c4e0a5b6d4c3e8f1a2b3c4d5e6f70"])
+
+    # When the window of July 2nd lands
+    result = land_labelled(config, NEXT, NEXT + timedelta(days=1))
+
+    # Then the three are left out (counted), the rest land with integer ids and pass the suite
+    assert (result["rows"], result["not_row_ids"], result["landed"]) == (100, 3, True)
+    batch = pd.read_parquet(config.dataset.landing_dir / result["batch"])
+    assert batch["flight_id"].dtype == "int64" and sorted(batch["flight_id"]) == sorted(second["flight_id"])
+    assert ingest_landing(config)["passed"] == [result["batch"]]
 
 
 def test_numbers_with_decimals_stay_float64_as_they_were_sent(project):
@@ -130,13 +149,15 @@ def test_landing_a_window_again_is_idempotent_and_more_labels_land_again(july):
     # Once ingested, the same window again lands nothing and says why
     ingest_landing(config)
     again = land_labelled(config, DAY, NEXT)
-    assert again == {"batch": name, "rows": 300, "landed": False, "reason": f"{name} was ingested as {name} with 300 rows; the window has no more labelled rows since"}
+    assert again == {
+        "batch": name, "rows": 300, "landed": False, "reason": f"{name} was ingested as {name} with 300 rows; the window has no more labelled rows since", "not_row_ids": 0,
+    }
     assert list(config.dataset.landing_dir.iterdir()) == []
 
     # Labels that come later for the same window land it again; the raw data keeps each flight once
     late = month_batch("2013-09", rows=50, seed=2)
     label_rows(config, late, served_over(late, DAY + timedelta(hours=1), 2), "part-late")
-    assert land_labelled(config, DAY, NEXT) == {"batch": name, "rows": 350, "landed": True, "reason": None}
+    assert land_labelled(config, DAY, NEXT) == {"batch": name, "rows": 350, "landed": True, "reason": None, "not_row_ids": 0}
     ingest_landing(config)
     raw = pd.read_parquet(config.dataset.raw_path)
     assert len(raw) == 350 and raw["flight_id"].is_unique and set(raw[BATCH]) == {f"{name.removesuffix('.parquet')}.2.parquet"}
