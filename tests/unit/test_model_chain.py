@@ -12,7 +12,7 @@ import torch
 import yaml
 from sklearn.metrics import f1_score
 
-from pipelines.artifacts import CODES, CONFIG_FILE, LABEL_OUTPUT, LOOKUP_FILE, MODEL_FILE, NETWORK_FILE, NUMERIC, OUTPUT, PLAN_FILE
+from pipelines.artifacts import CODES, CONFIG_FILE, LABEL_OUTPUT, LOOKUP_FILE, MODEL_FILE, NETWORK_FILE, NUMERIC, OUTPUT, PLAN_FILE, REQUEST_ID
 from pipelines.config import load_config
 from pipelines.data.split import split_paths
 from pipelines.data.versioning import version_split
@@ -358,7 +358,8 @@ def test_a_regression_project_is_a_config_change_not_a_code_change(tmp_path):
     assert decision["challenger"]["rmse"] < 0.7 * pd.read_parquet(split_paths(config.split.output_dir)["test"])["distance"].std()
     result = publish(config, candidate["candidate"], decision, data_version, RUN)
     assert result["version"] == 1 and repository.read_model_config(config.model_dir).name == "flights_distance"
-    assert [o.name for o in repository.read_model_config(config.model_dir).output] == [OUTPUT]
+    # served: the prediction, and each row's key in the inference log (no label)
+    assert [o.name for o in repository.read_model_config(config.model_dir).output] == [OUTPUT, REQUEST_ID]
 
 
 def test_both_renderings_of_a_version_are_valid_triton_configs(trained):
