@@ -2,7 +2,7 @@
 
 Layout (what the drift check and the feedback join read)::
 
-    <folder>/date=YYYY-MM-DD/part-<UTC time>-<random>.parquet   rows served that UTC day
+    <folder>/date=YYYY-MM-DD/part-<UTC time, microseconds>-<random>.parquet   rows served that UTC day
 
 Columns: the ones the writer is given (a tabular model: its input features as Triton received
 them, ``prediction``, ``label``), then ``request_id`` (string, the row's key), ``model``
@@ -340,7 +340,9 @@ class InferenceLogWriter:
         """Write ``table`` as a new chunk of the ``day`` partition: beside, then renamed."""
         partition = self.folder / f"date={day}"
         partition.mkdir(parents=True, exist_ok=True)
-        path = partition / f"part-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:12]}.parquet"
+        # Microseconds in the name: one writer's chunks sort in the order they were written.
+        now = time.time()
+        path = partition / f"part-{time.strftime('%Y%m%dT%H%M%S', time.gmtime(now))}{int(now % 1 * 1e6):06d}Z-{uuid.uuid4().hex[:12]}.parquet"
         partial = partition / f".{path.name}.partial"
         pq.write_table(table, partial)
         os.replace(partial, path)
