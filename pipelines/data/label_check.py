@@ -73,12 +73,8 @@ def skill(task: Task, truth: np.ndarray, predicted: np.ndarray, weights: np.ndar
 def resampled_skill(task: Task, truth: np.ndarray, predicted: np.ndarray, resamples: int, seed: int) -> np.ndarray:
     """``skill`` on ``resamples`` bootstrap resamples of the rows (seeded by ``seed``): shape
     (resamples,), drawn in chunks of at most ``bootstrap.CHUNK_CELLS`` weights."""
-    rng = np.random.default_rng(seed)
-    rows = len(truth)
     out = np.empty(resamples)
-    chunk = max(1, min(resamples, bootstrap.CHUNK_CELLS // max(rows, 1)))
-    for start in range(0, resamples, chunk):
-        weights = bootstrap.resample_weights(rng, rows, min(chunk, resamples - start))
+    for start, weights in bootstrap.weight_chunks(seed, len(truth), resamples):
         out[start : start + len(weights)] = skill(task, truth, predicted, weights)
     return out
 

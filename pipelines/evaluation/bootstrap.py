@@ -14,7 +14,7 @@ bootstrap), so what the rows share (hard rows, easy rows) cancels out of the dif
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from statistics import NormalDist
 
 import numpy as np
@@ -33,6 +33,16 @@ def resample_weights(rng: np.random.Generator, rows: int, count: int) -> np.ndar
     drawn = rng.integers(0, rows, size=(count, rows))
     drawn += np.arange(count)[:, None] * rows  # line i counts into cells [i * rows, (i + 1) * rows)
     return np.bincount(drawn.ravel(), minlength=count * rows).reshape(count, rows).astype(np.float64)
+
+
+def weight_chunks(seed: int, rows: int, resamples: int) -> Iterator[tuple[int, np.ndarray]]:
+    """``resamples`` bootstrap resamples of ``rows`` rows (``resample_weights``, seeded), in chunks
+    of at most ``CHUNK_CELLS`` weights, so memory stays bounded when rows are millions: yields
+    ``(first, weights)``, the index of the chunk's first resample and its ``(count, rows)`` matrix."""
+    rng = np.random.default_rng(seed)
+    chunk = max(1, min(resamples, CHUNK_CELLS // max(rows, 1)))
+    for first in range(0, resamples, chunk):
+        yield first, resample_weights(rng, rows, min(chunk, resamples - first))
 
 
 def roc_auc(truth: np.ndarray, predicted: np.ndarray, weights: np.ndarray) -> np.ndarray:
@@ -149,12 +159,8 @@ def paired_differences(
     with replacement (seeded by ``seed``), the same rows for both models; a group's value is the
     metric on its rows of that resample. ``thresholds``: the challenger's and champion's cuts.
     Nan where a group's resample leaves the metric undefined (one class for ROC AUC)."""
-    rng = np.random.default_rng(seed)
-    rows = len(truth)
     out = np.empty((len(groups), resamples))
-    chunk = max(1, min(resamples, CHUNK_CELLS // max(rows, 1)))  # bounds the memory: rows can be millions
-    for start in range(0, resamples, chunk):
-        weights = resample_weights(rng, rows, min(chunk, resamples - start))
+    for start, weights in weight_chunks(seed, len(truth), resamples):
         for g, members in enumerate(groups):
             sample = weights[:, members]
             ours = weighted(metric, truth[members], challenger[members], sample, thresholds[0])

@@ -71,11 +71,8 @@ def resampled(metric: str, truth: np.ndarray, predicted: np.ndarray, threshold: 
     """``metric`` on ``resamples`` bootstrap resamples of the rows (``truth`` and ``predicted`` of
     shape (rows,)), seeded: shape (resamples,), nan where a resample leaves it undefined. The
     weights matrix is built in chunks of at most ``bootstrap.CHUNK_CELLS`` cells."""
-    rng = np.random.default_rng(seed)
     out = np.empty(resamples)
-    chunk = max(1, min(resamples, bootstrap.CHUNK_CELLS // max(len(truth), 1)))
-    for first in range(0, resamples, chunk):
-        weights = bootstrap.resample_weights(rng, len(truth), min(chunk, resamples - first))
+    for first, weights in bootstrap.weight_chunks(seed, len(truth), resamples):
         out[first : first + len(weights)] = bootstrap.weighted(metric, truth, predicted, weights, threshold)
     return out
 
