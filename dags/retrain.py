@@ -15,6 +15,9 @@ as a new Triton model version if it wins.
   fix (a config error, a missing column, a suite that does not parse): `pipelines.steps.run`.
 * A new version goes live in Triton only after a smoke test through tritonclient; one that
   fails is marked rejected, the served version keeps answering, and the run fails.
+* With `rollout.enabled`, a promoted challenger is routed in shadow beside the served champion
+  instead of replacing it, and `announce_rollout` emits `flywheel://<project>/challenger_in_shadow`,
+  which starts `rollout__<project>` (shadow, canary, full, each decided on live labels).
 * A challenger that loses is kept with its metrics; the run succeeds with the decision
   "not promoted" in the `publish` task's result and the run's lineage record.
 * Why a run ran (schedule, drift with its report, a performance drop with its window, manual)
@@ -35,10 +38,12 @@ import pendulum
 from airflow.sdk import Asset, AssetOrTimeSchedule, CronTriggerTimetable, Param, dag, task
 
 from pipelines.config import GPU_QUEUE, ProjectKind, project_kinds, task_defaults
-from pipelines.steps import DRIFT_DETECTED, PERFORMANCE_DEGRADED, project_asset
+from pipelines.steps import CHALLENGER_IN_SHADOW, DRIFT_DETECTED, PERFORMANCE_DEGRADED, project_asset
 
 
 def retrain_dag(project: str):
+    in_shadow = Asset(project_asset(project, CHALLENGER_IN_SHADOW))
+
     @dag(
         dag_id=f"retrain__{project}",
         schedule=AssetOrTimeSchedule(
@@ -102,13 +107,23 @@ def retrain_dag(project: str):
             run = steps.airflow_run(dag_run, steps.trigger(run_type, events))
             return steps.run(steps.publish, project, trained["candidate"], decision, versioned["data_version"], run, dict(params))
 
+        @task(outlets=[in_shadow])
+        def announce_rollout(published, outlet_events=None):
+            """Start rollout__<project> when publish routed the challenger in shadow; else skipped."""
+            from airflow.exceptions import AirflowSkipException
+
+            if not published["rollout"]:
+                raise AirflowSkipException("no rollout: the challenger was not promoted, or it serves in full (rollout.enabled is off, or it is the first version)")
+            outlet_events[in_shadow].extra = {"challenger": published["rollout"]}
+            return published["rollout"]
+
         versioned = version_data()
         check_params() >> validate() >> versioned
         trained = train(versioned)
         needs_training(versioned) >> trained
         decision = gate(trained)
         export(trained) >> decision
-        publish(trained, decision, versioned)
+        announce_rollout(publish(trained, decision, versioned))
 
     return retrain()
 

@@ -3,7 +3,11 @@
 
 Put a previous version of the project's served model back in service, for example when the
 newest one misbehaves in production. Trigger it from the UI with the version to serve
-(`flywheel versions <project>` or the Models page lists them).
+(`flywheel versions <project>` or the Models page lists them), and why.
+
+Without a version (what an alert's rollback sends: Alertmanager's receiver cannot know
+versions): a rollout in progress ends and the champion serves alone; with none in progress, the
+version served before the current one serves again. Naming a version also ends a rollout.
 
 The version is loaded into Triton and served once it is ready; the version it replaces keeps
 answering until then, so no request fails. The change is recorded in the model's serving
@@ -32,14 +36,17 @@ def rollback_dag(project: str):
         default_args=task_defaults(retries=1, retry_delay=timedelta(seconds=10), max_retry_delay=None),
         tags=["flywheel", "serving", f"project:{project}"],
         doc_md=__doc__,
-        params={"version": Param(type="integer", minimum=1, description="The version to serve again.")},
+        params={
+            "version": Param(None, type=["null", "integer"], minimum=1, description="The version to serve again (empty: end a rollout, or the version served before)."),
+            "reason": Param("", type="string", maxLength=500, description="Why (goes into the serving history)."),
+        },
     )
     def rollback():
         @task
         def serve_previous_version(params=None, dag_run=None):
             from pipelines import steps
 
-            return steps.run(steps.rollback, project, params["version"], steps.airflow_run(dag_run))
+            return steps.run(steps.rollback, project, params["version"], steps.airflow_run(dag_run), params["reason"])
 
         serve_previous_version()
 

@@ -17,6 +17,9 @@ LABEL_OUTPUT = "label"
 # Each row's key, answered (string, shape (rows, 1)) and logged by the cpu rendering of a version
 # that logs: the request's id (the client's or one the server made), ``<id>/<i>`` for row i of several.
 REQUEST_ID = "request_id"
+# During a rollout, the version that answered each row (int32, shape (rows, 1)), answered by the
+# router (``backend/model.py``); also a column of every inference log.
+MODEL_VERSION = "model_version"
 CODES, NUMERIC = "categorical_codes", "numeric"  # the tensors between the lookup and the network
 
 # A fine-tuned text classifier's export.

@@ -49,9 +49,7 @@ DVC_SECTIONS = frozenset({"dataset", "split"})  # the DVC split stage versions t
 GPU_QUEUE = "gpu"
 
 
-def task_defaults(
-    retries: int = 2, retry_delay: timedelta = timedelta(minutes=1), max_retry_delay: timedelta | None = timedelta(minutes=30)
-) -> dict[str, Any]:
+def task_defaults(retries: int = 2, retry_delay: timedelta = timedelta(minutes=1), max_retry_delay: timedelta | None = timedelta(minutes=30)) -> dict[str, Any]:
     """A DAG's ``default_args``: the owner on-call pages, and retries with exponential backoff."""
     defaults: dict[str, Any] = {"owner": "ml-platform", "retries": retries, "retry_delay": retry_delay, "retry_exponential_backoff": True}
     return defaults | ({"max_retry_delay": max_retry_delay} if max_retry_delay else {})
@@ -221,9 +219,7 @@ class ExportConfig(Strict):
     parity_tolerance: float = Field(default=1e-4, gt=0)
     int8: bool = Field(default=False, description="try ONNX Runtime dynamic int8 quantisation")
     int8_tolerance: float = Field(default=0.002, ge=0, description="largest loss of the gate metric int8 may cost")
-    tensorrt: TensorRTPrecision = Field(
-        default=TensorRTPrecision.off, description="build a TensorRT engine (model.plan) where tensorrt and CUDA are present"
-    )
+    tensorrt: TensorRTPrecision = Field(default=TensorRTPrecision.off, description="build a TensorRT engine (model.plan) where tensorrt and CUDA are present")
     tensorrt_fp16_tolerance: float = Field(default=1e-2, gt=0, description="largest |engine - onnxruntime| an fp16 engine may show")
     tensorrt_int8_tolerance: float = Field(default=5e-2, gt=0, description="the same for an int8 engine")
     tensorrt_calibration_rows: int = Field(default=2048, ge=1, description="training rows that calibrate an int8 engine")
@@ -295,10 +291,7 @@ class DriftTests(Strict):
         for kind in ("numeric", "categorical", "text"):
             test = data.get(kind) if isinstance(data, dict) else None
             if isinstance(test, dict) and "threshold" in test:
-                raise ValueError(
-                    f"monitoring.tests.{kind}.threshold: drift thresholds are calibrated per window size for "
-                    "monitoring.false_alarm_rate; remove the threshold"
-                )
+                raise ValueError(f"monitoring.tests.{kind}.threshold: drift thresholds are calibrated per window size for monitoring.false_alarm_rate; remove the threshold")
         return data
 
     @model_validator(mode="after")
@@ -353,9 +346,7 @@ class PerformanceConfig(Strict):
     min_drop: float = Field(default=0.0, ge=0, description="least drop below the version's test metric that matters, at the interval's bound")
     resamples: int = Field(default=1000, ge=100, description="bootstrap resamples of a window's labelled rows")
     seed: int = 13
-    label_check_min_skill: float = Field(
-        default=0.25, ge=0, lt=1, description="a labelled batch on which the champion keeps less of its test skill than this share is held"
-    )
+    label_check_min_skill: float = Field(default=0.25, ge=0, lt=1, description="a labelled batch on which the champion keeps less of its test skill than this share is held")
     reports_dir: Path = Path("reports/performance")
 
     @field_validator("window_hours")
@@ -365,6 +356,36 @@ class PerformanceConfig(Strict):
         if 24 % hours:
             raise ValueError(f"performance.window_hours {hours} must divide 24 (1, 2, 3, 4, 6, 8, 12 or 24)")
         return hours
+
+
+class RolloutApproval(str, Enum):
+    none = "none"
+    required = "required"  # a person approves in Airflow (human-in-the-loop) before canary and before full
+
+
+class RolloutConfig(Strict):
+    """How a promoted challenger meets live traffic (``pipelines.serving.rollout``): in shadow, then
+    as a canary, then in full, each stage decided by a sequential test on live labels
+    (``pipelines.evaluation.sequential``). Off: a promoted challenger serves all traffic at once."""
+
+    enabled: bool = False
+    canary_share: float = Field(default=0.2, gt=0, lt=1, description="share of requests (by request id) the challenger answers as a canary")
+    false_alarm_rate: float = Field(default=0.05, gt=0, lt=0.5, description="alpha of each stage's sequential test, at every look")
+    min_effect: float = Field(default=0.01, gt=0, description="sd of the test's normal mixture over the mean per-row score difference")
+    margin: float = Field(default=0.0, ge=0, description="promote when the lower bound clears -margin; abort when the upper bound is below it")
+    min_labels: int = Field(default=100, ge=2, description="never decide on fewer paired labelled rows")
+    max_labels: int = Field(default=20000, ge=2, description="a stage still undecided at this many rows aborts")
+    stage_hours: float = Field(default=24, gt=0, description="a stage still undecided after this long aborts")
+    poke_seconds: int = Field(default=60, ge=1, description="how often a stage looks at the labels that came back")
+    approval: RolloutApproval = RolloutApproval.none
+    approval_timeout_hours: float = Field(default=24, gt=0, description="an approval not given within this time rejects")
+    limitations: tuple[str, ...] = ()  # known limitations, for the model card
+
+    @model_validator(mode="after")
+    def _max_above_min(self) -> RolloutConfig:
+        if self.max_labels < self.min_labels:
+            raise ValueError(f"rollout.max_labels {self.max_labels} is below rollout.min_labels {self.min_labels}: no stage could ever decide")
+        return self
 
 
 class FinetuneTask(str, Enum):
@@ -487,15 +508,19 @@ class ProjectConfig(Project):
     export: ExportConfig = ExportConfig()
     feedback: FeedbackConfig
     performance: PerformanceConfig = PerformanceConfig()
+    rollout: RolloutConfig = RolloutConfig()
 
     @model_validator(mode="after")
     def _metric_fits_task(self) -> ProjectConfig:
         allowed = METRICS_FOR_TASK[self.dataset.label.task]
         if self.gate.metric not in allowed:
-            raise ValueError(
-                f"gate.metric {self.gate.metric!r} does not apply to a {self.dataset.label.task.value} label; "
-                f"use one of {sorted(allowed)}"
-            )
+            raise ValueError(f"gate.metric {self.gate.metric!r} does not apply to a {self.dataset.label.task.value} label; use one of {sorted(allowed)}")
+        return self
+
+    @model_validator(mode="after")
+    def _rollout_is_routed(self) -> ProjectConfig:
+        if self.rollout.enabled and self.serving.profile != ServingProfile.cpu:
+            raise ValueError(f"rollout.enabled: a rollout is routed by the cpu rendering (serving.profile cpu), not {self.serving.profile.value}")
         return self
 
     @model_validator(mode="after")
@@ -637,9 +662,7 @@ def load_project(name: str, home: Path | str | None = None) -> AnyProject:
     try:
         return absolute(model(**sections, home=home), home)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or '<top>'}: {err['msg']}" for err in exc.errors()
-        )
+        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc']) or '<top>'}: {err['msg']}" for err in exc.errors())
         raise ConfigError(f"{source}: {problems}") from exc
 
 

@@ -25,6 +25,7 @@ DRIFT_DETECTED = "drift_detected"  # drift__<p> -> retrain__<p>
 PERFORMANCE_DEGRADED = "performance_degraded"  # performance__<p> -> retrain__<p>
 FEEDBACK_LANDED = "feedback_landed"  # anyone (the REST API) -> feedback__<p>, extra {"path": ...}
 LABELS_JOINED = "labels_joined"  # feedback__<p> -> performance__<p>, extra {"windows": [[start, end], ...]}
+CHALLENGER_IN_SHADOW = "challenger_in_shadow"  # retrain__<p> -> rollout__<p>, extra {"challenger": N}
 FINETUNE_EXPORT_DIR = "export"
 
 
@@ -114,8 +115,7 @@ def needs_training(project: str, data_version: dict[str, str], params: Record) -
         return {"train": True, "reason": f"the data changed since run {last['airflow']['run_id']}"}
     return {
         "train": False,
-        "reason": f"nothing new: run {last['airflow']['run_id']} ({last['created_at']}) trained on these splits "
-        f"and no Param is set; train, export, gate and publish are skipped",
+        "reason": f"nothing new: run {last['airflow']['run_id']} ({last['created_at']}) trained on these splits and no Param is set; train, export, gate and publish are skipped",
     }
 
 
@@ -267,11 +267,66 @@ def performance_decide(project: str, summaries: list[Record], last_trigger_at: s
 # --- rollback__<project> --------------------------------------------------------------------
 
 
-def rollback(project: str, version: int, run: Record) -> Record:
-    """Put ``version`` of the project's served model back in service."""
+def rollback(project: str, version: int | None, run: Record, reason: str = "") -> Record:
+    """Put ``version`` of the project's served model back in service; None: end a rollout in
+    progress, or serve the version served before the current one."""
     from pipelines.serving.rollback import rollback as put_back
 
-    return put_back(load_project(project), version, run)
+    return put_back(load_project(project), version, run, reason)
+
+
+# --- rollout__<project> ---------------------------------------------------------------------
+
+
+def rollout_challenger(project: str, version: int | None, events: list[Record]) -> Record:
+    """The challenger a rollout run takes through its stages: the ``version`` Param, else the one
+    the triggering Asset event names, else the one the served model routes now; it must be
+    routed (in shadow) already. Returns {challenger, champion, stage}."""
+    from pipelines.serving.rollout import RolloutError, in_progress
+
+    config = load_config(project)
+    named = version or next((e["extra"].get("challenger") for e in reversed(events) if e.get("extra", {}).get("challenger")), None)
+    routed = in_progress(config)
+    if routed is None or (named is not None and routed.challenger != int(named)):
+        raise RolloutError(f"project {project}: version {named} is not in a rollout (the served model routes {routed}); a promoted challenger is routed in shadow by publish")
+    from pipelines.serving import repository
+
+    return {"challenger": routed.challenger, "champion": repository.served_version(config.model_dir), "stage": routed.mode}
+
+
+def rollout_look(project: str, challenger: int, stage: str) -> Record:
+    """One look of a stage's sequential test (``pipelines.serving.rollout.look``)."""
+    from pipelines.serving.rollout import look
+
+    return look(load_config(project), challenger, stage)
+
+
+def rollout_card(project: str, challenger: int, looks: list[Record]) -> Record:
+    """Write the challenger's model card with the rollout's looks so far; the card's paths."""
+    from pipelines.serving.model_card import write_model_card
+
+    config = load_config(project)
+    written = write_model_card(config, challenger, {look["stage"]: look for look in looks if look})
+    return {name: config.portable(path) for name, path in written.items()}
+
+
+def rollout_advance(project: str, challenger: int, to: str, run: Record, reason: str, approval: Record | None = None) -> Record:
+    """Take the rollout to ``to`` (canary, full, aborted) (``pipelines.serving.rollout.advance``)."""
+    from pipelines.serving.rollout import advance
+
+    return advance(load_config(project), challenger, to, run, reason, approval)
+
+
+def approval_record(response: Record | None) -> Record | None:
+    """Who approved a stage, when, and their comment, from the HITL task's result (None: none asked)."""
+    if not response:
+        return None
+    return {
+        "chosen": response.get("chosen_options"),
+        "by": response.get("responded_by_user"),
+        "at": str(response.get("responded_at")),
+        "comment": (response.get("params_input") or {}).get("comment", ""),
+    }
 
 
 # --- revert_batch__<project> ----------------------------------------------------------------
@@ -331,8 +386,13 @@ def finetune_export(project: str, candidate: str) -> Record:
     texts = [r["text"] for r in load_splits(config.finetune, params["dataset"])["val"][:64]]
     out = folder / FINETUNE_EXPORT_DIR
     exported = export_classifier(
-        merged(folder), load_tokenizer(resolve_base(params["base_model"])), record["result"]["labels"],
-        params["max_length"], out, texts, config.finetune.parity_tolerance,
+        merged(folder),
+        load_tokenizer(resolve_base(params["base_model"])),
+        record["result"]["labels"],
+        params["max_length"],
+        out,
+        texts,
+        config.finetune.parity_tolerance,
     )
     exported["onnx"] = config.portable(Path(exported["onnx"]))
     write_json(folder / "export.json", exported)

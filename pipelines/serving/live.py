@@ -44,7 +44,7 @@ import numpy.typing as npt
 import pandas as pd
 
 from pipelines.artifacts import CONFIG_FILE, LABEL_OUTPUT, LINEAGE_FILE, MODEL_FILE, OUTPUT, REQUEST_ID
-from pipelines.config import AnyProject, DatasetConfig, FeatureType, ProjectConfig, ServingConfig, TritonConfig
+from pipelines.config import AnyProject, DatasetConfig, FeatureType, ProjectConfig, ServingConfig, ServingProfile, TritonConfig
 from pipelines.errors import NotRetryable, TritonUnavailable
 from pipelines.export.onnx import label_mismatches, onnx_outputs, parity_gap, threshold_of
 from pipelines.lineage import Record, read_json, write_json
@@ -60,6 +60,10 @@ SMOKE_SUFFIX = "__smoke"
 
 class SmokeTestError(NotRetryable, RuntimeError):
     """A new version did not load, or answered differently from ONNX Runtime run locally."""
+
+
+class RouteRefused(NotRetryable, ValueError):
+    """A rollout that cannot be routed: nothing served, an unknown or rejected challenger, a rendering that does not route."""
 
 
 def connect(triton: TritonConfig) -> InferenceServerClient:
@@ -276,7 +280,7 @@ def tabular_unit(config: ProjectConfig) -> ServedUnit:
     model_dir, serving, dataset = config.model_dir, config.serving, config.dataset
 
     def rendering(version: int) -> ModelConfig:
-        return repository.model_config(model_dir, serving, dataset, version)
+        return repository.model_config(model_dir, serving, dataset, version, project=config.name)
 
     def steps(served: list[int]) -> dict[Path, ModelConfig | None]:
         folders = {step: repository.step_dir(model_dir, step) for step in repository.ENGINE_STEPS}
@@ -368,3 +372,60 @@ def serve(config: AnyProject, version: int, run: Record, event: str) -> Record:
     seconds = time.monotonic() - started
     log.info("%s version %d is live (was %s) after %.1f s", unit.name, version, previous, seconds)
     return record(config, event, version, previous, run, switch_seconds=round(seconds, 3))
+
+
+def smoke(config: ProjectConfig, version: int, run: Record) -> float | None:
+    """Smoke-test ``version`` in Triton (``ServedUnit.smoke``) without serving it: the max
+    difference from ONNX Runtime, or None without ``serving.triton.url``. A failure marks the
+    version rejected, records it in the serving history and raises ``SmokeTestError``."""
+    if not config.serving.triton.url:
+        return None
+    unit = served_unit(config)
+    with connect(config.serving.triton) as client:
+        try:
+            return unit.smoke(client, version)
+        except SmokeTestError as failed:
+            mark_rejected(config, version, str(failed))
+            record(config, "rejected", version, repository.served_version(unit.folder), run, reason=str(failed))
+            raise
+
+
+def route(config: ProjectConfig, rollout: repository.Route | None, run: Record, event: str) -> Record:
+    """Have the served (champion) version route to a rollout's challenger (``rollout``: shadow, or
+    a canary's share), or serve alone again (None); returns the history entry (``event``: shadow,
+    canary, abort, ...).
+
+    The champion keeps its version: only its ``config.pbtxt`` parameters change, and Triton loads
+    the new config beside the one serving and swaps once it is ready, so no request fails (the
+    same reload as ``switch``). If the load fails the previous config is put back and Triton
+    keeps what it served. ``RouteRefused`` for a project with nothing served, a challenger that is
+    the champion, unknown or rejected, or the gpu profile (its renderings do not route).
+    """
+    folder = config.model_dir
+    champion = repository.served_version(folder)
+    if champion is None:
+        raise RouteRefused(f"project {config.name}: {folder.name} serves no version yet; a first version is served in full")
+    if rollout is not None:
+        if config.serving.profile != ServingProfile.cpu:
+            raise RouteRefused(f"project {config.name}: a rollout is routed by the cpu rendering; serving.profile is {config.serving.profile.value}")
+        if rollout.challenger == champion or rollout.challenger not in repository.versions(folder):
+            raise RouteRefused(f"project {config.name}: challenger {rollout.challenger} is not a version of {folder.name} other than the served {champion}")
+        status = repository.lineage_of(folder, rollout.challenger).get("status")
+        if status == "rejected":
+            raise RouteRefused(f"project {config.name}: {folder.name} version {rollout.challenger} was rejected and is never served")
+        refreshed = repository.refresh_backend(folder, champion)
+        if refreshed:
+            log.info("%s version %d: backend files %s brought up to date for the router", folder.name, champion, refreshed)
+    previous = repository.read_model_config(folder)
+    repository.write_model_config(folder, repository.model_config(folder, config.serving, config.dataset, champion, route=rollout, project=config.name))
+    started = time.monotonic()
+    if config.serving.triton.url:
+        try:
+            with connect(config.serving.triton) as client:
+                client.load_model(folder.name)  # explicit mode: returns once the new config serves
+        except Exception:
+            if previous is not None:
+                repository.write_model_config(folder, previous)
+            raise
+    details = {"challenger": rollout.challenger, "mode": rollout.mode, "share": rollout.share} if rollout else {}
+    return record(config, event, champion, champion, run, switch_seconds=round(time.monotonic() - started, 3), **details)

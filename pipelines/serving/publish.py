@@ -21,7 +21,7 @@ from pipelines.feedback.reference import write_reference as write_performance_re
 from pipelines.lineage import Record, code_version, read_json, write_json
 from pipelines.metrics import Sample, emit
 from pipelines.monitoring.check import write_reference
-from pipelines.serving import live, repository
+from pipelines.serving import live, repository, rollout
 
 log = logging.getLogger(__name__)
 # The settings a version was trained and gated with, in its lineage record.
@@ -84,9 +84,7 @@ def publish(
             baseline = write_reference(train, config.dataset, config.monitoring, config.train.seed, folder)
             lineage["drift_calibration"] = baseline["calibration"]
             fit = training.get("fit_seconds")
-            log.info(
-                "drift thresholds calibrated in %.1f s%s", baseline["calibration"]["seconds"], f" ({baseline['calibration']['seconds'] / fit:.0%} of the training's {fit:.1f} s)" if fit else ""
-            )
+            log.info("drift thresholds calibrated in %.1f s%s", baseline["calibration"]["seconds"], f" ({baseline['calibration']['seconds'] / fit:.0%} of the training's {fit:.1f} s)" if fit else "")
             # what production performance is compared with and estimated from; a model ONNX Runtime
             # cannot run is for the smoke test to refuse, with the version recorded as rejected
             try:
@@ -101,8 +99,12 @@ def publish(
                 repository.add_engine_steps(model_dir, folder, version)
             version = repository.add_version(model_dir, files, lineage, version)
         lineage["version"] = version
+        champion = repository.served_version(model_dir)
         try:
-            lineage["live"] = live.serve(config, version, run, event="publish")
+            if config.rollout.enabled and champion is not None and champion != version:  # a first version serves in full
+                lineage["live"] = rollout.start(config, version, run)
+            else:
+                lineage["live"] = live.serve(config, version, run, event="publish")
         except Exception as failed:  # the smoke test refused it, or Triton did not answer
             outcome = "rejected" if isinstance(failed, live.SmokeTestError) else "failed"
             lineage["live"] = {"event": outcome, "reason": str(failed)}
@@ -114,10 +116,12 @@ def publish(
         log.info("not promoted: %s; the candidate stays in %s with its metrics", gate["reason"], folder)
     record = write_json(run_record_path(config.artifacts_dir, run["run_id"]), lineage)
     report(config, gate["decision"], gate)
+    routed = repository.route_of(model_dir)
     return {
         "decision": gate["decision"],
         "version": lineage["version"],
         "served_version": repository.served_version(model_dir),
+        "rollout": routed.challenger if routed is not None and routed.challenger == lineage["version"] else None,
         "lineage": config.portable(record),
     }
 

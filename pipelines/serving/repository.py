@@ -27,9 +27,9 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
-from pipelines.artifacts import CODES, CONFIG_FILE, LABEL_OUTPUT, LINEAGE_FILE, LOOKUP_FILE, MODEL_FILE, NUMERIC, OUTPUT, PLAN_FILE, REQUEST_ID
+from pipelines.artifacts import CODES, CONFIG_FILE, LABEL_OUTPUT, LINEAGE_FILE, LOOKUP_FILE, MODEL_FILE, MODEL_VERSION, NUMERIC, OUTPUT, PLAN_FILE, REQUEST_ID
 from pipelines.config import DatasetConfig, FeatureType, ServingConfig, ServingProfile
 from pipelines.lineage import Record, read_json, write_json
 
@@ -48,6 +48,19 @@ BACKEND_LOG = BACKEND_MODEL.with_name("inference_log.py")
 BACKEND_FILES = {file.name: file for file in (BACKEND_MODEL, BACKEND_LOG)}  # beside model.onnx in every version
 STAGING_PREFIX = ".staging-"
 ENGINE_STEPS = ("lookup", "engine")  # the tensorrt_plan rendering's composing models, in order
+
+
+class Route(NamedTuple):
+    """A rollout in progress in a served model: the challenger version the served (champion)
+    version routes to, and how (``backend/model.py``: the router)."""
+
+    challenger: int
+    mode: str  # SHADOW: the champion answers all; CANARY: the challenger answers ``share`` of request ids
+    share: float  # 0 in shadow
+
+
+SHADOW, CANARY = "shadow", "canary"
+ROUTE_PARAMETERS = ("rollout_challenger", "rollout_mode", "rollout_share")
 
 
 def versions(model_dir: Path) -> list[int]:
@@ -76,7 +89,16 @@ def served_version(model_dir: Path) -> int | None:
     return int(max(config.version_policy.specific.versions))
 
 
-def model_config(model_dir: Path, serving: ServingConfig, dataset: DatasetConfig, version: int, logged: bool = True) -> ModelConfig:
+def route_of(model_dir: Path) -> Route | None:
+    """The rollout the served model's ``config.pbtxt`` routes to, or None."""
+    config = read_model_config(model_dir)
+    if config is None or "rollout_challenger" not in config.parameters:
+        return None
+    values = [config.parameters[name].string_value for name in ROUTE_PARAMETERS]
+    return Route(int(values[0]), values[1], float(values[2]))
+
+
+def model_config(model_dir: Path, serving: ServingConfig, dataset: DatasetConfig, version: int, logged: bool = True, route: Route | None = None, project: str = "") -> ModelConfig:
     """Triton's ModelConfig for a version of the model in ``model_dir`` (its name is the
     folder's), in the rendering ``serving.profile`` asks for.
 
@@ -91,15 +113,23 @@ def model_config(model_dir: Path, serving: ServingConfig, dataset: DatasetConfig
     cached, so TensorRT builds the engine inside Triton at load time; or, for a version whose
     export built an engine (``has_engine``), the ``tensorrt_plan`` ensemble of ``ensemble_config``.
     Neither gpu rendering logs.
+    ``route``: a rollout, with ``version`` the champion: the cpu rendering's router also runs the
+    challenger (``Route``) and answers each row's ``model_version``. ``project`` labels the
+    router's metrics.
     """
     if serving.profile == ServingProfile.gpu and has_engine(model_dir, version):
         return ensemble_config(model_dir, serving, dataset, version)
     answered = outputs(model_dir, version)
     logs = serving.profile == ServingProfile.cpu and (model_dir / str(version) / BACKEND_LOG.name).is_file()
-    rendering = _signature(serving, model_dir.name, [version], _feature_inputs(dataset), answered + ([(REQUEST_ID, "TYPE_STRING", 1)] if logs else []))
-    if logs and logged:
-        for name, value in log_parameters(serving, model_dir.name).items():
-            rendering.parameters[name].string_value = value
+    if route is not None and not logs:
+        raise ValueError(f"{model_dir.name} version {version}: a rollout is routed by the cpu rendering of a version that logs (serving.profile cpu)")
+    routed = [(MODEL_VERSION, "TYPE_INT32", 1)] if route is not None else []
+    rendering = _signature(serving, model_dir.name, [version], _feature_inputs(dataset), answered + ([(REQUEST_ID, "TYPE_STRING", 1)] if logs else []) + routed)
+    parameters = {**(log_parameters(serving, model_dir.name) if logs and logged else {}), **({"flywheel_project": project} if project else {})}
+    if route is not None:
+        parameters.update(zip(ROUTE_PARAMETERS, (str(route.challenger), route.mode, repr(route.share))))
+    for name, value in parameters.items():
+        rendering.parameters[name].string_value = value
     return place(rendering, serving.profile)
 
 
@@ -281,6 +311,23 @@ def add_version(model_dir: Path, files: dict[str, Path], lineage: Record | None,
         write_json(staging / LINEAGE_FILE, {**lineage, "version": version})
     os.rename(staging, model_dir / str(version))
     return version
+
+
+def refresh_backend(model_dir: Path, version: int) -> list[str]:
+    """Bring the backend files (``BACKEND_FILES``) of an existing version up to this project's:
+    the router of a rollout runs in the champion's ``model.py``, which a version published by an
+    older Flywheel lacks. The model itself is untouched; each file is replaced atomically and a
+    running Triton reads it at the next load. Returns the names of the files replaced."""
+    replaced = []
+    for name, source in BACKEND_FILES.items():
+        target = model_dir / str(version) / name
+        if target.is_file() and target.read_bytes() == source.read_bytes():
+            continue
+        partial = target.with_name(f".{name}.partial")
+        shutil.copy2(source, partial)
+        os.replace(partial, target)
+        replaced.append(name)
+    return replaced
 
 
 def lineage_of(model_dir: Path, version: int) -> Record:

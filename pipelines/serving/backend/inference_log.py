@@ -47,6 +47,9 @@ MODEL = "model"
 MODEL_VERSION = "model_version"
 SERVED_AT = "served_at"
 LATENCY_MS = "latency_ms"
+# A rollout's shadow log, beside the model's: the answers of the version that did not answer
+# (``model.py``'s router), ``<inference_log>/<model>__shadow``, in the same layout.
+SHADOW_SUFFIX = "__shadow"
 SERVED_AT_TYPE = pa.timestamp("us", tz="UTC")
 # The columns every row gets, after the model's own.
 STANDARD = {REQUEST_ID: pa.string(), MODEL: pa.string(), MODEL_VERSION: pa.int64(), SERVED_AT: SERVED_AT_TYPE, LATENCY_MS: pa.float64()}
@@ -77,18 +80,18 @@ def tensor_columns(tensors: Sequence[Mapping[str, Any]]) -> dict[str, pa.DataTyp
     return columns
 
 
-def from_config(config: Mapping[str, Any], model: str, columns: Mapping[str, pa.DataType]) -> InferenceLogWriter | None:
+def from_config(config: Mapping[str, Any], model: str, columns: Mapping[str, pa.DataType], suffix: str = "") -> InferenceLogWriter | None:
     """The writer a Triton model config's parameters ask for (``repository.log_parameters``):
-    ``inference_log`` the folder (unset or empty: None, logging off), ``inference_log_model`` the
-    model it logs as (default ``model``), ``inference_log_flush_rows`` and
-    ``inference_log_flush_seconds``. It writes through once the process gets a SIGTERM
-    (``write_through_on_sigterm``)."""
+    ``inference_log`` the folder (unset or empty: None, logging off) with ``suffix`` appended to
+    its name (a rollout's shadow log), ``inference_log_model`` the model it logs as (default
+    ``model``), ``inference_log_flush_rows`` and ``inference_log_flush_seconds``. It writes
+    through once the process gets a SIGTERM (``write_through_on_sigterm``)."""
     parameters = {name: value["string_value"] for name, value in config.get("parameters", {}).items()}
     folder = parameters.get("inference_log", "")
     if not folder:
         return None
     writer = InferenceLogWriter(
-        folder,
+        folder + suffix,
         parameters.get("inference_log_model") or model,
         columns,
         int(parameters["inference_log_flush_rows"]),
@@ -96,6 +99,9 @@ def from_config(config: Mapping[str, Any], model: str, columns: Mapping[str, pa.
     )
     write_through_on_sigterm(writer)
     return writer
+
+
+_SIGTERM_WRITERS: list[InferenceLogWriter] = []  # told to write through by the one watching thread
 
 
 def write_through_on_sigterm(writer: InferenceLogWriter) -> None:
@@ -108,8 +114,12 @@ def write_through_on_sigterm(writer: InferenceLogWriter) -> None:
     connections still open, up to its exit timeout, and if they outlast it, exits without
     unloading: ``finalize`` never runs. Written through, every row answered after the signal is on
     disk before its answer leaves. The signal is seen by a thread reading Python's wakeup pipe (the
-    main thread waits in the stub's C++ loop, where Python handlers do not run).
+    main thread waits in the stub's C++ loop, where Python handlers do not run); one pipe and
+    thread serve every writer of the process (a process has one wakeup fd).
     """
+    _SIGTERM_WRITERS.append(writer)
+    if len(_SIGTERM_WRITERS) > 1:
+        return
     read, write = os.pipe()
     os.set_blocking(write, False)
     signal.set_wakeup_fd(write)  # Python writes each signal's number there from the C handler
@@ -118,7 +128,8 @@ def write_through_on_sigterm(writer: InferenceLogWriter) -> None:
     def watch() -> None:
         while signal.SIGTERM not in os.read(read, 64):
             pass
-        writer.write_through()
+        for each in _SIGTERM_WRITERS:
+            each.write_through()
 
     threading.Thread(target=watch, name="inference-log-sigterm", daemon=True).start()
 
