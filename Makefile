@@ -9,11 +9,11 @@ export FLYWHEEL_HOME ?= $(CURDIR)
 
 .PHONY: install system-packages demo lint test test-fast test-distributed up constraints clean
 
-# Debian packages the tests start for real: Prometheus and its Pushgateway (alert rules,
-# metrics), Chromium (the browser test of the Airflow UI pages), PostgreSQL and Redis (Airflow
-# on the CeleryExecutor in make test-distributed).
-SYSTEM_PACKAGES := prometheus prometheus-pushgateway chromium postgresql redis-server
-SYSTEM_COMMANDS := promtool prometheus prometheus-pushgateway chromium /usr/lib/postgresql/15/bin/pg_ctl redis-server
+# Debian packages the tests start for real: Prometheus, its Pushgateway and Alertmanager (alert
+# rules, metrics, the rollback on an alert), Chromium (the browser test of the Airflow UI pages),
+# PostgreSQL and Redis (Airflow on the CeleryExecutor in make test-distributed).
+SYSTEM_PACKAGES := prometheus prometheus-pushgateway prometheus-alertmanager chromium postgresql redis-server
+SYSTEM_COMMANDS := promtool prometheus prometheus-pushgateway prometheus-alertmanager chromium /usr/lib/postgresql/15/bin/pg_ctl redis-server
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 install: $(VENV)/.installed system-packages

@@ -7,7 +7,8 @@ newest one misbehaves in production. Trigger it from the UI with the version to 
 
 Without a version (what an alert's rollback sends: Alertmanager's receiver cannot know
 versions): a rollout in progress ends and the champion serves alone; with none in progress, the
-version served before the current one serves again. Naming a version also ends a rollout.
+version served before the current one serves again, unless `rollout_only` (which the alert
+receiver sends) says to change nothing. Naming a version also ends a rollout.
 
 The version is loaded into Triton and served once it is ready; the version it replaces keeps
 answering until then, so no request fails. The change is recorded in the model's serving
@@ -39,6 +40,7 @@ def rollback_dag(project: str):
         params={
             "version": Param(None, type=["null", "integer"], minimum=1, description="The version to serve again (empty: end a rollout, or the version served before)."),
             "reason": Param("", type="string", maxLength=500, description="Why (goes into the serving history)."),
+            "rollout_only": Param(False, type="boolean", description="Only end a rollout in progress; with none, change nothing (what an alert sends)."),
         },
     )
     def rollback():
@@ -46,7 +48,7 @@ def rollback_dag(project: str):
         def serve_previous_version(params=None, dag_run=None):
             from pipelines import steps
 
-            return steps.run(steps.rollback, project, params["version"], steps.airflow_run(dag_run), params["reason"])
+            return steps.run(steps.rollback, project, params["version"], steps.airflow_run(dag_run), params["reason"], params["rollout_only"])
 
         serve_previous_version()
 

@@ -135,6 +135,12 @@ def cmd_rollback(args: argparse.Namespace) -> None:
     print(json.dumps(rollback(load_project(args.project), args.version, run)))
 
 
+def cmd_alert_receiver(args: argparse.Namespace) -> None:
+    from pipelines.monitoring.alert_receiver import run_from_args
+
+    run_from_args(args)
+
+
 def cmd_batches(args: argparse.Namespace) -> None:
     from pipelines.data.batches import list_batches
 
@@ -240,6 +246,12 @@ def main(argv: list[str] | None = None) -> None:
     rollback.add_argument("project")
     rollback.add_argument("version", type=int)
     rollback.set_defaults(run=cmd_rollback)
+
+    from pipelines.monitoring import alert_receiver
+
+    receiver = commands.add_parser("alert-receiver", help="trigger rollback__<project> for Alertmanager's firing rollback alerts, until Ctrl-C")
+    alert_receiver.add_arguments(receiver)
+    receiver.set_defaults(run=cmd_alert_receiver)
 
     batches = commands.add_parser("batches", help="the batches ingested into a tabular project's raw data")
     batches.add_argument("project")

@@ -267,12 +267,12 @@ def performance_decide(project: str, summaries: list[Record], last_trigger_at: s
 # --- rollback__<project> --------------------------------------------------------------------
 
 
-def rollback(project: str, version: int | None, run: Record, reason: str = "") -> Record:
+def rollback(project: str, version: int | None, run: Record, reason: str = "", rollout_only: bool = False) -> Record:
     """Put ``version`` of the project's served model back in service; None: end a rollout in
-    progress, or serve the version served before the current one."""
+    progress, or (unless ``rollout_only``) serve the version served before the current one."""
     from pipelines.serving.rollback import rollback as put_back
 
-    return put_back(load_project(project), version, run, reason)
+    return put_back(load_project(project), version, run, reason, rollout_only)
 
 
 # --- rollout__<project> ---------------------------------------------------------------------

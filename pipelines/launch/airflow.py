@@ -379,6 +379,19 @@ class LocalAirflow:
             raise AirflowApiError("create_asset_event", self.base_url, 404, f"no Asset {uri}: is a DAG scheduled on it parsed?")
         return self._api("AssetApi", "create_asset_event", CreateAssetEventsBody(asset_id=assets[0]["id"], extra=extra))
 
+    def required_actions(self, dag_id: str, run_id: str) -> list[dict[str, Any]]:
+        """``GET .../hitlDetails``: the run's human-in-the-loop tasks (Airflow's Required Actions):
+        subject, body, options, and the response once given."""
+        return list(self._api("TaskInstanceApi", "get_hitl_details", dag_id, run_id)["hitl_details"])
+
+    def respond(self, dag_id: str, run_id: str, task_id: str, chosen: list[str], params_input: dict[str, Any] | None = None) -> dict[str, Any]:
+        """``PATCH .../taskInstances/{task_id}/-1/hitlDetails``: answer a required action as the
+        admin, as an approver does in the UI."""
+        from airflow_client.client.models.update_hitl_detail_payload import UpdateHITLDetailPayload
+
+        payload = UpdateHITLDetailPayload(chosen_options=chosen, params_input=params_input or {})
+        return self._api("TaskInstanceApi", "update_hitl_detail", dag_id, run_id, task_id, -1, payload)
+
     def unpause(self, dag_id: str) -> None:
         """Let the scheduler create runs of ``dag_id`` (its schedule, its Assets)."""
         from airflow_client.client.models.dag_patch_body import DAGPatchBody

@@ -17,14 +17,16 @@ class RollbackRefused(NotRetryable, ValueError):
     """An unknown or rejected version, or nothing to roll back to: the same request fails the same way."""
 
 
-def rollback(config: AnyProject, version: int | None, run: Record, reason: str = "") -> Record:
+def rollback(config: AnyProject, version: int | None, run: Record, reason: str = "", rollout_only: bool = False) -> Record:
     """Put ``version`` of the project's served model (tabular or text) back in service, with no
     smoke test (it passed one); refuses unknown and rejected versions.
 
     ``version`` None (an alert's rollback, which cannot know versions): a rollout in progress ends
     and the champion serves alone; with none in progress, the version served before the current
     one (``previous_served``) serves again. A rollout in progress also ends when another version
-    is named. ``reason`` goes into the serving history."""
+    is named. ``reason`` goes into the serving history. ``rollout_only`` (an alert's rollback):
+    without a rollout in progress, change nothing (a second alert of a rollout already ended, or
+    one firing again after a restart, must not roll the champion back)."""
     from pipelines.serving import rollout
 
     model, folder = config.served_model, config.served_model_dir
@@ -37,6 +39,9 @@ def rollback(config: AnyProject, version: int | None, run: Record, reason: str =
             emit(config.metrics, config.identity, "rollback", [served_version_sample(folder)])
             served = repository.served_version(folder)
             return {"model": model, "version": served, "previous": served, "changed": True, "ended_rollout": ended, "reason": reason}
+    if rollout_only and ended is None:
+        served = repository.served_version(folder)
+        return {"model": model, "version": served, "previous": served, "changed": False, "ended_rollout": None, "reason": f"no rollout in progress: nothing done ({reason})"}
     if version is None:
         version = previous_served(config)
     available = repository.versions(folder)

@@ -8,6 +8,7 @@ under ``/projects/<project>/`` (JSON twins under ``/api/``)::
     /projects/<project>/drift/<folder>          one window's per-column table
     /projects/<project>/drift/<folder>/report.html   Evidently's report (CSP sandbox)
     /projects/<project>/models                  versions, gate decisions, serving history, runs
+    /projects/<project>/versions/<version>/card  a version's model card (the HTML written beside it)
     /api/projects, /api/projects/<project>/drift, /api/projects/<project>/drift/<folder>,
     /api/projects/<project>/models
 
@@ -15,9 +16,9 @@ Every route needs a logged-in Airflow user: Airflow's own ``get_user`` (the bear
 an API client, else the ``_token`` cookie the UI sets at login, which the page embedded in
 the UI sends); no token: 401, a bad one: 403. Then, per project, the auth manager's read
 permission on that project's DAG, through ``requires_access_dag``: its Models page needs
-``retrain__<project>`` (``finetune__<project>`` for a text project), its Drift pages
-``drift__<project>``; no permission: 403. The index lists only the projects the caller may
-read, and of each only what its pages would show them.
+``retrain__<project>`` (``finetune__<project>`` for a text project), and so does a version's
+model card; its Drift pages ``drift__<project>``; no permission: 403. The index lists only the
+projects the caller may read, and of each only what its pages would show them.
 
 A project name in a URL is checked against ``pipelines.config.PROJECT_NAME`` and the
 deployment's projects before it is used for anything: an unknown one is a 404 that lists the
@@ -44,6 +45,8 @@ _bearer = HTTPBearer(auto_error=False)
 # Evidently's report is scripts and data from served requests: let it run, but in an origin of
 # its own, so nothing in it can act in the Airflow UI with the user's session.
 REPORT_HEADERS = {"Content-Security-Policy": "sandbox allow-scripts", "X-Content-Type-Options": "nosniff"}
+# A model card is static HTML with its own styles: nothing else may load or run in it.
+CARD_HEADERS = {"Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'", "X-Content-Type-Options": "nosniff"}
 
 
 class Access:
@@ -205,6 +208,15 @@ def drift_report_json(config: DriftProject, folder: str) -> dict:
 @models.get("/projects/{project}/models", response_class=HTMLResponse, name="models_page")
 def models_page(request: Request, config: ModelsProject) -> HTMLResponse:
     return HTMLResponse(pages.models(request, data.load_models(config)))
+
+
+@models.get("/projects/{project}/versions/{version}/card", name="model_card_page")
+def model_card_page(config: ModelsProject, version: int) -> FileResponse:
+    try:
+        path = data.card_html(config, version)
+    except data.NotFound as missing:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, str(missing)) from missing
+    return FileResponse(path, media_type="text/html", headers=CARD_HEADERS)
 
 
 @models.get("/api/projects/{project}/models", name="models_json")

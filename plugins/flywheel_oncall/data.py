@@ -441,6 +441,22 @@ def report_html(config, folder: str) -> Path:
     return path
 
 
+def card_html(config, version: int) -> Path:
+    """The model card (HTML) written beside ``version`` of a project's served model
+    (``pipelines.serving.model_card``); ``NotFound`` saying why when there is none."""
+    from pipelines.serving import repository
+    from pipelines.serving.model_card import CARD_HTML
+
+    model_dir = config.served_model_dir
+    versions = repository.versions(model_dir)
+    if version not in versions:
+        raise NotFound(f"{config.name} has no version {version} of {config.served_model}; its versions are {versions}")
+    path = model_dir / str(version) / CARD_HTML
+    if not path.is_file():
+        raise NotFound(f"version {version} of {config.served_model} has no model card yet: the rollout DAG writes one ({CARD_HTML}) before it asks for an approval")
+    return path
+
+
 def performance_root(config) -> Path:
     """Where the performance summaries of a tabular project's served model are, one folder a
     window (``pipelines.feedback.performance.report_folder``'s parent)."""
@@ -495,16 +511,18 @@ def promotion_rule(config) -> dict[str, Any]:
 
 
 def load_models(config, runs_limit: int = 20) -> dict[str, Any]:
-    """The Models page of a project: the versions of its served model (newest first), the
-    serving history, the latest training runs (retrain or finetune), promoted or not, and a
-    tabular project's performance windows (``load_performance``; None for a text project)."""
+    """The Models page of a project: the versions of its served model (newest first, each with
+    ``card``: whether a model card was written beside it), the serving history, the latest
+    training runs (retrain or finetune), promoted or not, and a tabular project's performance
+    windows (``load_performance``; None for a text project)."""
     from pipelines.lineage import read_json
     from pipelines.serving import live, repository
+    from pipelines.serving.model_card import CARD_HTML
     from pipelines.serving.publish import runs_dir
 
     model_dir = config.served_model_dir
     served = repository.served_version(model_dir)
-    versions = [version_row(v, repository.lineage_of(model_dir, v), served) for v in reversed(repository.versions(model_dir))]
+    versions = [{**version_row(v, repository.lineage_of(model_dir, v), served), "card": (model_dir / str(v) / CARD_HTML).is_file()} for v in reversed(repository.versions(model_dir))]
     history_file = live.history_path(config.artifacts_dir, config.served_model)
     history = history_rows(history_file.read_text().splitlines()) if history_file.is_file() else []
     records = [read_json(p) for p in runs_dir(config.artifacts_dir).glob("*.json")]  # every training run, promoted or not

@@ -3,7 +3,8 @@ training a model.
 
 The tabular project (``flights``): three versions (one rejected by its smoke test), the served
 one named in ``config.pbtxt``, the serving history, run records (one challenger not promoted),
-and real drift reports from ``check_window`` over an inference log of real flights.
+real drift reports from ``check_window`` over an inference log of real flights, and the model
+card of version 2 with a rollout record (``write_card``).
 
 The text project (``reviews``): two versions of its classifier ensemble with the lineage
 ``pipelines.steps.finetune_publish`` writes (gate on accuracy against the untuned base and the
@@ -26,6 +27,7 @@ from pipelines.lineage import write_json
 from pipelines.monitoring.check import check_window
 from pipelines.serving import live, repository
 from pipelines.serving.client import write_log
+from pipelines.serving.model_card import write_model_card
 from pipelines.serving.publish import run_record_path
 
 ROWS = 2000
@@ -112,6 +114,33 @@ def write_versions(config: ProjectConfig) -> None:
         run_record_path(config.artifacts_dir, weak["run_id"]),
         _lineage(config, weak, gate(WEAK, V2, 2, NOT_PROMOTED, "roc_auc 0.6120 does not beat the champion's 0.7043 by 0.002"), "2026-03-02T02:12:55+00:00", 9),
     )
+
+
+# What the rollout DAG passes the card of a challenger in canary: per stage its sequential test
+# and the traffic each version served.
+ROLLOUT = {
+    "shadow": {
+        "decision": "promote",
+        "reason": "lower bound -0.0041 above -margin 0.01",
+        "rows": 812,
+        "mean": 0.0031,
+        "lower": -0.0041,
+        "upper": 0.0102,
+        "alpha": 0.05,
+        "tau": 0.01,
+        "margin": 0.01,
+        "traffic": {"1": 5120, "2": 0},
+        "agreement": 0.947,
+        "latency_ms": {"p50": 2.4, "p99": 9.8},
+    },
+    "canary": {"decision": "continue", "rows": 57, "traffic": {"1": 4096, "2": 1024}},
+}
+CARD_LIMITATION = "Trained on 2013 departures from the three New York airports only."
+
+
+def write_card(config: ProjectConfig) -> dict:
+    """The model card of version 2 (compared with version 1), with ``ROLLOUT``; its paths."""
+    return write_model_card(config, 2, ROLLOUT)
 
 
 def write_drift_reports(config: ProjectConfig) -> list[dict]:

@@ -12,12 +12,15 @@ from pathlib import Path
 import pytest
 
 from pipelines.launch.airflow import ADMIN_USER, LocalAirflow
+from pipelines.serving.model_card import SECTIONS
 from tests.browser.oncall_project import (
     BASE_MODEL,
+    CARD_LIMITATION,
     TEXT_BASE,
     TEXT_V2,
     TEXT_V2_RUN,
     V2,
+    write_card,
     write_drift_reports,
     write_text_versions,
     write_versions,
@@ -38,10 +41,12 @@ TIMEOUT_MS = 30_000
 @pytest.fixture(scope="module")
 def oncall(tmp_path_factory):
     """A deployment of two projects, ``flights`` (versions and two checked drift windows) and
-    ``reviews`` (two versions of its text classifier, no drift window checked yet), and an Airflow serving its plugins."""
+    ``reviews`` (two versions of its text classifier, no drift window checked yet), and an Airflow serving its plugins.
+    Version 2 of ``flights`` has its model card."""
     root = tmp_path_factory.mktemp("oncall")
-    config = make_project(root / "home")
+    config = make_project(root / "home", {"rollout": {"limitations": [CARD_LIMITATION]}})
     write_versions(config)
+    write_card(config)
     calm, drifted = write_drift_reports(config)
     assert not calm["dataset_drift"] and drifted["dataset_drift"]  # the pages must show both verdicts
     write_text_versions(make_text_project(root / "home"))
@@ -76,7 +81,7 @@ def plugin_urls(airflow: LocalAirflow, folder: str) -> list[str]:
         f"{airflow.base_url}/flywheel/{path}"
         for path in (
             "projects", "api/projects",
-            f"{flights}/drift", f"{flights}/models", f"{flights}/drift/{folder}", f"{flights}/drift/{folder}/report.html",
+            f"{flights}/drift", f"{flights}/models", f"{flights}/drift/{folder}", f"{flights}/drift/{folder}/report.html", f"{flights}/versions/2/card",
             f"api/{flights}/drift", f"api/{flights}/drift/{folder}", f"api/{flights}/models",
             "projects/reviews/models", "projects/reviews/drift", "api/projects/reviews/models",
             "projects/nope/models",
@@ -176,7 +181,19 @@ def test_a_logged_in_user_sees_the_served_version_and_both_gate_metrics(oncall, 
     expect(frame.locator("#versions tbody tr").first).to_contain_text("rejected")
     expect(frame.locator("#history tbody tr")).to_have_count(3)
     expect(frame.locator("#runs tbody tr").first).to_contain_text("not promoted")
+    expect(frame.locator("#versions a.card-link")).to_have_count(1)  # version 2 alone has a card
     page.screenshot(path=tmp_path / "models.png")
+
+    # the approver's evidence: the served version's model card, every section under its heading
+    served.get_by_role("link", name="card", exact=True).click()
+    expect(frame.locator("h1")).to_have_text("Model card: flights_delay version 2", timeout=TIMEOUT_MS)
+    for name, title in SECTIONS.items():
+        expect(frame.locator(f"section#{name} h2")).to_have_text(title)
+    expect(frame.locator("#gate-metrics tr", has_text="roc_auc")).to_contain_text(f"{V2['roc_auc']:.4f}")
+    expect(frame.locator("section#rollout h3").first).to_have_text("shadow")
+    expect(frame.locator("#drift-columns tr", has_text="distance")).to_contain_text("wasserstein")
+    expect(frame.locator("#limitation-items")).to_contain_text(CARD_LIMITATION)
+    page.screenshot(path=tmp_path / "model_card.png", full_page=True)
     print(f"screenshots in {tmp_path}")
 
 

@@ -128,7 +128,8 @@ def test_credentials_come_from_the_env_file_only(compose, tmp_path):
     # and no secret is written in the file itself: each one is a ${VARIABLE} from the env file
     secrets = re.findall(r"^\s*(\w*(?:PASSWORD|SECRET|FERNET_KEY)\w*):\s*(.+)$", COMPOSE_FILE.read_text(), re.M)
     assert len(secrets) >= 5
-    assert all(re.fullmatch(r"\$\{\w+:\?\}", value.strip()) for _, value in secrets), secrets
+    # (a *_FILE setting names where a secret is, e.g. the simple auth manager's generated passwords)
+    assert all(re.fullmatch(r"\$\{\w+:\?\}", value.strip()) or (key.endswith("_FILE") and value.strip().startswith("/")) for key, value in secrets), secrets
 
 
 def test_training_goes_to_a_gpu_worker_and_everything_else_to_a_cpu_worker(resolved):
@@ -164,7 +165,8 @@ def test_every_airflow_container_gets_the_params_overrides_where_the_variable_po
 
 def test_every_airflow_container_and_triton_share_one_project_home(resolved):
     services = resolved["services"]
-    airflow = [name for name, s in services.items() if s.get("image", "").startswith("flywheel-airflow:")]
+    # the alert receiver runs the same image but needs no project home (it only calls the REST API)
+    airflow = [name for name, s in services.items() if s.get("image", "").startswith("flywheel-airflow:") and name != "alert-receiver"]
 
     assert set(airflow) == AIRFLOW_SERVICES
     for name in airflow:
@@ -219,8 +221,27 @@ def test_prometheus_config_and_the_alert_rules_it_loads_pass_promtool(resolved, 
 
     assert result.returncode == 0, result.stdout + result.stderr
     assert "SUCCESS: 1 rule files found" in result.stdout
+    assert yaml.safe_load(config.read_text())["alerting"]["alertmanagers"] == [{"static_configs": [{"targets": ["alertmanager:9093"]}]}]
     scraped = {target for job in yaml.safe_load(config.read_text())["scrape_configs"] for c in job["static_configs"] for target in c["targets"]}
     assert scraped == {"pushgateway:9091", "triton:8002"}
+
+
+def test_alertmanager_routes_rollback_alerts_to_the_receiver_and_amtool_accepts_its_config(resolved):
+    mounts = {m["target"]: Path(m["source"]) for m in resolved["services"]["alertmanager"]["volumes"] if m["type"] == "bind"}
+    assert mounts == {"/etc/alertmanager/alertmanager.yml": MONITORING / "alertmanager/alertmanager.yml"}
+    if shutil.which("amtool"):
+        checked = subprocess.run(["amtool", "check-config", str(mounts["/etc/alertmanager/alertmanager.yml"])], capture_output=True, text=True, timeout=60)
+        assert checked.returncode == 0, checked.stdout + checked.stderr
+    (route,) = yaml.safe_load(mounts["/etc/alertmanager/alertmanager.yml"].read_text())["route"]["routes"]
+    (receiver,) = [r for r in yaml.safe_load(mounts["/etc/alertmanager/alertmanager.yml"].read_text())["receivers"] if r["name"] == route["receiver"]]
+    receiving = resolved["services"]["alert-receiver"]
+    port = next(arg.split("=", 1)[1] for arg in receiving["command"] if arg.startswith("--port="))
+    assert route["matchers"] == ['action = "rollback"'] and receiver["webhook_configs"][0]["url"] == f"http://alert-receiver:{port}/alerts"
+    assert receiving["entrypoint"] == ["flywheel", "alert-receiver"] and "--airflow-url=http://airflow-apiserver:8080" in receiving["command"]
+    # it reads the password file the api-server writes
+    passwords = resolved["services"]["airflow-apiserver"]["environment"]["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE"]
+    assert f"--password-file={passwords}" in receiving["command"]
+    assert {m["target"]: m["source"] for m in receiving["volumes"]} == {str(Path(passwords).parent): "airflow-auth"}
 
 
 def emitted_metrics() -> set[str]:

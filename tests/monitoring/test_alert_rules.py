@@ -24,7 +24,11 @@ ALERTS = {
     "FlywheelValidationFailures": "validation-failures",
     "FlywheelGateRejectionsInARow": "gate-rejections-in-a-row",
     "FlywheelPublishFailed": "publish-failed",
+    "FlywheelCanaryErrors": "canary-errors",
+    "FlywheelCanaryLatency": "canary-latency",
+    "FlywheelCanaryWorse": "canary-worse",
 }
+ROLLBACK_ALERTS = {"FlywheelCanaryErrors", "FlywheelCanaryLatency", "FlywheelCanaryWorse"}
 
 promtool = pytest.mark.skipif(
     shutil.which("promtool") is None, reason="promtool not installed (Debian package prometheus; `make install` installs it)"
@@ -32,9 +36,9 @@ promtool = pytest.mark.skipif(
 
 
 def rules() -> list[dict]:
-    (group,) = yaml.safe_load(RULES.read_text())["groups"]
-    assert group["name"] == "flywheel"
-    return group["rules"]
+    groups = yaml.safe_load(RULES.read_text())["groups"]
+    assert [group["name"] for group in groups] == ["flywheel", "rollout"]
+    return [rule for group in groups for rule in group["rules"]]
 
 
 @promtool
@@ -60,6 +64,10 @@ def test_every_alert_has_a_for_a_severity_and_annotations_naming_the_model_and_i
         annotations = rule["annotations"]
         assert "$labels.model" in annotations["summary"] and "$labels.model" in annotations["description"], rule["alert"]
         assert annotations["runbook_url"] == f"docs/oncall.md#{ALERTS[rule['alert']]}"
+        # the alert receiver rolls back exactly the alerts labelled so, and needs their project
+        assert (rule["labels"].get("action") == "rollback") == (rule["alert"] in ROLLBACK_ALERTS), rule["alert"]
+        if rule["alert"] in ROLLBACK_ALERTS:
+            assert "project" in rule["expr"] and "model" in rule["expr"], rule["alert"]
 
 
 def test_every_runbook_url_names_a_section_of_the_runbook():

@@ -52,7 +52,7 @@ def routed(tmp_path_factory):
     for candidate in candidates:
         export(config, candidate)
     rows = pd.read_parquet(split_paths(config.split.output_dir)["test"]).head(200)
-    with TritonServer(config) as server:
+    with TritonServer(config):
         first = publish(config, candidates[0], evaluate(config, candidates[0], force_publish=True, force_reason="test: champion"), data_version, run("night1"))
         second = publish(config, candidates[1], evaluate(config, candidates[1], force_publish=True, force_reason="test: challenger"), data_version, run("night2"))
         yield config, rows, first, second, candidates
