@@ -40,6 +40,18 @@ from pipelines.config import ProjectKind, RolloutApproval, RolloutConfig, load_c
 from pipelines.steps import CHALLENGER_IN_SHADOW, project_asset
 
 APPROVE, REJECT = "Approve", "Reject"
+RESPONSE = ("chosen_options", "params_input", "responded_at", "responded_by_user")
+
+
+class ApprovalBranch(HITLBranchOperator):
+    """The standard provider's human-in-the-loop branch, keeping the response (choice, comment,
+    who, when) as its XCom ``approval`` for the challenger's lineage: the branch's own return
+    value is only the task it chose."""
+
+    def execute_complete(self, context, event):
+        response = {k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in event.items() if k in RESPONSE}
+        context["ti"].xcom_push(key="approval", value=response)
+        return super().execute_complete(context, event)
 
 
 def settings(project: str) -> RolloutConfig:
@@ -96,7 +108,7 @@ def rollout_dag(project: str):
             return decide
 
         def approval(task_id: str, to: str, rejected: str):
-            return HITLBranchOperator(
+            return ApprovalBranch(
                 task_id=task_id,
                 subject=f"{project}: take version {{{{ ti.xcom_pull(task_ids='challenger')['challenger'] }}}} to {to}?",
                 body=(
@@ -114,12 +126,12 @@ def rollout_dag(project: str):
 
         @task
         def canary(begun, look, ti=None, dag_run=None):
-            approval = steps.approval_record(ti.xcom_pull(task_ids="approve_canary"))
+            approval = steps.approval_record(ti.xcom_pull(task_ids="approve_canary", key="approval"))
             return steps.run(steps.rollout_advance, project, begun["challenger"], "canary", steps.airflow_run(dag_run), look["reason"], approval)
 
         @task
         def full(begun, look, ti=None, dag_run=None):
-            approval = steps.approval_record(ti.xcom_pull(task_ids="approve_full"))
+            approval = steps.approval_record(ti.xcom_pull(task_ids="approve_full", key="approval"))
             return steps.run(steps.rollout_advance, project, begun["challenger"], "full", steps.airflow_run(dag_run), look["reason"], approval)
 
         def abort(task_id: str, look_task: str, approval_task: str | None = None):
@@ -128,7 +140,7 @@ def rollout_dag(project: str):
             @task(task_id=task_id)
             def aborted(begun, ti=None, dag_run=None):
                 look = ti.xcom_pull(task_ids=look_task)
-                approval = steps.approval_record(ti.xcom_pull(task_ids=approval_task)) if approval_task else None
+                approval = steps.approval_record(ti.xcom_pull(task_ids=approval_task, key="approval")) if approval_task else None
                 reason = f"not approved: {approval}" if approval else look["reason"]
                 return steps.run(steps.rollout_advance, project, begun["challenger"], "aborted", steps.airflow_run(dag_run), reason, approval)
 

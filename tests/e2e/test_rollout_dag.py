@@ -4,8 +4,8 @@ its ``challenger_in_shadow`` Asset starts ``rollout__flights`` by itself, and re
 with plain tritonclient, their real delays coming back, take it through the sequential test to a
 canary and to full traffic; a worse challenger (the weak first model against the new champion)
 is aborted in shadow. ``approvals`` (``rollout.approval: required``): the run waits in Airflow's
-Required Actions; an approval through the REST API continues it, a rejection aborts, no answer
-aborts at the timeout. Every decision is in the challenger's lineage. Last, the alert path: a
+Required Actions (seen in a real browser, with the model card it links); an approval through the
+REST API continues it, a rejection aborts, no answer aborts at the timeout. Every decision is in the challenger's lineage. Last, the alert path: a
 canary's planted error spike on Triton's metrics endpoint fires FlywheelCanaryErrors in a real
 Prometheus, a real Alertmanager posts it to the alert receiver, which triggers
 ``rollback__flights`` through Airflow's REST API, and the champion serves alone again with no
@@ -144,7 +144,7 @@ def test_a_better_challenger_goes_from_shadow_to_canary_to_full_by_itself(deploy
 
 def test_a_worse_challenger_is_aborted_in_shadow_before_any_client_sees_it(deployment):
     airflow, config, _, weak = deployment
-    third = publish(config, weak["flights"], evaluate(config, weak["flights"], force_publish=True, force_reason="test: a worse challenger"), {}, RUN)
+    third = publish(config, weak["flights"], evaluate(config, weak["flights"], force_publish=True, force_reason="test: a worse challenger"), {}, {**RUN, "run_id": "manual__worse"})
     assert third["rollout"] == 3 and repository.served_version(config.model_dir) == 2
     run_id = airflow.trigger("rollout__flights", {"version": 3})
 
@@ -169,17 +169,39 @@ def awaiting(airflow: LocalAirflow, dag_id: str, run_id: str, task_id: str) -> d
     return actions[0]
 
 
+def approvers_view(airflow: LocalAirflow, subject: str) -> None:
+    """What the approver sees, in headless Chromium signed in to Airflow: the run in the UI's
+    Required Actions, and the model card its form links to, every section there."""
+    from pipelines.serving.model_card import SECTIONS
+    from tests.browser.test_oncall_pages import CHROMIUM, CHROMIUM_ARGS, TIMEOUT_MS, logged_in_page, playwright
+
+    with playwright.sync_playwright() as driver:
+        chromium = driver.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = logged_in_page(chromium, airflow)
+            base = f"http://localhost:{airflow.port}"
+            page.goto(f"{base}/required_actions")
+            playwright.expect(page.get_by_text(subject).first).to_be_visible(timeout=TIMEOUT_MS)
+            page.goto(f"{base}/flywheel/projects/approvals/versions/2/card")
+            for name, title in SECTIONS.items():
+                playwright.expect(page.locator(f"section#{name} h2")).to_have_text(title, timeout=TIMEOUT_MS)
+            playwright.expect(page.locator("section#rollout h3").first).to_have_text("shadow")  # the look the approver decides on
+        finally:
+            chromium.close()
+
+
 def test_approvals_wait_for_a_person_continue_when_approved_and_abort_when_rejected(deployment):
     airflow, _, gated, _ = deployment
     trained = train(gated, repository.lineage_of(gated.model_dir, 1)["data_version"])["candidate"]
     export(gated, trained)
-    assert publish(gated, trained, evaluate(gated, trained, force_publish=True, force_reason="test"), {}, RUN)["rollout"] == 2
+    assert publish(gated, trained, evaluate(gated, trained, force_publish=True, force_reason="test"), {}, {**RUN, "run_id": "manual__gated"})["rollout"] == 2
     run_id = airflow.trigger("rollout__approvals", {"version": 2})
     serve_and_label(gated, month_batch("2013-04", 60, seed=4))
 
     action = awaiting(airflow, "rollout__approvals", run_id, "approve_canary")
     assert action["options"] == ["Approve", "Reject"] and "/flywheel/projects/approvals/versions/2/card" in action["body"]
     assert repository.route_of(gated.model_dir) == Route(2, SHADOW, 0.0)  # nothing moves without the person
+    approvers_view(airflow, action["subject"])
     airflow.respond("rollout__approvals", run_id, "approve_canary", ["Approve"], {"comment": "shadow looks fine"})
     wait_for_task(airflow, "rollout__approvals", run_id, "canary", {"success"})
     assert repository.route_of(gated.model_dir).mode == CANARY
@@ -262,7 +284,12 @@ def test_a_canary_error_spike_pages_and_the_alert_rolls_back_through_airflow_wit
     ]  # fmt: skip
     prometheus = f"http://127.0.0.1:{prometheus_port}"
     rows = month_batch("2013-06", 20, seed=7)
-    good = Traffic(lambda: live.connect(config.serving.triton), lambda client: live.answer(client, config.model.name, config.dataset, rows.head(1)).version)
+
+    def ask(client) -> int:
+        time.sleep(0.02)  # a steady client, not one that takes both cores from the servers under test
+        return live.answer(client, config.model.name, config.dataset, rows.head(1)).version
+
+    good = Traffic(lambda: live.connect(config.serving.triton), ask)
     try:
         wait_for("the canary's stage scraped", lambda: get(f"{prometheus}/api/v1/query?" + urllib.parse.urlencode({"query": 'flywheel_rollout_stage{stage="canary"}'}))["data"]["result"], logs)
         with good:

@@ -22,7 +22,6 @@ import shutil
 import subprocess
 import sys
 import threading
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -38,9 +37,9 @@ import yaml
 from pipelines.monitoring import alert_receiver
 from pipelines.monitoring.alert_receiver import AirflowTrigger, make_server, run_id
 from tests.conftest import REPO, free_ports
+from tests.monitoring.test_live_alerts import quick_rules, wait_for
 
 ALERTMANAGER_CONFIG = REPO / "pipelines/monitoring/alertmanager/alertmanager.yml"
-RULES = REPO / "pipelines/monitoring/prometheus/alerts.yml"
 PROMETHEUS, ALERTMANAGER = "prometheus", "prometheus-alertmanager"
 USER, PASSWORD = "admin", "s3cret-Pw"
 FINGERPRINT, STARTS_AT = "3f9b2c1d0e8a7b6c", "2026-03-01T05:00:00.123456789Z"
@@ -443,38 +442,11 @@ live = pytest.mark.skipif(
     shutil.which(PROMETHEUS) is None or shutil.which(ALERTMANAGER) is None,
     reason=f"{PROMETHEUS} or {ALERTMANAGER} not installed (Debian packages of the same names; `make install` installs them)",
 )
-WAIT_S = 45
 
 
 def get(url: str) -> Any:
     with OPENER.open(url, timeout=5) as answer:
         return json.load(answer)
-
-
-def wait_for(what: str, probe: Any, logs: list[Path], timeout: float = WAIT_S) -> Any:
-    """``probe()``'s first truthy result; fails saying what did not happen, with the servers' logs."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            result = probe()
-        except OSError:
-            result = None
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            tails = "\n".join(f"--- {log.name}\n{log.read_text()[-3000:]}" for log in logs)
-            pytest.fail(f"{what} not within {timeout}s\n{tails}")
-        time.sleep(0.2)
-
-
-def quick_rules(destination: Path) -> Path:
-    """The repository's rules with every ``for`` 0s: how long each alert waits is promtool's unit tests' business."""
-    document = yaml.safe_load(RULES.read_text())
-    for group in document["groups"]:
-        for rule in group["rules"]:
-            rule["for"] = "0s"
-    destination.write_text(yaml.safe_dump(document, sort_keys=False))
-    return destination
 
 
 def alertmanager_config_copy(destination: Path, receiver_url: str) -> Path:
