@@ -31,8 +31,10 @@ All logic is in `pipelines.steps`; this file only wires it.
 from __future__ import annotations
 
 from datetime import timedelta
+from urllib.parse import urlsplit
 
 import pendulum
+from airflow.configuration import conf
 from airflow.providers.standard.operators.hitl import HITLBranchOperator
 from airflow.sdk import Asset, Param, PokeReturnValue, dag, task
 
@@ -40,6 +42,8 @@ from pipelines.config import ProjectKind, RolloutApproval, RolloutConfig, load_c
 from pipelines.steps import CHALLENGER_IN_SHADOW, project_asset
 
 APPROVE, REJECT = "Approve", "Reject"
+# Behind a proxy Airflow may be served under a path ([api] base_url): the card's link carries it.
+ROOT = urlsplit(conf.get("api", "base_url", fallback="") or "/").path.rstrip("/")
 RESPONSE = ("chosen_options", "params_input", "responded_at", "responded_by_user")
 
 
@@ -113,8 +117,8 @@ def rollout_dag(project: str):
                 subject=f"{project}: take version {{{{ ti.xcom_pull(task_ids='challenger')['challenger'] }}}} to {to}?",
                 body=(
                     f"The sequential test of the last stage promoted the challenger. Read its model card first: "
-                    f"[/flywheel/projects/{project}/versions/{{{{ ti.xcom_pull(task_ids='challenger')['challenger'] }}}}/card]"
-                    f"(/flywheel/projects/{project}/versions/{{{{ ti.xcom_pull(task_ids='challenger')['challenger'] }}}}/card).\n\n"
+                    f"[{ROOT}/flywheel/projects/{project}/versions/{{{{ ti.xcom_pull(task_ids='challenger')['challenger'] }}}}/card]"
+                    f"({ROOT}/flywheel/projects/{project}/versions/{{{{ ti.xcom_pull(task_ids='challenger')['challenger'] }}}}/card).\n\n"
                     f"Rejecting, or no answer within {rollout.approval_timeout_hours:g} h, aborts: the champion serves alone."
                 ),
                 options=[APPROVE, REJECT],
