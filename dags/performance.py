@@ -27,7 +27,7 @@ from datetime import timedelta
 import pendulum
 from airflow.sdk import Asset, AssetOrTimeSchedule, CronTriggerTimetable, dag, task
 
-from pipelines.config import ProjectKind, load_config, project_kinds, task_defaults
+from pipelines.config import PerformanceConfig, ProjectKind, parsed_config, project_kinds, task_defaults
 from pipelines.steps import LABELS_JOINED, PERFORMANCE_DEGRADED, project_asset
 
 
@@ -82,4 +82,5 @@ def performance_dag(project: str, window_hours: int):
 
 for name, kind in project_kinds().items():
     if kind == ProjectKind.tabular:
-        performance_dag(name, load_config(name).performance.window_hours)
+        parsed = parsed_config(name)
+        performance_dag(name, (parsed.performance if parsed else PerformanceConfig()).window_hours)

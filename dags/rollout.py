@@ -38,7 +38,7 @@ from airflow.configuration import conf
 from airflow.providers.standard.operators.hitl import HITLBranchOperator
 from airflow.sdk import Asset, Param, PokeReturnValue, dag, task
 
-from pipelines.config import ProjectKind, RolloutApproval, RolloutConfig, load_config, project_kinds, task_defaults
+from pipelines.config import ProjectKind, RolloutApproval, RolloutConfig, parsed_config, project_kinds, task_defaults
 from pipelines.steps import CHALLENGER_IN_SHADOW, project_asset
 
 APPROVE, REJECT = "Approve", "Reject"
@@ -58,17 +58,9 @@ class ApprovalBranch(HITLBranchOperator):
         return super().execute_complete(context, event)
 
 
-def settings(project: str) -> RolloutConfig:
-    """The project's rollout settings; the defaults when its params.yaml does not load (every
-    task then fails with the config error, which names the file and key)."""
-    try:
-        return load_config(project).rollout
-    except Exception:  # noqa: BLE001 - a broken params.yaml must not break the parsing of every DAG
-        return RolloutConfig()
-
-
 def rollout_dag(project: str):
-    rollout = settings(project)
+    parsed = parsed_config(project)
+    rollout = parsed.rollout if parsed else RolloutConfig()
     look_for = {"poke_interval": rollout.poke_seconds, "timeout": rollout.stage_hours * 3600 + 10 * rollout.poke_seconds, "mode": "reschedule"}
 
     @dag(
@@ -145,7 +137,7 @@ def rollout_dag(project: str):
             def aborted(begun, ti=None, dag_run=None):
                 look = ti.xcom_pull(task_ids=look_task)
                 approval = steps.approval_record(ti.xcom_pull(task_ids=approval_task, key="approval")) if approval_task else None
-                reason = f"not approved: {approval}" if approval else look["reason"]
+                reason = f"not approved: {approval['summary']}" if approval else look["reason"]
                 return steps.run(steps.rollout_advance, project, begun["challenger"], "aborted", steps.airflow_run(dag_run), reason, approval)
 
             return aborted(begun)

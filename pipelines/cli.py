@@ -30,7 +30,7 @@ def cmd_init(args: argparse.Namespace) -> None:
     )
     print("\n".join(profile.summary))
     print(f"\nwrote {folder / 'params.yaml'} and {folder / 'expectations.json'}; the project's DAGs appear at the next parse:")
-    print(f"  retrain__{args.project}, drift__{args.project}, feedback__{args.project}, performance__{args.project}, rollback__{args.project}, revert_batch__{args.project}")
+    print(f"  retrain__{args.project}, drift__{args.project}, feedback__{args.project}, performance__{args.project}, rollout__{args.project}, rollback__{args.project}, revert_batch__{args.project}")
     print(f"land batches with `flywheel land {args.project} <file.csv|file.parquet>`")
 
 
@@ -132,7 +132,7 @@ def cmd_rollback(args: argparse.Namespace) -> None:
     from pipelines.serving.rollback import rollback
 
     run = {"dag_id": None, "run_id": f"cli__{datetime.now(timezone.utc):%Y%m%dT%H%M%S}"}
-    print(json.dumps(rollback(load_project(args.project), args.version, run)))
+    print(json.dumps(rollback(load_project(args.project), args.version, run, args.reason)))
 
 
 def cmd_alert_receiver(args: argparse.Namespace) -> None:
@@ -242,14 +242,15 @@ def main(argv: list[str] | None = None) -> None:
     traffic.add_argument("--batch-size", type=int, default=32, help="rows per request")
     traffic.set_defaults(run=cmd_traffic)
 
-    rollback = commands.add_parser("rollback", help="serve a previous version of a project's model again")
+    rollback = commands.add_parser("rollback", help="serve a previous version of a project's model again, or end a rollout in progress")
     rollback.add_argument("project")
-    rollback.add_argument("version", type=int)
+    rollback.add_argument("version", type=int, nargs="?", help="the version to serve; omitted: end a rollout in progress, else the version served before")
+    rollback.add_argument("--reason", default="", help="why (goes into the serving history)")
     rollback.set_defaults(run=cmd_rollback)
 
     from pipelines.monitoring import alert_receiver
 
-    receiver = commands.add_parser("alert-receiver", help="trigger rollback__<project> for Alertmanager's firing rollback alerts, until Ctrl-C")
+    receiver = commands.add_parser("alert-receiver", help="Alertmanager's webhook (POST /alerts): trigger rollback__<project> for firing rollback alerts, until Ctrl-C")
     alert_receiver.add_arguments(receiver)
     receiver.set_defaults(run=cmd_alert_receiver)
 

@@ -674,6 +674,17 @@ def load_config(name: str, home: Path | str | None = None) -> ProjectConfig:
     return config
 
 
+def parsed_config(name: str, home: Path | str | None = None) -> ProjectConfig | None:
+    """A tabular project's config as a DAG file reads it while parsing, or None when its
+    params.yaml does not load. A DAG file then defines the project's DAG with default settings
+    and each task fails with the config error (naming the file and key), rather than one
+    project's typo making the file fail to import and every project's DAGs of that file vanish."""
+    try:
+        return load_config(name, home)
+    except (ConfigError, OSError, ValueError):
+        return None
+
+
 def load_text_project(name: str, home: Path | str | None = None) -> TextProjectConfig:
     """A text project (``load_project``); ``ConfigError`` if ``name`` is of another kind."""
     config = load_project(name, home)

@@ -318,15 +318,15 @@ def rollout_advance(project: str, challenger: int, to: str, run: Record, reason:
 
 
 def approval_record(response: Record | None) -> Record | None:
-    """Who approved a stage, when, and their comment, from the HITL task's result (None: none asked)."""
+    """Who answered a stage's approval, when, the choice and the comment, from the HITL task's
+    response (None: none asked); ``summary`` says it in one line, for a reason."""
     if not response:
         return None
-    return {
-        "chosen": response.get("chosen_options"),
-        "by": response.get("responded_by_user"),
-        "at": str(response.get("responded_at")),
-        "comment": (response.get("params_input") or {}).get("comment", ""),
-    }
+    chosen, by, at = response.get("chosen_options") or [], response.get("responded_by_user"), response.get("responded_at")
+    comment = (response.get("params_input") or {}).get("comment", "")
+    who = (by or {}).get("name") or (by or {}).get("id") if isinstance(by, dict) else by
+    summary = f"{'/'.join(chosen)} by {who} at {at}" if who else f"{'/'.join(chosen)} (no answer before the timeout)"
+    return {"chosen": chosen, "by": by, "at": at, "comment": comment, "summary": summary + (f": {comment}" if comment else "")}
 
 
 # --- revert_batch__<project> ----------------------------------------------------------------

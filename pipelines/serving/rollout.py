@@ -77,14 +77,21 @@ def look(config: ProjectConfig, challenger: int, stage: str, now: datetime | Non
     the rows each version answered and their latency, and the two versions' agreement. Written
     into the challenger's lineage and pushed as ``flywheel_rollout_*`` gauges.
 
-    ``RolloutError`` if the served model does not route ``challenger`` in ``stage``.
+    A rollout that already ended outside the run (an alert's rollback) gives the decision abort
+    with that reason and nothing else. ``RolloutError`` if the served model does not route
+    ``challenger`` in ``stage`` otherwise.
     """
     rollout, settings = in_progress(config), config.rollout
+    champion = repository.served_version(config.model_dir)
+    now = now or datetime.now(timezone.utc)
+    record = _lineage(config, challenger).get("rollout") or {}
+    if record.get("outcome") and (rollout is None or rollout.challenger != challenger):
+        # ended outside this run (an alert's rollback, a person's): the DAG aborts, which changes nothing
+        reason = f"abort: the rollout of version {challenger} already ended ({record['outcome']}: {record['stages'].get(record['outcome'], {}).get('reason')})"
+        return {"stage": stage, "champion": champion, "challenger": challenger, "looked_at": now.isoformat(timespec="seconds"), "decision": "abort", "reason": reason, "rows": 0}
     if rollout is None or rollout.challenger != challenger or rollout.mode != stage:
         raise RolloutError(f"project {config.name}: no {stage} of version {challenger} is in progress (the served model routes {rollout})")
-    champion = repository.served_version(config.model_dir)
-    started = datetime.fromisoformat(_lineage(config, challenger)["rollout"]["stages"][stage]["started_at"])
-    now = now or datetime.now(timezone.utc)
+    started = datetime.fromisoformat(record["stages"][stage]["started_at"])
     until = now + timedelta(minutes=1)  # rows served while this look reads
     answered = read_window(log_dir(config.serving, config.served_model), started, until)
     mirrored = read_window(shadow_log_dir(config), started, until)
@@ -158,8 +165,11 @@ def traffic(answered: pd.DataFrame, mirrored: pd.DataFrame, champion: int | None
     if answered.empty or mirrored.empty:
         result["agreement"] = None
         return result
-    both = answered[[REQUEST_ID, OUTPUT, *([LABEL_OUTPUT] if LABEL_OUTPUT in answered else [])]].merge(
-        mirrored[[REQUEST_ID, OUTPUT, *([LABEL_OUTPUT] if LABEL_OUTPUT in mirrored else [])]], on=REQUEST_ID, suffixes=("", "_other")
+    # a key answered more than once (a client resending its id) counts once, its latest answer
+    both = (
+        answered[[REQUEST_ID, OUTPUT, *([LABEL_OUTPUT] if LABEL_OUTPUT in answered else [])]]
+        .drop_duplicates(REQUEST_ID, keep="last")
+        .merge(mirrored[[REQUEST_ID, OUTPUT, *([LABEL_OUTPUT] if LABEL_OUTPUT in mirrored else [])]].drop_duplicates(REQUEST_ID, keep="last"), on=REQUEST_ID, suffixes=("", "_other"))
     )
     if both.empty:
         result["agreement"] = None

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from pipelines.config import ConfigError, load_config
 from tests.conftest import REPO, make_project, make_text_project
 
 DAG_FILES = sorted(p.name for p in (REPO / "dags").glob("*.py"))
@@ -68,6 +69,20 @@ def test_adding_a_project_folder_adds_its_dags_and_removing_it_removes_them(home
 
     shutil.rmtree(deployment / "projects" / "boats")
     assert not any(dag_id.endswith("__boats") for dag_id in parse(deployment).dags)
+
+
+def test_one_projects_broken_params_yaml_leaves_every_dag_in_place(home, tmp_path):
+    # A typo in one project's file must not make a DAG file fail to import (which would take every
+    # project's DAGs of that file away): its DAGs parse with defaults, and its tasks fail naming the key.
+    deployment = tmp_path / "deployment"
+    shutil.copytree(home, deployment)
+    params = deployment / "projects" / "taxis" / "params.yaml"
+    params.write_text(params.read_text() + "\nrollout:\n  canary_shares: 0.3\n")
+    parsed = parse(deployment)
+    assert not parsed.import_errors
+    assert {"performance__flights", "performance__taxis", "rollout__flights", "rollout__taxis"} <= set(parsed.dags)
+    with pytest.raises(ConfigError, match="canary_shares"):
+        load_config("taxis", deployment)
 
 
 def test_the_repositorys_own_deployment_parses(dagbag):

@@ -119,8 +119,9 @@ def test_a_worse_challenger_is_aborted_and_the_champion_serves_alone(routed):
     assert repository.route_of(config.model_dir) is None and repository.served_version(config.model_dir) == 1
     record = repository.lineage_of(config.model_dir, 2)["rollout"]
     assert record["outcome"] == "aborted" and record["stages"]["aborted"]["reason"] == look["reason"]
-    with pytest.raises(rollout.RolloutError, match="no shadow of version 2 is in progress"):
-        rollout.look(config, 2, SHADOW, now=when)
+    # a DAG run still looking (the rollout was ended by an alert's rollback, say) is told to abort, changing nothing
+    ended = rollout.look(config, 2, SHADOW, now=when)
+    assert ended["decision"] == "abort" and "already ended (aborted" in ended["reason"] and ended["rows"] == 0
 
 
 def test_too_few_labels_continue_and_an_undecided_stage_aborts_when_its_time_is_up(routed):
@@ -146,6 +147,8 @@ def test_a_canary_pairs_rows_whichever_version_answered(routed):
     config = routed
     rollout.advance(config, 2, CANARY, RUN, reason="shadow promoted")
     assert repository.route_of(config.model_dir) == Route(2, CANARY, config.rollout.canary_share)
+    with pytest.raises(rollout.RolloutError, match="no shadow of version 2 is in progress"):
+        rollout.look(config, 2, SHADOW)  # a stage asked out of order
     started = datetime.fromisoformat(repository.lineage_of(config.model_dir, 2)["rollout"]["stages"][CANARY]["started_at"])
     truth, champion, challenger = scores(3000, seed=5, challenger_noise=0.02)
     answered_by = np.where(np.random.default_rng(5).uniform(size=3000) < 0.2, 2, 1)

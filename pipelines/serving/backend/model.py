@@ -100,7 +100,8 @@ class TritonPythonModel:
             self.mirror = ThreadPoolExecutor(max_workers=1, thread_name_prefix="router-mirror")
             self.backlog, self.skipped = 0, 0
             self.backlog_lock = threading.Lock()
-        self.metrics = _Metrics(args["model_name"], parameters.get("flywheel_project", ""))
+        # a served model's (its config names its project); none for a smoke test's throwaway copy
+        self.metrics = _Metrics(args["model_name"], parameters["flywheel_project"]) if parameters.get("flywheel_project") else None
 
     def finalize(self) -> None:
         """Finish mirroring and write what the logs still buffer: Triton calls this at unload and
@@ -137,7 +138,8 @@ class TritonPythonModel:
                 self.log.append({**run.inputs, **run.outputs}, np.concatenate([keys[i] for i in run.requests]), run.version.number, served_at, latency_ms)
             if self.challenger is not None:
                 self.mirror_run(run, np.concatenate([keys[i] for i in run.requests]), served_at)
-        self.metrics.count(routed, errors, latency_ms)
+        if self.metrics is not None:
+            self.metrics.count(routed, errors, latency_ms)
         return responses
 
     def route(self, key: str) -> Version:
