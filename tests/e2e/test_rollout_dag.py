@@ -291,7 +291,13 @@ def test_a_canary_error_spike_pages_and_the_alert_rolls_back_through_airflow_wit
 
     good = Traffic(lambda: live.connect(config.serving.triton), ask)
     try:
-        wait_for("the canary's stage scraped", lambda: get(f"{prometheus}/api/v1/query?" + urllib.parse.urlencode({"query": 'flywheel_rollout_stage{stage="canary"}'}))["data"]["result"], logs)
+
+        def scraped(promql: str):
+            return get(f"{prometheus}/api/v1/query?" + urllib.parse.urlencode({"query": promql}))["data"]["result"]
+
+        wait_for("the canary's stage scraped", lambda: scraped('flywheel_rollout_stage{stage="canary"}'), logs)
+        # the router exports its counts from 0 at load, so the spike is an increase Prometheus sees
+        wait_for("the challenger's failures scraped at 0", lambda: scraped('flywheel_router_failures_total{project="flights", role="challenger"} == 0'), logs)
         with good:
             # the planted spike: 150 requests the challenger answers, each with a string input
             # that is not UTF-8, so it fails (the router counts each against the version it routed to)

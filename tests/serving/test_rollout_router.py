@@ -143,6 +143,25 @@ def test_a_canary_answers_its_share_of_request_ids_each_always_by_the_same_versi
     shadow = logged(rollout.shadow_log_dir(config), set(keys[:300]))
     np.testing.assert_array_equal(main.loc[keys[:300], "model_version"], first[:300])
     np.testing.assert_array_equal(shadow.loc[keys[:300], "model_version"], [3 - v for v in first[:300]])
+    # the router's counts on Triton's metrics endpoint, the failures exported from 0 (what the canary alerts read)
+    counts = router_counts(config)
+    assert counts[("flywheel_router_requests_total", "2", "challenger")] >= first.count(2) + again.count(2)
+    assert counts[("flywheel_router_failures_total", "2", "challenger")] == counts[("flywheel_router_failures_total", "1", "champion")] == 0
+
+
+def router_counts(config) -> dict[tuple[str, str, str], float]:
+    """``flywheel_router_*_total`` of the project on Triton's metrics endpoint, by (name, version, role)."""
+    import re
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{config.serving.triton.metrics_port}/metrics", timeout=5) as answer:
+        text = answer.read().decode()
+    counts = {}
+    for name, labels, value in re.findall(r"^(flywheel_router_\w+_total)\{([^}]*)\} (\S+)$", text, re.M):
+        label = dict(re.findall(r'(\w+)="([^"]*)"', labels))
+        if label.get("project") == config.name:
+            counts[(name, label["version"], label["role"])] = float(value)
+    return counts
 
 
 def test_full_rollout_and_an_alerts_rollback_switch_with_zero_failed_requests(routed):

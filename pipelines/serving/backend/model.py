@@ -101,7 +101,8 @@ class TritonPythonModel:
             self.backlog, self.skipped = 0, 0
             self.backlog_lock = threading.Lock()
         # a served model's (its config names its project); none for a smoke test's throwaway copy
-        self.metrics = _Metrics(args["model_name"], parameters["flywheel_project"]) if parameters.get("flywheel_project") else None
+        served = [v for v in (self.champion, self.challenger) if v is not None]
+        self.metrics = _Metrics(args["model_name"], parameters["flywheel_project"], served) if parameters.get("flywheel_project") else None
 
     def finalize(self) -> None:
         """Finish mirroring and write what the logs still buffer: Triton calls this at unload and
@@ -246,7 +247,7 @@ class _Metrics:
     and role, on Triton's metrics endpoint (the Python backend's custom metrics); without that API,
     none (logged once)."""
 
-    def __init__(self, model: str, project: str) -> None:
+    def __init__(self, model: str, project: str, versions: list[Version]) -> None:
         self.labels = {"project": project, "model": model}
         self.latencies: dict[tuple[int, str], deque[tuple[float, float]]] = {}
         self.published = 0.0
@@ -260,6 +261,11 @@ class _Metrics:
             log.warning("router: no custom metrics in this Triton (%s); flywheel_router_* are not exported", exc)
             self.enabled = False
         self.series: dict[tuple[str, int, str], Any] = {}
+        # Every count exported from 0 at load: Prometheus's increase() cannot see the first
+        # failures of a series that appears only with them.
+        for version in versions if self.enabled else []:
+            self.metric(self.requests, "requests", version)
+            self.metric(self.failures, "failures", version)
 
     def metric(self, family: Any, name: str, version: Version) -> Any:
         key = (name, version.number, version.role)
