@@ -287,7 +287,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:  # noqa: N802
         if self.path != ALERTS_PATH:
-            self._answer(HTTPStatus.NOT_FOUND, {"error": f"POST {self.path}: Alertmanager's webhook posts to {ALERTS_PATH}"})
+            # the body is not read: the connection is closed, so it is never taken for a next request
+            self._answer(HTTPStatus.NOT_FOUND, {"error": f"POST {self.path}: Alertmanager's webhook posts to {ALERTS_PATH}"}, close=True)
             return
         try:
             length = int(self.headers.get("Content-Length", ""))

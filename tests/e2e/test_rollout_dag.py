@@ -48,7 +48,7 @@ STAGE_ROWS = 400  # flights sent per stage; their delays come back
 MARCH = month_batch("2013-03", 3 * STAGE_ROWS, seed=1)
 SHADOW_ROWS, CANARY_ROWS, WORSE_ROWS = (MARCH.iloc[i * STAGE_ROWS : (i + 1) * STAGE_ROWS] for i in range(3))
 POKE_S = 3
-APPROVAL_TIMEOUT_H = 0.01  # 36 s: the timeout run waits it out
+APPROVAL_TIMEOUT_H = 0.02  # 72 s: long enough for the test to answer on a busy machine; the timeout run waits it out
 RUN = {"dag_id": "test", "run_id": "manual__test", "run_type": "manual", "logical_date": None}
 
 
