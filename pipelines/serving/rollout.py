@@ -185,7 +185,8 @@ def advance(config: ProjectConfig, challenger: int, to: str, run: Record, reason
     ``rollout.canary_share`` of request ids), ``full`` (the challenger becomes the served version,
     the rollout ends) or ``aborted`` (the champion serves alone). ``reason`` and ``approval`` (who
     approved, when, their comment) go into the challenger's lineage. Aborting a rollout that is
-    no longer in progress changes nothing (a retried task)."""
+    no longer in progress changes nothing, its lineage included (a retried task, or a DAG run
+    whose rollout a rollback ended)."""
     rollout = in_progress(config)
     if to == CANARY:
         if rollout is None or rollout.challenger != challenger:
@@ -196,7 +197,9 @@ def advance(config: ProjectConfig, challenger: int, to: str, run: Record, reason
             raise RolloutError(f"project {config.name}: no rollout of version {challenger} to take to full (the served model routes {rollout})")
         entry = live.serve(config, challenger, run, event="rollout")
     elif to == ABORTED:
-        entry = live.route(config, None, run, event="abort") if rollout is not None and rollout.challenger == challenger else {"unchanged": True}
+        if rollout is None or rollout.challenger != challenger:  # ended already (a rollback): its record stands
+            return {"challenger": challenger, "stage": to, "reason": reason, "history": {"unchanged": True}}
+        entry = live.route(config, None, run, event="abort")
     else:
         raise RolloutError(f"rollout stage {to!r}: expected one of {CANARY}, {FULL}, {ABORTED}")
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")

@@ -122,6 +122,8 @@ def test_a_worse_challenger_is_aborted_and_the_champion_serves_alone(routed):
     # a DAG run still looking (the rollout was ended by an alert's rollback, say) is told to abort, changing nothing
     ended = rollout.look(config, 2, SHADOW, now=when)
     assert ended["decision"] == "abort" and "already ended (aborted" in ended["reason"] and ended["rows"] == 0
+    rollout.advance(config, 2, rollout.ABORTED, RUN, reason=ended["reason"])  # that run's abort task
+    assert repository.lineage_of(config.model_dir, 2)["rollout"] == record  # the first abort's record stands
 
 
 def test_too_few_labels_continue_and_an_undecided_stage_aborts_when_its_time_is_up(routed):
