@@ -53,10 +53,11 @@ def test_training_and_export_run_on_the_gpu_worker_and_the_rest_on_the_default_w
 
     assert state == "success", tasks
     assert tasks.pop("train") == tasks.pop("export") == ("success", GPU_QUEUE, "gpu-worker")
+    assert tasks.pop("announce_rollout") == ("skipped", "default", "cpu-worker")  # rollout.enabled is off: no rollout to start
     assert set(tasks) == {"check_params", "validate", "version_data", "needs_training", "gate", "publish"}
     assert set(tasks.values()) == {("success", "default", "cpu-worker")}, tasks
-    # Celery itself recorded every task it ran, in the result backend on the same database.
-    assert celery_results == {"SUCCESS": 8}
+    # Celery itself recorded every task it ran (a skipped one ends well too), in the result backend on the same database.
+    assert celery_results == {"SUCCESS": 9}
     # The run published a version into the shared model repository.
     assert published["decision"] == PROMOTED and published["version"] == 1
     assert repository.versions(config.model_dir) == [1] and repository.served_version(config.model_dir) == 1
