@@ -282,15 +282,14 @@ def rollout_challenger(project: str, version: int | None, events: list[Record]) 
     """The challenger a rollout run takes through its stages: the ``version`` Param, else the one
     the triggering Asset event names, else the one the served model routes now; it must be
     routed (in shadow) already. Returns {challenger, champion, stage}."""
-    from pipelines.serving.rollout import RolloutError, in_progress
+    from pipelines.serving import repository
+    from pipelines.serving.rollout import RolloutError
 
     config = load_config(project)
     named = version or next((e["extra"].get("challenger") for e in reversed(events) if e.get("extra", {}).get("challenger")), None)
-    routed = in_progress(config)
+    routed = repository.route_of(config.model_dir)
     if routed is None or (named is not None and routed.challenger != int(named)):
         raise RolloutError(f"project {project}: version {named} is not in a rollout (the served model routes {routed}); a promoted challenger is routed in shadow by publish")
-    from pipelines.serving import repository
-
     return {"challenger": routed.challenger, "champion": repository.served_version(config.model_dir), "stage": routed.mode}
 
 

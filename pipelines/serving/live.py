@@ -328,10 +328,12 @@ def record(config: AnyProject, event: str, version: int, previous: int | None, r
     return entry
 
 
-def mark_rejected(config: AnyProject, version: int, reason: str) -> None:
-    """Keep the version on disk with the reason, so it is never served or rolled back to."""
+def mark_rejected(config: AnyProject, version: int, previous: int | None, run: Record, reason: str) -> None:
+    """Keep the version on disk with the reason, so it is never served or rolled back to, and
+    record the rejection in the serving history (``previous``: the version serving)."""
     path = config.served_model_dir / str(version) / LINEAGE_FILE
     write_json(path, {**read_json(path), "status": "rejected", "rejected_reason": reason})
+    record(config, "rejected", version, previous, run, reason=reason)
 
 
 def serve(config: AnyProject, version: int, run: Record, event: str) -> Record:
@@ -365,8 +367,7 @@ def serve(config: AnyProject, version: int, run: Record, event: str) -> Record:
         except Exception as failed:
             hold_steps(client, unit.steps(kept), timeout)  # unload what this loaded: the served version never changed
             if isinstance(failed, SmokeTestError) and event == "publish":
-                mark_rejected(config, version, str(failed))
-                record(config, "rejected", version, previous, run, reason=str(failed))
+                mark_rejected(config, version, previous, run, str(failed))
             raise
         hold_steps(client, unit.steps([version]), timeout)  # retire the previous version's steps
     seconds = time.monotonic() - started
@@ -385,8 +386,7 @@ def smoke(config: ProjectConfig, version: int, run: Record) -> float | None:
         try:
             return unit.smoke(client, version)
         except SmokeTestError as failed:
-            mark_rejected(config, version, str(failed))
-            record(config, "rejected", version, repository.served_version(unit.folder), run, reason=str(failed))
+            mark_rejected(config, version, repository.served_version(unit.folder), run, str(failed))
             raise
 
 

@@ -43,7 +43,6 @@ from pipelines.serving.repository import CANARY, SHADOW, Route
 
 log = logging.getLogger(__name__)
 FULL, ABORTED = "full", "aborted"
-STAGES = (SHADOW, CANARY, FULL, ABORTED)
 
 
 class RolloutError(NotRetryable, ValueError):
@@ -53,11 +52,6 @@ class RolloutError(NotRetryable, ValueError):
 def shadow_log_dir(config: ProjectConfig) -> Path:
     """Where the router logs the answers of the version that did not answer: ``<model>__shadow``."""
     return log_dir(config.serving, config.served_model).with_name(config.served_model + SHADOW_SUFFIX)
-
-
-def in_progress(config: ProjectConfig) -> Route | None:
-    """The rollout the served model routes now, or None."""
-    return repository.route_of(config.model_dir)
 
 
 def start(config: ProjectConfig, challenger: int, run: Record) -> Record:
@@ -81,7 +75,7 @@ def look(config: ProjectConfig, challenger: int, stage: str, now: datetime | Non
     with that reason and nothing else. ``RolloutError`` if the served model does not route
     ``challenger`` in ``stage`` otherwise.
     """
-    rollout, settings = in_progress(config), config.rollout
+    rollout, settings = repository.route_of(config.model_dir), config.rollout
     champion = repository.served_version(config.model_dir)
     now = now or datetime.now(timezone.utc)
     record = _lineage(config, challenger).get("rollout") or {}
@@ -187,7 +181,7 @@ def advance(config: ProjectConfig, challenger: int, to: str, run: Record, reason
     approved, when, their comment) go into the challenger's lineage. Aborting a rollout that is
     no longer in progress changes nothing, its lineage included (a retried task, or a DAG run
     whose rollout a rollback ended)."""
-    rollout = in_progress(config)
+    rollout = repository.route_of(config.model_dir)
     if to == CANARY:
         if rollout is None or rollout.challenger != challenger:
             raise RolloutError(f"project {config.name}: no rollout of version {challenger} to take to canary (the served model routes {rollout})")

@@ -104,8 +104,7 @@ def write_versions(config: ProjectConfig) -> None:
         version = repository.add_version(model_dir, {REFERENCE_FILE: reference}, lineage)
         write_json(run_record_path(config.artifacts_dir, run["run_id"]), {**lineage, "version": version})
         if version == 3:
-            live.mark_rejected(config, version, REJECTED_REASON)
-            live.record(config, "rejected", version, 2, run, reason=REJECTED_REASON)
+            live.mark_rejected(config, version, 2, run, REJECTED_REASON)
         else:
             repository.write_model_config(model_dir, repository.model_config(config.model_dir, config.serving, config.dataset, version))
             live.record(config, "publish", version, version - 1 or None, run)
