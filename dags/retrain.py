@@ -27,7 +27,10 @@ as a new Triton model version if it wins.
 * `train` and `export` run on the `gpu` queue: on the CeleryExecutor only GPU workers take them.
 * **Params**: `force_publish` (with a `force_reason`) overrides the gate; `max_epochs` and
   `learning_rate` override the project's params.yaml for this run; `confirm_batches` names held
-  batches whose labels a person has checked, to be ingested without the label check.
+  batches whose labels a person has checked, to be ingested without the label check;
+  `reason` says why a person started the run (the on-call page's "Retrain now" sends it).
+* A person's run (manual), a forced publish, and the user Airflow names as its trigger go
+  into the project's audit trail (`pipelines.audit`, the Audit page).
 
 All logic is in `pipelines.steps`; this file only wires it.
 """
@@ -57,6 +60,7 @@ def retrain_dag(project: str):
         tags=["flywheel", "training", f"project:{project}"],
         doc_md=__doc__,
         params={
+            "reason": Param("", type="string", maxLength=500, description="Why you start this run (the audit trail keeps it); a reason makes the run train even on unchanged data."),
             "force_publish": Param(False, type="boolean", description="Publish even if the gate rejects the challenger."),
             "force_reason": Param("", type="string", maxLength=500, description="Why the gate is overridden (required with force_publish)."),
             "max_epochs": Param(None, type=["null", "integer"], minimum=1, maximum=500, description="Override train.max_epochs."),
@@ -70,8 +74,8 @@ def retrain_dag(project: str):
         from pipelines import steps
 
         @task
-        def check_params(params=None):
-            return steps.run(steps.check_params, project, params["force_publish"], params["force_reason"])
+        def check_params(params=None, dag_run=None):
+            return steps.run(steps.check_params, project, params["force_publish"], params["force_reason"], steps.airflow_run(dag_run), params["reason"])
 
         @task
         def validate(params=None):

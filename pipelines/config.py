@@ -312,6 +312,10 @@ class MonitoringConfig(Strict):
     exclude_columns: tuple[str, ...] = ()
     cooldown_hours: float = Field(default=24, ge=0, description="at most one drift-triggered retrain per period")
     reports_dir: Path = Path("reports/drift")
+    # Acknowledging a drifted window on the on-call page silences the project's drift alerts in
+    # this Alertmanager (pipelines.monitoring.acknowledge); None: the acknowledgement is only recorded.
+    alertmanager: str | None = Field(default=None, description="Alertmanager's host:port (its API v2), or None")
+    acknowledge_hours: float = Field(default=12, gt=0, description="how long an acknowledged window's drift alerts stay silenced")
 
     @model_validator(mode="after")
     def _draws_resolve_the_rate(self) -> MonitoringConfig:

@@ -14,7 +14,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-from pipelines.config import FinetuneTask, load_config, load_project, load_text_project
+from pipelines.config import AnyProject, FinetuneTask, load_config, load_project, load_text_project
 from pipelines.errors import NotRetryable
 from pipelines.lineage import Record
 
@@ -61,21 +61,40 @@ class DagRunLike(Protocol):
 
 
 def airflow_run(dag_run: DagRunLike, trigger: Record | None = None) -> Record:
-    """What lineage records of an Airflow run: ids, type, logical date (and why it ran)."""
+    """What lineage records of an Airflow run: ids, type, logical date, the user who triggered
+    it (Airflow's ``triggering_user_name``; None for a scheduled run) and why it ran."""
     run_type = getattr(dag_run.run_type, "value", dag_run.run_type)  # an enum: keep "manual", not its repr
     record = {"dag_id": dag_run.dag_id, "run_id": dag_run.run_id, "run_type": run_type, "logical_date": str(dag_run.logical_date)}
+    record["user"] = getattr(dag_run, "triggering_user_name", None)
     return record | ({"trigger": trigger} if trigger is not None else {})
+
+
+NO_REASON = "no reason given (the run's reason Param was empty)"
+
+
+def audit_run(config: AnyProject, action: str, run: Record, reason: str, outcome: str) -> None:
+    """Record a person's run (``run_type`` manual) in the project's audit trail
+    (``pipelines.audit``), as the user Airflow says triggered it; other runs are not a person's."""
+    from pipelines import audit
+
+    if run.get("run_type") == "manual":
+        user = run.get("user") or "unknown (Airflow named no triggering user)"
+        audit.record(config, action=action, user=user, reason=reason or NO_REASON, outcome=outcome, dag_id=run["dag_id"], run_id=run["run_id"])
 
 
 # --- retrain__<project> ---------------------------------------------------------------------
 
 
-def check_params(project: str, force_publish: bool, force_reason: str | None) -> Record:
-    """Refuse a broken project config or bad combinations of Params before any work is done."""
+def check_params(project: str, force_publish: bool, force_reason: str | None, run: Record | None = None, reason: str = "") -> Record:
+    """Refuse a broken project config or bad combinations of Params before any work is done; a
+    person's run (``run``, manual) goes into the audit trail with its ``reason`` Param."""
+    from pipelines import audit
     from pipelines.evaluation.gate import check_override
 
-    load_config(project)
+    config = load_config(project)
     check_override(force_publish, force_reason)
+    if run is not None:
+        audit_run(config, audit.RETRAIN, run, reason, f"run {run['run_id']} started")
     return {"force_publish": force_publish}
 
 
@@ -148,9 +167,16 @@ def trigger(run_type: str, events: list[Record]) -> Record:
 
 
 def publish(project: str, candidate: str, gate: Record, data_version: dict[str, str], run: Record, overrides: Record) -> Record:
+    """Publish the candidate the gate promoted; a publish forced over the gate goes into the audit trail."""
+    from pipelines import audit
     from pipelines.serving.publish import publish as release
 
-    return release(load_config(project), candidate, gate, data_version, run, overrides)
+    config = load_config(project)
+    published = release(config, candidate, gate, data_version, run, overrides)
+    if gate.get("forced"):
+        said = f"published v{published['version']}" if published.get("version") is not None else f"not published: {published.get('reason') or published.get('decision')}"
+        audit_run(config, audit.FORCE_PUBLISH, run, str(overrides.get("force_reason") or ""), said)
+    return published
 
 
 # --- drift__<project> -----------------------------------------------------------------------
@@ -270,9 +296,18 @@ def performance_decide(project: str, summaries: list[Record], last_trigger_at: s
 def rollback(project: str, version: int | None, run: Record, reason: str = "", rollout_only: bool = False) -> Record:
     """Put ``version`` of the project's served model back in service; None: end a rollout in
     progress, or (unless ``rollout_only``) serve the version served before the current one."""
+    from pipelines import audit
     from pipelines.serving.rollback import rollback as put_back
 
-    return put_back(load_project(project), version, run, reason, rollout_only)
+    config = load_project(project)
+    try:
+        done = put_back(config, version, run, reason, rollout_only)
+    except Exception as error:
+        audit_run(config, audit.ROLLBACK, run, reason, f"failed: {type(error).__name__}: {error}")
+        raise
+    said = f"v{done['version']} serves (was v{done['previous']})" if done["changed"] else done["reason"]
+    audit_run(config, audit.ROLLBACK, run, reason, said)
+    return done
 
 
 # --- rollout__<project> ---------------------------------------------------------------------
@@ -310,10 +345,17 @@ def rollout_card(project: str, challenger: int, looks: list[Record]) -> Record:
 
 
 def rollout_advance(project: str, challenger: int, to: str, run: Record, reason: str, approval: Record | None = None) -> Record:
-    """Take the rollout to ``to`` (canary, full, aborted) (``pipelines.serving.rollout.advance``)."""
+    """Take the rollout to ``to`` (canary, full, aborted) (``pipelines.serving.rollout.advance``);
+    a person's answer to the approval goes into the audit trail."""
+    from pipelines import audit
     from pipelines.serving.rollout import advance
 
-    return advance(load_config(project), challenger, to, run, reason, approval)
+    config = load_config(project)
+    advanced = advance(config, challenger, to, run, reason, approval)
+    if approval and approval.get("user"):  # no user: nobody answered before the timeout, which took the default
+        outcome = f"{'/'.join(approval['chosen'])}: v{challenger} {'aborted' if to == 'aborted' else 'to ' + to}"
+        audit.record(config, action=audit.APPROVAL, user=approval["user"], reason=approval["comment"], outcome=outcome, dag_id=run["dag_id"], run_id=run["run_id"])
+    return advanced
 
 
 def approval_record(response: Record | None) -> Record | None:
@@ -325,7 +367,7 @@ def approval_record(response: Record | None) -> Record | None:
     comment = (response.get("params_input") or {}).get("comment", "")
     who = (by or {}).get("name") or (by or {}).get("id") if isinstance(by, dict) else by
     summary = f"{'/'.join(chosen)} by {who} at {at}" if who else f"{'/'.join(chosen)} (no answer before the timeout)"
-    return {"chosen": chosen, "by": by, "at": at, "comment": comment, "summary": summary + (f": {comment}" if comment else "")}
+    return {"chosen": chosen, "by": by, "user": who, "at": at, "comment": comment, "summary": summary + (f": {comment}" if comment else "")}
 
 
 # --- revert_batch__<project> ----------------------------------------------------------------

@@ -22,14 +22,16 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import psutil
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 DEFAULT_PORT = 8080
 ADMIN_USER = "admin"
@@ -55,6 +57,44 @@ class AirflowApiError(LocalAirflowError):
         self.body = body
         shown = f"HTTP {status}" if status is not None else "no response"
         super().__init__(f"{method} {url} -> {shown}: {body}")
+
+
+def rest_call(base_url: str, token: str, api: str, call: str, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    """``apache-airflow-client``'s ``<api>().<call>(...)`` against the api-server at ``base_url``
+    as the user whose JWT is ``token``, so Airflow's own permissions decide. Returns plain JSON
+    (dicts, ISO times; ``{}`` for an answer without a body); a failed call is ``AirflowApiError``
+    with the HTTP status (None when the server was not reached) and the body."""
+    import airflow_client.client as client
+    from airflow_client.client import api as apis
+
+    configuration = client.Configuration(host=base_url, access_token=token)
+    configuration.proxy = None  # loopback: never through the caller's HTTP(S)_PROXY
+    with client.ApiClient(configuration) as api_client:
+        try:
+            result = getattr(getattr(apis, api)(api_client), call)(*args, **kwargs)
+        except client.ApiException as exc:
+            raise AirflowApiError(call, base_url, exc.status, str(exc.body or exc.reason)) from None
+        except (urllib.error.URLError, OSError, client.exceptions.OpenApiException) as exc:
+            raise AirflowApiError(call, base_url, None, str(exc)) from None
+    result = getattr(result, "actual_instance", result)  # a oneOf response (an XCom entry) wraps the real one
+    answer: dict[str, Any] = result.model_dump(mode="json", by_alias=True) if result is not None else {}
+    return answer
+
+
+def trigger_run(
+    base_url: str, token: str, dag_id: str, conf: dict[str, Any], run_id: str | None = None, logical_date: datetime | None = None
+) -> str:
+    """Start a manual run of ``dag_id`` with ``conf`` as its params, as the user of ``token``;
+    returns the run id. ``AirflowApiError`` as ``rest_call``: 403 when that user may not trigger it.
+
+    With a ``logical_date``, the run's data interval is the one the DAG's timetable gives it.
+    """
+    from airflow_client.client.models.trigger_dag_run_post_body import TriggerDAGRunPostBody
+
+    # Airflow 3 requires logical_date in the body; null means "no logical date", which lets
+    # several manual runs start at the same moment.
+    body = TriggerDAGRunPostBody(logical_date=logical_date, conf=conf, dag_run_id=run_id)
+    return str(rest_call(base_url, token, "DagRunApi", "trigger_dag_run", dag_id, body)["dag_run_id"])
 
 
 def airflow_env(
@@ -296,30 +336,19 @@ class LocalAirflow:
                 raise AirflowApiError("POST", url, None, str(getattr(exc, "reason", exc))) from None
         return self._token
 
-    def _api(self, api: str, call: str, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        """``apache-airflow-client``'s ``<api>().<call>(...)`` as plain JSON (dicts, ISO times;
-        ``{}`` for an answer without a body); a failed call is ``AirflowApiError`` with the status
-        and body. An expired token is fetched again once."""
-        import airflow_client.client as client
-        from airflow_client.client import api as apis
+    def _as_admin(self, call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """``call(base_url, token, ...)`` (``rest_call``, ``trigger_run``) as the admin; an expired
+        token is fetched again once."""
+        try:
+            return call(self.base_url, self.token(), *args, **kwargs)
+        except AirflowApiError as error:
+            if error.status != 401:
+                raise
+            self._token = None
+            return call(self.base_url, self.token(), *args, **kwargs)
 
-        for attempt in (1, 2):
-            configuration = client.Configuration(host=self.base_url, access_token=self.token())
-            configuration.proxy = None  # loopback: never through the caller's HTTP(S)_PROXY
-            with client.ApiClient(configuration) as api_client:
-                try:
-                    result = getattr(getattr(apis, api)(api_client), call)(*args, **kwargs)
-                except client.ApiException as exc:
-                    if exc.status == 401 and attempt == 1:
-                        self._token = None
-                        continue
-                    raise AirflowApiError(call, self.base_url, exc.status, str(exc.body or exc.reason)) from None
-                except (urllib.error.URLError, OSError, client.exceptions.OpenApiException) as exc:
-                    raise AirflowApiError(call, self.base_url, None, str(exc)) from None
-            result = getattr(result, "actual_instance", result)  # a oneOf response (an XCom entry) wraps the real one
-            answer: dict[str, Any] = result.model_dump(mode="json", by_alias=True) if result is not None else {}
-            return answer
-        raise AssertionError("unreachable")
+    def _api(self, api: str, call: str, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        return self._as_admin(rest_call, api, call, *args, **kwargs)
 
     def health(self) -> dict[str, Any]:
         """``GET /api/v2/monitor/health``: status and latest heartbeat of each component."""
@@ -358,16 +387,8 @@ class LocalAirflow:
     def trigger(
         self, dag_id: str, conf: dict[str, Any], run_id: str | None = None, logical_date: datetime | None = None
     ) -> str:
-        """Start a manual run of ``dag_id`` with ``conf`` as its params; returns the run id.
-
-        With a ``logical_date``, the run's data interval is the one the DAG's timetable gives it.
-        """
-        from airflow_client.client.models.trigger_dag_run_post_body import TriggerDAGRunPostBody
-
-        # Airflow 3 requires logical_date in the body; null means "no logical date", which lets
-        # several manual runs start at the same moment.
-        body = TriggerDAGRunPostBody(logical_date=logical_date, conf=conf, dag_run_id=run_id)
-        return str(self._api("DagRunApi", "trigger_dag_run", dag_id, body)["dag_run_id"])
+        """``trigger_run`` as the admin; returns the run id."""
+        return self._as_admin(trigger_run, dag_id, conf, run_id, logical_date)
 
     def emit_asset_event(self, uri: str, extra: dict[str, Any]) -> dict[str, Any]:
         """``POST /api/v2/assets/events``: an event of the Asset ``uri`` with ``extra``, as any

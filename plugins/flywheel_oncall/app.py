@@ -9,15 +9,18 @@ under ``/projects/<project>/`` (JSON twins under ``/api/``)::
     /projects/<project>/drift/<folder>/report.html   Evidently's report (CSP sandbox)
     /projects/<project>/models                  versions, gate decisions, serving history, runs
     /projects/<project>/versions/<version>/card  a version's model card (the HTML written beside it)
+    /projects/<project>/timeline                drift, columns, served version and performance on one time axis
     /api/projects, /api/projects/<project>/drift, /api/projects/<project>/drift/<folder>,
-    /api/projects/<project>/models
+    /api/projects/<project>/models, /api/projects/<project>/timeline
+    /static/plotly.min.js                       plotly.js, from the installed plotly package
+    /static/<name>                              the files of the package's static/ folder, by name
 
 Every route needs a logged-in Airflow user: Airflow's own ``get_user`` (the bearer token of
 an API client, else the ``_token`` cookie the UI sets at login, which the page embedded in
 the UI sends); no token: 401, a bad one: 403. Then, per project, the auth manager's read
 permission on that project's DAG, through ``requires_access_dag``: its Models page needs
 ``retrain__<project>`` (``finetune__<project>`` for a text project), and so does a version's
-model card; its Drift pages ``drift__<project>``; no permission: 403. The index lists only the
+model card; its Drift pages and its Timeline ``drift__<project>``; no permission: 403. The index lists only the
 projects the caller may read, and of each only what its pages would show them.
 
 A project name in a URL is checked against ``pipelines.config.PROJECT_NAME`` and the
@@ -28,11 +31,13 @@ known ones. A report is named by its folder (``YYYYmmddTHHMMSSZ``) only.
 from __future__ import annotations
 
 import re
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request, status
 from fastapi.concurrency import run_in_threadpool
+from fastapi.middleware.gzip import GZipMiddleware
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
@@ -47,6 +52,12 @@ _bearer = HTTPBearer(auto_error=False)
 REPORT_HEADERS = {"Content-Security-Policy": "sandbox allow-scripts", "X-Content-Type-Options": "nosniff"}
 # A model card is static HTML with its own styles: nothing else may load or run in it.
 CARD_HEADERS = {"Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'", "X-Content-Type-Options": "nosniff"}
+STATIC = Path(__file__).resolve().parent / "static"
+STATIC_TYPES = {".js": "text/javascript", ".css": "text/css"}
+# plotly.js's URL carries the installed plotly's version: a browser may keep it for a year. The
+# package's own scripts change with the plugin: a browser asks again each time (a 304 if unchanged).
+PLOTLY_HEADERS = {"Cache-Control": "private, max-age=31536000, immutable", "X-Content-Type-Options": "nosniff"}
+STATIC_HEADERS = {"Cache-Control": "private, no-cache", "X-Content-Type-Options": "nosniff"}
 
 
 class Access:
@@ -144,6 +155,8 @@ DriftProject = Annotated[object, Depends(drift_project)]
 index = APIRouter()
 drift = APIRouter()
 models = APIRouter()
+timeline = APIRouter()
+static = APIRouter()
 
 
 def _index(caller: Access) -> dict:
@@ -224,6 +237,54 @@ def models_json(config: ModelsProject) -> dict:
     return data.load_models(config)
 
 
+Days = Annotated[int | None, Query(ge=1, le=data.TIMELINE_MAX_DAYS, description="the range: this many days up to until (or now)")]
+Moment = Annotated[str | None, Query(description="ISO 8601; without an offset, UTC")]
+Window = Annotated[str | None, Query(description="a drift report folder (YYYYmmddTHHMMSSZ, the window's end) to highlight")]
+
+
+def _timeline(config, days: int | None, since: str | None, until: str | None, window: str | None) -> dict:
+    """The timeline over the range the query names; 422 saying which parameter is wrong and how."""
+    try:
+        start, end = data.timeline_range(datetime.now(timezone.utc), days, since, until, window)
+        return data.load_timeline(config, start, end, window)
+    except (ValueError, data.NotFound) as wrong:
+        raise HTTPException(422, f"window: {wrong}" if isinstance(wrong, data.NotFound) else str(wrong)) from wrong
+
+
+@timeline.get("/projects/{project}/timeline", response_class=HTMLResponse, name="timeline_page")
+def timeline_page(request: Request, config: DriftProject, days: Days = None, since: Moment = None, until: Moment = None, window: Window = None) -> HTMLResponse:
+    return HTMLResponse(pages.timeline(request, _timeline(config, days, since, until, window)))
+
+
+@timeline.get("/api/projects/{project}/timeline", name="timeline_json")
+def timeline_json(config: DriftProject, days: Days = None, since: Moment = None, until: Moment = None, window: Window = None) -> dict:
+    return _timeline(config, days, since, until, window)
+
+
+def plotly_path() -> Path:
+    """plotly.js of the installed ``plotly`` package (a dependency of Evidently): no CDN, no copy."""
+    import plotly
+
+    return Path(plotly.__file__).resolve().parent / "package_data" / "plotly.min.js"
+
+
+# Behind the login like every page (``caller``); only names of files in static/, never a path.
+@static.get("/static/plotly.min.js", name="plotly_js")
+def plotly_js(caller: Caller) -> FileResponse:
+    path = plotly_path()
+    if not path.is_file():
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no plotly.js at {path}: is the plotly package installed whole?")
+    return FileResponse(path, media_type="text/javascript", headers=PLOTLY_HEADERS)
+
+
+@static.get("/static/{name}", name="static_file")
+def static_file(caller: Caller, name: str) -> FileResponse:
+    files = {p.name: p for p in STATIC.iterdir() if p.is_file()} if STATIC.is_dir() else {}
+    if name not in files:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no static file {name!r}; there are {sorted(files)}")
+    return FileResponse(files[name], media_type=STATIC_TYPES.get(files[name].suffix, "application/octet-stream"), headers=STATIC_HEADERS)
+
+
 def create_app() -> FastAPI:
     app = FastAPI(
         title="Flywheel on-call",
@@ -235,4 +296,8 @@ def create_app() -> FastAPI:
     app.include_router(index)
     app.include_router(drift)
     app.include_router(models)
+    app.include_router(timeline)
+    app.include_router(static)
+    # plotly.js is 4.5 MB, about 1.4 MB gzipped; the pages and their JSON shrink as well
+    app.add_middleware(GZipMiddleware, minimum_size=1024)
     return app

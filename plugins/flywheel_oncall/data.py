@@ -15,7 +15,7 @@ import json
 import math
 import re
 from collections.abc import Callable, Iterable
-from datetime import datetime
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -535,4 +535,299 @@ def load_models(config, runs_limit: int = 20) -> dict[str, Any]:
         "versions": versions,
         "history": history,
         "runs": runs[:runs_limit],
+    }
+
+
+# --- the timeline of a project ------------------------------------------------------------------
+
+TIMELINE_DAYS = 7  # the default range: the last week
+TIMELINE_MAX_DAYS = 90
+DRIFT_WINDOW = timedelta(hours=1)  # the drift DAG's window (hourly): the band of a window without a report
+# Serving-history events that leave the served version unchanged: a rejected version never served,
+# a line that could not be read says nothing.
+NOT_SERVING = ("rejected", "unreadable")
+
+
+def utc(value: str | datetime, name: str = "time") -> datetime:
+    """``value`` (ISO 8601, or a datetime) as an aware UTC datetime; without an offset it is UTC.
+
+    ``ValueError`` naming ``name`` and the expected form if it is not ISO 8601.
+    """
+    if isinstance(value, datetime):
+        moment = value
+    else:
+        try:
+            moment = datetime.fromisoformat(str(value))
+        except ValueError:
+            raise ValueError(f"{name} {value!r} is not an ISO 8601 time (e.g. 2026-03-02T10:00:00+00:00)") from None
+    return moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment.astimezone(timezone.utc)
+
+
+def folder_time(folder: str) -> datetime:
+    """The window end a report folder names (``YYYYmmddTHHMMSSZ``), UTC; ``NotFound`` for any other name."""
+    if not REPORT_FOLDER.fullmatch(folder):
+        raise NotFound(f"{folder!r} is not a drift report name (YYYYmmddTHHMMSSZ, the window's end in UTC)")
+    try:
+        return datetime.strptime(folder, "%Y%m%dT%H%M%SZ").replace(tzinfo=timezone.utc)
+    except ValueError:
+        raise NotFound(f"{folder!r} is not a drift report name (YYYYmmddTHHMMSSZ, the window's end in UTC)") from None
+
+
+def timeline_range(
+    now: datetime, days: int | None = None, since: str | None = None, until: str | None = None, window: str | None = None
+) -> tuple[datetime, datetime]:
+    """The range a timeline shows, UTC: ``since``/``until`` (ISO 8601) where given, else the
+    ``days`` (1 to ``TIMELINE_MAX_DAYS``, default ``TIMELINE_DAYS``) ending at ``until`` or ``now``
+    (only ``since``: up to ``now``). With a ``window`` (a report folder) and neither ``since``
+    nor ``until``, the range still ends ``now``, unless the window ended more than half the range
+    ago: then the range is centred on it (an old window's link shows its neighbourhood, not months
+    squeezed into one chart). ``ValueError`` naming the parameter for a time that is not ISO 8601,
+    a ``days`` out of range, or a ``since`` not before ``until``; ``NotFound`` for a ``window``
+    that is not a report folder's name."""
+    days = TIMELINE_DAYS if days is None else days
+    if not 1 <= days <= TIMELINE_MAX_DAYS:
+        raise ValueError(f"days {days} is out of range: a timeline shows 1 to {TIMELINE_MAX_DAYS} days")
+    if window is not None and not since and not until:
+        now = min(utc(now), folder_time(window) + timedelta(days=days) / 2)
+    end = utc(until, "until") if until else utc(now)
+    start = utc(since, "since") if since else end - timedelta(days=days)
+    if start >= end:
+        raise ValueError(f"since {start.isoformat()} is not before until {end.isoformat()}")
+    return start, end
+
+
+def drift_window(summary: dict) -> dict[str, Any]:
+    """One checked window as the timeline shows it: its Drift page row, each column's test
+    (score, threshold, p-value, drifted, why) in the checked order, and ``run``: None, the
+    retrain run it started, once something attaches it ({dag_id, run_id, url, state, outcome})."""
+    columns = [
+        {
+            "column": c.get("column"),
+            "score": _finite(c.get("score")),
+            "threshold": _finite(c.get("threshold")),
+            "p_value": _finite(c.get("p_value")),
+            "drifted": bool(c.get("drifted")),
+            "reason": c.get("reason"),
+        }
+        for c in summary.get("columns") or []
+        if isinstance(c, dict)
+    ]
+    return {**drift_row(summary), "columns": columns, "run": None}
+
+
+def history_entries(lines: Iterable[str]) -> list[dict[str, Any]]:
+    """Every entry of a serving history, oldest first, as written (with a rollout's challenger,
+    mode and share); a line that is not JSON is an ``unreadable`` entry naming its line."""
+    entries = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+            if not isinstance(entry, dict):
+                raise ValueError("not an object")
+        except ValueError:
+            entry = {"event": "unreadable", "reason": f"line {number} of the history is not a JSON object"}
+        entries.append(entry)
+    return entries
+
+
+def _short(reason: str | None, limit: int = 40) -> str:
+    reason = " ".join(str(reason or "").split())
+    if len(reason) <= limit:
+        return reason
+    cut = reason[:limit]
+    return (cut.rsplit(" ", 1)[0] if " " in cut else cut[: limit - 1]).rstrip(" ,;:") + "…"  # at a word's end
+
+
+def event_label(entry: dict) -> str:
+    """What the timeline writes beside a serving event: ``v3 promoted``, ``rollback to v2``,
+    ``v4 rejected: smoke test``, ``v4 rolled out``, ``shadow v4``, ``canary v4 (10%)``, ``abort``.
+
+    A rejection in the serving history is the smoke test's (``live.mark_rejected``): its reason,
+    a long sentence, is shortened to ``smoke test`` where it names Triton, else cut to 40 characters.
+    """
+    event, version = entry.get("event"), entry.get("version")
+    challenger = entry.get("challenger")
+    if event == "publish":
+        return f"v{version} promoted"
+    if event == "rollback":
+        return f"rollback to v{version}"
+    if event == "rollout":
+        return f"v{version} rolled out"
+    if event == "rejected":
+        reason = entry.get("reason") or ""
+        return f"v{version} rejected: " + ("smoke test" if "Triton" in reason else _short(reason) or "no reason recorded")
+    if event == "shadow":
+        return f"shadow v{challenger}"
+    if event == "canary":
+        share = entry.get("share")
+        return f"canary v{challenger}" + (f" ({100 * share:.0f}%)" if isinstance(share, int | float) else "")
+    if event == "abort":
+        return "rollout aborted" + (f", v{version} serves" if version is not None else "")
+    if event == "unreadable":
+        return "unreadable history line"
+    return f"{event} v{version}"
+
+
+def serving_event(entry: dict) -> dict[str, Any]:
+    """One serving-history entry as the timeline marks it: time, event, versions, run, reason, label."""
+    return {
+        "time": entry.get("time"),
+        "event": entry.get("event"),
+        "version": entry.get("version"),
+        "previous": entry.get("previous"),
+        "challenger": entry.get("challenger"),
+        "run_id": entry.get("run_id"),
+        "reason": entry.get("reason"),
+        "label": event_label(entry),
+    }
+
+
+def _when(entry: dict) -> datetime | None:
+    try:
+        return utc(entry["time"])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def served_steps(entries: list[dict], since: datetime, until: datetime) -> list[dict[str, Any]]:
+    """The served version over ``[since, until]`` as steps ``{"start", "end", "version"}`` (ISO
+    times), from the serving history's entries (oldest first): the version the last serving event
+    before ``since`` left, then one step per change. Rejected versions never serve; before the
+    first serving event nothing is known to serve, so no step."""
+    steps: list[dict[str, Any]] = []
+    current: int | None = None
+    start = since
+    for entry in entries:
+        moment, version = _when(entry), entry.get("version")
+        if entry.get("event") in NOT_SERVING or moment is None or not isinstance(version, int):
+            continue
+        if moment > until:
+            break
+        if moment <= since:
+            current = version
+            continue
+        if version != current:
+            if current is not None:
+                steps.append({"start": start.isoformat(), "end": moment.isoformat(), "version": current})
+            current, start = version, moment
+    if current is not None:
+        steps.append({"start": start.isoformat(), "end": until.isoformat(), "version": current})
+    return steps
+
+
+def version_created(version: int, lineage: dict) -> dict[str, Any]:
+    """A version's creation as the timeline marks it: when, the gate's decision and why, its run."""
+    gate = lineage.get("gate") or {}
+    airflow = lineage.get("airflow") or {}
+    return {
+        "version": version,
+        "created_at": lineage.get("created_at"),
+        "status": lineage.get("status", "published"),
+        "decision": gate.get("decision"),
+        "reason": gate.get("reason"),
+        "forced": bool(gate.get("forced")),
+        "dag_id": airflow.get("dag_id"),
+        "run_id": airflow.get("run_id"),
+    }
+
+
+def _between(moment: str | None, since: datetime, until: datetime) -> bool:
+    try:
+        return moment is not None and since <= utc(moment) <= until
+    except ValueError:
+        return False
+
+
+def _folders(root: Path, since: datetime, until: datetime) -> list[Path]:
+    """The report folders under ``root`` whose window ends in ``[since, until]``, oldest first."""
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if REPORT_FOLDER.fullmatch(p.name) and since <= folder_time(p.name) <= until)
+
+
+def _summaries(root: Path, since: datetime, until: datetime, shape: Callable[[dict], dict]) -> tuple[list[dict], list[str]]:
+    """``shape`` of each summary under ``root`` in range, oldest first, and the ones that could
+    not be read (``<folder>/summary.json: <error>``), named rather than hidden."""
+    from pipelines.artifacts import SUMMARY_FILE
+    from pipelines.lineage import read_json
+
+    rows, unreadable = [], []
+    for folder in _folders(root, since, until):
+        path = folder / SUMMARY_FILE
+        if not path.is_file():
+            continue  # a window without a verdict writes no summary
+        try:
+            rows.append(shape(read_json(path)))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+            unreadable.append(f"{root.name}/{folder.name}/{SUMMARY_FILE}: {type(error).__name__}: {error}")
+    return rows, unreadable
+
+
+def highlight(folder: str, drift: list[dict], performance: list[dict]) -> dict[str, Any]:
+    """The window ``folder`` names, to highlight: its start and end from the drift or performance
+    window that ends then (``found``), else the drift DAG's hour ending then (``found`` False)."""
+    end = folder_time(folder)
+    for kind, rows, start_key, end_key in (("drift", drift, "window_start", "window_end"), ("performance", performance, "start", "end")):
+        for row in rows:
+            if utc(row[end_key]) == end:
+                return {"report": folder, "kind": kind, "start": utc(row[start_key]).isoformat(), "end": end.isoformat(), "found": True}
+    return {"report": folder, "kind": None, "start": (end - DRIFT_WINDOW).isoformat(), "end": end.isoformat(), "found": False}
+
+
+def load_timeline(config, since: datetime, until: datetime, window: str | None = None) -> dict[str, Any]:
+    """A project's timeline over ``[since, until]`` (aware datetimes): its checked drift windows
+    (``drift_window``, oldest first), the serving events (``serving_event``, oldest first), the
+    served version as steps (``served_steps``), the versions created (``version_created``), and a
+    tabular project's performance windows (``performance_window``; None for a text project).
+
+    ``window``: a report folder name to highlight; the range widens to include it (``highlight``
+    says whether a drift or performance window ends then). ``NotFound`` for a name that is not a
+    report folder's. Summaries or history lines that cannot be read are listed in ``unreadable``.
+    """
+    from pipelines.serving import live, repository
+
+    since, until = utc(since), utc(until)
+    if window is not None:
+        end = folder_time(window)
+        since, until = min(since, end - DRIFT_WINDOW), max(until, end)
+    drift, unreadable = _summaries(reports_root(config), since, until, drift_window)
+    performance = None
+    if kind_name(config.kind) != TEXT:
+        windows, torn = _summaries(performance_root(config), since, until, performance_window)
+        performance = {"windows": windows, "metric": windows[-1]["metric"] if windows else None}
+        unreadable += torn
+    marked = None
+    if window is not None:  # a performance window may start earlier than the hour before its end
+        marked = highlight(window, drift, performance["windows"] if performance else [])
+        since = min(since, utc(marked["start"]))
+    history_file = live.history_path(config.artifacts_dir, config.served_model)
+    entries = history_entries(history_file.read_text().splitlines()) if history_file.is_file() else []
+    unreadable += [e["reason"] for e in entries if e.get("event") == "unreadable"]
+    events = [serving_event(e) for e in entries if e.get("event") != "unreadable" and _between(e.get("time"), since, until)]
+    model_dir = config.served_model_dir
+    created = []
+    for version in repository.versions(model_dir):
+        try:
+            row = version_created(version, repository.lineage_of(model_dir, version))
+        except (OSError, ValueError) as error:
+            unreadable.append(f"version {version}'s lineage: {type(error).__name__}: {error}")
+            continue
+        if _between(row["created_at"], since, until):
+            created.append(row)
+    return {
+        **_project(config),
+        "served_version": repository.served_version(model_dir),
+        "drift_share": config.monitoring.drift_share,
+        "since": since.isoformat(),
+        "until": until.isoformat(),
+        "window": marked,
+        "windows": drift,
+        "columns": list(dict.fromkeys(c["column"] for w in drift for c in w["columns"])),
+        "events": events,
+        "served": served_steps(entries, since, until),
+        "versions": sorted(created, key=lambda v: v["created_at"] or ""),
+        "performance": performance,
+        "unreadable": unreadable,
     }

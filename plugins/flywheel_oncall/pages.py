@@ -1,5 +1,7 @@
-"""Server-rendered HTML of the on-call pages: Jinja2 templates, autoescaped, no scripts, no
-assets from elsewhere (the pages are embedded in the Airflow UI, which may run offline)."""
+"""Server-rendered HTML of the on-call pages: Jinja2 templates, autoescaped, no assets from
+elsewhere (the pages are embedded in the Airflow UI, which may run offline). The charts are
+plotly figures (``timeline.py``) embedded as JSON and drawn by the plotly.js the plugin serves
+from the installed ``plotly`` package (``static/figures.js`` draws them)."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ from pathlib import Path
 import jinja2
 from starlette.requests import Request
 
-from flywheel_oncall.chart import performance_chart
+from flywheel_oncall import timeline as charts
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 
@@ -58,11 +60,21 @@ def environment() -> jinja2.Environment:
 
 
 def render(template: str, request: Request, **context) -> str:
-    def url(name: str, **params) -> str:
-        # a path, with the prefix the app is mounted under: links work wherever Airflow serves it
-        return request.url_for(name, **params).path
+    def url(route: str, /, **params) -> str:
+        # a path, with the prefix the app is mounted under: links work wherever Airflow serves it;
+        # positional-only, so a route's parameter may be called ``name`` (static_file's is)
+        return request.url_for(route, **params).path
 
-    return environment().get_template(template).render(url=url, **context)
+    return environment().get_template(template).render(url=url, plotly_version=plotly_version(), **context)
+
+
+@functools.cache
+def plotly_version() -> str:
+    """The installed plotly's version: plotly.js's URL carries it, so a browser's cached copy
+    (cached for long) is never used with another plotly's figures."""
+    from importlib.metadata import version
+
+    return version("plotly")
 
 
 def index(request: Request, view: dict) -> str:
@@ -81,5 +93,10 @@ def drift_report(request: Request, view: dict) -> str:
 def models(request: Request, view: dict) -> str:
     """The Models page; a tabular project's with the chart of its performance windows."""
     performance = view.get("performance")
-    chart = performance_chart(performance["windows"]) if performance else None
+    chart = charts.embed(charts.performance_figure(performance["windows"])) if performance else None
     return render("models.html", request, view=view, project=view["project"], chart=chart)
+
+
+def timeline(request: Request, view: dict) -> str:
+    """The Timeline page of ``view`` (``data.load_timeline``): its figure and its windows table."""
+    return render("timeline.html", request, view=view, project=view["project"], chart=charts.embed(charts.timeline_figure(view)))

@@ -26,6 +26,7 @@ from tests.browser.oncall_project import (
     write_versions,
 )
 from tests.conftest import REPO, free_ports, make_project, make_text_project
+from tests.unit.test_oncall_views import WINDOWS, write_performance
 
 pytestmark = pytest.mark.e2e
 playwright = pytest.importorskip("playwright.sync_api")
@@ -42,11 +43,12 @@ TIMEOUT_MS = 30_000
 def oncall(tmp_path_factory):
     """A deployment of two projects, ``flights`` (versions and two checked drift windows) and
     ``reviews`` (two versions of its text classifier, no drift window checked yet), and an Airflow serving its plugins.
-    Version 2 of ``flights`` has its model card."""
+    Version 2 of ``flights`` has its model card and five daily performance windows (one degraded)."""
     root = tmp_path_factory.mktemp("oncall")
     config = make_project(root / "home", {"rollout": {"limitations": [CARD_LIMITATION]}})
     write_versions(config)
     write_card(config)
+    write_performance(config, *WINDOWS)
     calm, drifted = write_drift_reports(config)
     assert not calm["dataset_drift"] and drifted["dataset_drift"]  # the pages must show both verdicts
     write_text_versions(make_text_project(root / "home"))
@@ -84,6 +86,7 @@ def plugin_urls(airflow: LocalAirflow, folder: str) -> list[str]:
             f"{flights}/drift", f"{flights}/models", f"{flights}/drift/{folder}", f"{flights}/drift/{folder}/report.html", f"{flights}/versions/2/card",
             f"api/{flights}/drift", f"api/{flights}/drift/{folder}", f"api/{flights}/models",
             "projects/reviews/models", "projects/reviews/drift", "api/projects/reviews/models",
+            f"{flights}/timeline?window={folder}", f"api/{flights}/timeline", "static/plotly.min.js", "static/figures.js",
             "projects/nope/models",
         )
     ]
@@ -222,6 +225,63 @@ def test_the_text_projects_models_page_lists_its_versions_against_base_and_champ
 
     frame.get_by_role("link", name="Drift", exact=True).click()
     expect(frame.locator("#no-window")).to_contain_text("No checked window yet", timeout=TIMEOUT_MS)
+    print(f"screenshots in {tmp_path}")
+
+
+def test_a_drifted_window_opens_on_the_timeline_highlighted_and_labelled(oncall, browser, tmp_path):
+    airflow, _, drifted = oncall
+    folder = Path(drifted["report"]).parent.name
+    page = logged_in_page(browser, airflow)
+    failed = []
+    page.on("requestfailed", lambda request: failed.append(request.url))
+    page.on("response", lambda response: failed.append(f"{response.status} {response.url}") if response.status >= 400 else None)
+    frame = open_index(page)
+
+    # the index's latest window of flights: its end links to the timeline, that window highlighted
+    frame.locator("#projects tr[data-project='flights'] a.timeline-link").click()
+
+    expect = playwright.expect
+    chart = frame.locator("#timeline-chart")
+    expect(chart.locator(".main-svg").first).to_be_visible(timeout=TIMEOUT_MS)  # drawn by plotly.js, served by the plugin
+    expect(chart.get_by_text("window 2026-03-02 10:00 to 11:00 UTC")).to_be_visible()  # the band's label
+    expect(chart.get_by_text("Drifted share of the monitored columns per window")).to_be_visible()
+    for column in drifted["drifted_columns"]:
+        expect(chart.locator(".yaxislayer-above text", has_text=column).first).to_be_visible()  # the heatmap's rows
+    highlighted = frame.locator(f"#timeline-windows tr.highlighted[data-window='{folder}']")
+    expect(highlighted).to_contain_text(", ".join(drifted["drifted_columns"]))
+    expect(frame.locator("#window-missing")).to_have_count(0)
+    page.screenshot(path=tmp_path / "timeline.png", full_page=True)
+
+    # the Drift page links each window to it too
+    frame.locator("nav.crumbs").get_by_role("link", name="Drift", exact=True).click()
+    frame.locator("#drift-reports tbody tr").first.get_by_role("link", name="timeline").click()
+    expect(frame.locator(f"#timeline-windows tr.highlighted[data-window='{folder}']")).to_be_visible(timeout=TIMEOUT_MS)
+
+    # a window that was never checked (an alert's link, say): the page still draws, and says so
+    page.goto(f"http://localhost:{airflow.port}/flywheel/projects/flights/timeline?window=20260302T050000Z")
+    expect(page.locator("#window-missing")).to_contain_text("no checked window 20260302T050000Z")
+    expect(page.locator("#timeline-chart .main-svg").first).to_be_visible(timeout=TIMEOUT_MS)
+    expect(page.get_by_text("window 2026-03-02 04:00 to 05:00 UTC")).to_be_visible()
+    assert not failed, f"failed requests: {failed}"
+    print(f"screenshots in {tmp_path}")
+
+
+def test_the_models_page_draws_the_performance_chart_with_plotly(oncall, browser, tmp_path):
+    airflow, _, _ = oncall
+    page = logged_in_page(browser, airflow)
+    frame = open_index(page)
+
+    frame.locator("#projects tr[data-project='flights']").get_by_role("link", name="Models", exact=True).click()
+
+    expect = playwright.expect
+    chart = frame.locator("#performance-chart")
+    expect(chart.locator(".main-svg").first).to_be_visible(timeout=TIMEOUT_MS)
+    expect(chart.locator(".legendtext", has_text="realized roc_auc, degraded")).to_be_visible()
+    expect(chart.locator(".legendtext", has_text="estimated roc_auc (CBPE)")).to_be_visible()
+    expect(chart.locator(".ytitle")).to_have_text("roc_auc")
+    expect(chart.locator(".scatterlayer .point")).to_have_count(4 + 5)  # realized (day 5 has none yet) and estimated
+    chart.scroll_into_view_if_needed()
+    page.screenshot(path=tmp_path / "performance.png")
     print(f"screenshots in {tmp_path}")
 
 

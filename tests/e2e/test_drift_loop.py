@@ -17,6 +17,7 @@ by the label check instead of being trained on.
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 import time
 from datetime import datetime, timedelta, timezone
@@ -28,15 +29,17 @@ from pipelines.artifacts import MODEL_FILE
 from pipelines.config import load_deployment
 from pipelines.data.replay import land, month_batch
 from pipelines.evaluation.gate import NOT_PROMOTED, PROMOTED, predict_onnx
-from pipelines.launch.airflow import LocalAirflow
+from pipelines.launch.airflow import ADMIN_USER, LocalAirflow
 from pipelines.launch.demo import next_asset_run, send_as_a_service
 from pipelines.launch.triton import TritonServer
 from pipelines.monitoring.check import report_folder
-from pipelines.serving import live, repository
+from pipelines.serving import live, repository, rollback
 from pipelines.serving.client import read_log, write_log
 from pipelines.serving.publish import run_record_path
 from pipelines.steps import FEEDBACK_LANDED, PERFORMANCE_DEGRADED, drift_asset, project_asset
+from tests.browser.chromium import chromium_browser, logged_in_page, playwright  # noqa: F401 (the browser fixture)
 from tests.conftest import REPO, free_ports, make_home, make_project
+from tests.serving.traffic import Traffic
 
 pytestmark = pytest.mark.e2e
 ROWS = 4000
@@ -54,7 +57,8 @@ def log_traffic(config, month: str, window_end: datetime, seed: int = 0) -> None
     write_log(config, rows.assign(prediction=predict_onnx(config.model_dir / "1" / MODEL_FILE, rows)), 1, window_end - timedelta(minutes=30))
 
 
-RETRAIN, DRIFT = "retrain__flights", "drift__flights"
+RETRAIN, DRIFT, ROLLBACK = "retrain__flights", "drift__flights", "rollback__flights"
+expect = playwright.expect
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +77,7 @@ def loop(tmp_path_factory):
         extra_env={"FLYWHEEL_HOME": str(home)}, scheduled=True,  # Asset-triggered runs need the scheduler's own scheduling
     )
     with TritonServer(load_deployment(home)), local:
-        for dag_id in (DRIFT, RETRAIN, "drift__taxis", "retrain__taxis", "rollback__taxis", "feedback__flights", "performance__flights"):
+        for dag_id in (DRIFT, RETRAIN, "drift__taxis", "retrain__taxis", "rollback__taxis", ROLLBACK, "feedback__flights", "performance__flights"):
             local.wait_for_dag(dag_id)
             local.unpause(dag_id)
         # Unpaused with catchup off, each retrain runs its latest nightly slot at once: the champions
@@ -316,3 +320,73 @@ def test_a_window_of_shuffled_labels_is_degraded_retrains_by_itself_and_its_batc
     held = config.dataset.quarantine_dir / batch["batch"].removesuffix(".parquet")
     assert (held / "label_check.json").exists(), sorted(config.dataset.quarantine_dir.iterdir())
     assert not run_record_path(config.artifacts_dir, retrain).exists()  # no publish ran: nothing was learned from the shuffled labels
+
+
+# --- on-call: from the alert's page to a rollback, in a real browser --------------------------
+
+
+def alert_url(airflow: LocalAirflow, project: str, window_end: datetime) -> str:
+    """The ``url`` annotation of FlywheelDriftDetected as Prometheus expands it (the form
+    tests/monitoring/alerts_test.yml asserts), for the Airflow UI at ``flywheel_ui``."""
+    return f"http://localhost:{airflow.port}/flywheel/projects/{project}/timeline?window={window_end.strftime('%Y%m%dT%H%M%SZ')}"
+
+
+def test_from_the_alert_to_the_run_it_started_and_a_rollback_in_the_browser_with_no_failed_request(loop, browser):
+    airflow, config, _, _ = loop
+    (drift_retrain,) = drift_started(airflow)  # the retrain LATER_SEASON's drift started
+    # Given a newer version of flights serving, published over the gate by a person (audited)
+    forced = airflow.trigger(RETRAIN, {"force_publish": True, "force_reason": "e2e: a version to roll back from"})
+    assert airflow.wait_for_run(RETRAIN, forced, timeout=900) == "success", airflow.task_instances(RETRAIN, forced)
+    serving = repository.served_version(config.model_dir)
+    target = rollback.previous_served(config)
+    rows = month_batch("2013-03", 5)
+    page = logged_in_page(browser, airflow)
+    clicks = 0
+
+    # When on-call opens the drift alert's URL
+    page.goto(alert_url(airflow, "flights", LATER_SEASON))
+    window = page.locator(f"tr[data-window='{LATER_SEASON.strftime('%Y%m%dT%H%M%SZ')}']")
+    expect(window).to_contain_text("drifted")
+    expect(page.locator(".main-svg").first).to_be_visible()  # the timeline chart
+    # the window links the retrain it started, with how that ended
+    run_link = window.get_by_role("link", name=re.compile(r"promoted v\d+|not promoted"))
+    run_link.click()
+    clicks += 1
+    page.wait_for_url(re.compile(rf"/dags/{RETRAIN}/runs/{re.escape(drift_retrain)}"))
+    page.go_back()
+
+    # and rolls back from the page while a client keeps asking Triton
+    rollbacks = {r["dag_run_id"] for r in airflow.dag_runs(ROLLBACK)}
+    with Traffic(lambda: live.connect(config.serving.triton), lambda c: live.infer(c, config.model.name, config.dataset, rows)[::-1]) as traffic:
+        page.get_by_role("button", name=f"Roll back to v{target}").click()
+        clicks += 1
+        dialog = page.locator(f"dialog#rollback-v{target}")
+        expect(dialog).to_contain_text(f"v{serving} (serving)")
+        dialog.get_by_placeholder("Why roll back (required)").fill("e2e: the forced version misbehaves")
+        dialog.get_by_role("button", name=f"Roll back to v{target}").click()
+        clicks += 1
+        expect(dialog.locator(".result")).to_contain_text("queued")
+        (run_id,) = {r["dag_run_id"] for r in airflow.dag_runs(ROLLBACK)} - rollbacks
+        assert airflow.wait_for_run(ROLLBACK, run_id, timeout=300) == "success", airflow.task_instances(ROLLBACK, run_id)
+
+    # Then the other version serves, no request failed, and the audit trail names who and why
+    assert repository.served_version(config.model_dir) == target
+    assert traffic.failures == [] and traffic.versions == [serving, target], (traffic.failures[:3], traffic.versions)
+    assert clicks == 3  # the run's link, "Roll back to vN", its confirmation
+    page.goto(f"http://localhost:{airflow.port}/flywheel/audit?project=flights")
+    audited = page.locator("tr", has_text="rollback").first
+    expect(audited).to_contain_text(ADMIN_USER)
+    expect(audited).to_contain_text("e2e: the forced version misbehaves")
+    expect(audited).to_contain_text(f"v{target} serves (was v{serving})")
+    expect(page.locator("tr", has_text="force_publish").first).to_contain_text("e2e: a version to roll back from")
+
+
+def drift_started(airflow: LocalAirflow) -> set[str]:
+    """The runs the drift Asset events of flights started, from Airflow's metadata database."""
+    with sqlite3.connect(airflow.airflow_home / "airflow.db") as db:
+        rows = db.execute(
+            "SELECT r.run_id FROM dagrun_asset_event d JOIN asset_event e ON e.id = d.event_id JOIN asset a ON a.id = e.asset_id"
+            " JOIN dag_run r ON r.id = d.dag_run_id WHERE a.name = ?",
+            (drift_asset("flights"),),
+        ).fetchall()
+    return {run_id for (run_id,) in rows}

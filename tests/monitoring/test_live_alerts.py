@@ -6,7 +6,9 @@ flights whose labels came back shuffled fires FlywheelPerformanceDegraded and on
 true labels does not.
 
 Prometheus scrapes the Pushgateway every second with ``honor_labels: true`` (as a deployment
-must, to keep the pushed job and model labels) and evaluates the rules every second. The rules
+must, to keep the pushed job and model labels) and evaluates the rules every second, with the
+external label ``flywheel_ui`` of prometheus.yml, so each alert's ``url`` is the full address of
+its on-call page (the window that fired, from the gauges really pushed). The rules
 are the repository's ``alerts.yml`` with every ``for`` set to 0s, nothing else changed: how
 long each alert waits is promtool's unit tests' business (``alerts_test.yml``, simulated time);
 what this test proves is that the expressions match the series the code really pushes.
@@ -44,6 +46,8 @@ from tests.monitoring.test_alert_rules import RULES
 
 PROMETHEUS, PUSHGATEWAY = "prometheus", "prometheus-pushgateway"
 HOUR = datetime(2026, 3, 1, 5, tzinfo=timezone.utc)
+# the Airflow UI's base URL, from the compose deployment's Prometheus configuration
+UI = yaml.safe_load((RULES.parent / "prometheus.yml").read_text())["global"]["external_labels"]["flywheel_ui"]
 WAIT_S = 60
 
 pytestmark = pytest.mark.skipif(
@@ -133,7 +137,7 @@ def monitoring(tmp_path: Path):
     config.write_text(
         yaml.safe_dump(
             {
-                "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+                "global": {"scrape_interval": "1s", "evaluation_interval": "1s", "external_labels": {"flywheel_ui": UI}},
                 "rule_files": [str(rules)],
                 "scrape_configs": [
                     {
@@ -253,7 +257,8 @@ def test_a_drifted_window_fires_drift_detected_and_a_clean_one_does_not(project,
     log_requests(project, month_batch("2013-07", 10000), HOUR + timedelta(minutes=30), version)  # summer: enough rows to tell from chance
 
     # Before any verdict, Prometheus has no drift metric at all: the absent() rule fires
-    assert wait_for("FlywheelDriftCheckStale (missing)", lambda: monitoring.firing("FlywheelDriftCheckStale", verdict="missing"), monitoring.logs)
+    missing = wait_for("FlywheelDriftCheckStale (missing)", lambda: monitoring.firing("FlywheelDriftCheckStale", verdict="missing"), monitoring.logs)
+    assert missing["annotations"]["url"] == f"{UI}/flywheel/projects"  # no project to name: the index
 
     # Given the check of a winter hour pushed: no drift
     winter = check_window(project, HOUR - timedelta(hours=1), HOUR)
@@ -281,6 +286,10 @@ def test_a_drifted_window_fires_drift_detected_and_a_clean_one_does_not(project,
     assert alert["annotations"]["summary"] == f"Drift detected for model {model}"
     assert f"reports/drift/{model}/" in alert["annotations"]["description"]
     assert alert["annotations"]["runbook_url"] == "docs/oncall.md#drift-detected"
+    # its page: the project's timeline at the window that drifted, named as its report folder
+    folder = Path(summer["report"]).parent
+    assert alert["annotations"]["url"] == f"{UI}/flywheel/projects/{project.name}/timeline?window={folder.name}"
+    assert folder.name == "20260301T060000Z" and folder.is_dir()
     assert float(monitoring.query(f'flywheel_drift_detected{{model="{model}"}}')[0]["value"][1]) == 1
 
     # And a clean verdict again (the winter hour re-checked) resolves it
@@ -327,6 +336,7 @@ def test_a_quarantined_batch_fires_validation_failures_and_a_clean_ingestion_doe
     assert float(alert["value"]) == 1
     assert alert["annotations"]["summary"] == f"1 landing batch(es) of {model} quarantined"
     assert alert["annotations"]["runbook_url"] == "docs/oncall.md#validation-failures"
+    assert alert["annotations"]["url"] == f"{UI}/flywheel/projects/{project.name}/timeline"
     rows = monitoring.query(f'flywheel_validation_rows{{model="{model}", result="quarantined"}}')
     assert float(rows[0]["value"][1]) == 3000
 
@@ -373,6 +383,7 @@ def test_a_window_whose_labels_came_back_shuffled_fires_performance_degraded_and
     assert "(100% of the window's requests labelled)" in description and f"reports/performance/{model}/" in description
     assert "ended 2026-03-04 00:00:00 +0000 UTC" in description
     assert alert["annotations"]["runbook_url"] == "docs/oncall.md#performance-degraded"
+    assert alert["annotations"]["url"] == f"{UI}/flywheel/projects/{project.name}/timeline?window=20260304T000000Z"  # the shuffled day's end
 
     # And the true day evaluated again replaces the verdict: resolved
     evaluate_window(project, true_day, true_day + timedelta(days=1))

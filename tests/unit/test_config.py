@@ -136,7 +136,9 @@ def test_the_compose_deployment_overrides_serving_and_metrics_and_keeps_the_rest
     assert load_deployment(REPO).serving.triton.url == "triton:8000"
     # untouched keys of a changed section, and whole other sections, stay as the project files have them
     assert config.serving.triton.metrics_port == 8002 and config.serving.max_batch_size == plain.serving.max_batch_size
-    assert config.model_dump(exclude={"serving", "metrics"}) == plain.model_dump(exclude={"serving", "metrics"})
+    assert config.monitoring.alertmanager == "alertmanager:9093"  # acknowledgements silence drift alerts there
+    assert config.monitoring.model_dump(exclude={"alertmanager"}) == plain.monitoring.model_dump(exclude={"alertmanager"})
+    assert config.model_dump(exclude={"serving", "metrics", "monitoring"}) == plain.model_dump(exclude={"serving", "metrics", "monitoring"})
 
 
 @pytest.mark.parametrize(
@@ -166,3 +168,19 @@ def test_a_missing_override_file_is_named(tmp_path, monkeypatch):
 
     with pytest.raises(ConfigError, match=f"{tmp_path}/nope.yaml: no such file; {OVERRIDES_ENV} names it"):
         load_config("flights", REPO)
+
+
+def test_acknowledgements_record_only_unless_an_alertmanager_is_set_and_silence_for_12_hours(tmp_path):
+    shipped = load_config("flights", REPO)
+    configured = make_project(tmp_path, {"monitoring": {"alertmanager": "alertmanager:9093", "acknowledge_hours": 2.5}})
+
+    assert (shipped.monitoring.alertmanager, shipped.monitoring.acknowledge_hours) == (None, 12)
+    assert (configured.monitoring.alertmanager, configured.monitoring.acknowledge_hours) == ("alertmanager:9093", 2.5)
+
+
+@pytest.mark.parametrize("hours", [0, -1])
+def test_an_acknowledgement_silences_for_a_positive_period(tmp_path, hours):
+    home = write_params(tmp_path, lambda p: p["monitoring"].update(acknowledge_hours=hours))
+
+    with pytest.raises(ConfigError, match=r"monitoring\.acknowledge_hours: Input should be greater than 0"):
+        load_config("flights", home)

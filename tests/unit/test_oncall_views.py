@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import html
 import json
+import re
 import sys
-import xml.etree.ElementTree as ET
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -485,6 +485,9 @@ ROUTES = [
     "projects/reviews/models",
     "projects/reviews/drift",
     "api/projects/reviews/models",
+    "projects/flights/timeline",
+    f"api/projects/flights/timeline?window={FOLDER}",
+    "static/plotly.min.js",
     "projects/nope/models",  # an unknown project: 401 first, nothing about the projects
 ]
 
@@ -640,7 +643,6 @@ def test_the_models_page_shows_the_interval_of_the_difference_and_the_slices(log
 
 # --- the performance chart of the Models page ----------------------------------------------------
 
-SVG = "{http://www.w3.org/2000/svg}"
 DAY_1 = datetime(2026, 3, 1, tzinfo=timezone.utc)
 
 
@@ -689,10 +691,12 @@ WINDOWS = (  # three healthy days of version 2, version 3 degraded on day 4, day
 )
 
 
-def chart_of(page: str) -> ET.Element:
-    """The page's performance chart, parsed as the XML an <svg> is."""
-    start = page.index('<svg id="performance-chart"')
-    return ET.fromstring(page[start : page.index("</svg>", start) + len("</svg>")])
+def chart_of(page: str) -> dict[str, dict]:
+    """The traces of the page's performance chart (the plotly figure it embeds), by name."""
+    match = re.search(r'<script type="application/json" class="plotly-figure" data-target="performance-chart">(.*?)</script>', page, re.S)
+    assert match, "no performance chart in the page"
+    figure = json.loads(match.group(1))
+    return {"layout": figure["layout"], **{trace.get("name", f"unnamed {i}"): trace for i, trace in enumerate(figure["data"])}}
 
 
 def test_a_performance_window_reads_realized_estimated_and_the_verdict_from_its_summary():
@@ -712,26 +716,22 @@ def test_the_models_page_charts_realized_and_estimated_performance_per_window(lo
     write_performance(project, *WINDOWS)
 
     page = logged_in.get("/flywheel/projects/flights/models").text
-    svg = chart_of(page)
+    chart = chart_of(page)
 
-    points = [c for c in svg.iter(f"{SVG}circle") if c.find(f"{SVG}title") is not None]  # not the legend's
-    diamonds = [d for d in svg.iter(f"{SVG}polygon") if d.find(f"{SVG}title") is not None]
-    assert len(points) == 4 and len(diamonds) == 5  # day 5 has no realized value yet
-    assert [p.get("class") for p in points] == ["realized"] * 3 + ["realized degraded"]
-    assert "2026-03-04T00:00:00+00:00" in points[3].find(f"{SVG}title").text and "degraded" in points[3].find(f"{SVG}title").text
-    shaded = [r for r in svg.iter(f"{SVG}rect") if r.get("class") == "degraded-window" and r.find(f"{SVG}title") is not None]
-    assert len(shaded) == 1 and float(shaded[0].get("x")) < float(points[3].get("cx")) < float(shaded[0].get("x")) + float(shaded[0].get("width"))
-    tests = {line.find(f"{SVG}title").text: float(line.get("y1")) for line in svg.iter(f"{SVG}line") if line.get("class") == "test" and line.find(f"{SVG}title") is not None}
-    assert list(tests) == [f"version 2: test roc_auc {V2['roc_auc']:.4f}", f"version 3: test roc_auc {V3['roc_auc']:.4f}"]
-    assert float(points[3].get("cy")) > tests[f"version 3: test roc_auc {V3['roc_auc']:.4f}"]  # drawn below its version's test line
-    texts = [t.text for t in svg.iter(f"{SVG}text")]
-    assert "v2" in texts and "v3" in texts and "roc_auc" in texts  # versions marked, the axis named
-    assert {"realized 0.6412", "estimated 0.6870", f"test v3 {V3['roc_auc']:.4f}", "labelled 8%"} <= set(texts)  # the latest values, written
-    assert len([line for line in svg.iter(f"{SVG}polyline") if line.get("class") == "realized-line"]) == 1
+    realized, degraded = chart["realized roc_auc (interval)"], chart["realized roc_auc, degraded"]
+    assert realized["y"] == [0.7012, 0.6975, 0.7030] and degraded["y"] == [0.6412]  # day 5 has no realized value yet
+    assert degraded["x"] == ["2026-03-05 00:00:00"] and degraded["hovertext"][0].endswith("degraded") and "v3" in degraded["hovertext"][0]
+    assert degraded["error_y"]["arrayminus"][0] == pytest.approx(0.021) and degraded["error_y"]["array"][0] == pytest.approx(0.020)
+    assert chart["estimated roc_auc (CBPE)"]["y"] == [0.6990, 0.7021, 0.6950, 0.7001, 0.6870]
+    test = chart["test roc_auc of the serving version"]
+    assert test["y"] == [V2["roc_auc"]] * 3 + [V3["roc_auc"]] * 2 and test["line"]["shape"] == "hv"
+    assert degraded["y"][0] < V3["roc_auc"]  # below its version's test metric
+    assert chart["layout"]["yaxis"]["title"]["text"] == "roc_auc" and chart["layout"]["xaxis"]["title"]["text"] == "window end (UTC)"
     last = " ".join(page[page.index('id="performance-last"') :].split("</p>")[0].split())
     assert "150 of 2000 requests labelled (8%)" in last and "no verdict: 150 labelled rows, fewer than performance.min_labels 200" in last
     assert "Latest realized value: window ending 2026-03-05 00:00:00 UTC (version 3), 0.6412 [0.6202, 0.6612]" in last
-    assert "<script" not in page and "http://" not in page.replace('xmlns="http://www.w3.org/2000/svg"', "")
+    assert '<script src="/flywheel/static/plotly.min.js?v=' in page and "http://" not in page and "https://" not in page  # no CDN
+    assert "<svg" not in page
 
 
 def test_without_performance_summaries_the_models_page_says_so(logged_in, project, text_project):
@@ -741,7 +741,7 @@ def test_without_performance_summaries_the_models_page_says_so(logged_in, projec
     page = logged_in.get("/flywheel/projects/flights/models").text
     text_page = logged_in.get("/flywheel/projects/reviews/models").text
 
-    assert 'id="no-performance"' in page and "<svg" not in page and str(data.performance_root(project)) in page
+    assert 'id="no-performance"' in page and "plotly-figure" not in page and "plotly.min.js" not in page and str(data.performance_root(project)) in page
     assert "Performance in production" not in text_page  # text projects have no performance check
     assert logged_in.get("/flywheel/api/projects/flights/models").json()["performance"]["windows"] == []
 
@@ -752,8 +752,8 @@ def test_a_window_with_a_realized_value_but_no_verdict_is_not_called_healthy(log
 
     page = logged_in.get("/flywheel/projects/flights/models").text
 
-    (point,) = [c for c in chart_of(page).iter(f"{SVG}circle") if c.find(f"{SVG}title") is not None]
-    assert point.find(f"{SVG}title").text.endswith(f"no verdict: {reason}")
+    (hover,) = chart_of(page)["realized roc_auc (interval)"]["hovertext"]
+    assert hover.endswith(f"no verdict: {reason}")
     assert "not degraded" not in page and f"no verdict: {reason}" in page
 
 
@@ -764,7 +764,7 @@ def test_a_torn_performance_summary_is_named_and_the_other_windows_still_charted
 
     page = logged_in.get("/flywheel/projects/flights/models").text
 
-    assert len([c for c in chart_of(page).iter(f"{SVG}circle") if c.find(f"{SVG}title") is not None]) == 2
+    assert len(chart_of(page)["realized roc_auc (interval)"]["y"]) == 2
     assert 'id="performance-unreadable"' in page and "20260304T000000Z/summary.json: JSONDecodeError" in page
 
 
