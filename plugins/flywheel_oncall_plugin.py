@@ -12,15 +12,10 @@ sets at login, which the app checks with Airflow's own auth, per project (see
 
 from __future__ import annotations
 
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote
 
-from airflow.configuration import conf
 from airflow.plugins_manager import AirflowPlugin
-from flywheel_oncall.app import INDEX_PATH, URL_PREFIX, create_app
-
-# Behind a proxy Airflow may be served under a path ([api] base_url); the iframe's href is
-# not rewritten by the UI, so it must carry that path itself.
-_ROOT = urlsplit(conf.get("api", "base_url", fallback="") or "/").path.rstrip("/")
+from flywheel_oncall.app import INDEX_PATH, URL_PREFIX, create_app, ui_root
 
 
 def _icon(path: str) -> str:
@@ -38,7 +33,9 @@ class FlywheelOncallPlugin(AirflowPlugin):
     external_views = [
         {
             "name": "Flywheel",
-            "href": f"{_ROOT}{URL_PREFIX}{INDEX_PATH}",
+            # Behind a proxy Airflow may be served under a path; the iframe's href is not
+            # rewritten by the UI, so it must carry that path itself.
+            "href": f"{ui_root()}{URL_PREFIX}{INDEX_PATH}",
             "url_route": "flywheel",
             "destination": "nav",
             "nav_top_level": True,

@@ -60,22 +60,34 @@ PLOTLY_HEADERS = {"Cache-Control": "private, max-age=31536000, immutable", "X-Co
 STATIC_HEADERS = {"Cache-Control": "private, no-cache", "X-Content-Type-Options": "nosniff"}
 
 
+def ui_root() -> str:
+    """The path Airflow's UI is served under ([api] base_url, behind a proxy); "" at the root."""
+    from urllib.parse import urlsplit
+
+    from airflow.configuration import conf
+
+    return urlsplit(conf.get("api", "base_url", fallback="") or "/").path.rstrip("/")
+
+
 class Access:
-    """A logged-in Airflow user, and what the auth manager lets them read."""
+    """A logged-in Airflow user, and what the auth manager lets them do."""
 
     def __init__(self, request: Request, user) -> None:
         self.request = request
         self.user = user
 
-    def require(self, dag_id: str) -> None:
-        """403 unless the user may read ``dag_id``. Sync: asks the metadata database which team owns the DAG."""
+    def require(self, dag_id: str, method: str = "GET", entity=None) -> None:
+        """403 unless the auth manager allows ``method`` (GET: read) on ``dag_id`` (its ``entity``,
+        a ``DagAccessEntity``, e.g. RUN; None: the DAG itself). Sync: asks the metadata database
+        which team owns the DAG."""
         from airflow.api_fastapi.core_api import security
 
-        security.requires_access_dag("GET", param_dag_id=dag_id)(self.request, self.user)
+        security.requires_access_dag(method, access_entity=entity, param_dag_id=dag_id)(self.request, self.user)
 
-    def may_read(self, dag_id: str) -> bool:
+    def may(self, dag_id: str, method: str = "GET", entity=None) -> bool:
+        """``require`` as a yes or no."""
         try:
-            self.require(dag_id)
+            self.require(dag_id, method, entity)
         except HTTPException as refused:
             if refused.status_code == status.HTTP_403_FORBIDDEN:
                 return False
@@ -160,7 +172,7 @@ static = APIRouter()
 
 
 def _index(caller: Access) -> dict:
-    return data.load_index(home(), caller.may_read)
+    return data.load_index(home(), caller.may)
 
 
 def _report(config, folder: str) -> dict:
@@ -218,9 +230,17 @@ def drift_report_json(config: DriftProject, folder: str) -> dict:
     return _report(config, folder)
 
 
+def with_actions(view: dict, caller: Access) -> dict:
+    """A project's page view with what its action buttons need: which actions the caller may
+    take (``actions.allowed``), and the version a rollback would serve again, with its metrics."""
+    from flywheel_oncall import actions
+
+    return {**view, "actions": actions.allowed(caller, view["project"], view["kind"])}
+
+
 @models.get("/projects/{project}/models", response_class=HTMLResponse, name="models_page")
-def models_page(request: Request, config: ModelsProject) -> HTMLResponse:
-    return HTMLResponse(pages.models(request, data.load_models(config)))
+def models_page(request: Request, config: ModelsProject, caller: Caller) -> HTMLResponse:
+    return HTMLResponse(pages.models(request, with_actions(data.load_models(config), caller)))
 
 
 @models.get("/projects/{project}/versions/{version}/card", name="model_card_page")
@@ -243,17 +263,36 @@ Window = Annotated[str | None, Query(description="a drift report folder (YYYYmmd
 
 
 def _timeline(config, days: int | None, since: str | None, until: str | None, window: str | None) -> dict:
-    """The timeline over the range the query names; 422 saying which parameter is wrong and how."""
+    """The timeline over the range the query names, each drift window with the retrain run it
+    started (``story.window_runs``) and its acknowledgement; 422 saying which parameter is wrong and how."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from flywheel_oncall import story
+    from pipelines.monitoring.acknowledge import acknowledged
+
     try:
         start, end = data.timeline_range(datetime.now(timezone.utc), days, since, until, window)
-        return data.load_timeline(config, start, end, window)
+        view = data.load_timeline(config, start, end, window)
     except (ValueError, data.NotFound) as wrong:
         raise HTTPException(422, f"window: {wrong}" if isinstance(wrong, data.NotFound) else str(wrong)) from wrong
+    try:
+        runs = story.window_runs(config, ui_root())
+    except SQLAlchemyError as error:  # the page still shows the windows, and says why their runs do not
+        runs = {story.DRIFT: {}}
+        view["unreadable"].append(f"the runs windows started (Airflow's metadata database): {type(error).__name__}: {error}")
+    acks = acknowledged(config)
+    for row in view["windows"]:
+        row["run"] = runs[story.DRIFT].get(row["report"])
+        row["acknowledged"] = acks.get(row["report"])
+    return view
 
 
 @timeline.get("/projects/{project}/timeline", response_class=HTMLResponse, name="timeline_page")
-def timeline_page(request: Request, config: DriftProject, days: Days = None, since: Moment = None, until: Moment = None, window: Window = None) -> HTMLResponse:
-    return HTMLResponse(pages.timeline(request, _timeline(config, days, since, until, window)))
+def timeline_page(
+    request: Request, config: DriftProject, caller: Caller, days: Days = None, since: Moment = None, until: Moment = None, window: Window = None
+) -> HTMLResponse:
+    view = with_actions(_timeline(config, days, since, until, window), caller)
+    return HTMLResponse(pages.timeline(request, {**view, "rollback_to": data.rollback_target(config) if caller.may(data.dag_ids(config.name, config.kind)["models"]) else None}))
 
 
 @timeline.get("/api/projects/{project}/timeline", name="timeline_json")
@@ -298,6 +337,11 @@ def create_app() -> FastAPI:
     app.include_router(models)
     app.include_router(timeline)
     app.include_router(static)
+    # Imported here: both build on this module's Access, Caller and loaders.
+    from flywheel_oncall import actions, audit_routes
+
+    app.include_router(actions.router)
+    app.include_router(audit_routes.router)
     # plotly.js is 4.5 MB, about 1.4 MB gzipped; the pages and their JSON shrink as well
     app.add_middleware(GZipMiddleware, minimum_size=1024)
     return app

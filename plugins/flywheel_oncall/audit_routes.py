@@ -23,7 +23,7 @@ from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, Response
 
 from flywheel_oncall import data, pages
-from flywheel_oncall.app import Access, Caller, home, project_kind
+from flywheel_oncall.app import Access, Caller, home, project_kind, ui_root
 
 router = APIRouter()
 
@@ -58,15 +58,6 @@ def filters_of(project: str | None, action: str | None, user: str | None, since:
     return filters
 
 
-def ui_root() -> str:
-    """The Airflow UI's base path ("" at the server's root), for links to its run pages."""
-    try:
-        from flywheel_oncall.app import ui_root as root  # the lead's; absent before it lands
-    except ImportError:
-        return ""
-    return str(root())
-
-
 def entry_row(entry: dict[str, Any], root: str) -> dict[str, Any]:
     """One entry as the page shows it: as recorded, plus ``run_url`` (Airflow's page of its run) when it names one."""
     from flywheel_oncall.story import run_url
@@ -87,7 +78,7 @@ def load_audit(caller: Access, filters: dict[str, Any]) -> dict[str, Any]:
         kind = project_kind(filters["project"])  # 404 naming the known projects
         caller.require(data.dag_ids(filters["project"], kind)["models"])  # 403
     kinds = project_kinds(home())
-    readable = [name for name, kind in kinds.items() if caller.may_read(data.dag_ids(name, kind)["models"])]
+    readable = [name for name, kind in kinds.items() if caller.may(data.dag_ids(name, kind)["models"])]
     entries: list[dict[str, Any]] = []
     unreadable: list[str] = []
     for name in readable:

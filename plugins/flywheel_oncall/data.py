@@ -831,3 +831,21 @@ def load_timeline(config, since: datetime, until: datetime, window: str | None =
         "performance": performance,
         "unreadable": unreadable,
     }
+
+
+def rollback_target(config) -> dict[str, Any] | None:
+    """What "Roll back" on a project's timeline offers: ``{"served", "previous"}``, the version
+    rows (``version_row``) of the serving version and of the one served before it (the serving
+    history's, ``pipelines.serving.rollback.previous_served``); None when there is none to go back to."""
+    from pipelines.serving import repository
+    from pipelines.serving.rollback import RollbackRefused, previous_served
+
+    model_dir = config.served_model_dir
+    served = repository.served_version(model_dir)
+    try:
+        previous = previous_served(config)
+    except RollbackRefused:
+        return None
+    if served is None or previous not in repository.versions(model_dir):
+        return None
+    return {v: version_row(n, repository.lineage_of(model_dir, n), served) for v, n in (("served", served), ("previous", previous))}

@@ -63,7 +63,7 @@ def log_in(plugin_app, dags: set[str] | None = None) -> None:
     """As a user the auth manager lets read ``dags`` (every DAG when None)."""
 
     class Caller(oncall.Access):
-        def require(self, dag_id: str) -> None:
+        def require(self, dag_id: str, method: str = "GET", entity=None) -> None:
             if dags is not None and dag_id not in dags:
                 raise HTTPException(403, "Forbidden")
 

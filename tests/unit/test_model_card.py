@@ -286,7 +286,7 @@ class Allowed(oncall.Access):
 
     refused: set[str] = set()
 
-    def require(self, dag_id: str) -> None:
+    def require(self, dag_id: str, method: str = "GET", entity=None) -> None:
         if dag_id in self.refused:
             raise HTTPException(403, "Forbidden")
 

@@ -113,7 +113,7 @@ class Allowed(oncall.Access):
 
     dags: set[str] | None = None
 
-    def require(self, dag_id: str) -> None:
+    def require(self, dag_id: str, method: str = "GET", entity=None) -> None:
         if self.dags is not None and dag_id not in self.dags:
             raise HTTPException(403, "Forbidden")
 

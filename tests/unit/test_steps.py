@@ -63,3 +63,59 @@ def test_a_run_trains_only_on_new_data_or_when_a_param_asks(project, monkeypatch
     changed = version | {"data/flights/split/train.parquet": "u"}
     assert steps.needs_training("flights", changed, none_set) == {"train": True, "reason": "the data changed since run night1"}
     assert steps.needs_training("flights", version, none_set | {"max_epochs": 3}) == {"train": True, "reason": "the run's Params set ['max_epochs']"}
+
+
+# --- the audit trail of a person's runs ------------------------------------------------------
+
+MANUAL = {"dag_id": "rollback__flights", "run_id": "manual__2026-11-30T10:00:00+00:00", "run_type": "manual", "logical_date": None, "user": "oncall-alice"}
+
+
+@pytest.fixture
+def two_versions(tmp_path, monkeypatch):
+    """flights with versions 1 and 2 in its repository, 2 serving after 1 (no Triton: the repository only)."""
+    from pipelines.artifacts import MODEL_FILE
+    from pipelines.serving import live, repository
+
+    config = make_project(tmp_path)
+    monkeypatch.setenv("FLYWHEEL_HOME", str(tmp_path))
+    model = tmp_path / MODEL_FILE
+    model.write_bytes(b"stands for a model: a rollback without Triton switches the config only")
+    for version in (1, 2):
+        repository.add_version(config.model_dir, {MODEL_FILE: model, **repository.BACKEND_FILES}, {"export": {}})
+        repository.write_model_config(config.model_dir, repository.model_config(config.model_dir, config.serving, config.dataset, version))
+        live.record(config, "publish", version, version - 1 or None, {**MANUAL, "dag_id": "retrain__flights"})
+    return config
+
+
+def test_a_persons_retrain_is_audited_with_the_user_airflow_names_and_a_scheduled_one_is_not(tmp_path, monkeypatch):
+    from pipelines import audit
+
+    config = make_project(tmp_path)
+    monkeypatch.setenv("FLYWHEEL_HOME", str(tmp_path))
+    run = {**MANUAL, "dag_id": "retrain__flights"}
+
+    steps.check_params("flights", False, "", {**run, "run_type": "scheduled", "user": None}, "")
+    steps.check_params("flights", False, "", run, "dest drifted after the timetable change")
+
+    (entry,) = audit.read(config)[0]
+    assert (entry["action"], entry["user"], entry["reason"], entry["run_id"]) == ("retrain", "oncall-alice", "dest drifted after the timetable change", run["run_id"])
+
+
+def test_a_rollback_is_audited_with_its_outcome_and_a_refused_one_as_failed(two_versions):
+    from pipelines import audit
+    from pipelines.serving.rollback import RollbackRefused
+
+    steps.rollback("flights", 1, MANUAL, "v2 misroutes late flights")
+    with pytest.raises(RollbackRefused):
+        steps.rollback("flights", 7, MANUAL, "a version that does not exist")
+
+    done, refused = audit.read(two_versions)[0]
+    assert (done["action"], done["user"], done["reason"], done["outcome"]) == ("rollback", "oncall-alice", "v2 misroutes late flights", "v1 serves (was v2)")
+    assert refused["outcome"].startswith("failed: RollbackRefused:") and "7" in refused["outcome"]
+
+
+def test_an_approval_names_who_answered_for_the_audit_trail_and_nobody_on_a_timeout():
+    response = {"chosen_options": ["Approve"], "responded_by_user": {"id": "7", "name": "bob"}, "responded_at": "2026-11-30T10:05:00+00:00", "params_input": {"comment": "card reviewed"}}
+    approval = steps.approval_record(response)
+    assert approval["user"] == "bob" and approval["summary"] == "Approve by bob at 2026-11-30T10:05:00+00:00: card reviewed"
+    assert steps.approval_record({"chosen_options": ["Reject"], "responded_by_user": None})["user"] is None
