@@ -4,7 +4,7 @@ tabular ``flights`` and the text ``reviews``), and each project's real drift rep
 
 from __future__ import annotations
 
-import re
+import json
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -13,6 +13,7 @@ import pytest
 
 from pipelines.launch.airflow import ADMIN_USER, LocalAirflow
 from pipelines.serving.model_card import SECTIONS
+from tests.browser.chromium import TIMEOUT_MS, chromium_browser, logged_in_page, playwright  # noqa: F401 (the browser fixture)
 from tests.browser.oncall_project import (
     BASE_MODEL,
     CARD_LIMITATION,
@@ -29,14 +30,7 @@ from tests.conftest import REPO, free_ports, make_project, make_text_project
 from tests.unit.test_oncall_views import WINDOWS, write_performance
 
 pytestmark = pytest.mark.e2e
-playwright = pytest.importorskip("playwright.sync_api")
-
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-    "--disable-sync", "--no-first-run",
-]
-TIMEOUT_MS = 30_000
+VIEWER = "oncall_viewer"  # a user of the simple auth manager's viewer role: reads, may not trigger
 
 
 @pytest.fixture(scope="module")
@@ -54,18 +48,11 @@ def oncall(tmp_path_factory):
     write_text_versions(make_text_project(root / "home"))
     airflow = LocalAirflow(
         root / "airflow", REPO / "dags", REPO / "plugins", port=free_ports(1)[0],
-        extra_env={"FLYWHEEL_HOME": str(config.home)}, scheduled=False,
+        extra_env={"FLYWHEEL_HOME": str(config.home), "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"{ADMIN_USER}:admin,{VIEWER}:viewer"},
+        scheduled=False,
     )
     with airflow:
         yield airflow, config, drifted
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with playwright.sync_playwright() as driver:
-        chromium = driver.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-        yield chromium
-        chromium.close()
 
 
 def http_get(url: str, headers: dict | None = None) -> tuple[int, str]:
@@ -293,16 +280,61 @@ def open_index(page):
     return frame
 
 
-def logged_in_page(browser, airflow: LocalAirflow):
-    """A new browser session signed in through Airflow's own login form, on the home page."""
-    # The UI's links and cookies are for [api] base_url, which names localhost.
-    base = f"http://localhost:{airflow.port}"
-    context = browser.new_context(viewport={"width": 1440, "height": 900})
-    context.set_default_timeout(TIMEOUT_MS)
-    page = context.new_page()
-    page.goto(f"{base}/")
-    page.get_by_label("Username").fill(ADMIN_USER)
-    page.get_by_label("Password").fill(airflow.password)
-    page.get_by_role("button", name="Sign in").click()
-    page.wait_for_url(re.compile(rf"^{re.escape(base)}/?$"))
-    return page
+def post_json(url: str, token: str, body: dict) -> tuple[int, str]:
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    request = urllib.request.Request(
+        url, data=json.dumps(body).encode(), method="POST", headers={"Content-Type": "application/json", "Authorization": f"Bearer {token}"}
+    )
+    try:
+        with opener.open(request, timeout=60) as response:
+            return response.status, response.read().decode(errors="replace")
+    except urllib.error.HTTPError as refused:
+        return refused.code, refused.read().decode(errors="replace")
+
+
+def test_a_viewer_sees_every_action_disabled_and_the_api_refuses_each_with_403(oncall, browser):
+    airflow, config, drifted = oncall
+    folder = Path(drifted["report"]).parent.name
+    password = json.loads(airflow.password_file.read_text())[VIEWER]  # the api-server generated it at start
+    expect = playwright.expect
+    timeline = f"http://localhost:{airflow.port}/flywheel/projects/flights/timeline?window={folder}"
+
+    page = logged_in_page(browser, airflow, VIEWER, password)
+    page.goto(timeline)
+    expect(page.get_by_role("button", name="Retrain now")).to_be_disabled()
+    expect(page.get_by_role("button", name="Roll back to v1")).to_be_disabled()
+    expect(page.locator(f"tr[data-window='{folder}']").get_by_role("button", name="Acknowledge")).to_be_disabled()
+
+    token = json.loads(urllib.request.urlopen(urllib.request.Request(  # noqa: S310 - loopback
+        f"{airflow.base_url}/auth/token", data=json.dumps({"username": VIEWER, "password": password}).encode(),
+        headers={"Content-Type": "application/json"}), timeout=60).read())["access_token"]
+    actions = f"{airflow.base_url}/flywheel/api/projects/flights/actions"
+    for action, body in (("retrain", {"reason": "sent anyway"}), ("rollback", {"version": 1, "reason": "sent anyway"}), ("acknowledge", {"window": folder, "reason": "sent anyway"})):
+        code, said = post_json(f"{actions}/{action}", token, body)
+        assert code == 403, (action, code, said)
+    entries = [json.loads(line) for line in (config.artifacts_dir / "audit.jsonl").read_text().splitlines()]
+    assert [(e["action"], e["user"]) for e in entries] == [("retrain", VIEWER), ("rollback", VIEWER)]  # refused by Airflow's API, so audited
+    assert all("(HTTP 403)" in e["outcome"] for e in entries)
+
+
+def test_an_admin_acknowledges_a_drifted_window_with_a_reason_and_the_audit_page_lists_it(oncall, browser):
+    airflow, config, drifted = oncall
+    folder = Path(drifted["report"]).parent.name
+    expect = playwright.expect
+    page = logged_in_page(browser, airflow)
+    page.goto(f"http://localhost:{airflow.port}/flywheel/projects/flights/timeline?window={folder}")
+    row = page.locator(f"tr[data-window='{folder}']")
+
+    row.get_by_role("button", name="Acknowledge").click()  # without a reason: the browser refuses to send it
+    expect(row.locator(".result")).to_have_text("")
+    row.get_by_placeholder("Why (required)").fill("known: the schedule change of March")
+    row.get_by_role("button", name="Acknowledge").click()
+
+    expect(row.locator(".result")).to_contain_text(f"window {folder} acknowledged")
+    expect(row.locator(".result")).to_contain_text("monitoring.alertmanager")  # none configured here: nothing silenced, and it says so
+    page.reload()
+    expect(row).to_contain_text(f"acknowledged by {ADMIN_USER} until")
+    page.get_by_role("link", name="Audit", exact=True).click()
+    audited = page.locator("tr", has_text="acknowledge").first
+    expect(audited).to_contain_text(ADMIN_USER)
+    expect(audited).to_contain_text("known: the schedule change of March")
