@@ -73,11 +73,14 @@ NO_REASON = "no reason given (the run's reason Param was empty)"
 
 
 def audit_run(config: AnyProject, action: str, run: Record, reason: str, outcome: str) -> None:
-    """Record a person's run (``run_type`` manual) in the project's audit trail
-    (``pipelines.audit``), as the user Airflow says triggered it; other runs are not a person's."""
+    """Record a person's run in the project's audit trail (``pipelines.audit``), as the user
+    Airflow says triggered it. A person's run is a manual one, except those of the alert receiver
+    (``alert__...``: Alertmanager's rollback, under the receiver's login); scheduled and
+    Asset-triggered runs are nobody's."""
     from pipelines import audit
+    from pipelines.monitoring.alert_receiver import RUN_PREFIX
 
-    if run.get("run_type") == "manual":
+    if run.get("run_type") == "manual" and not str(run.get("run_id", "")).startswith(RUN_PREFIX):
         user = run.get("user") or "unknown (Airflow named no triggering user)"
         audit.record(config, action=action, user=user, reason=reason or NO_REASON, outcome=outcome, dag_id=run["dag_id"], run_id=run["run_id"])
 

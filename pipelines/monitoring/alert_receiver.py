@@ -101,10 +101,13 @@ class Outcome:
         return {"triggered": self.triggered, "existing": self.existing, "ignored": self.ignored, "failed": self.failed}
 
 
+RUN_PREFIX = "alert__"  # the receiver's runs: Alertmanager's, not a person's (steps.audit_run)
+
+
 def run_id(fingerprint: str, starts_at: str) -> str:
     """The rollback run of one firing of one alert: ``alert__<fingerprint>__<startsAt>``, with any
     character Airflow does not take in a run id replaced by ``_``."""
-    return _RUN_ID_UNSAFE.sub("_", f"alert__{fingerprint}__{starts_at}")
+    return _RUN_ID_UNSAFE.sub("_", f"{RUN_PREFIX}{fingerprint}__{starts_at}")
 
 
 def rollback_reason(alertname: str, summary: str, fingerprint: str) -> str:

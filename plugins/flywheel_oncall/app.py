@@ -279,7 +279,7 @@ def _timeline(config, days: int | None, since: str | None, until: str | None, wi
         runs = story.window_runs(config, ui_root())
     except SQLAlchemyError as error:  # the page still shows the windows, and says why their runs do not
         runs = {story.DRIFT: {}}
-        view["unreadable"].append(f"the runs windows started (Airflow's metadata database): {type(error).__name__}: {error}")
+        view["unreadable"].append(f"the runs windows started (Airflow's metadata database): {type(error).__name__}: {str(error).splitlines()[0]}")
     acks = acknowledged(config)
     for row in view["windows"]:
         row["run"] = runs[story.DRIFT].get(row["report"])

@@ -173,3 +173,49 @@ def test_a_report_folder_is_read_from_an_events_extra_only_when_it_is_one():
     assert story.report_folder({"report": "/home/reports/drift/flights_delay/20260302T110000Z/report.html"}) == "20260302T110000Z"
     assert story.report_folder({"report": "/home/reports/drift/flights_delay/../report.html"}) is None
     assert story.report_folder(None) is None
+
+
+def test_a_drifted_window_links_the_run_its_asset_event_started_and_how_it_ended(airflow_db, project):
+    """In a real (SQLite) Airflow metadata database: the event of window 20260302T110000Z started a
+    retrain that failed, the other window's event a retrain that promoted v2 (its run record)."""
+    from datetime import datetime, timezone
+
+    from airflow.models.asset import AssetEvent, AssetModel
+    from airflow.models.dagrun import DagRun
+    from airflow.utils.session import create_session
+
+    from pipelines.lineage import write_json
+    from pipelines.serving.publish import run_record_path
+    from pipelines.steps import drift_asset
+
+    reports = project.home / "reports/drift/flights_delay"
+    with create_session() as session:
+        asset = AssetModel(name=drift_asset("flights"), uri=drift_asset("flights"), group="asset")
+        session.add(asset)
+        session.flush()
+        for folder, run_id, state in (("20260302T110000Z", "asset_triggered__1", "failed"), ("20260302T150000Z", "asset_triggered__2", "success")):
+            event = AssetEvent(asset_id=asset.id, extra={"report": str(reports / folder / "report.html")})
+            event.created_dagruns.append(
+                DagRun(dag_id="retrain__flights", run_id=run_id, run_type="asset_triggered", state=state, run_after=datetime.now(timezone.utc))
+            )
+            session.add(event)
+    write_json(run_record_path(project.artifacts_dir, "asset_triggered__2"), {"version": 2, "gate": {"decision": "promoted"}})
+
+    try:
+        links = story.window_runs(project, "/airflow")
+    finally:  # the database is the session's: leave no event for another test's flights
+        with create_session() as session:
+            for model in (AssetEvent, DagRun, AssetModel):
+                session.query(model).delete()
+
+    assert links["performance"] == {}
+    assert links["drift"] == {
+        "20260302T110000Z": {
+            "dag_id": "retrain__flights", "run_id": "asset_triggered__1", "url": "/airflow/dags/retrain__flights/runs/asset_triggered__1",
+            "state": "failed", "outcome": "failed",
+        },
+        "20260302T150000Z": {
+            "dag_id": "retrain__flights", "run_id": "asset_triggered__2", "url": "/airflow/dags/retrain__flights/runs/asset_triggered__2",
+            "state": "success", "outcome": "promoted v2",
+        },
+    }

@@ -101,11 +101,12 @@ def test_a_persons_retrain_is_audited_with_the_user_airflow_names_and_a_schedule
     assert (entry["action"], entry["user"], entry["reason"], entry["run_id"]) == ("retrain", "oncall-alice", "dest drifted after the timetable change", run["run_id"])
 
 
-def test_a_rollback_is_audited_with_its_outcome_and_a_refused_one_as_failed(two_versions):
+def test_a_persons_rollback_is_audited_with_its_outcome_a_refused_one_as_failed_and_an_alerts_not_at_all(two_versions):
     from pipelines import audit
     from pipelines.serving.rollback import RollbackRefused
 
     steps.rollback("flights", 1, MANUAL, "v2 misroutes late flights")
+    steps.rollback("flights", 2, {**MANUAL, "run_id": "alert__0f3a__2026-11-30T10_01_00Z", "user": "admin"}, "FlywheelCanaryErrors: ...")  # Alertmanager's, not a person's
     with pytest.raises(RollbackRefused):
         steps.rollback("flights", 7, MANUAL, "a version that does not exist")
 
