@@ -97,7 +97,7 @@ def check_params(project: str, force_publish: bool, force_reason: str | None, ru
     config = load_config(project)
     check_override(force_publish, force_reason)
     if run is not None:
-        audit_run(config, audit.RETRAIN, run, reason, f"run {run['run_id']} started")
+        audit_run(config, audit.RETRAIN, run, reason or force_reason or "", f"run {run['run_id']} started")
     return {"force_publish": force_publish}
 
 

@@ -42,6 +42,7 @@ from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from flywheel_oncall import data, pages
+from flywheel_oncall.story import ui_root
 
 URL_PREFIX = "/flywheel"
 INDEX_PATH = "/projects"
@@ -58,15 +59,6 @@ STATIC_TYPES = {".js": "text/javascript", ".css": "text/css"}
 # package's own scripts change with the plugin: a browser asks again each time (a 304 if unchanged).
 PLOTLY_HEADERS = {"Cache-Control": "private, max-age=31536000, immutable", "X-Content-Type-Options": "nosniff"}
 STATIC_HEADERS = {"Cache-Control": "private, no-cache", "X-Content-Type-Options": "nosniff"}
-
-
-def ui_root() -> str:
-    """The path Airflow's UI is served under ([api] base_url, behind a proxy); "" at the root."""
-    from urllib.parse import urlsplit
-
-    from airflow.configuration import conf
-
-    return urlsplit(conf.get("api", "base_url", fallback="") or "/").path.rstrip("/")
 
 
 class Access:

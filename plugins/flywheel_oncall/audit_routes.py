@@ -67,6 +67,30 @@ def entry_row(entry: dict[str, Any], root: str) -> dict[str, Any]:
     return {**entry, "run_url": run_url(root, dag_id, run_id) if linked else None}
 
 
+def with_run_outcomes(rows: list[dict[str, Any]], root: str) -> list[dict[str, Any]]:
+    """Each retrain entry with ``run_outcome``: how its run has ended since it was recorded
+    (``story.run_links``: promoted vN, not promoted with the gate's reason, failed at a task,
+    running); None where Airflow's metadata database does not know the run."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from flywheel_oncall.story import run_links
+    from pipelines import audit
+    from pipelines.config import ConfigError, load_project
+
+    runs: dict[str, list[tuple[str, str]]] = {}
+    for row in rows:
+        if row["action"] == audit.RETRAIN and row["run_url"]:
+            runs.setdefault(row["project"], []).append((row["dag_id"], row["run_id"]))
+    outcomes: dict[tuple[str, str], str] = {}
+    for project, pairs in runs.items():
+        try:
+            links = run_links(load_project(project, home()), root, pairs)
+        except (ConfigError, SQLAlchemyError):
+            continue  # the entry as recorded still shows
+        outcomes.update({(project, run_id): link["outcome"] for run_id, link in links.items()})
+    return [{**row, "run_outcome": outcomes.get((row["project"], row.get("run_id", "")))} for row in rows]
+
+
 def load_audit(caller: Access, filters: dict[str, Any]) -> dict[str, Any]:
     """The entries of the projects the caller may read that match ``filters``, newest first,
     and every unreadable line of their trails (``"<project>: line N: ..."``)."""
@@ -112,7 +136,7 @@ def audit_page(request: Request, caller: Caller, project: Text = None, action: T
     filters = filters_of(project, action, user, since, until)
     view = _view(caller, filters, limit)
     root = ui_root()
-    view["entries"] = [entry_row(entry, root) for entry in view["entries"]]
+    view["entries"] = with_run_outcomes([entry_row(entry, root) for entry in view["entries"]], root)
     export = request.url_for("audit_jsonl").path + (f"?{urlencode(filters)}" if filters else "")
     return HTMLResponse(pages.render("audit.html", request, view=view, project=None, actions=audit.ACTIONS, export=export))
 

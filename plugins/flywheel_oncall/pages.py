@@ -13,6 +13,7 @@ import jinja2
 from starlette.requests import Request
 
 from flywheel_oncall import timeline as charts
+from flywheel_oncall.story import run_url, ui_root
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 
@@ -65,7 +66,10 @@ def render(template: str, request: Request, **context) -> str:
         # positional-only, so a route's parameter may be called ``name`` (static_file's is)
         return request.url_for(route, **params).path
 
-    return environment().get_template(template).render(url=url, plotly_version=plotly_version(), **context)
+    def run_page(dag_id: str, run_id: str) -> str:
+        return run_url(ui_root(), dag_id, run_id)  # Airflow's own page of the run
+
+    return environment().get_template(template).render(url=url, run_page=run_page, plotly_version=plotly_version(), **context)
 
 
 @functools.cache

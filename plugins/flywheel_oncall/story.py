@@ -21,6 +21,15 @@ from flywheel_oncall.data import REPORT_FOLDER
 DRIFT, PERFORMANCE = "drift", "performance"
 
 
+def ui_root() -> str:
+    """The path Airflow's UI is served under ([api] base_url, behind a proxy); "" at the root."""
+    from urllib.parse import urlsplit
+
+    from airflow.configuration import conf
+
+    return urlsplit(conf.get("api", "base_url", fallback="") or "/").path.rstrip("/")
+
+
 def run_url(root: str, dag_id: str, run_id: str) -> str:
     """Airflow's own page of a DAG run, under the UI's base path ``root`` ("" at the server's root)."""
     return f"{root}/dags/{quote(dag_id, safe='')}/runs/{quote(run_id, safe='')}"

@@ -21,6 +21,7 @@ import re
 import sqlite3
 import time
 from datetime import datetime, timedelta, timezone
+from urllib.parse import quote
 
 import pandas as pd
 import pytest
@@ -346,13 +347,15 @@ def test_from_the_alert_to_the_run_it_started_and_a_rollback_in_the_browser_with
     # When on-call opens the drift alert's URL
     page.goto(alert_url(airflow, "flights", LATER_SEASON))
     window = page.locator(f"tr[data-window='{LATER_SEASON.strftime('%Y%m%dT%H%M%SZ')}']")
-    expect(window).to_contain_text("drifted")
+    expect(window).to_have_class("highlighted")  # the window that fired, shaded on the chart too
+    expect(window.locator("td").nth(1)).to_have_text("yes")  # dataset drift
+    expect(window).to_contain_text("dest")  # among its drifted columns
     expect(page.locator(".main-svg").first).to_be_visible()  # the timeline chart
     # the window links the retrain it started, with how that ended
     run_link = window.get_by_role("link", name=re.compile(r"promoted v\d+|not promoted"))
     run_link.click()
     clicks += 1
-    page.wait_for_url(re.compile(rf"/dags/{RETRAIN}/runs/{re.escape(drift_retrain)}"))
+    page.wait_for_url(re.compile(rf"/dags/{RETRAIN}/runs/{re.escape(quote(drift_retrain, safe=''))}$"), wait_until="commit")  # Airflow's own run page
     page.go_back()
 
     # and rolls back from the page while a client keeps asking Triton
@@ -379,6 +382,7 @@ def test_from_the_alert_to_the_run_it_started_and_a_rollback_in_the_browser_with
     expect(audited).to_contain_text("e2e: the forced version misbehaves")
     expect(audited).to_contain_text(f"v{target} serves (was v{serving})")
     expect(page.locator("tr", has_text="force_publish").first).to_contain_text("e2e: a version to roll back from")
+    expect(page.locator("tr[data-action='retrain']").first.locator(".run-outcome")).to_have_text(re.compile(rf"promoted v{serving}"))  # how the run ended
 
 
 def drift_started(airflow: LocalAirflow) -> set[str]:

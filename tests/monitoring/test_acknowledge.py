@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import time
 import urllib.request
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
@@ -27,6 +26,7 @@ from pipelines.lineage import write_json
 from pipelines.monitoring.acknowledge import AlertmanagerError, acknowledge, acknowledged, create_silence
 from pipelines.monitoring.check import reports_root
 from tests.conftest import free_ports, make_project
+from tests.monitoring.test_live_alerts import wait_for
 
 ALERTMANAGER = "prometheus-alertmanager"
 WINDOW = "20260302T110000Z"
@@ -44,20 +44,6 @@ def call(url: str, body: Any = None) -> Any:
     return json.loads(text) if text else None
 
 
-def wait_for(what: str, probe, log: Path) -> Any:
-    deadline = time.monotonic() + WAIT_S
-    while True:
-        try:
-            result = probe()
-        except OSError:
-            result = None
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what} not within {WAIT_S}s\n--- {log.name}\n{log.read_text()[-3000:]}")
-        time.sleep(0.2)
-
-
 @pytest.fixture(scope="module")
 def alertmanager(tmp_path_factory) -> Iterator[str]:
     """A real Alertmanager on a free loopback port: its ``host:port``."""
@@ -73,7 +59,7 @@ def alertmanager(tmp_path_factory) -> Iterator[str]:
             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         )  # fmt: skip
     try:
-        wait_for("Alertmanager ready", lambda: OPENER.open(f"http://127.0.0.1:{port}/-/ready", timeout=2).status == 200, log)
+        wait_for("Alertmanager ready", lambda: OPENER.open(f"http://127.0.0.1:{port}/-/ready", timeout=2).status == 200, [log])
         yield f"127.0.0.1:{port}"
     finally:
         server.terminate()
@@ -127,7 +113,7 @@ def test_an_acknowledgement_silences_the_projects_drift_alerts_and_no_other(aler
         found = {name: shown.get(json.dumps(labels, sort_keys=True)) for name, labels in posted.items()}
         return found if all(found.values()) else {}
 
-    status = wait_for("the posted alerts listed", states, tmp_path / "none.log")
+    status = wait_for("the posted alerts listed", states, [])
     assert status["drift"]["silencedBy"] == [result["silence_id"]] and status["drift"]["state"] == "suppressed"
     assert status["missing"]["silencedBy"] == [result["silence_id"]]
     assert status["canary"]["silencedBy"] == [] and status["canary"]["state"] == "active"

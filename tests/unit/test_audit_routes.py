@@ -10,18 +10,17 @@ import sys
 from datetime import datetime, timedelta, timezone
 
 import pytest
-from fastapi import FastAPI, HTTPException, Request
-from fastapi.testclient import TestClient
+from fastapi import HTTPException, Request
 
 from pipelines import audit
-from tests.conftest import REPO, make_project, make_text_project
+from tests.conftest import REPO
+from tests.unit.test_oncall_views import client, home, plugin_app, project, text_project  # noqa: F401 (fixtures)
 
 # Airflow puts its plugins folder on sys.path and imports the plugin from there; so do the tests.
 if str(REPO / "plugins") not in sys.path:
     sys.path.append(str(REPO / "plugins"))
 
 from flywheel_oncall import app as oncall  # noqa: E402
-from flywheel_oncall import audit_routes  # noqa: E402
 from flywheel_oncall.story import run_url  # noqa: E402
 
 T0 = datetime(2026, 3, 2, 11, 0, tzinfo=timezone.utc)
@@ -29,34 +28,13 @@ RUN = "manual__2026-03-02T11:00:00+00:00"
 
 
 @pytest.fixture
-def home(tmp_path):
-    return tmp_path / "home"
+def flights(project):
+    return project
 
 
 @pytest.fixture
-def flights(home):
-    return make_project(home)
-
-
-@pytest.fixture
-def reviews(home, flights):
-    return make_text_project(home)
-
-
-@pytest.fixture
-def plugin_app():
-    app = oncall.create_app()
-    if "audit_page" not in {getattr(route, "name", None) for route in app.routes}:  # until create_app includes it
-        app.include_router(audit_routes.router)
-    return app
-
-
-@pytest.fixture
-def client(plugin_app, home, reviews, monkeypatch):
-    monkeypatch.setenv("FLYWHEEL_HOME", str(home))
-    root = FastAPI()
-    root.mount(oncall.URL_PREFIX, plugin_app)
-    return TestClient(root)
+def reviews(text_project):
+    return text_project
 
 
 def log_in(plugin_app, dags: set[str] | None = None) -> None:

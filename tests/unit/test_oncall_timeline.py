@@ -12,15 +12,14 @@ import sys
 from datetime import datetime, timedelta, timezone
 
 import pytest
-from fastapi import FastAPI
-from fastapi.testclient import TestClient
 
 from pipelines.lineage import write_json
 from pipelines.monitoring.check import reports_root
 from pipelines.serving import live
 from tests.browser.oncall_project import write_versions
-from tests.conftest import REPO, make_project, make_text_project
+from tests.conftest import REPO
 from tests.unit import test_oncall_views as views
+from tests.unit.test_oncall_views import client, home, plugin_app, project, text_project  # noqa: F401 (fixtures)
 
 if str(REPO / "plugins") not in sys.path:
     sys.path.append(str(REPO / "plugins"))
@@ -74,34 +73,6 @@ HISTORY = (  # version 1 before the range, 2 promoted, 3 promoted, 4 rejected by
     event(at(13), "rejected", 4, 3, reason=SMOKE),
     event(at(15), "rollback", 2, 3),
 )
-
-
-@pytest.fixture
-def home(tmp_path):
-    return tmp_path / "home"
-
-
-@pytest.fixture
-def project(home):
-    return make_project(home)
-
-
-@pytest.fixture
-def text_project(home, project):
-    return make_text_project(home)
-
-
-@pytest.fixture
-def plugin_app():
-    return oncall.create_app()
-
-
-@pytest.fixture
-def client(plugin_app, home, text_project, monkeypatch):
-    monkeypatch.setenv("FLYWHEEL_HOME", str(home))
-    root = FastAPI()
-    root.mount(oncall.URL_PREFIX, plugin_app)
-    return TestClient(root)
 
 
 @pytest.fixture
