@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import yaml
 
+from pipelines import audit
 from pipelines.config import load_deployment
 from pipelines.data.ingest import ingest_landing
 from pipelines.data.replay import land, month_batch
@@ -29,7 +30,7 @@ from pipelines.data.versioning import version_split
 from pipelines.evaluation.gate import evaluate
 from pipelines.export.onnx import export
 from pipelines.feedback.labels import ingest_feedback, land_feedback
-from pipelines.launch.airflow import LocalAirflow
+from pipelines.launch.airflow import ADMIN_USER, LocalAirflow
 from pipelines.launch.demo import send_as_a_service
 from pipelines.launch.triton import TritonServer
 from pipelines.serving import repository, rollout
@@ -218,6 +219,9 @@ def test_approvals_wait_for_a_person_continue_when_approved_and_abort_when_rejec
     assert record["outcome"] == "aborted"
     assert record["stages"][CANARY]["approval"]["comment"] == "shadow looks fine" and record["stages"][CANARY]["approval"]["by"]
     assert record["stages"]["aborted"]["approval"]["chosen"] == ["Reject"] and "not before the holidays" in record["stages"]["aborted"]["reason"]
+    # and both answers are in the project's audit trail, with who gave them
+    approvals = [(e["user"], e["reason"], e["outcome"], e["run_id"]) for e in audit.read(gated)[0] if e["action"] == audit.APPROVAL]
+    assert approvals == [(ADMIN_USER, "shadow looks fine", "Approve: v2 to canary", run_id), (ADMIN_USER, "not before the holidays", "Reject: v2 aborted", run_id)]
 
 
 def test_an_approval_nobody_gives_aborts_at_its_timeout(deployment):
@@ -319,6 +323,7 @@ def test_a_canary_error_spike_pages_and_the_alert_rolls_back_through_airflow_wit
         assert result["ended_rollout"] == 3 and "FlywheelCanaryErrors" in result["reason"]
         assert good.failures == [] and len(good.answers) > 0, good.failures[:3]
         assert repository.served_version(config.model_dir) == 2 and repository.lineage_of(config.model_dir, 3)["rollout"]["outcome"] == "aborted"
+        assert [e for e in audit.read(config)[0] if e["action"] == audit.ROLLBACK] == []  # Alertmanager's rollback is not a person's
         print(f"alert path: the spike's last request to the champion serving alone in {took:.1f} s; {len(good.answers)} good requests, none failed")
     finally:
         receiver.shutdown()
