@@ -82,7 +82,7 @@ def audit_run(config: AnyProject, action: str, run: Record, reason: str, outcome
 
     if run.get("run_type") == "manual" and not str(run.get("run_id", "")).startswith(RUN_PREFIX):
         user = run.get("user") or "unknown (Airflow named no triggering user)"
-        audit.record(config, action=action, user=user, reason=reason or NO_REASON, outcome=outcome, dag_id=run["dag_id"], run_id=run["run_id"])
+        audit.record(config, action=action, user=user, reason=reason.strip() or NO_REASON, outcome=outcome, dag_id=run["dag_id"], run_id=run["run_id"])
 
 
 # --- retrain__<project> ---------------------------------------------------------------------
@@ -308,7 +308,7 @@ def rollback(project: str, version: int | None, run: Record, reason: str = "", r
     except Exception as error:
         audit_run(config, audit.ROLLBACK, run, reason, f"failed: {type(error).__name__}: {error}")
         raise
-    said = f"v{done['version']} serves (was v{done['previous']})" if done["changed"] else done["reason"]
+    said = f"v{done['version']} serves (was v{done['previous']})" if done["changed"] else done["reason"].strip() or f"v{done['version']} already served: nothing changed"
     audit_run(config, audit.ROLLBACK, run, reason, said)
     return done
 

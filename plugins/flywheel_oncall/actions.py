@@ -23,29 +23,31 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, status
 from fastapi.concurrency import run_in_threadpool
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, StrictInt, StringConstraints
 
 from flywheel_oncall import data
 from flywheel_oncall.app import Access, Caller, load, project_kind
 
-REASON = Field(min_length=1, max_length=500, description="Why: goes into the audit trail and the run's record.")
+# Why, in words: goes into the audit trail and the run's record; blanks around it are dropped,
+# so a reason of spaces is no reason.
+Reason = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=500)]
 COOKIE = "_token"  # airflow.api_fastapi.auth.managers.base_auth_manager.COOKIE_NAME_JWT_TOKEN
 
 router = APIRouter()
 
 
 class RetrainRequest(BaseModel):
-    reason: Annotated[str, REASON]
+    reason: Reason
 
 
 class RollbackRequest(BaseModel):
-    version: Annotated[int, Field(ge=1, description="The version to serve again.")]
-    reason: Annotated[str, REASON]
+    version: Annotated[StrictInt, Field(ge=1, description="The version to serve again (a JSON integer).")]
+    reason: Reason
 
 
 class AcknowledgeRequest(BaseModel):
     window: Annotated[str, Field(pattern=data.REPORT_FOLDER.pattern, description="The window's report folder, YYYYmmddTHHMMSSZ.")]
-    reason: Annotated[str, REASON]
+    reason: Reason
 
 
 def dag_of(project: str, kind: str, action: str) -> str:
@@ -164,7 +166,6 @@ async def acknowledge_action(project: str, body: AcknowledgeRequest, caller: Cal
             raise HTTPException(status.HTTP_422_UNPROCESSABLE_ENTITY, str(error)) from error
         except AlertmanagerError as error:
             raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, str(error)) from error
-        silenced = f"; drift alerts silenced until {done['until']}" if done.get("silence_id") else f"; {done.get('note')}"
-        return {**done, "outcome": f"window {body.window} acknowledged{silenced}"}
+        return {**done, "outcome": done["note"]}
 
     return await run_in_threadpool(act)

@@ -769,10 +769,12 @@ def highlight(folder: str, drift: list[dict], performance: list[dict]) -> dict[s
     """The window ``folder`` names, to highlight: its start and end from the drift or performance
     window that ends then (``found``), else the drift DAG's hour ending then (``found`` False)."""
     end = folder_time(folder)
+    # A folder is named by its window's end to the second; a manual run's window ends at a
+    # fraction of one (its run_after), so the time is compared to the second.
     for kind, rows, start_key, end_key in (("drift", drift, "window_start", "window_end"), ("performance", performance, "start", "end")):
         for row in rows:
-            if utc(row[end_key]) == end:
-                return {"report": folder, "kind": kind, "start": utc(row[start_key]).isoformat(), "end": end.isoformat(), "found": True}
+            if utc(row[end_key]).replace(microsecond=0) == end:
+                return {"report": folder, "kind": kind, "start": utc(row[start_key]).isoformat(), "end": utc(row[end_key]).isoformat(), "found": True}
     return {"report": folder, "kind": None, "start": (end - DRIFT_WINDOW).isoformat(), "end": end.isoformat(), "found": False}
 
 
@@ -791,7 +793,7 @@ def load_timeline(config, since: datetime, until: datetime, window: str | None =
     since, until = utc(since), utc(until)
     if window is not None:
         end = folder_time(window)
-        since, until = min(since, end - DRIFT_WINDOW), max(until, end)
+        since, until = min(since, end - DRIFT_WINDOW), max(until, end + timedelta(seconds=1))  # the folder's end drops fractions of a second
     drift, unreadable = _summaries(reports_root(config), since, until, drift_window)
     performance = None
     if kind_name(config.kind) != TEXT:
@@ -816,6 +818,11 @@ def load_timeline(config, since: datetime, until: datetime, window: str | None =
             continue
         if _between(row["created_at"], since, until):
             created.append(row)
+    try:
+        events += refused_challengers(config, since, until)
+    except (OSError, ValueError) as error:  # a torn run record: the rest still shows
+        unreadable.append(f"the training runs' records: {type(error).__name__}: {error}")
+    events.sort(key=lambda e: e["time"] or "")
     return {
         **_project(config),
         "served_version": repository.served_version(model_dir),
@@ -831,6 +838,27 @@ def load_timeline(config, since: datetime, until: datetime, window: str | None =
         "performance": performance,
         "unreadable": unreadable,
     }
+
+
+def refused_challengers(config, since: datetime, until: datetime) -> list[dict[str, Any]]:
+    """The training runs in ``[since, until]`` whose challenger the gate did not promote (no
+    version was made: they are not in the serving history), as timeline events ``not_promoted``
+    at the champion that kept serving, labelled with the gate's reason."""
+    from pipelines.evaluation.gate import NOT_PROMOTED
+    from pipelines.serving.publish import run_records
+
+    refused = []
+    for record in run_records(config.artifacts_dir):
+        gate = record.get("gate") or {}
+        if gate.get("decision") == NOT_PROMOTED and _between(record.get("created_at"), since, until):
+            refused.append(
+                {
+                    "time": record["created_at"], "event": "not_promoted", "version": gate.get("champion_version"), "previous": None,
+                    "challenger": None, "run_id": (record.get("airflow") or {}).get("run_id"), "reason": gate.get("reason"),
+                    "label": "challenger not promoted",
+                }
+            )
+    return refused
 
 
 def rollback_target(config) -> dict[str, Any] | None:

@@ -15,7 +15,7 @@ Airflow imports plugins in every task process, which never draw.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from markupsafe import Markup
@@ -31,13 +31,15 @@ EVENT_STYLE = {  # marker symbol and colour of each serving event
     "shadow": ("circle-open", MUTED),
     "canary": ("circle-open", INFO),
     "abort": ("square-open", WARN),
+    "not_promoted": ("x-thin-open", WARN),
 }
 # Heatmap values: a column that did not drift is its score's share of the threshold, scaled to
 # [0, 0.5] (white to amber); a drifted column is 1 (red), whatever its score (a column also
 # drifts on its share of missing values).
 HEATMAP_SCALE = [[0.0, "#ffffff"], [0.5, "#fdb022"], [0.5001, BAD], [1.0, BAD]]
 ROW_HEIGHT = {"drift": 230, "columns": 34, "serving": 230, "performance": 260}
-MARGIN = {"l": 150, "r": 40, "t": 70, "b": 50}
+MARGIN = {"l": 150, "r": 40, "t": 70, "b": 120}  # below the plots: the time axis, its title, then the legend
+LEGEND_GAP = 70  # pixels from the last plot's bottom to the legend, past the axis title
 
 
 def plot_time(moment: str) -> str:
@@ -166,6 +168,7 @@ def _drift_traces(view: dict, since: str, until: str) -> list:
             line={"color": INFO, "width": 1.5},
             marker={"color": INFO, "size": 7},
             name="drifted share of the columns",
+            cliponaxis=False,  # a window ending at the range's end is drawn whole
             hovertext=[f"window to {label_time(w['window_end'])} UTC: {_num(w['share'], 2)} drifted ({', '.join(w['drifted_columns']) or 'none'})" for w in windows],
             hoverinfo="text",
         ),
@@ -179,6 +182,7 @@ def _drift_traces(view: dict, since: str, until: str) -> list:
                 mode="markers",
                 marker={"color": BAD, "size": 12, "symbol": "circle", "line": {"color": "#fff", "width": 1}},
                 name="dataset drift",
+                cliponaxis=False,
                 hovertext=[f"dataset drift: {', '.join(w['drifted_columns'])}" for w in drifted],
                 hoverinfo="text",
             )
@@ -186,36 +190,31 @@ def _drift_traces(view: dict, since: str, until: str) -> list:
     return traces
 
 
-def _heatmap(view: dict):
+def _column_cells(view: dict):
+    """The per-column row: one square a (window, column), drawn at a fixed size in pixels so a
+    window stays visible at any range (a heatmap's cells would be an hour wide: a hairline over
+    30 days). Colour: ``heat``; a column without a score in a window is not drawn."""
     import plotly.graph_objects as go
 
-    windows, columns = view["windows"], view["columns"]
-    cells = [{c["column"]: c for c in w["columns"]} for w in windows]
-    z, text = [], []
-    for name in columns:
-        z.append([heat(cell[name]) if name in cell else None for cell in cells])
-        text.append(
-            [
-                (f"{name}: {'drifted' if cell[name]['drifted'] else 'no drift'}, score {_num(cell[name]['score'])} / threshold {_num(cell[name]['threshold'])}"
-                 + (f", {cell[name]['reason']}" if cell[name].get("reason") else ""))
-                if name in cell else f"{name}: not checked"
-                for cell in cells
-            ]
-        )
-    return go.Heatmap(
-        x=[plot_time(w["window_end"]) for w in windows],
-        y=columns,
-        z=z,
-        zmin=0,
-        zmax=1,
-        colorscale=HEATMAP_SCALE,
-        xgap=1,
-        ygap=2,
-        text=text,
+    cells = [(w, c) for w in view["windows"] for c in w["columns"] if heat(c) is not None]
+    return go.Scatter(
+        x=[plot_time(w["window_end"]) for w, _ in cells],
+        y=[c["column"] for _, c in cells],
+        mode="markers",
+        marker={
+            "symbol": "square", "size": 13, "color": [heat(c) for _, c in cells], "cmin": 0, "cmax": 1, "colorscale": HEATMAP_SCALE,
+            "line": {"width": 1, "color": "#d0d5dd"}, "showscale": True,
+            "colorbar": {"tickvals": [0, 0.5, 1], "ticktext": ["score 0", "at threshold", "drifted"], "len": 0.25, "thickness": 12, "title": {"text": "column"}},
+        },
+        text=[
+            f"{c['column']}: {'drifted' if c['drifted'] else 'no drift'}, score {_num(c['score'])} / threshold {_num(c['threshold'])}"
+            + (f", {c['reason']}" if c.get("reason") else "")
+            for _, c in cells
+        ],
         hoverinfo="text",
+        cliponaxis=False,
         name="columns",
-        showscale=True,
-        colorbar={"tickvals": [0, 0.5, 1], "ticktext": ["score 0", "at threshold", "drifted"], "len": 0.25, "thickness": 12, "title": {"text": "column"}},
+        showlegend=False,
     )
 
 
@@ -250,7 +249,8 @@ def _serving_traces(view: dict) -> list:
             )
         )
     events = [e for e in view["events"] if isinstance(e["version"], int)]
-    for index, kind in enumerate(dict.fromkeys(e["event"] for e in events)):
+    positions = label_positions([e["time"] for e in events], view["since"], view["until"])
+    for kind in dict.fromkeys(e["event"] for e in events):
         marked = [e for e in events if e["event"] == kind]
         symbol, colour = EVENT_STYLE.get(kind, ("circle", MUTED))
         traces.append(
@@ -260,16 +260,33 @@ def _serving_traces(view: dict) -> list:
                 mode="markers+text",
                 marker={"symbol": symbol, "size": 12, "color": colour, "line": {"width": 2, "color": colour}},
                 text=[e["label"] for e in marked],
-                # labels of neighbouring events alternate above and below their marker
-                textposition=["top center" if (index + i) % 2 == 0 else "bottom center" for i in range(len(marked))],
+                textposition=[positions[events.index(e)] for e in marked],
                 textfont={"color": colour, "size": 12},
                 cliponaxis=False,
-                name={"publish": "promoted", "rejected": "rejected", "rollback": "rollback"}.get(kind, kind),
+                name={"publish": "promoted", "rejected": "rejected", "rollback": "rollback", "not_promoted": "challenger not promoted"}.get(kind, kind),
                 hovertext=[f"{label_time(e['time'])} UTC: {e['label']}" + (f" ({e['reason']})" if e["reason"] else "") + (f", run {e['run_id']}" if e["run_id"] else "") for e in marked],
                 hoverinfo="text",
             )
         )
     return traces
+
+
+LABEL_POSITIONS = ("top center", "bottom center", "top right", "bottom left", "top left", "bottom right")
+NEAR = 0.06  # events closer than this share of the range have their labels placed apart
+
+
+def label_positions(times: Sequence[str], since: str, until: str) -> list[str]:
+    """Where each event's label goes (plotly ``textposition``), events in time order: the next
+    place round ``LABEL_POSITIONS`` for an event near the one before, the first for one far from it."""
+    span = (datetime.fromisoformat(until) - datetime.fromisoformat(since)).total_seconds() or 1.0
+    order = sorted(range(len(times)), key=lambda i: times[i])
+    positions = [LABEL_POSITIONS[0]] * len(times)
+    level, last = 0, None
+    for i in order:
+        moment = datetime.fromisoformat(times[i])
+        level = level + 1 if last is not None and (moment - last).total_seconds() < NEAR * span else 0
+        positions[i], last = LABEL_POSITIONS[level % len(LABEL_POSITIONS)], moment
+    return positions
 
 
 def timeline_figure(view: dict):
@@ -294,7 +311,7 @@ def timeline_figure(view: dict):
     for trace in _drift_traces(view, since, until):
         figure.add_trace(trace, row=1, col=1)
     if view["windows"]:
-        figure.add_trace(_heatmap(view), row=2, col=1)
+        figure.add_trace(_column_cells(view), row=2, col=1)
     for trace in _serving_traces(view):
         figure.add_trace(trace, row=3, col=1)
     if "performance" in rows:
@@ -302,7 +319,8 @@ def timeline_figure(view: dict):
             figure.add_trace(trace, row=4, col=1)
         figure.update_yaxes(title_text=performance["metric"], row=4, col=1)
     figure.update_yaxes(title_text="drifted share", range=[0, 1.05], row=1, col=1)
-    figure.update_yaxes(title_text="column", automargin=True, autorange="reversed", row=2, col=1)  # the checked order, top down
+    # the checked order, top down, every column named even where none was scored
+    figure.update_yaxes(title_text="column", automargin=True, autorange="reversed", type="category", categoryorder="array", categoryarray=view["columns"], row=2, col=1)
     versions = [s["version"] for s in view["served"]] + [e["version"] for e in view["events"] if isinstance(e["version"], int)] + [v["version"] for v in view["versions"]]
     figure.update_yaxes(title_text="version", dtick=1, tickprefix="v", range=[min(versions, default=1) - 0.8, max(versions, default=1) + 0.8], row=3, col=1)
     figure.update_xaxes(range=[plot_time(since), plot_time(until)], type="date", showticklabels=True)
@@ -320,11 +338,12 @@ def timeline_figure(view: dict):
             x=end, y=1, yanchor="bottom", yshift=22, showarrow=False, font={"color": INFO, "size": 12},
             bgcolor="rgba(255,255,255,0.85)", name="highlighted-window",
         )
+    height = sum(heights) + 60 * len(rows) + MARGIN["t"] + MARGIN["b"]
     figure.update_layout(
-        height=sum(heights) + 60 * len(rows) + MARGIN["t"] + MARGIN["b"],
+        height=height,
         margin=MARGIN,
         template="plotly_white",
-        legend={"orientation": "h", "y": -0.04, "x": 0, "yanchor": "top"},  # below the time axis
+        legend={"orientation": "h", "y": -LEGEND_GAP / (height - MARGIN["t"] - MARGIN["b"]), "x": 0, "yanchor": "top"},
         hovermode="closest",
         font={"family": "system-ui, -apple-system, Segoe UI, Roboto, sans-serif", "size": 12},
     )
@@ -347,6 +366,9 @@ def performance_figure(windows: Sequence[dict[str, Any]]):
     )
     figure.update_yaxes(title_text=metric)
     figure.update_xaxes(title_text="window end (UTC)", type="date")
+    if len({w["end"] for w in windows}) == 1:  # one point: a day either side, not milliseconds
+        end = datetime.fromisoformat(windows[-1]["end"])
+        figure.update_xaxes(range=[plot_time((end - timedelta(days=1)).isoformat()), plot_time((end + timedelta(days=1)).isoformat())])
     return figure
 
 

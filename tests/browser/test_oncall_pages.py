@@ -330,7 +330,7 @@ def test_an_admin_acknowledges_a_drifted_window_with_a_reason_and_the_audit_page
     row.get_by_placeholder("Why (required)").fill("known: the schedule change of March")
     row.get_by_role("button", name="Acknowledge").click()
 
-    expect(row.locator(".result")).to_contain_text(f"window {folder} acknowledged")
+    expect(row.locator(".result")).to_contain_text(f"window {folder} of flights acknowledged")
     expect(row.locator(".result")).to_contain_text("monitoring.alertmanager")  # none configured here: nothing silenced, and it says so
     page.reload()
     expect(row).to_contain_text(f"acknowledged by {ADMIN_USER} until")

@@ -97,11 +97,19 @@ def test_retrain_now_triggers_the_projects_retrain_as_the_caller_with_the_reason
     assert response.json()["url"] == "/dags/retrain__flights/runs/manual__2026-03-03T01%3A02%3A03%2B00%3A00"
 
 
-@pytest.mark.parametrize("body", [{}, {"reason": ""}, {"reason": "x" * 501}])
+@pytest.mark.parametrize("body", [{}, {"reason": ""}, {"reason": "   "}, {"reason": "x" * 501}])
 def test_a_retrain_without_a_reason_is_refused_before_airflow_is_asked(client, triggered, body):
     response = post(client, "flights", "retrain", body)
 
     assert response.status_code == 422 and "reason" in response.text
+    assert triggered == []
+
+
+@pytest.mark.parametrize("body", [{"version": "1", "reason": "a string version"}, {"version": 1.5, "reason": "a fraction"}, {"version": 0, "reason": "none"}, {"version": 1, "reason": " \t "}])
+def test_a_rollback_with_a_version_that_is_not_a_positive_json_integer_or_a_blank_reason_is_a_422(client, triggered, body):
+    response = post(client, "flights", "rollback", body)
+
+    assert response.status_code == 422, response.text
     assert triggered == []
 
 
@@ -219,3 +227,17 @@ def test_a_drifted_window_links_the_run_its_asset_event_started_and_how_it_ended
             "state": "success", "outcome": "promoted v2",
         },
     }
+
+
+def test_the_models_page_offers_a_rollback_to_each_other_published_version_disabled_without_permission(client, permitted):
+    page = client.get("/flywheel/projects/flights/models").text
+    assert 'data-dialog="rollback-v1" disabled' in page  # GET only: the button is there, disabled
+    assert "rollback-v3" not in page and "rollback-v2" not in page  # rejected, and serving: nothing to roll back to
+
+    permitted.add(("POST", "rollback__flights"))
+    page = client.get("/flywheel/projects/flights/models").text
+
+    dialog = page[page.index('<dialog id="rollback-v1"'):page.index("</dialog>", page.index('<dialog id="rollback-v1"'))]
+    assert 'data-dialog="rollback-v1">' in page
+    assert "v1 on v2's test rows" in dialog  # v2's gate measured v1 on the same rows: the like-for-like column
+    assert "Serve v1 instead of v2?" in dialog

@@ -116,7 +116,32 @@ def test_a_window_after_the_range_widens_its_end(project):
 
     view = data.load_timeline(project, at(8), at(11), window=later)
 
-    assert view["until"] == at(18).isoformat() and view["window"]["found"]
+    assert view["until"] == (at(18) + timedelta(seconds=1)).isoformat() and view["window"]["found"]
+
+
+def test_a_challenger_the_gate_refused_is_marked_at_the_champion_that_kept_serving(project):
+    from pipelines.serving.publish import run_record_path
+
+    refused = {"created_at": at(12).isoformat(), "airflow": {"run_id": "asset_triggered__x"}, "version": None,
+               "gate": {"decision": "not promoted", "champion_version": 2, "reason": "roc_auc 0.61 does not beat the champion's 0.70"}}
+    write_json(run_record_path(project.artifacts_dir, "asset_triggered__x"), refused)
+    write_json(run_record_path(project.artifacts_dir, "before"), {**refused, "created_at": at(2).isoformat()})  # outside the range
+
+    (event,) = data.load_timeline(project, at(8), at(14))["events"]
+
+    assert (event["event"], event["version"], event["label"], event["run_id"]) == ("not_promoted", 2, "challenger not promoted", "asset_triggered__x")
+    assert event["reason"] == "roc_auc 0.61 does not beat the champion's 0.70"
+
+
+def test_a_manual_runs_window_ending_at_a_fraction_of_a_second_is_found_by_its_folder(project):
+    end = at(16) + timedelta(seconds=14, microseconds=837436)  # a manual run's data interval ends at its run_after
+    name = write_window(project, end)
+    assert name == "20260302T160014Z"  # the folder drops the fraction, as the drift check names it
+
+    view = data.load_timeline(project, at(8), at(11), window=name)
+
+    assert view["window"]["found"] and view["window"]["end"] == end.isoformat()
+    assert [w["report"] for w in view["windows"]] == [name]
 
 
 def test_a_window_with_no_report_is_still_banded_and_said_to_be_missing(project):
@@ -265,18 +290,30 @@ def test_the_figure_puts_drift_columns_serving_and_performance_on_one_time_axis(
     assert list(share.x) == ["2026-03-02 09:00:00", "2026-03-02 10:00:00", "2026-03-02 11:00:00"] and list(share.y) == [0.25, 0.5, 0.0]
     assert list(by_name["dataset drift"].x) == ["2026-03-02 10:00:00"]
     assert set(by_name["threshold: monitoring.drift_share 0.30"].y) == {0.3}
-    heatmap = by_name["columns"]
-    assert list(heatmap.y) == ["carrier", "dest", "hour", "distance"]
-    assert [row[1] for row in heatmap.z] == [pytest.approx(0.32), 1.0, pytest.approx(0.21), 1.0]  # window of 10:00: dest and distance drifted
-    assert heatmap.z[3][0] == pytest.approx(0.5)  # distance at 09:00: not drifted, its score above the threshold: capped below red
+    cells = by_name["columns"]
+    assert list(layout.yaxis2.categoryarray) == ["carrier", "dest", "hour", "distance"]  # every column, in the checked order
+    heat = {(x, y): colour for x, y, colour in zip(cells.x, cells.y, cells.marker.color)}
+    at_10 = [heat[("2026-03-02 10:00:00", column)] for column in ("carrier", "dest", "hour", "distance")]
+    assert at_10 == [pytest.approx(0.32), 1.0, pytest.approx(0.21), 1.0]  # window of 10:00: dest and distance drifted
+    assert heat[("2026-03-02 09:00:00", "distance")] == pytest.approx(0.5)  # not drifted, its score above the threshold: capped below red
+    assert cells.marker.size == 13 and cells.marker.symbol == "square"  # a fixed size in pixels: visible over any range
     served = by_name["served version"]
     assert list(served.y) == [1, 2, 3, 2, 2] and served.line.shape == "hv"
     labels = [text for trace in figure.data if getattr(trace, "mode", None) == "markers+text" for text in trace.text]
     assert labels == ["v2 promoted", "v3 promoted", "v4 rejected: smoke test", "rollback to v2"]
+
     assert list(by_name["realized roc_auc, degraded"].x) == ["2026-03-05 00:00:00"]
     realized = by_name["realized roc_auc (interval)"]
     assert list(realized.y) == [0.7012, 0.6975, 0.7030] and realized.error_y.arrayminus[0] == pytest.approx(0.021)
     assert list(by_name["estimated roc_auc (CBPE)"].y) == [0.6990, 0.7021, 0.6950, 0.7001, 0.6870]
+
+
+def test_labels_of_events_near_in_time_go_to_different_places_and_far_ones_back_to_the_first():
+    times = ["2026-03-02T10:00:00+00:00", "2026-03-02T10:05:00+00:00", "2026-03-02T10:06:00+00:00", "2026-03-05T00:00:00+00:00"]
+
+    placed = timeline.label_positions(times, "2026-03-01T00:00:00+00:00", "2026-03-08T00:00:00+00:00")
+
+    assert placed[:3] == list(timeline.LABEL_POSITIONS[:3]) and placed[3] == timeline.LABEL_POSITIONS[0]
 
 
 def test_the_highlighted_window_is_a_band_over_every_row_labelled_with_its_time(project):

@@ -106,11 +106,13 @@ def test_a_persons_rollback_is_audited_with_its_outcome_a_refused_one_as_failed_
     from pipelines.serving.rollback import RollbackRefused
 
     steps.rollback("flights", 1, MANUAL, "v2 misroutes late flights")
+    steps.rollback("flights", 1, MANUAL, "  ")  # a retry, say: the version already serves, and no reason was given
     steps.rollback("flights", 2, {**MANUAL, "run_id": "alert__0f3a__2026-11-30T10_01_00Z", "user": "admin"}, "FlywheelCanaryErrors: ...")  # Alertmanager's, not a person's
     with pytest.raises(RollbackRefused):
         steps.rollback("flights", 7, MANUAL, "a version that does not exist")
 
-    done, refused = audit.read(two_versions)[0]
+    done, again, refused = audit.read(two_versions)[0]
+    assert again["reason"] == steps.NO_REASON and again["outcome"]
     assert (done["action"], done["user"], done["reason"], done["outcome"]) == ("rollback", "oncall-alice", "v2 misroutes late flights", "v1 serves (was v2)")
     assert refused["outcome"].startswith("failed: RollbackRefused:") and "7" in refused["outcome"]
 
