@@ -40,6 +40,7 @@ STANDALONE_LOG = "standalone.log"
 FINAL_RUN_STATES = frozenset({"success", "failed"})
 _LOOPBACK = "127.0.0.1"
 _POLL_S = 0.5
+UNPAUSE_ATTEMPTS, UNPAUSE_RETRY_S = 4, 2.0
 _PAGE = 100  # the api-server caps ``limit`` at [api] maximum_page_limit, 100 by default
 
 
@@ -414,10 +415,20 @@ class LocalAirflow:
         return self._api("TaskInstanceApi", "update_hitl_detail", dag_id, run_id, task_id, -1, payload)
 
     def unpause(self, dag_id: str) -> None:
-        """Let the scheduler create runs of ``dag_id`` (its schedule, its Assets)."""
+        """Let the scheduler create runs of ``dag_id`` (its schedule, its Assets). The same PATCH
+        is sent again on a 5xx: on SQLite the api-server answers "Database error" while the
+        scheduler holds the write lock, and unpausing twice is unpausing once."""
         from airflow_client.client.models.dag_patch_body import DAGPatchBody
 
-        self._api("DAGApi", "patch_dag", dag_id, DAGPatchBody(is_paused=False))
+        for attempt in range(1, UNPAUSE_ATTEMPTS + 1):
+            try:
+                self._api("DAGApi", "patch_dag", dag_id, DAGPatchBody(is_paused=False))
+                return
+            except AirflowApiError as error:
+                if error.status is None or error.status < 500 or attempt == UNPAUSE_ATTEMPTS:
+                    raise
+                log.warning("unpausing %s: %s; again in %.0f s", dag_id, error, UNPAUSE_RETRY_S)
+                time.sleep(UNPAUSE_RETRY_S)
 
     def backfill(self, dag_id: str, from_date: datetime, to_date: datetime) -> dict[str, Any]:
         """``POST /api/v2/backfills``: runs for the schedule's times in ``[from_date, to_date]``."""
