@@ -177,7 +177,7 @@ def approvers_view(airflow: LocalAirflow, subject: str) -> None:
     """What the approver sees, in headless Chromium signed in to Airflow: the run in the UI's
     Required Actions, and the model card its form links to, every section there."""
     from pipelines.serving.model_card import SECTIONS
-    from tests.browser.test_oncall_pages import CHROMIUM, CHROMIUM_ARGS, TIMEOUT_MS, logged_in_page, playwright
+    from tests.browser.chromium import CHROMIUM, CHROMIUM_ARGS, TIMEOUT_MS, logged_in_page, playwright
 
     with playwright.sync_playwright() as driver:
         chromium = driver.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
