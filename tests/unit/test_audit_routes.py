@@ -10,17 +10,15 @@ import sys
 from datetime import datetime, timedelta, timezone
 
 import pytest
-from fastapi import HTTPException, Request
 
 from pipelines import audit
 from tests.conftest import REPO
-from tests.unit.test_oncall_views import client, home, plugin_app, project, text_project  # noqa: F401 (fixtures)
+from tests.unit.test_oncall_views import client, home, log_in, logged_in, plugin_app, project, text_project  # noqa: F401 (fixtures)
 
 # Airflow puts its plugins folder on sys.path and imports the plugin from there; so do the tests.
 if str(REPO / "plugins") not in sys.path:
     sys.path.append(str(REPO / "plugins"))
 
-from flywheel_oncall import app as oncall  # noqa: E402
 from flywheel_oncall.story import run_url  # noqa: E402
 
 T0 = datetime(2026, 3, 2, 11, 0, tzinfo=timezone.utc)
@@ -35,26 +33,6 @@ def flights(project):
 @pytest.fixture
 def reviews(text_project):
     return text_project
-
-
-def log_in(plugin_app, dags: set[str] | None = None) -> None:
-    """As a user the auth manager lets read ``dags`` (every DAG when None)."""
-
-    class Caller(oncall.Access):
-        def require(self, dag_id: str, method: str = "GET", entity=None) -> None:
-            if dags is not None and dag_id not in dags:
-                raise HTTPException(403, "Forbidden")
-
-    def caller(request: Request) -> oncall.Access:
-        return Caller(request, "viewer")
-
-    plugin_app.dependency_overrides = {oncall.access: caller}
-
-
-@pytest.fixture
-def logged_in(client, plugin_app):
-    log_in(plugin_app)
-    return client
 
 
 @pytest.fixture
