@@ -27,6 +27,7 @@ from pydantic import BaseModel, Field, StrictInt, StringConstraints
 
 from flywheel_oncall import data
 from flywheel_oncall.app import Access, Caller, load, project_kind
+from flywheel_oncall.story import run_url, ui_root
 
 # Why, in words: goes into the audit trail and the run's record; blanks around it are dropped,
 # so a reason of spaces is no reason.
@@ -50,7 +51,7 @@ class AcknowledgeRequest(BaseModel):
     reason: Reason
 
 
-def dag_of(project: str, kind: str, action: str) -> str:
+def dag_of(project: str, action: str) -> str:
     """The DAG an action runs or guards: retrain__, rollback__ or drift__<project>."""
     return {"retrain": f"retrain__{project}", "rollback": f"rollback__{project}", "acknowledge": f"drift__{project}"}[action]
 
@@ -69,7 +70,7 @@ def allowed(caller: Access, project: str, kind: str) -> dict[str, bool]:
     from airflow.api_fastapi.auth.managers.models.resource_details import DagAccessEntity
 
     checks = {"retrain": ("POST", DagAccessEntity.RUN), "rollback": ("POST", DagAccessEntity.RUN), "acknowledge": ("PUT", None)}
-    return {action: action in offered(kind) and caller.may(dag_of(project, kind, action), *checks[action]) for action in checks}
+    return {action: action in offered(kind) and caller.may(dag_of(project, action), *checks[action]) for action in checks}
 
 
 def token_of(caller: Access) -> str:
@@ -83,8 +84,6 @@ def token_of(caller: Access) -> str:
 
 def api_root(caller: Access) -> str:
     """Airflow's api-server as this request reached it, under the UI's base path."""
-    from flywheel_oncall.app import ui_root
-
     url = caller.request.url
     return f"{url.scheme}://{url.netloc}{ui_root()}"
 
@@ -96,14 +95,14 @@ def _offered_or_404(project: str, action: str) -> tuple[Any, str]:
     return load(project), kind
 
 
-def trigger(caller: Access, config, action: str, dag_id: str, conf: dict[str, Any], reason: str) -> dict[str, Any]:
-    """A run of ``dag_id`` with ``conf``, triggered as the caller; Airflow's refusal is passed on
-    with its status and recorded in the audit trail (the run, when there is one, records itself)."""
-    from flywheel_oncall.app import ui_root
-    from flywheel_oncall.story import run_url
+def trigger(caller: Access, config, action: str, conf: dict[str, Any], reason: str) -> dict[str, Any]:
+    """A run of ``action``'s DAG (``dag_of``) with ``conf``, triggered as the caller; Airflow's
+    refusal is passed on with its status and recorded in the audit trail (the run, when there is
+    one, records itself)."""
     from pipelines import audit
     from pipelines.launch.airflow import AirflowApiError, trigger_run
 
+    dag_id = dag_of(config.name, action)
     try:
         run_id = trigger_run(api_root(caller), token_of(caller), dag_id, conf)
     except AirflowApiError as error:
@@ -119,8 +118,8 @@ async def retrain_action(project: str, body: RetrainRequest, caller: Caller) -> 
     """Start a retrain now, for ``reason`` (a run's reason makes it train even on unchanged data)."""
 
     def act() -> dict[str, Any]:
-        config, kind = _offered_or_404(project, "retrain")
-        return trigger(caller, config, "retrain", dag_of(project, kind, "retrain"), {"reason": body.reason}, body.reason)
+        config, _ = _offered_or_404(project, "retrain")
+        return trigger(caller, config, "retrain", {"reason": body.reason}, body.reason)
 
     return await run_in_threadpool(act)
 
@@ -146,7 +145,7 @@ async def rollback_action(project: str, body: RollbackRequest, caller: Caller) -
         if said:
             raise HTTPException(status.HTTP_409_CONFLICT, f"cannot roll {project} back to v{body.version}: {said}")
         conf = {"version": body.version, "reason": body.reason}
-        return trigger(caller, config, "rollback", dag_of(project, kind, "rollback"), conf, body.reason)
+        return trigger(caller, config, "rollback", conf, body.reason)
 
     return await run_in_threadpool(act)
 
@@ -158,8 +157,8 @@ async def acknowledge_action(project: str, body: AcknowledgeRequest, caller: Cal
     def act() -> dict[str, Any]:
         from pipelines.monitoring.acknowledge import AlertmanagerError, acknowledge
 
-        config, kind = _offered_or_404(project, "acknowledge")
-        caller.require(dag_of(project, kind, "acknowledge"), "PUT")
+        config, _ = _offered_or_404(project, "acknowledge")
+        caller.require(dag_of(project, "acknowledge"), "PUT")
         try:
             done = acknowledge(config, body.window, caller.user.get_name(), body.reason)
         except ValueError as error:

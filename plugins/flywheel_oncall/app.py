@@ -223,8 +223,8 @@ def drift_report_json(config: DriftProject, folder: str) -> dict:
 
 
 def with_actions(view: dict, caller: Access) -> dict:
-    """A project's page view with what its action buttons need: which actions the caller may
-    take (``actions.allowed``), and the version a rollback would serve again, with its metrics."""
+    """A project's page view with ``actions``: which of its action buttons the caller may use
+    (``actions.allowed``)."""
     from flywheel_oncall import actions
 
     return {**view, "actions": actions.allowed(caller, view["project"], view["kind"])}

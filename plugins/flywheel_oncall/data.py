@@ -318,28 +318,11 @@ def run_row(record: dict) -> dict[str, Any]:
 def history_rows(lines: Iterable[str]) -> list[dict[str, Any]]:
     """The serving history (publish, rollback, rejected), newest first.
 
-    A line that is not JSON (a write cut short) is shown as such rather than hiding the rest.
+    A line that is not a JSON object (a write cut short) is shown as such rather than hiding the
+    rest (``history_entries``).
     """
-    events = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            entry = json.loads(line)
-        except json.JSONDecodeError:
-            entry = {"event": "unreadable", "reason": f"line {number} of the history is not JSON"}
-        events.append(
-            {
-                "time": entry.get("time"),
-                "event": entry.get("event"),
-                "version": entry.get("version"),
-                "previous": entry.get("previous"),
-                "run_id": entry.get("run_id"),
-                "reason": entry.get("reason"),
-                "switch_seconds": entry.get("switch_seconds"),
-            }
-        )
-    return events[::-1]
+    keys = ("time", "event", "version", "previous", "run_id", "reason", "switch_seconds")
+    return [{key: entry.get(key) for key in keys} for entry in reversed(history_entries(lines))]
 
 
 # --- loaders: the deployment's projects ---------------------------------------------------------

@@ -84,14 +84,13 @@ def window_runs(config, root: str) -> dict[str, dict[str, dict[str, Any]]]:
     kinds = {drift_asset(config.name): DRIFT, performance_asset(config.name): PERFORMANCE}
     links: dict[str, dict[str, dict[str, Any]]] = {DRIFT: {}, PERFORMANCE: {}}
     with create_session() as session:
-        events = session.scalars(
-            select(AssetEvent).join(AssetModel, AssetEvent.asset_id == AssetModel.id).where(AssetModel.uri.in_(kinds)).order_by(AssetEvent.timestamp)
+        events = session.execute(
+            select(AssetEvent, AssetModel.uri).join(AssetModel, AssetEvent.asset_id == AssetModel.id).where(AssetModel.uri.in_(kinds)).order_by(AssetEvent.timestamp)
         ).all()
-        for event in events:
+        for event, uri in events:
             folder = report_folder(event.extra)
-            uri = session.scalar(select(AssetModel.uri).where(AssetModel.id == event.asset_id))
             for run in event.created_dagruns if folder else ():
-                links[kinds[uri]][folder] = run_link(config, root, run.dag_id, run.run_id, _state(run.state), _failed_tasks(session, run.dag_id, run.run_id))
+                links[kinds[uri]][folder] = _linked(session, config, root, run.dag_id, run.run_id, run.state)
     return links
 
 
@@ -108,17 +107,18 @@ def run_links(config, root: str, runs: list[tuple[str, str]]) -> dict[str, dict[
             state = session.scalar(select(DagRun.state).where(DagRun.dag_id == dag_id, DagRun.run_id == run_id))
             if state is None:
                 continue
-            links[run_id] = run_link(config, root, dag_id, run_id, _state(state), _failed_tasks(session, dag_id, run_id))
+            links[run_id] = _linked(session, config, root, dag_id, run_id, state)
     return links
 
 
-def _state(state: Any) -> str | None:
-    return None if state is None else str(getattr(state, "value", state))
-
-
-def _failed_tasks(session, dag_id: str, run_id: str) -> list[str]:
+def _linked(session, config, root: str, dag_id: str, run_id: str, state: Any) -> dict[str, Any]:
+    """``run_link`` of a run in Airflow's metadata database; its failed tasks asked only of a failed run."""
     from airflow.models.taskinstance import TaskInstance
     from sqlalchemy import select
 
-    query = select(TaskInstance.task_id).where(TaskInstance.dag_id == dag_id, TaskInstance.run_id == run_id, TaskInstance.state == "failed")
-    return sorted(session.scalars(query).all())
+    said = None if state is None else str(getattr(state, "value", state))
+    failed: list[str] = []
+    if said == "failed":
+        query = select(TaskInstance.task_id).where(TaskInstance.dag_id == dag_id, TaskInstance.run_id == run_id, TaskInstance.state == "failed")
+        failed = sorted(session.scalars(query).all())
+    return run_link(config, root, dag_id, run_id, said, failed)
