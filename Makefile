@@ -56,8 +56,9 @@ test-fast: install lint
 test-distributed: install
 	$(BIN)/python -m pytest -m distributed tests/distributed
 
-# Airflow (api-server, scheduler, dag-processor, triggerer) on http://localhost:8080 and
-# Triton on :8000 (HTTP), :8001 (gRPC), :8002 (metrics), until Ctrl-C.
+# Airflow (api-server, scheduler, dag-processor, triggerer) on http://localhost:8080,
+# Triton on :8000 (HTTP), :8001 (gRPC), :8002 (metrics), and the MLflow tracking server and UI
+# at tracking.uri (http://127.0.0.1:5000; projects/defaults.yaml), until Ctrl-C.
 up: install
 	$(BIN)/flywheel up
 

@@ -91,7 +91,7 @@ def retrain_night(config, run_id: str | None, max_epochs: int | None = None) -> 
 
     timed("validate", steps.validate)
     versioned = timed("version_data", steps.version_data)
-    trained = timed("train", steps.train, versioned["data_version"], max_epochs, None)
+    trained = timed("train", steps.train, versioned["data_version"], {"max_epochs": max_epochs})
     timed("export", steps.export, trained["candidate"])
     if run_id is not None:
         decision = timed("gate", steps.gate, trained["candidate"], False, "")

@@ -26,7 +26,8 @@ as a new Triton model version if it wins.
   set) skips train, export, gate and publish; `needs_training`'s log says why.
 * `train` and `export` run on the `gpu` queue: on the CeleryExecutor only GPU workers take them.
 * **Params**: `force_publish` (with a `force_reason`) overrides the gate; `max_epochs` and
-  `learning_rate` override the project's params.yaml for this run; `confirm_batches` names held
+  `learning_rate` override the project's params.yaml for this run, and `hyperparameters` any of
+  the tunable settings (`tune__<project>` proposes its best trial this way, through the gate); `confirm_batches` names held
   batches whose labels a person has checked, to be ingested without the label check;
   `reason` says why a person started the run (the on-call page's "Retrain now" sends it).
 * A person's run (manual), a forced publish, and the user Airflow names as its trigger go
@@ -65,6 +66,11 @@ def retrain_dag(project: str):
             "force_reason": Param("", type="string", maxLength=500, description="Why the gate is overridden (required with force_publish)."),
             "max_epochs": Param(None, type=["null", "integer"], minimum=1, maximum=500, description="Override train.max_epochs."),
             "learning_rate": Param(None, type=["null", "number"], exclusiveMinimum=0, maximum=1, description="Override train.learning_rate."),
+            "hyperparameters": Param(
+                {},
+                type="object",
+                description="Override train and model settings (max_epochs, batch_size, learning_rate, embedding_dim, hidden_sizes, dropout); tune__<project> sends its best trial's here.",
+            ),
             "confirm_batches": Param(
                 [], type="array", items={"type": "string"}, description="Held batches (their names in quarantine) whose labels were checked: ingest them without the label check."
             ),
@@ -93,8 +99,9 @@ def retrain_dag(project: str):
             return decision["train"]
 
         @task(queue=GPU_QUEUE)
-        def train(versioned, params=None):
-            return steps.run(steps.train, project, versioned["data_version"], params["max_epochs"], params["learning_rate"])
+        def train(versioned, params=None, dag_run=None):
+            chosen = steps.run(steps.hyperparameters, dict(params))
+            return steps.run(steps.train, project, versioned["data_version"], chosen, steps.airflow_run(dag_run))
 
         @task(queue=GPU_QUEUE)  # a TensorRT engine is built for the GPU it will run on (export.tensorrt)
         def export(trained):

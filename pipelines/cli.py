@@ -18,6 +18,7 @@ from pathlib import Path
 
 from pipelines.config import load_config, load_deployment, load_project, load_text_project, project_home, project_kinds
 from pipelines.errors import DataLocked, NotRetryable, TritonUnavailable
+from pipelines.launch.mlflow_server import MlflowServerError
 from pipelines.launch.up import UpError
 
 
@@ -77,24 +78,41 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def cmd_up(args: argparse.Namespace) -> None:
+    import contextlib
+
     from pipelines.launch.airflow import LocalAirflow
     from pipelines.launch.demo import REPO
+    from pipelines.launch.mlflow_server import MlflowServer
     from pipelines.launch.triton import TritonServer
-    from pipelines.launch.up import only_instance, supervise
+    from pipelines.launch.up import Supervised, only_instance, supervise
 
     deployment = load_deployment()
     airflow = LocalAirflow(REPO / ".airflow", REPO / "dags", REPO / "plugins", port=args.port, extra_env={"FLYWHEEL_HOME": str(deployment.home)})
     triton = TritonServer(deployment)
-    with only_instance(airflow.airflow_home, airflow_port=args.port, triton=triton.url), triton, airflow:
+    # No tracking.uri: no server, and each training run logs to its candidate folder.
+    mlflow = MlflowServer(deployment) if deployment.tracking.uri else None
+    with only_instance(airflow.airflow_home, airflow_port=args.port, triton=triton.url, mlflow=mlflow.url if mlflow else "off"), contextlib.ExitStack() as running:
+        if mlflow:  # launched first, ready checked last: its start-up runs beside Triton's and Airflow's
+            running.callback(mlflow.stop)
+            mlflow.launch()
+        running.enter_context(triton)
+        running.enter_context(airflow)
+        servers: dict[str, Supervised] = {"Triton": triton, "Airflow": airflow}
+        tracking = "MLflow:  off (tracking.uri is null; training runs log to their candidate folders)"
+        if mlflow:
+            mlflow.wait_ready()
+            servers["MLflow"] = mlflow
+            tracking = f"MLflow:  {deployment.tracking.ui_url} (tracking server {mlflow.url}; runs in {mlflow.database}, artifacts in {mlflow.artifacts})"
         print(
             f"Airflow: http://localhost:{args.port} (user admin, password {airflow.password})\n"
             f"Triton:  {triton.url} (gRPC :{deployment.serving.triton.grpc_port}, metrics :{deployment.serving.triton.metrics_port})\n"
+            f"{tracking}\n"
             f"Projects: {', '.join(project_kinds(deployment.home))}\n"
-            "Triton is restarted if it exits. Ctrl-C stops both.",
+            f"Restarted if it exits: {', '.join(name for name in servers if name != 'Airflow')}. Ctrl-C stops everything.",
             flush=True,
         )
         try:
-            supervise({"Triton": triton, "Airflow": airflow}, restartable={"Triton"})
+            supervise(servers, restartable={"Triton", "MLflow"})
         except KeyboardInterrupt:
             pass
 
@@ -222,7 +240,7 @@ def main(argv: list[str] | None = None) -> None:
     demo.add_argument("--port", type=int, default=8080)
     demo.set_defaults(run=cmd_demo)
 
-    up = commands.add_parser("up", help="run a local Airflow and Triton until Ctrl-C")
+    up = commands.add_parser("up", help="run a local Airflow, Triton and MLflow tracking server until Ctrl-C")
     up.add_argument("--port", type=int, default=8080)
     up.set_defaults(run=cmd_up)
 
@@ -276,12 +294,12 @@ def main(argv: list[str] | None = None) -> None:
 
     args = parser.parse_args(argv)
     # SIGTERM (kill, a service manager) stops the servers a command started as Ctrl-C does: the
-    # exit unwinds their context managers, which stop Airflow and Triton.
+    # exit unwinds their context managers, which stop Airflow, Triton and the MLflow server.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         args.run(args)
-    except (NotRetryable, ValueError, FileNotFoundError, TritonUnavailable, DataLocked, UpError) as error:
+    except (NotRetryable, ValueError, FileNotFoundError, TritonUnavailable, DataLocked, UpError, MlflowServerError) as error:
         sys.exit(f"flywheel {args.command}: {error}")
 
 

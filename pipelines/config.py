@@ -428,6 +428,55 @@ class FinetuneConfig(Strict):
     parity_tolerance: float = Field(default=1e-4, gt=0)
 
 
+class SearchDimension(Strict):
+    """One hyperparameter's range in a search space (``tune.space``): a float or int between
+    ``low`` and ``high`` (on a log scale with ``log``), or one of ``choices``."""
+
+    type: Literal["float", "int", "categorical"]
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    choices: list[Any] | None = None
+
+    @model_validator(mode="after")
+    def _complete(self) -> SearchDimension:
+        if self.type == "categorical":
+            if not self.choices or self.low is not None or self.high is not None:
+                raise ValueError("a categorical dimension has a non-empty `choices` list and no low/high")
+        elif self.low is None or self.high is None or self.choices is not None or not self.low < self.high:
+            raise ValueError(f"a {self.type} dimension has low < high and no choices, got low={self.low} high={self.high}")
+        elif self.log and self.low <= 0:
+            raise ValueError(f"a log-scale dimension needs low > 0, got {self.low}")
+        return self
+
+
+class PrunerConfig(Strict):
+    """Optuna's MedianPruner: a trial stops when its epoch's validation loss is worse than the
+    median of the completed trials' at the same epoch (Optuna docs, ``optuna.pruners.MedianPruner``)."""
+
+    n_startup_trials: int = Field(default=3, ge=0, description="trials completed before any is pruned")
+    n_warmup_steps: int = Field(default=0, ge=0, description="epochs of a trial before it may be pruned")
+
+
+class TuneConfig(Strict):
+    """Hyperparameter search of ``tune__<project>`` (``pipelines.tuning``): an Optuna study with the
+    TPE sampler; the DAG's Params override the counts and the space for one run."""
+
+    n_trials: int = Field(default=20, ge=1, le=500)
+    parallelism: int = Field(default=2, ge=1, le=32, description="trials at once, one Airflow task each")
+    timeout_minutes: float = Field(default=120, gt=0, le=24 * 60, description="no trial starts after this")
+    max_epochs: int | None = Field(default=None, ge=1, description="a trial's epochs; default: train.max_epochs")
+    seed: int = 13
+    pruner: PrunerConfig = PrunerConfig()
+    space: dict[str, SearchDimension] = {
+        "learning_rate": SearchDimension(type="float", low=1e-4, high=3e-2, log=True),
+        "batch_size": SearchDimension(type="categorical", choices=[256, 512, 1024, 2048]),
+        "hidden_sizes": SearchDimension(type="categorical", choices=[[32], [64, 32], [128, 64], [128, 64, 32]]),
+        "dropout": SearchDimension(type="float", low=0.0, high=0.4),
+        "embedding_dim": SearchDimension(type="categorical", choices=[4, 8, 16]),
+    }
+
+
 class ProjectKind(str, Enum):
     tabular = "tabular"  # a table with a label: validate, split, train, export, gate, publish
     text = "text"  # a fine-tuned transformers text classifier (the finetune DAG)
@@ -454,6 +503,25 @@ class Homed(Strict):
         return path.relative_to(self.home).as_posix() if path.is_relative_to(self.home) else str(path)
 
 
+class TrackingConfig(Strict):
+    """Where experiments are kept (``pipelines.tracking``, ``pipelines.tuning``): every training
+    run in an MLflow tracking server, every hyperparameter search in an Optuna study storage."""
+
+    uri: str | None = Field(
+        default=None, pattern=r"^https?://", description="the MLflow tracking server's URL; None: nothing is tracked"
+    )
+    ui: str | None = Field(default=None, pattern=r"^https?://", description="the MLflow UI's base URL as people reach it (the Models page links there); default: uri")
+    timeout_s: float = Field(default=5.0, gt=0, le=120, description="how long a training run waits for the server before logging locally")
+    # SQLAlchemy URL of the Optuna studies: the Airflow metadata database's engine, in a database
+    # of its own (Optuna's and Airflow's Alembic version tables share a name). A relative SQLite
+    # path resolves against the deployment home.
+    study_storage: str = Field(default="sqlite:///artifacts/optuna.db", min_length=1)
+
+    @property
+    def ui_url(self) -> str | None:
+        return (self.ui or self.uri or "").rstrip("/") or None
+
+
 class Deployment(Homed):
     """What every project of a deployment shares (``projects/defaults.yaml``): one Triton and its
     model repository, one metrics sink, one DVC remote."""
@@ -461,6 +529,7 @@ class Deployment(Homed):
     versioning: VersioningConfig = VersioningConfig(remote=".dvc-remote")
     serving: ServingConfig = ServingConfig()
     metrics: MetricsConfig = MetricsConfig()
+    tracking: TrackingConfig = TrackingConfig()
 
 
 class Project(Deployment):
@@ -513,6 +582,7 @@ class ProjectConfig(Project):
     feedback: FeedbackConfig
     performance: PerformanceConfig = PerformanceConfig()
     rollout: RolloutConfig = RolloutConfig()
+    tune: TuneConfig = TuneConfig()
 
     @model_validator(mode="after")
     def _metric_fits_task(self) -> ProjectConfig:
@@ -592,13 +662,13 @@ def project_kinds(home: Path | str | None = None) -> dict[str, ProjectKind]:
 
 def load_deployment(home: Path | str | None = None) -> Deployment:
     """The shared settings of the deployment in ``home``: ``projects/defaults.yaml`` (its
-    ``versioning``, ``serving`` and ``metrics`` sections), with ``$FLYWHEEL_PARAMS_OVERRIDES`` over it."""
+    ``versioning``, ``serving``, ``metrics`` and ``tracking`` sections), with ``$FLYWHEEL_PARAMS_OVERRIDES`` over it."""
     home = Path(home).resolve() if home else project_home()
     file = home / PROJECTS_DIR / DEFAULTS_FILE
     raw = _read_sections(file, "") if file.exists() else {}
     if overrides := os.environ.get(OVERRIDES_ENV):
         raw = merged(raw, _read_sections(Path(overrides), f"{OVERRIDES_ENV} names it"))
-    shared = {key: raw[key] for key in ("versioning", "serving", "metrics") if key in raw}
+    shared = {key: raw[key] for key in ("versioning", "serving", "metrics", "tracking") if key in raw}
     try:
         return absolute(Deployment(**shared, home=home), home)
     except ValidationError as exc:

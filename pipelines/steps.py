@@ -141,10 +141,27 @@ def needs_training(project: str, data_version: dict[str, str], params: Record) -
     }
 
 
-def train(project: str, data_version: dict[str, str], max_epochs: int | None, learning_rate: float | None) -> Record:
+def hyperparameters(params: Record) -> Record:
+    """What a retrain's Params set instead of params.yaml: the ``hyperparameters`` object (a tune
+    study's best trial sends it) with ``max_epochs`` and ``learning_rate`` from the form over it;
+    ``ConfigError`` when the two name different values."""
+    from pipelines.config import ConfigError
+
+    chosen = dict(params.get("hyperparameters") or {})
+    for key in ("max_epochs", "learning_rate"):
+        value = params.get(key)
+        if value is None:
+            continue
+        if chosen.get(key) not in (None, value):
+            raise ConfigError(f"Params {key}={value} and hyperparameters.{key}={chosen[key]} disagree: set one of them")
+        chosen[key] = value
+    return chosen
+
+
+def train(project: str, data_version: dict[str, str], hyperparameters: Record, run: Record | None = None) -> Record:
     from pipelines.training.train import train as fit
 
-    return fit(load_config(project), data_version, max_epochs=max_epochs, learning_rate=learning_rate)
+    return fit(load_config(project), data_version, hyperparameters, run)
 
 
 def export(project: str, candidate: str) -> Record:
@@ -180,6 +197,28 @@ def publish(project: str, candidate: str, gate: Record, data_version: dict[str, 
         said = f"published v{published['version']}" if published.get("version") is not None else f"not published: {published.get('reason') or published.get('decision')}"
         audit_run(config, audit.FORCE_PUBLISH, run, str(overrides.get("force_reason") or ""), said)
     return published
+
+
+# --- tune__<project> ------------------------------------------------------------------------
+
+
+def tune_check(project: str, params: Record, run: Record) -> list[Record]:
+    from pipelines.tuning import check
+
+    return check(load_config(project), params, run)
+
+
+def tune_lane(project: str, lane: Record, run: Record) -> Record:
+    from pipelines.tuning import run_lane
+
+    return run_lane(load_config(project), lane, run)
+
+
+def tune_best(project: str, lanes: list[Record], run: Record) -> Record:
+    """The study's best trial, once every lane has run (``lanes``: ``check``'s records)."""
+    from pipelines.tuning import best
+
+    return best(load_config(project), lanes[0], run)
 
 
 # --- drift__<project> -----------------------------------------------------------------------

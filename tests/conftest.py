@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,7 +29,7 @@ os.environ.update(
 )
 
 # Small and quick, the same code paths: tests train for a couple of epochs on a slice.
-# No Triton unless a test starts one (see tests/serving).
+# No Triton and no MLflow server unless a test starts one (see tests/serving, tests/tracking).
 FAST = {
     "train": {"max_epochs": 3, "batch_size": 256, "patience": 2},
     "gate": {"floor": 0.5},
@@ -45,10 +46,10 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def make_home(home: Path, defaults: dict | None = None) -> Path:
-    """A deployment home: ``projects/defaults.yaml`` (the repository's, no Triton unless
-    ``defaults`` names one) and the shared suites in ``expectations/``."""
+    """A deployment home: ``projects/defaults.yaml`` (the repository's, no Triton and no MLflow
+    server unless ``defaults`` names them) and the shared suites in ``expectations/``."""
     (home / "projects").mkdir(parents=True, exist_ok=True)
-    shared = merge(yaml.safe_load((REPO / "projects" / "defaults.yaml").read_text()), merge({"serving": {"triton": {"url": None}}}, defaults or {}))
+    shared = merge(yaml.safe_load((REPO / "projects" / "defaults.yaml").read_text()), merge({"serving": {"triton": {"url": None}}, "tracking": {"uri": None}}, defaults or {}))
     (home / "projects" / "defaults.yaml").write_text(yaml.safe_dump(shared, sort_keys=False))
     shutil.copytree(REPO / "expectations", home / "expectations", dirs_exist_ok=True)
     return home
@@ -89,3 +90,18 @@ def airflow_db() -> None:
     from airflow.utils import db
 
     db.resetdb()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """One real MLflow tracking server (``pipelines.launch.mlflow_server``) for the whole session,
+    on a free loopback port, SQLite and artifacts in a throwaway home; yields its tracking URI
+    (``http://127.0.0.1:<port>``). Tests share it: give each its own experiment name."""
+    from pipelines.config import Deployment, TrackingConfig
+    from pipelines.launch.mlflow_server import MlflowServer
+
+    (port,) = free_ports(1)
+    # The deployment built here, not read from a home: a test's FLYWHEEL_PARAMS_OVERRIDES must not move it.
+    deployment = Deployment(home=tmp_path_factory.mktemp("mlflow-home"), tracking=TrackingConfig(uri=f"http://127.0.0.1:{port}"))
+    with MlflowServer(deployment) as server:
+        yield server.url

@@ -27,6 +27,7 @@ import numpy as np
 import numpy.typing as npt
 import pandas as pd
 
+from pipelines import tracking
 from pipelines.artifacts import CODES, LABEL_OUTPUT, LOOKUP_FILE, MODEL_FILE, NETWORK_FILE, NUMERIC, OUTPUT, PLAN_FILE
 from pipelines.config import DecisionThreshold, ExportConfig, Label, ProjectConfig, Task, TensorRTPrecision
 from pipelines.errors import NotRetryable
@@ -267,6 +268,7 @@ def export(config: ProjectConfig, candidate: str) -> Record:
 
         record["int8"] = quantize(config.export, config.gate, config.dataset.label, folder, splits["test"])
     write_json(folder / "export.json", record)
+    tracking.log_to(tracking.candidate_run(folder), artifacts=[folder / MODEL_FILE, folder / "export.json"], timeout_s=config.tracking.timeout_s)
     return record
 
 

@@ -1,4 +1,5 @@
-"""``make demo``: three projects through one real local Airflow and one real Triton.
+"""``make demo``: three projects through one real local Airflow and one real Triton, every
+training run logged to one real MLflow tracking server (``tracking.uri``; none when it is null).
 
 * **flights** (tabular classification, the nycflights13 departures of 2013): each night a month
   lands and ``retrain__flights`` runs. The first night is the scheduler's own run of the
@@ -22,6 +23,7 @@ The three run side by side in the one Airflow; the demo ends with a block per pr
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import time
 from collections.abc import Iterable
@@ -62,8 +64,9 @@ NIGHTS = (
 )
 
 # Runtime state of a deployment home; `--fresh` clears it (and Airflow's database, so that the
-# scheduler runs the nightly slot again) so the demo starts from nothing.
-STATE = ("landing", "data", "quarantine", "artifacts", "reports", "gx", ".dvc-remote", "inference_log", "feedback")
+# scheduler runs the nightly slot again; and the MLflow server's runs, whose version tags would
+# repeat) so the demo starts from nothing.
+STATE = ("landing", "data", "quarantine", "artifacts", "reports", "gx", ".dvc-remote", "inference_log", "feedback", ".mlflow")
 # After the nights: a later month of real flights sent to the served model, as a service would;
 # enough that the calibrated drift check tells the summer schedule from chance.
 TRAFFIC_MONTH, TRAFFIC_ROWS = "2013-07", 10000
@@ -175,10 +178,12 @@ def init_diamonds(home: Path) -> list[Path]:
 
 
 def run(home: Path, fresh: bool, port: int) -> tuple[dict[str, list[Row]], list[str]]:
-    """The three projects through Airflow with Triton serving; then live traffic, drift, and a rollback."""
+    """The three projects through Airflow with Triton serving and MLflow tracking; then live
+    traffic, drift, and a rollback."""
     from pipelines.data.ingest import land_file
     from pipelines.data.replay import month_batch
     from pipelines.finetune.data import write_review_datasets
+    from pipelines.launch.mlflow_server import MlflowServer
     from pipelines.launch.triton import TritonServer
     from pipelines.serving import repository
     from pipelines.serving.client import log_dir
@@ -192,7 +197,16 @@ def run(home: Path, fresh: bool, port: int) -> tuple[dict[str, list[Row]], list[
     serving: list[str] = []
     airflow = LocalAirflow(AIRFLOW_HOME, REPO / "dags", REPO / "plugins", port=port, extra_env={"FLYWHEEL_HOME": str(home)})
     land_file(load_config(DIAMONDS, home).dataset, diamond_batches[0])
-    with TritonServer(load_deployment(home)) as triton, airflow:
+    deployment = load_deployment(home)
+    mlflow = MlflowServer(deployment) if deployment.tracking.uri else None
+    with contextlib.ExitStack() as running:
+        if mlflow:  # launched first, ready checked last: its start-up runs beside Triton's and Airflow's
+            running.callback(mlflow.stop)
+            mlflow.launch()
+        triton = running.enter_context(TritonServer(deployment))
+        running.enter_context(airflow)
+        if mlflow:
+            mlflow.wait_ready()
         # The other two projects run beside the flights nights, in the same Airflow: the diamonds
         # DAGs are unpaused like the flights ones (its first night is the scheduler's own run), the
         # fine-tune is triggered as a data scientist would.
@@ -384,9 +398,13 @@ def report(home: Path, blocks: dict[str, list[Row]], serving: list[str]) -> str:
         lines += [f"== {project} ({config.kind.value}, served as {config.served_model}) ==", table(rows) if rows else "(no run)", ""]
         if project == FLIGHTS:
             lines += [*serving, ""]
+    tracking = load_deployment(home).tracking
     lines += [
         f"projects:         {', '.join(project_kinds(home))} ({home / 'projects'}/<name>/params.yaml)",
         "versions:         .venv/bin/flywheel versions",
         f"Airflow UI:       run `make up`, then http://localhost:8080 (user admin, password in {AIRFLOW_HOME / PASSWORDS_FILE}); the Flywheel menu lists the projects",
+        f"MLflow UI:        run `make up`, then {tracking.ui_url} (an experiment per project: each training run's params, curves and ONNX file)"
+        if tracking.uri
+        else "MLflow UI:        off (tracking.uri is null in projects/defaults.yaml): each training run logged to its candidate folder",
     ]
     return "\n".join(lines)

@@ -1,10 +1,12 @@
-"""``flywheel up``: one local Airflow and one Triton on a deployment home, supervised.
+"""``flywheel up``: one local Airflow, one Triton and one MLflow tracking server (unless
+``tracking.uri`` is null) on a deployment home, supervised.
 
 * **One at a time.** ``only_instance`` holds an OS file lock in the Airflow home for as long as
   ``up`` runs (``pipelines.locks``; the OS lets go if the process dies), with a record of who holds it:
   a second ``up`` is refused at once, naming the running one's pid and ports.
 * **Supervised.** ``supervise`` polls the servers: a Triton that exits is restarted (the
-  versions its ``config.pbtxt`` files name are loaded again), at most ``max_restarts`` times in
+  versions its ``config.pbtxt`` files name are loaded again), and so is an MLflow server (its
+  runs are in its SQLite database; training meanwhile logs locally), at most ``max_restarts`` times in
   ``RESTART_WINDOW_S``; after that, or when Airflow exits, it stops loudly with the exit code and
   the log to read, instead of serving nothing quietly.
 """
@@ -30,7 +32,7 @@ class UpError(RuntimeError):
 
 
 class Supervised(Protocol):
-    """A server ``supervise`` watches (``TritonServer``, ``LocalAirflow``)."""
+    """A server ``supervise`` watches (``TritonServer``, ``LocalAirflow``, ``MlflowServer``)."""
 
     def poll(self) -> int | None: ...  # its exit code, None while it runs
 

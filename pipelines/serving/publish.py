@@ -13,6 +13,7 @@ import re
 from datetime import datetime, timezone
 from pathlib import Path
 
+from pipelines import tracking
 from pipelines.artifacts import MODEL_FILE, PLAN_FILE
 from pipelines.config import AnyProject, ProjectConfig
 from pipelines.data.split import split_paths
@@ -72,6 +73,7 @@ def publish(
         "export": read_json(folder / "export.json"),
         "gate": gate,
         "airflow": run,
+        "tracking": tracking.candidate_run(folder),  # the MLflow run of the candidate; tagged with the version below
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "version": None,
     }
@@ -115,6 +117,9 @@ def publish(
     else:
         log.info("not promoted: %s; the candidate stays in %s with its metrics", gate["reason"], folder)
     record = write_json(run_record_path(config.artifacts_dir, run["run_id"]), lineage)
+    if lineage["version"] is not None:
+        tags = {tracking.VERSION_TAG: str(lineage["version"]), tracking.LINEAGE_TAG: config.portable(record)}
+        tracking.log_to(lineage["tracking"], tags=tags, timeout_s=config.tracking.timeout_s)
     report(config, gate["decision"], gate)
     routed = repository.route_of(model_dir)
     return {

@@ -11,12 +11,16 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
+import pytorch_lightning as pl
+from pydantic import ValidationError
 
-from pipelines.config import DatasetConfig, ModelConfig, ProjectConfig, Task, TrainConfig
+from pipelines import tracking
+from pipelines.config import ConfigError, DatasetConfig, ModelConfig, ProjectConfig, Task, TrainConfig
 from pipelines.data.split import check_label_coverage, split_paths
 from pipelines.lineage import Record, code_version, fingerprint, read_json, write_json
 
@@ -34,23 +38,39 @@ def candidate_dir(artifacts_dir: Path, model: str, key: str) -> Path:
     return artifacts_dir / "candidates" / model / key
 
 
-def train(
-    config: ProjectConfig,
-    data_version: dict[str, str],
-    max_epochs: int | None = None,
-    learning_rate: float | None = None,
-) -> Record:
+# What a run may set instead of params.yaml (the retrain DAG's Params, a tune study's best trial).
+TRAIN_KEYS = frozenset({"max_epochs", "batch_size", "learning_rate"})
+MODEL_KEYS = frozenset({"embedding_dim", "hidden_sizes", "dropout"})
+HYPERPARAMETERS = TRAIN_KEYS | MODEL_KEYS
+
+
+def with_hyperparameters(config: ProjectConfig, hyperparameters: Mapping[str, Any] | None) -> tuple[TrainConfig, ModelConfig]:
+    """The ``train`` and ``model`` sections with ``hyperparameters`` (keys of ``HYPERPARAMETERS``)
+    laid over them, validated as the sections are; ``ConfigError`` names an unknown key or a bad value."""
+    given = {k: v for k, v in (hyperparameters or {}).items() if v is not None}
+    if unknown := sorted(set(given) - HYPERPARAMETERS):
+        raise ConfigError(f"project {config.name}: unknown hyperparameters {unknown}; expected some of {sorted(HYPERPARAMETERS)}")
+    try:
+        settings = TrainConfig.model_validate(config.train.model_dump() | {k: v for k, v in given.items() if k in TRAIN_KEYS})
+        architecture = ModelConfig.model_validate(config.model.model_dump() | {k: v for k, v in given.items() if k in MODEL_KEYS})
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors())
+        raise ConfigError(f"project {config.name}: hyperparameters {given}: {problems}") from exc
+    return settings, architecture
+
+
+def train(config: ProjectConfig, data_version: dict[str, str], hyperparameters: Mapping[str, Any] | None = None, run: Record | None = None) -> Record:
     """Fit a model on the current splits, or reuse the candidate already fitted on the same inputs.
 
     ``data_version`` maps each split file (relative to the home) to its content hash;
-    ``max_epochs`` and ``learning_rate`` override the ``train`` section where given. Returns
-    ``candidate`` (its folder, relative to the home: the next tasks may run on other machines),
-    ``reused``, ``best_val_loss`` and ``epochs``. ``FileNotFoundError`` when a split is missing;
-    ``LabelCoverageError`` when a class has no training rows.
+    ``hyperparameters`` override the ``train`` and ``model`` sections (``with_hyperparameters``);
+    ``run`` names the Airflow run, for the MLflow run's tags. Returns ``candidate`` (its folder,
+    relative to the home: the next tasks may run on other machines), ``reused``, ``best_val_loss``,
+    ``epochs`` and ``tracking`` (``pipelines.tracking``). ``FileNotFoundError`` when a split is
+    missing; ``LabelCoverageError`` when a class has no training rows; ``ConfigError`` for a bad
+    hyperparameter.
     """
-    settings = config.train.model_copy(
-        update={k: v for k, v in {"max_epochs": max_epochs, "learning_rate": learning_rate}.items() if v is not None}
-    )
+    settings, architecture = with_hyperparameters(config, hyperparameters)
     paths = split_paths(config.split.output_dir)
     label = config.dataset.label
     if label.task == Task.classification:
@@ -58,26 +78,50 @@ def train(
     inputs = {
         "data": {name: data_version[config.portable(path)] for name, path in paths.items() if name != "test"},
         "dataset": config.dataset.model_dump(mode="json", include={"features", "label"}),
-        "model": config.model.model_dump(mode="json"),
+        "model": architecture.model_dump(mode="json"),
         "train": settings.model_dump(mode="json"),
         "code": code_version(),
     }
     key = fingerprint(inputs)[:16]
-    folder = candidate_dir(config.artifacts_dir, config.model.name, key)
+    folder = candidate_dir(config.artifacts_dir, architecture.name, key)
     reused = (folder / CANDIDATE_FILE).exists()
     if reused:
         record = read_json(folder / CANDIDATE_FILE)
         log.info("candidate %s was already trained on these inputs: reusing it", key)
     else:
-        record = _fit(settings, config.model, config.dataset, paths, inputs, folder)
-    return {"candidate": config.portable(folder), "reused": reused, "best_val_loss": record["best_val_loss"], "epochs": record["epochs"]}
+        airflow = {f"airflow.{k}": str(run[k]) for k in ("dag_id", "run_id") if run and run.get(k)}
+        tracked = tracking.open_run(config.tracking, config.name, folder, f"{architecture.name}-{key[:8]}", inputs, {"flywheel.candidate": key, **airflow})
+        try:
+            record = fit(settings, architecture, config.dataset, paths, folder, tracked, config.tracking.timeout_s)
+        except BaseException:
+            tracking.finish(tracked, "FAILED", config.tracking.timeout_s)
+            raise
+        tracking.finish(tracked, timeout_s=config.tracking.timeout_s)
+        write_json(folder / CANDIDATE_FILE, record | {"inputs": inputs})
+    return {
+        "candidate": config.portable(folder),
+        "reused": reused,
+        "best_val_loss": record["best_val_loss"],
+        "epochs": record["epochs"],
+        "tracking": record.get("tracking") or tracking.candidate_run(folder),
+    }
 
 
-def _fit(
-    settings: TrainConfig, architecture: ModelConfig, dataset: DatasetConfig, paths: dict[str, Path], inputs: Record, folder: Path
+def fit(
+    settings: TrainConfig,
+    architecture: ModelConfig,
+    dataset: DatasetConfig,
+    paths: dict[str, Path],
+    folder: Path,
+    tracked: Record,
+    timeout_s: float = 5.0,
+    callbacks: Sequence[pl.Callback] = (),
 ) -> Record:
-    """Train on ``paths`` (split files by part) into ``folder``; the candidate record it writes last."""
-    import pytorch_lightning as pl
+    """Train on ``paths`` (split files by part) into ``folder`` (checkpoints, ``encoding.json``),
+    resuming from its last checkpoint; each epoch's ``train_loss`` and ``val_loss`` go to the
+    MLflow run ``tracked`` (``pipelines.tracking``; the caller ends it), and ``callbacks`` (e.g. a
+    trial's pruning) see every epoch. Returns what the candidate record keeps: best ``val_loss``, epochs,
+    accelerator, seconds, and the tracking record with what was lost, if anything."""
     import torch
     from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
     from pytorch_lightning.loggers import CSVLogger
@@ -104,12 +148,13 @@ def _fit(
         target_std=encoding.target_std,
     )
     checkpoints = ModelCheckpoint(dirpath=folder / "checkpoints", monitor="val_loss", save_last=True, save_top_k=1)
+    epochs = tracking.EpochMetrics(tracked, timeout_s)
     cuda = torch.cuda.is_available()
     trainer = pl.Trainer(
         max_epochs=settings.max_epochs,
         accelerator="auto",
         precision="bf16-mixed" if cuda else "32-true",
-        callbacks=[checkpoints, EarlyStopping(monitor="val_loss", patience=settings.patience)],
+        callbacks=[checkpoints, EarlyStopping(monitor="val_loss", patience=settings.patience), epochs, *callbacks],
         logger=CSVLogger(folder, name="logs", version=""),
         deterministic=True,
         enable_progress_bar=False,
@@ -129,9 +174,11 @@ def _fit(
         "resumed_after_epochs": resumed_epochs,  # epochs a killed earlier try had already done
         "accelerator": "cuda" if cuda else "cpu",
         "fit_seconds": round(time.perf_counter() - started, 3),  # this try's; a resumed one counts from its resume
-        "inputs": inputs,
     }
-    write_json(folder / CANDIDATE_FILE, record)
+    summary = {"best_val_loss": float(score), "epochs": float(trainer.current_epoch), "fit_seconds": time.perf_counter() - started}
+    if tracked.get("run_id") and not tracking.log_to(tracked, summary, timeout_s=timeout_s):
+        epochs.lost = epochs.lost or "the run's summary was not taken"
+    record["tracking"] = tracked | ({"detail": f"{tracked['detail']}; {epochs.lost}"} if epochs.lost else {})
     log.info("trained candidate %s: best val_loss %.5f after %d epochs", folder.name, record["best_val_loss"], record["epochs"])
     return record
 

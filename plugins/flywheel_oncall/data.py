@@ -266,8 +266,33 @@ def base_model_name(base: dict | str | None) -> str | None:
     return base.get("name") if isinstance(base, dict) else base
 
 
+TRACKING_STATES = ("logged", "local", "off")  # pipelines.tracking's: on the MLflow server, in a local file store, not tracked
+
+
+def tracking_link(tracking: dict | None) -> dict[str, Any] | None:
+    """Where a training run's MLflow run is, from the ``tracking`` record of its lineage (or run
+    record): ``{"status", "url", "run_id", "experiment_id", "detail"}``, ``url`` the MLflow UI's
+    page of the run. ``url`` is None unless the run was ``logged`` to the server and its URL is
+    an ``http(s)`` one (a page never links anything else); None without a record (a version
+    published before tracking) or for tracking ``off``. A status other than ``TRACKING_STATES``
+    is kept as written, without a link, so the page shows it rather than hiding it."""
+    if not isinstance(tracking, dict) or tracking.get("status") in (None, "off"):
+        return None
+    status = str(tracking["status"])
+    url = tracking.get("url")
+    linked = status == "logged" and isinstance(url, str) and url.startswith(("http://", "https://"))
+    return {
+        "status": status,
+        "url": url if linked else None,
+        "run_id": tracking.get("run_id"),
+        "experiment_id": tracking.get("experiment_id"),
+        "detail": str(tracking.get("detail") or ""),
+    }
+
+
 def version_row(version: int, lineage: dict, served: int | None) -> dict[str, Any]:
-    """One version of the model repository with the gate decision that let it in and where it came from."""
+    """One version of the model repository with the gate decision that let it in, where it came
+    from, and ``tracking``: its training run in MLflow (``tracking_link``; None if not tracked)."""
     gate = lineage.get("gate") or {}
     airflow = lineage.get("airflow") or {}
     return {
@@ -292,11 +317,13 @@ def version_row(version: int, lineage: dict, served: int | None) -> dict[str, An
         "trigger": (airflow.get("trigger") or {}).get("kind"),
         "candidate": lineage.get("candidate"),
         "base_model": base_model_name(lineage.get("base_model")),
+        "tracking": tracking_link(lineage.get("tracking")),
     }
 
 
 def run_row(record: dict) -> dict[str, Any]:
-    """One training run's record (retrain or finetune): its gate decision, and the version it made, if any."""
+    """One training run's record (retrain or finetune): its gate decision, the version it made, if
+    any, and its MLflow run (``tracking_link``): a refused challenger's curves are there."""
     gate = record.get("gate") or {}
     airflow = record.get("airflow") or {}
     return {
@@ -312,6 +339,7 @@ def run_row(record: dict) -> dict[str, Any]:
         "champion_version": gate.get("champion_version"),
         "version": record.get("version"),
         "live": (record.get("live") or {}).get("event"),
+        "tracking": tracking_link(record.get("tracking")),
     }
 
 

@@ -52,8 +52,8 @@ def test_every_dag_file_imports_without_errors(dagbag):
 
 def test_each_project_gets_the_dags_of_its_kind(dagbag):
     assert set(dagbag.dags) == {
-        "retrain__flights", "drift__flights", "rollback__flights", "revert_batch__flights", "feedback__flights", "performance__flights", "rollout__flights",
-        "retrain__taxis", "drift__taxis", "rollback__taxis", "revert_batch__taxis", "feedback__taxis", "performance__taxis", "rollout__taxis",
+        "retrain__flights", "drift__flights", "rollback__flights", "revert_batch__flights", "feedback__flights", "performance__flights", "rollout__flights", "tune__flights",
+        "retrain__taxis", "drift__taxis", "rollback__taxis", "revert_batch__taxis", "feedback__taxis", "performance__taxis", "rollout__taxis", "tune__taxis",
         "finetune__reviews", "drift__reviews", "rollback__reviews",
     }
     assert "project:taxis" in dagbag.dags["retrain__taxis"].tags
@@ -132,9 +132,30 @@ def test_retrain_params_validate_what_the_ui_form_sends(dagbag):
     good = ParamsDict(params)
     good.update({"max_epochs": 5, "learning_rate": 0.01, "force_publish": True, "force_reason": "INC-1", "confirm_batches": ["production-x.parquet"]})
     good.validate()
-    for bad in ({"max_epochs": 0}, {"learning_rate": 0}, {"learning_rate": -1}, {"force_publish": "yes"}, {"confirm_batches": "production-x.parquet"}):
+    for bad in ({"max_epochs": 0}, {"learning_rate": 0}, {"learning_rate": -1}, {"force_publish": "yes"}, {"confirm_batches": "production-x.parquet"}, {"hyperparameters": "lr=1"}):
         with pytest.raises(ParamValidationError, match=f"Invalid input for param {next(iter(bad))}"):
             ParamsDict(params).update(bad)
+
+
+def test_tune_maps_its_lanes_and_proposes_the_best_to_the_projects_own_retrain(dagbag):
+    from airflow.sdk.definitions.param import ParamsDict
+    from airflow.sdk.exceptions import ParamValidationError
+
+    from pipelines.config import GPU_QUEUE
+
+    dag = dagbag.dags["tune__flights"]
+    assert dag.schedule is None or str(dag.timetable.summary) == "None"  # started by a person
+    order = [t.task_id for t in dag.topological_sort()]
+    assert order == ["check", "trials", "best", "propose"]
+    trials = dag.get_task("trials")
+    assert trials.queue == GPU_QUEUE and type(trials).__name__.endswith("MappedOperator")  # one task instance a lane
+    assert dag.get_task("propose").trigger_dag_id == "retrain__flights"
+    good = ParamsDict(dag.params)
+    good.update({"n_trials": 6, "parallelism": 2, "timeout_minutes": 10, "space": {"dropout": {"type": "float", "low": 0, "high": 0.3}}, "study": "s1"})
+    good.validate()
+    for bad in ({"parallelism": 0}, {"n_trials": "six"}, {"space": "dropout"}, {"timeout_minutes": -1}):
+        with pytest.raises(ParamValidationError, match=f"Invalid input for param {next(iter(bad))}"):
+            ParamsDict(dag.params).update(bad)
 
 
 @pytest.mark.parametrize("dag_file", DAG_FILES)

@@ -10,6 +10,7 @@ import re
 import shutil
 import subprocess
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
@@ -20,6 +21,8 @@ from tests.conftest import REPO
 COMPOSE_FILE = REPO / "docker-compose.yml"
 ENV_EXAMPLE = REPO / ".env.example"
 MONITORING = REPO / "pipelines" / "monitoring"
+INIT_DATABASES = REPO / "pipelines" / "launch" / "postgres-init.sql"
+MLFLOW_DATABASE, OPTUNA_DATABASE = "mlflow", "optuna"
 DASHBOARDS = sorted((MONITORING / "grafana" / "dashboards").glob("*.json"))
 AIRFLOW_SERVICES = {"airflow-init", "airflow-apiserver", "airflow-scheduler", "airflow-dag-processor", "airflow-triggerer", "airflow-worker", "airflow-worker-gpu"}
 # Triton's metrics (:8002) the Triton dashboard uses. The nv_inference_* ones were read off the
@@ -165,8 +168,9 @@ def test_every_airflow_container_gets_the_params_overrides_where_the_variable_po
 
 def test_every_airflow_container_and_triton_share_one_project_home(resolved):
     services = resolved["services"]
-    # the alert receiver runs the same image but needs no project home (it only calls the REST API)
-    airflow = [name for name, s in services.items() if s.get("image", "").startswith("flywheel-airflow:") and name != "alert-receiver"]
+    # the alert receiver and the MLflow server run the same image but need no project home (one
+    # only calls the REST API, the other keeps its runs in PostgreSQL and artifacts on its own volume)
+    airflow = [name for name, s in services.items() if s.get("image", "").startswith("flywheel-airflow:") and name not in ("alert-receiver", "mlflow")]
 
     assert set(airflow) == AIRFLOW_SERVICES
     for name in airflow:
@@ -176,6 +180,58 @@ def test_every_airflow_container_and_triton_share_one_project_home(resolved):
     triton = services["triton"]
     assert {m["target"]: m["source"] for m in triton["volumes"]} == {"/flywheel": "flywheel-home"}
     assert "--model-repository=/flywheel/model_repository" in triton["command"]
+
+
+def test_the_mlflow_server_keeps_runs_in_its_postgres_database_and_serves_the_artifacts_of_its_volume(resolved):
+    services = resolved["services"]
+    mlflow, postgres = services["mlflow"], services["postgres"]["environment"]
+    command = dict(arg.removeprefix("--").split("=", 1) for arg in mlflow["command"])
+
+    # the Airflow image (mlflow and psycopg2 at the versions of constraints.txt), running `mlflow server`
+    assert mlflow["image"] == services["airflow-worker"]["image"] and mlflow["entrypoint"] == ["mlflow", "server"]
+    user, password = postgres["POSTGRES_USER"], postgres["POSTGRES_PASSWORD"]
+    assert mlflow["environment"]["MLFLOW_BACKEND_STORE_URI"] == f"postgresql+psycopg2://{user}:{password}@postgres:5432/{MLFLOW_DATABASE}"
+    # proxied artifacts: only the server mounts the volume (airflow-init hands it to the airflow user);
+    # workers upload over HTTP to mlflow-artifacts:/
+    assert {m["target"]: m["source"] for m in mlflow["volumes"]} == {command["artifacts-destination"]: "mlflow-artifacts"}
+    assert "no-serve-artifacts" not in command and "default-artifact-root" not in command
+    mounting = {name for name, s in services.items() for m in s.get("volumes", []) if m["source"] == "mlflow-artifacts"}
+    assert mounting == {"mlflow", "airflow-init"} and "/mlflow/artifacts" in services["airflow-init"]["command"][0]
+    assert mlflow["depends_on"]["postgres"]["condition"] == "service_healthy"
+    # the UI published like Airflow's and Grafana's; the API for the workers on the internal network
+    assert set(mlflow["networks"]) == {"internal", "edge"} and command["host"] == "0.0.0.0"
+    assert [(p["published"], p["target"]) for p in mlflow["ports"]] == [("5000", int(command["port"]))]
+    assert mlflow["healthcheck"]["test"] == ["CMD", "curl", "--fail", f"http://localhost:{command['port']}/health"]
+
+
+def test_workers_reach_the_mlflow_service_people_its_ui_and_tune_studies_go_to_postgres(resolved, tmp_path, monkeypatch):
+    from pipelines.config import OVERRIDES_ENV, load_deployment
+
+    services = resolved["services"]
+    command = dict(arg.removeprefix("--").split("=", 1) for arg in services["mlflow"]["command"])
+    overrides = tmp_path / "params.compose.yaml"
+    overrides.write_text(resolved["configs"]["flywheel-params"]["content"])
+    monkeypatch.setenv(OVERRIDES_ENV, str(overrides))
+
+    tracking = load_deployment(REPO).tracking
+
+    uri, ui = urlsplit(tracking.uri), urlsplit(tracking.ui_url)
+    assert (uri.scheme, uri.hostname, uri.port) == ("http", "mlflow", int(command["port"]))
+    # MLflow 3 answers only listed Host headers: the workers' (mlflow:5000) must be one, and a
+    # browser page may change things only from the UI's origin (or localhost)
+    assert uri.netloc in command["allowed-hosts"].split(",")
+    assert (ui.hostname, str(ui.port)) == ("localhost", services["mlflow"]["ports"][0]["published"])
+    assert f"{ui.scheme}://{ui.netloc}" in command["cors-allowed-origins"].split(",")
+    postgres = services["postgres"]["environment"]
+    assert tracking.study_storage == f"postgresql+psycopg2://{postgres['POSTGRES_USER']}:{postgres['POSTGRES_PASSWORD']}@postgres:5432/{OPTUNA_DATABASE}"
+
+
+def test_postgres_creates_the_mlflow_and_optuna_databases_on_its_first_start(resolved):
+    mounts = {m["target"]: Path(m["source"]) for m in resolved["services"]["postgres"]["volumes"] if m["type"] == "bind"}
+
+    assert mounts == {"/docker-entrypoint-initdb.d/flywheel-databases.sql": INIT_DATABASES}
+    created = re.findall(r"'CREATE DATABASE (\w+)'", INIT_DATABASES.read_text())
+    assert created == [MLFLOW_DATABASE, OPTUNA_DATABASE]
 
 
 def test_triton_serves_on_the_gpu_and_its_model_control_endpoints_stay_internal(resolved):

@@ -80,7 +80,7 @@ def deployment(tmp_path_factory):
             for project in (config, gated):
                 ingest_landing(project)
                 data_version = version_split(project)["data_version"]
-                weak[project.name] = train(project, data_version, max_epochs=1, learning_rate=1e-5)["candidate"]
+                weak[project.name] = train(project, data_version, {"max_epochs": 1, "learning_rate": 1e-5})["candidate"]
                 export(project, weak[project.name])
                 forced = evaluate(project, weak[project.name], force_publish=True, force_reason="test: the weak champion")
                 assert publish(project, weak[project.name], forced, data_version, RUN)["version"] == 1

@@ -48,7 +48,7 @@ def routed(tmp_path_factory):
     )
     write_raw(config, "2013-01", "2013-02", rows=3000)
     data_version = version_split(config)["data_version"]
-    candidates = [train(config, data_version, max_epochs=1, learning_rate=1e-3)["candidate"], train(config, data_version)["candidate"]]
+    candidates = [train(config, data_version, {"max_epochs": 1, "learning_rate": 1e-3})["candidate"], train(config, data_version)["candidate"]]
     for candidate in candidates:
         export(config, candidate)
     rows = pd.read_parquet(split_paths(config.split.output_dir)["test"]).head(200)

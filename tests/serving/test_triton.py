@@ -52,7 +52,7 @@ def served(tmp_path_factory):
     config = make_project(tmp_path_factory.mktemp("serving"), {"serving": {"triton": triton, "log": {"flush_seconds": FLUSH_SECONDS}}})
     write_raw(config, "2013-01", "2013-02", rows=3000)
     data_version = version_split(config)["data_version"]
-    candidates = [train(config, data_version), train(config, data_version, max_epochs=1, learning_rate=1e-3)]
+    candidates = [train(config, data_version), train(config, data_version, {"max_epochs": 1, "learning_rate": 1e-3})]
     for candidate in candidates:
         export(config, candidate["candidate"])
     rows = pd.read_parquet(split_paths(config.split.output_dir)["test"]).head(20)

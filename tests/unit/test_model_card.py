@@ -77,7 +77,7 @@ def published(tmp_path_factory):
 
     write_raw(config, "2013-01", "2013-02", "2013-03", rows=3000)
     data_version = version_split(config)["data_version"]
-    second = train(config, data_version, max_epochs=1)
+    second = train(config, data_version, {"max_epochs": 1})
     export(config, second["candidate"])
     forced = evaluate(config, second["candidate"], force_publish=True, force_reason=FORCE_REASON)
     overrides = {"force_publish": True, "force_reason": FORCE_REASON, "max_epochs": 1}

@@ -71,7 +71,7 @@ def test_a_worker_that_mounts_the_project_home_elsewhere_finds_the_candidate(tra
 def test_other_params_train_another_candidate(trained):
     config, data_version, first = trained
 
-    other = train(config, data_version, max_epochs=1, learning_rate=1e-4)
+    other = train(config, data_version, {"max_epochs": 1, "learning_rate": 1e-4})
 
     assert other["candidate"] != first["candidate"] and not other["reused"]
     assert other["epochs"] == 1
@@ -244,7 +244,7 @@ def test_gate_on_real_models_refuses_a_seed_twin_and_a_worse_one_and_promotes_a_
     config, data_version, good = trained
     noise = measure(config, data_version, seeds=4)
     gate_config = config.gate.model_copy(update={"seed_noise": noise["seed_noise"]})
-    weak = train(config, data_version, max_epochs=1, learning_rate=1e-6)  # a training bug: it barely learns
+    weak = train(config, data_version, {"max_epochs": 1, "learning_rate": 1e-6})  # a training bug: it barely learns
     export(config, weak["candidate"])
     twin = config.model_copy(update={"train": config.train.model_copy(update={"seed": config.train.seed + 1})})
     twin_candidate = train(twin, data_version)  # the same data and settings, another seed: reused from the measurement
