@@ -31,8 +31,8 @@ def throwaway_project(months: list[str], rows: int | None = None, changes: dict 
     project, ``months`` landed; yields the project's ``ProjectConfig``.
 
     The home is laid out as ``$FLYWHEEL_HOME`` is (``pipelines.config``): ``projects/defaults.yaml``
-    (the repository's, with Triton on three free loopback ports, so a benchmark does not collide
-    with a running ``make up``), ``projects/flights/params.yaml`` with ``changes`` laid over it
+    (the repository's, with Triton on three free loopback ports and tracking off, so a benchmark
+    does not collide with a running ``make up``), ``projects/flights/params.yaml`` with ``changes`` laid over it
     (params sections, ``{"train": {"max_epochs": 2}}``) and its ``expectations.json``, and the
     shared suites in ``expectations/``. ``rows``: land a fixed sample of that many flights a
     month (None: the whole month, about 27,000). ``$FLYWHEEL_HOME`` names the home while the
@@ -50,7 +50,8 @@ def throwaway_project(months: list[str], rows: int | None = None, changes: dict 
         (projects / PROJECT).mkdir(parents=True)
         http, grpc, metrics = free_ports(3)
         triton = {"url": f"127.0.0.1:{http}", "http_port": http, "grpc_port": grpc, "metrics_port": metrics}
-        defaults = merged(yaml.safe_load((source / DEFAULTS_FILE).read_text()), {"serving": {"triton": triton}})
+        # no MLflow tracking unless a benchmark starts its own server: never a running `make up`'s
+        defaults = merged(yaml.safe_load((source / DEFAULTS_FILE).read_text()), {"serving": {"triton": triton}, "tracking": {"uri": None}})
         (projects / DEFAULTS_FILE).write_text(yaml.safe_dump(defaults, sort_keys=False))
         params = merged(yaml.safe_load((source / PROJECT / PARAMS_FILE).read_text()), changes or {})
         (projects / PROJECT / PARAMS_FILE).write_text(yaml.safe_dump(params, sort_keys=False))

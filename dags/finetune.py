@@ -77,8 +77,8 @@ def finetune_dag(project: str):
             return steps.run(steps.finetune_version_data, project, checked["dataset"])
 
         @task(queue=GPU_QUEUE)
-        def train(checked, versioned):
-            return steps.run(steps.finetune_train, project, checked, versioned["data_version"])
+        def train(checked, versioned, dag_run=None):
+            return steps.run(steps.finetune_train, project, checked, versioned["data_version"], steps.airflow_run(dag_run))
 
         @task(queue=GPU_QUEUE)
         def export(trained):

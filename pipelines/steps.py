@@ -445,14 +445,15 @@ def finetune_version_data(project: str, dataset: str) -> Record:
     return {"data_version": version(load_text_project(project), dataset)}
 
 
-def finetune_train(project: str, checked: Record, data_version: dict[str, str]) -> Record:
+def finetune_train(project: str, checked: Record, data_version: dict[str, str], run: Record | None = None) -> Record:
     from pipelines.finetune.train import finetune as fit
 
-    return fit(load_text_project(project), checked, data_version)
+    return fit(load_text_project(project), checked, data_version, run)
 
 
 def finetune_export(project: str, candidate: str) -> Record:
     """Merge the adapter and export a classifier to ONNX (parity-checked); a causal LM is kept as an adapter."""
+    from pipelines import tracking
     from pipelines.artifacts import CANDIDATE_FILE
     from pipelines.finetune.data import load_splits
     from pipelines.finetune.export import export_classifier
@@ -477,8 +478,10 @@ def finetune_export(project: str, candidate: str) -> Record:
         texts,
         config.finetune.parity_tolerance,
     )
-    exported["onnx"] = config.portable(Path(exported["onnx"]))
+    onnx_file = Path(exported["onnx"])
+    exported["onnx"] = config.portable(onnx_file)
     write_json(folder / "export.json", exported)
+    tracking.log_to(tracking.candidate_run(folder), artifacts=[onnx_file, folder / "export.json"], timeout_s=config.tracking.timeout_s)
     return {"folder": config.portable(out), **exported}
 
 
@@ -490,6 +493,7 @@ def finetune_evaluate(project: str, candidate: str, export_folder: str | None) -
 
 def finetune_publish(project: str, candidate: str, export_folder: str | None, decision: Record, data_version: dict[str, str], run: Record) -> Record:
     """Record the run's lineage; a promoted classifier becomes a served version of the ensemble."""
+    from pipelines import tracking
     from pipelines.artifacts import CANDIDATE_FILE
     from pipelines.evaluation.gate import PROMOTED
     from pipelines.lineage import code_version, read_json, write_json
@@ -508,6 +512,7 @@ def finetune_publish(project: str, candidate: str, export_folder: str | None, de
         "training": record["result"],
         "gate": decision,
         "airflow": run,
+        "tracking": record["result"].get("tracking") or tracking.candidate_run(config.path(Path(candidate))),
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "version": None,
     }
@@ -521,4 +526,7 @@ def finetune_publish(project: str, candidate: str, export_folder: str | None, de
     elif decision["decision"] == PROMOTED:
         lineage["served"] = "no: causal LMs are not served through Triton; the adapter and its lineage are the result"
     path = write_json(run_record_path(config.artifacts_dir, run["run_id"]), lineage)
+    if lineage["version"] is not None:
+        tags = {tracking.VERSION_TAG: str(lineage["version"]), tracking.LINEAGE_TAG: config.portable(path)}
+        tracking.log_to(lineage["tracking"], tags=tags, timeout_s=config.tracking.timeout_s)
     return {"decision": decision["decision"], "version": lineage["version"], "lineage": config.portable(path)}

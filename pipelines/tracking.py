@@ -126,6 +126,24 @@ def log_to(
     return True
 
 
+def log_decision(folder: Path, decision: Record, timeout_s: float = 5.0) -> bool:
+    """The gate's ``decision`` on the candidate in ``folder``, into its run: the numbers of each
+    side as ``gate.<side>.<metric>`` (challenger, champion, base), ``gate.difference`` and the
+    interval's ``gate.interval_low`` / ``gate.interval_high``; the decision and reason as tags.
+    Numbers it does not find are left out; never raises."""
+    metrics = {
+        f"gate.{side}.{name}": value
+        for side in ("challenger", "champion", "base")
+        for name, value in (decision.get(side) or {}).items()
+        if isinstance(value, (int, float)) and not isinstance(value, bool)
+    }
+    interval = decision.get("interval") if isinstance(decision.get("interval"), dict) else {}
+    named = {"gate.difference": decision.get("difference"), "gate.interval_low": interval.get("low"), "gate.interval_high": interval.get("high")}
+    metrics |= {k: v for k, v in named.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    tags = {DECISION_TAG: str(decision.get("decision")), "flywheel.gate_reason": str(decision.get("reason", ""))[:5000]}
+    return log_to(candidate_run(folder), metrics, tags, timeout_s=timeout_s)
+
+
 def finish(record: Record, status: str = "FINISHED", timeout_s: float = 5.0) -> None:
     """End the run with MLflow's ``status`` (FINISHED, FAILED, KILLED); a warning if the store
     does not answer."""

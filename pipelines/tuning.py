@@ -31,6 +31,7 @@ import logging
 import math
 import re
 import shutil
+from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -155,19 +156,13 @@ def run_lane(config: ProjectConfig, checked: Record, run: Record) -> Record:
         sampler=optuna.samplers.TPESampler(seed=checked["seed"] + index),
         pruner=optuna.pruners.MedianPruner(**checked["pruner"]),
     )
-    space = {k: SearchDimension.model_validate(v) for k, v in checked["space"].items()}
     earlier = [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get(RUN_ATTR) == run.get("run_id") and t.user_attrs.get(LANE_ATTR) == index]
     for stale in (t for t in earlier if t.state == optuna.trial.TrialState.RUNNING):
         study.tell(stale.number, state=optuna.trial.TrialState.FAIL)  # its process is gone with the killed try
         log.warning("trial %d of lane %d was left running by an earlier try: marked FAIL", stale.number, index)
     ran: dict[int, str] = {t.number: "FAIL" if t.state == optuna.trial.TrialState.RUNNING else t.state.name for t in earlier}
     count = max(0, count - len(earlier))
-
-    def objective(trial: optuna.Trial) -> float:
-        trial.set_user_attr(RUN_ATTR, run.get("run_id"))
-        trial.set_user_attr(LANE_ATTR, index)
-        chosen = {name: _suggest(trial, name, dimension) for name, dimension in space.items()}
-        return _trial(config, checked, trial, chosen, run)
+    objective = trial_objective(config, checked, run, index)
 
     def remember(_: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         ran[trial.number] = trial.state.name
@@ -177,6 +172,20 @@ def run_lane(config: ProjectConfig, checked: Record, run: Record) -> Record:
         study.optimize(objective, n_trials=count, timeout=remaining, catch=(Exception,), callbacks=[remember], gc_after_trial=True)
     log.info("lane %d ran trials %s", index, ran)
     return {"lane": index, "trials": ran}
+
+
+def trial_objective(config: ProjectConfig, checked: Record, run: Record, lane: int = 0) -> Callable[[optuna.Trial], float]:
+    """The function Optuna minimises: a trial's settings drawn from ``checked["space"]``, fitted
+    as a retrain fits (``_trial``); returns its best validation loss."""
+    space = {k: SearchDimension.model_validate(v) for k, v in checked["space"].items()}
+
+    def objective(trial: optuna.Trial) -> float:
+        trial.set_user_attr(RUN_ATTR, run.get("run_id"))
+        trial.set_user_attr(LANE_ATTR, lane)
+        chosen = {name: _suggest(trial, name, dimension) for name, dimension in space.items()}
+        return _trial(config, checked, trial, chosen, run)
+
+    return objective
 
 
 def best(config: ProjectConfig, checked: Record, run: Record) -> Record:

@@ -376,15 +376,5 @@ def evaluate(config: ProjectConfig, candidate: str, force_publish: bool = False,
     decision = judge(config.gate, label.task, labelled[label.column].to_numpy("float64"), challenger, champion, groups, force_publish, force_reason)
     decision |= {"test_rows": len(test), "champion_version": champion_version}
     write_json(folder / "gate.json", decision)
-    tags = {tracking.DECISION_TAG: decision["decision"], "flywheel.gate_reason": decision["reason"][:5000]}
-    tracking.log_to(tracking.candidate_run(folder), gate_metrics(decision), tags, timeout_s=config.tracking.timeout_s)
+    tracking.log_decision(folder, decision, config.tracking.timeout_s)
     return decision
-
-
-def gate_metrics(decision: Record) -> dict[str, float]:
-    """The gate's numbers as MLflow metrics: ``gate.challenger.<metric>``, ``gate.champion.<metric>``,
-    ``gate.difference`` and the interval's ``gate.interval_low`` / ``gate.interval_high``."""
-    out = {f"gate.{side}.{name}": value for side in ("challenger", "champion") for name, value in (decision.get(side) or {}).items() if isinstance(value, (int, float))}
-    interval = decision.get("interval") or [None, None]
-    named = {"gate.difference": decision.get("difference"), "gate.interval_low": interval[0], "gate.interval_high": interval[1]}
-    return out | {k: float(v) for k, v in named.items() if isinstance(v, (int, float))}

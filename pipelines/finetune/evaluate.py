@@ -20,6 +20,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
+from pipelines import tracking
 from pipelines.config import FinetuneConfig, FinetuneTask, TextProjectConfig
 from pipelines.evaluation.gate import NOT_PROMOTED, PROMOTED, beats
 from pipelines.lineage import Record, read_json, write_json
@@ -159,5 +160,6 @@ def evaluate(config: TextProjectConfig, candidate: str, export_folder: str | Non
         "champion": champion,
     }
     write_json(folder / "gate.json", decision)
+    tracking.log_decision(folder, decision, config.tracking.timeout_s)
     log.info("finetune gate: %s (%s)", decision["decision"], reason)
     return decision

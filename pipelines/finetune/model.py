@@ -92,7 +92,7 @@ class AdapterModule(pl.LightningModule):
 
     def _loss(self, batch: dict[str, torch.Tensor], name: str) -> torch.Tensor:
         loss: torch.Tensor = self.model(**batch).loss
-        self.log(f"{name}_loss", loss, prog_bar=name == "val", batch_size=len(batch["input_ids"]))
+        self.log(f"{name}_loss", loss, prog_bar=name == "val", on_step=False, on_epoch=True, batch_size=len(batch["input_ids"]))
         return loss
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from pipelines import tracking
 from pipelines.artifacts import ADAPTER_DIR, CANDIDATE_FILE
 from pipelines.config import FinetuneConfig, FinetuneMethod, FinetuneTask, TextProjectConfig
 from pipelines.lineage import Record, code_version, fingerprint, read_json, write_json
@@ -120,10 +121,12 @@ def candidate_dir(artifacts_dir: Path, dataset: str, key: str) -> Path:
     return artifacts_dir / "finetune" / dataset / key
 
 
-def finetune(config: TextProjectConfig, params: Record, data_version: dict[str, str]) -> Record:
+def finetune(config: TextProjectConfig, params: Record, data_version: dict[str, str], run: Record | None = None) -> Record:
     """Train adapters for checked ``params`` (see ``pipelines.finetune.params.check``) on the dataset's
     train split; the candidate folder is returned relative to the project home (shared storage),
-    with the training result (``candidate.json``'s) and whether a finished candidate was reused."""
+    with the training result (``candidate.json``'s, its ``tracking``: the MLflow run, see
+    ``pipelines.tracking``) and whether a finished candidate was reused. ``run`` names the Airflow
+    run, for the MLflow run's tags."""
     from pipelines.data.split import check_label_coverage
     from pipelines.finetune.data import load_splits
     from pipelines.finetune.params import resolve_base
@@ -150,15 +153,24 @@ def finetune(config: TextProjectConfig, params: Record, data_version: dict[str, 
         log.info("candidate %s was already trained on these inputs: reusing it", folder.name)
         result = read_json(folder / CANDIDATE_FILE)["result"]
     else:
-        result = _fit(config.finetune, params, base, labels, train_records, splits["val"], inputs, folder)
+        airflow = {f"airflow.{k}": str(run[k]) for k in ("dag_id", "run_id") if run and run.get(k)}
+        tags = {"flywheel.candidate": folder.name, "flywheel.kind": "finetune", **airflow}
+        tracked = tracking.open_run(config.tracking, config.name, folder, f"{params['dataset']}-{folder.name[:8]}", inputs, tags)
+        try:
+            result = _fit(config.finetune, params, base, labels, train_records, splits["val"], inputs, folder, tracked, config.tracking.timeout_s)
+        except BaseException:
+            tracking.finish(tracked, "FAILED", config.tracking.timeout_s)
+            raise
+        tracking.finish(tracked, timeout_s=config.tracking.timeout_s)
     return {"candidate": config.portable(folder), "reused": reused, **result}
 
 
 def _fit(
     finetune: FinetuneConfig, params: Record, base: Path, labels: list[str] | None,
-    train_records: list[Record], val_records: list[Record], inputs: Record, folder: Path,
+    train_records: list[Record], val_records: list[Record], inputs: Record, folder: Path, tracked: Record, timeout_s: float,
 ) -> Record:
-    """Train the adapter into ``folder`` (resuming from its last checkpoint); its ``candidate.json`` result."""
+    """Train the adapter into ``folder`` (resuming from its last checkpoint), each epoch's losses
+    into the MLflow run ``tracked``; its ``candidate.json`` result."""
     import pytorch_lightning as pl
     from pytorch_lightning.callbacks import ModelCheckpoint
     from pytorch_lightning.loggers import CSVLogger
@@ -191,7 +203,7 @@ def _fit(
         max_epochs=params["epochs"],
         accelerator="auto",
         precision="bf16-mixed" if cuda and not quantized else "32-true",
-        callbacks=[checkpoints],
+        callbacks=[checkpoints, epochs := tracking.EpochMetrics(tracked, timeout_s)],
         logger=CSVLogger(folder, name="logs", version=""),
         enable_progress_bar=False,
         enable_model_summary=False,
@@ -217,6 +229,9 @@ def _fit(
         "labels": labels,
         "accelerator": "cuda" if cuda else "cpu",
     }
+    if tracked.get("run_id") and not tracking.log_to(tracked, {"best_val_loss": float(score), "epochs": float(trainer.current_epoch)}, timeout_s=timeout_s):
+        epochs.lost = epochs.lost or "the run's summary was not taken"
+    result["tracking"] = tracked | ({"detail": f"{tracked['detail']}; {epochs.lost}"} if epochs.lost else {})
     write_json(folder / CANDIDATE_FILE, {"inputs": inputs, "result": result})
     log.info("fine-tuned %s: best val_loss %.4f after %d epochs", folder.name, result["best_val_loss"], result["epochs"])
     return result

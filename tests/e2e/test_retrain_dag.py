@@ -1,7 +1,9 @@
 """The retrain DAG, run by a real Airflow (scheduler, dag-processor, api-server, LocalExecutor)
 over real flight batches: first version published, a weak challenger refused, a corrupted
 batch quarantined; and a project added by ``flywheel init`` alone from a table it has never
-seen (ggplot2's diamonds: no id, no time column, a regression) published by the same DAG."""
+seen (ggplot2's diamonds: no id, no time column, a regression) published by the same DAG.
+Training logs to a real MLflow tracking server; a tune__flights run searches with Optuna in
+parallel lanes and proposes its best trial to the retrain's gate."""
 
 from __future__ import annotations
 
@@ -11,8 +13,10 @@ import subprocess
 import sys
 
 import numpy as np
+import optuna
 import pandas as pd
 import pytest
+from mlflow import MlflowClient
 
 from pipelines.artifacts import MODEL_FILE
 from pipelines.data.replay import land, month_batch
@@ -22,6 +26,7 @@ from pipelines.launch.airflow import LocalAirflow
 from pipelines.serving import repository
 from pipelines.serving.publish import run_record_path
 from pipelines.training.train import load_candidate
+from pipelines.tuning import check
 from tests.conftest import REPO, free_ports, make_home, make_project
 
 pytestmark = pytest.mark.e2e
@@ -29,10 +34,11 @@ ROWS = 3000
 
 
 @pytest.fixture(scope="module")
-def airflow(tmp_path_factory):
+def airflow(tmp_path_factory, mlflow_server):
     home = tmp_path_factory.mktemp("e2e")
-    make_home(home)
-    config = make_project(home)
+    make_home(home, {"tracking": {"uri": mlflow_server}})
+    # a tune trial is 2 epochs; pruning starts once one trial has completed
+    config = make_project(home, {"tune": {"max_epochs": 2, "pruner": {"n_startup_trials": 1}}})
     diamonds_sample(home)  # written before Airflow starts: the project's DAGs are there at the first parse
     local = LocalAirflow(
         home / "airflow", REPO / "dags", REPO / "plugins", port=free_ports(1)[0],
@@ -89,6 +95,16 @@ def test_a_night_with_new_batches_publishes_a_served_version_with_lineage(airflo
     assert lineage["data_version"] == airflow.xcom(RETRAIN, run_id, "version_data")["data_version"]
     assert lineage["airflow"]["run_id"] == run_id and lineage["airflow"]["run_type"] == "manual"
     assert json.loads(run_record_path(config.artifacts_dir, run_id).read_text())["version"] == 1
+    # MLflow: the run's params, one point per epoch, the gate, the ONNX file; it and lineage name each other
+    tracked = lineage["tracking"]
+    client = MlflowClient(tracked["store"])
+    run = client.get_run(tracked["run_id"])
+    assert run.data.params["train.batch_size"] == str(config.train.batch_size) and run.data.tags["airflow.run_id"] == run_id
+    epochs = airflow.xcom(RETRAIN, run_id, "train")["epochs"]
+    assert [m.step for m in client.get_metric_history(tracked["run_id"], "val_loss")] == list(range(epochs))
+    assert run.data.metrics["gate.challenger.roc_auc"] == pytest.approx(airflow.xcom(RETRAIN, run_id, "gate")["challenger"]["roc_auc"])
+    assert "model.onnx" in {a.path for a in client.list_artifacts(tracked["run_id"])}
+    assert run.data.tags["flywheel.version"] == "1" and tracked["url"].endswith(f"/runs/{tracked['run_id']}")
 
 
 def test_a_weak_challenger_is_kept_but_not_served(airflow):
@@ -225,3 +241,44 @@ def test_a_project_added_by_flywheel_init_alone_is_validated_split_by_hash_train
     assert published["decision"] == PROMOTED and published["version"] == 1, gate
     assert gate["metric"] == "rmse" and gate["challenger"]["rmse"] <= diamonds.gate.floor
     assert repository.served_version(diamonds.model_dir) == 1
+
+
+def test_a_tune_run_searches_in_parallel_lanes_prunes_and_proposes_its_best_through_the_gate(airflow):
+    airflow, config = airflow
+    space = {"learning_rate": {"type": "float", "low": 1e-4, "high": 3e-2, "log": True}, "dropout": {"type": "float", "low": 0.0, "high": 0.3}}
+    served = repository.served_version(config.model_dir)
+    # Pruning, forced: the study is made first (its trial 0 is params.yaml's settings) and two more
+    # trials are queued: a normal one, then one whose learning rate barely moves the weights. The
+    # two lanes start with trials 0 and 1; trial 2 starts only when one of them has completed, and
+    # its first epoch's val_loss is above that completed trial's, the median (n_startup_trials 1).
+    check(config, {"space": space, "study": "e2e"}, {"run_id": "setup"})
+    storage = f"sqlite:///{config.home / 'artifacts' / 'optuna.db'}"
+    study = optuna.load_study(study_name="e2e", storage=storage)
+    study.enqueue_trial({"learning_rate": 1e-2, "dropout": 0.1})
+    study.enqueue_trial({"learning_rate": 1e-6, "dropout": 0.0})
+
+    run_id = airflow.trigger("tune__flights", {"n_trials": 6, "parallelism": 2, "space": space, "study": "e2e"})
+    assert airflow.wait_for_run("tune__flights", run_id, timeout=900) == "success", airflow.task_instances("tune__flights", run_id)
+
+    # 6 trials in the study, run by 2 mapped lane tasks, at least one pruned
+    lanes = [t for t in airflow.task_instances("tune__flights", run_id) if t["task_id"] == "trials"]
+    assert sorted(t["map_index"] for t in lanes) == [0, 1]
+    trials = optuna.load_study(study_name="e2e", storage=storage).trials
+    assert len(trials) == 6 and {t.state.name for t in trials} <= {"COMPLETE", "PRUNED"}
+    assert trials[2].state.name == "PRUNED", [t.state.name for t in trials]
+    chosen = airflow.xcom("tune__flights", run_id, "best")
+    assert chosen["counts"]["COMPLETE"] + chosen["counts"]["PRUNED"] == 6
+    record = json.loads((config.home / chosen["lineage"]).read_text())
+    assert record["baseline"]["trial"] == 0 and record["best"]["hyperparameters"] == chosen["hyperparameters"]
+    # each trial is an MLflow run under the study's
+    client = MlflowClient(config.tracking.uri)
+    runs = client.search_runs([client.get_experiment_by_name("flights").experiment_id], "tags.`optuna.study` = 'e2e' and tags.`flywheel.kind` = 'trial'")
+    assert len(runs) == 6 and len({r.data.tags.get("mlflow.parentRunId") for r in runs}) == 1
+
+    # the best trial's settings went to retrain__flights, whose gate judged them against the champion
+    (proposed,) = [r for r in airflow.dag_runs(RETRAIN) if r["run_id"] == airflow.xcom("tune__flights", run_id, "propose", key="trigger_run_id")]
+    assert airflow.wait_for_run(RETRAIN, proposed["run_id"], timeout=900) == "success"
+    gate = airflow.xcom(RETRAIN, proposed["run_id"], "gate")
+    assert gate["champion_version"] == served and gate["decision"] in (PROMOTED, NOT_PROMOTED)
+    lineage = json.loads(run_record_path(config.artifacts_dir, proposed["run_id"]).read_text())
+    assert lineage["overrides"]["hyperparameters"] == chosen["hyperparameters"] and "tune study e2e" in lineage["overrides"]["reason"]

@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -126,7 +127,10 @@ def test_the_compose_deployment_overrides_serving_and_metrics_and_keeps_the_rest
     plain = load_config("flights", REPO)
     # docker-compose.yml's inline `flywheel-params` config, which its Airflow containers mount
     overrides = tmp_path / "params.compose.yaml"
-    overrides.write_text(yaml.safe_load((REPO / "docker-compose.yml").read_text())["configs"]["flywheel-params"]["content"])
+    content = yaml.safe_load((REPO / "docker-compose.yml").read_text())["configs"]["flywheel-params"]["content"]
+    # what compose interpolates: ${VAR:-default} from .env (here: its default), ${VAR:?} a required secret
+    content = re.sub(r"\$\{\w+:\?\}", "secret", re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", content))
+    overrides.write_text(content)
     monkeypatch.setenv(OVERRIDES_ENV, str(overrides))
 
     config = load_config("flights", REPO)
@@ -138,7 +142,10 @@ def test_the_compose_deployment_overrides_serving_and_metrics_and_keeps_the_rest
     assert config.serving.triton.metrics_port == 8002 and config.serving.max_batch_size == plain.serving.max_batch_size
     assert config.monitoring.alertmanager == "alertmanager:9093"  # acknowledgements silence drift alerts there
     assert config.monitoring.model_dump(exclude={"alertmanager"}) == plain.monitoring.model_dump(exclude={"alertmanager"})
-    assert config.model_dump(exclude={"serving", "metrics", "monitoring"}) == plain.model_dump(exclude={"serving", "metrics", "monitoring"})
+    # training logs to the mlflow service; studies live in PostgreSQL's optuna database
+    assert (config.tracking.uri, config.tracking.ui_url) == ("http://mlflow:5000", "http://localhost:5000")
+    assert config.tracking.study_storage == "postgresql+psycopg2://secret:secret@postgres:5432/optuna"
+    assert config.model_dump(exclude={"serving", "metrics", "monitoring", "tracking"}) == plain.model_dump(exclude={"serving", "metrics", "monitoring", "tracking"})
 
 
 @pytest.mark.parametrize(

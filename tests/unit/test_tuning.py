@@ -165,3 +165,19 @@ def test_no_split_is_refused_with_what_to_run_first(tmp_path):
     config = make_project(tmp_path / "home")
     with pytest.raises(TuneError, match="run retrain__flights first"):
         check(config, {"space": SPACE}, RUN)
+
+
+def test_a_retrains_hyperparameters_param_overrides_params_yaml_and_bad_ones_are_refused(project):
+    from pipelines.config import ConfigError
+    from pipelines.steps import hyperparameters
+
+    settings_, architecture = with_hyperparameters(project, {"hidden_sizes": [16], "learning_rate": 0.01, "dropout": None})
+    assert architecture.hidden_sizes == (16,) and settings_.learning_rate == 0.01 and architecture.dropout == project.model.dropout
+    with pytest.raises(ConfigError, match=r"unknown hyperparameters \['momentum'\]"):
+        with_hyperparameters(project, {"momentum": 0.9})
+    with pytest.raises(ConfigError, match="dropout"):
+        with_hyperparameters(project, {"dropout": 1.5})
+    # the form's max_epochs / learning_rate join the object; two different values for one setting are refused
+    assert hyperparameters({"hyperparameters": {"dropout": 0.2}, "max_epochs": 3, "learning_rate": None}) == {"dropout": 0.2, "max_epochs": 3}
+    with pytest.raises(ConfigError, match="max_epochs=3 and hyperparameters.max_epochs=5 disagree"):
+        hyperparameters({"hyperparameters": {"max_epochs": 5}, "max_epochs": 3})
