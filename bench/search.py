@@ -4,11 +4,14 @@
    (Optuna's TPE sampler with the median pruner, ``pipelines.tuning``) against as many trials of
    random search (Optuna's RandomSampler, no pruning), same space (``tune.space`` of
    projects/flights/params.yaml), same seed, same data, same epochs a trial. Both studies start
-   with params.yaml's own settings as trial 0, as every tune run does. Printed: best val_loss
+   with params.yaml's own settings as trial 0, as every tune run does; TPE's first 10 trials
+   are its random start-up (Optuna's default ``n_startup_trials``), drawn as random search draws
+   them with the same seed, so the two differ from trial 11 on. Printed: best val_loss
    after each trial count, pruned trials, wall seconds per trial.
 2. **Tracking overhead.** Seconds per epoch of the same training (seeded, ``--epochs``) with
    tracking off and logging to a real MLflow tracking server started here (the per-epoch
-   curves, params, summary), in alternating rounds; the overhead is tracked / off - 1.
+   curves; the run's params and summary are logged outside the timed fit), in alternating
+   rounds after one warm-up fit; the overhead is tracked / off - 1.
 
     .venv/bin/python bench/search.py [--months 2013-01 2013-02 2013-03] [--trials 20] [--epochs 4] [--rounds 3] [--quick]
 
@@ -112,6 +115,7 @@ def main() -> int:
         (port,) = free_ports(1)
         server_home = config.home / "mlflow-server"
         with MlflowServer(Deployment(home=server_home, tracking=TrackingConfig(uri=f"http://127.0.0.1:{port}"))) as server:
+            epoch_seconds(config, args.epochs, None, -1)  # warm-up, not counted: the first fit of a process pays for imports and caches
             off, on = [], []
             for round_ in range(args.rounds):  # alternating, so drift in the machine's load hits both
                 off.append(epoch_seconds(config, args.epochs, None, round_))

@@ -116,6 +116,12 @@ def version_data(project: str) -> Record:
     return version_split(load_config(project))
 
 
+def params_set(params: Record) -> list[str]:
+    """The Params a run was given a value for: every one not at an empty default (the form's
+    defaults ask for nothing; the DAG-integrity tests hold the retrain DAG's defaults to that)."""
+    return sorted(name for name, value in params.items() if value not in (None, False, "", [], {}))
+
+
 def needs_training(project: str, data_version: dict[str, str], params: Record) -> Record:
     """Whether this run has anything to train: ``{"train": bool, "reason": str}``. Nothing, when
     the splits (what training and the gate read) hash as those of the project's last completed
@@ -124,7 +130,7 @@ def needs_training(project: str, data_version: dict[str, str], params: Record) -
     as it was) is nothing new."""
     from pipelines.serving.publish import run_records
 
-    asked = sorted(name for name, value in params.items() if value not in (None, False, "", []))  # the form's defaults ask for nothing
+    asked = params_set(params)
     if asked:
         return {"train": True, "reason": f"the run's Params set {asked}"}
     config = load_config(project)

@@ -137,7 +137,8 @@ def log_decision(folder: Path, decision: Record, timeout_s: float = 5.0) -> bool
         for name, value in (decision.get(side) or {}).items()
         if isinstance(value, (int, float)) and not isinstance(value, bool)
     }
-    interval = decision.get("interval") if isinstance(decision.get("interval"), dict) else {}
+    found = decision.get("interval")
+    interval: Record = found if isinstance(found, dict) else {}
     named = {"gate.difference": decision.get("difference"), "gate.interval_low": interval.get("low"), "gate.interval_high": interval.get("high")}
     metrics |= {k: v for k, v in named.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     tags = {DECISION_TAG: str(decision.get("decision")), "flywheel.gate_reason": str(decision.get("reason", ""))[:5000]}

@@ -266,7 +266,9 @@ def base_model_name(base: dict | str | None) -> str | None:
     return base.get("name") if isinstance(base, dict) else base
 
 
-TRACKING_STATES = ("logged", "local", "off")  # pipelines.tracking's: on the MLflow server, in a local file store, not tracked
+# pipelines.tracking's statuses of a run: on the MLflow server, in a store inside the candidate
+# folder (the server did not answer), not tracked
+LOGGED, LOCAL, OFF = "logged", "local", "off"
 
 
 def tracking_link(tracking: dict | None) -> dict[str, Any] | None:
@@ -274,13 +276,13 @@ def tracking_link(tracking: dict | None) -> dict[str, Any] | None:
     record): ``{"status", "url", "run_id", "experiment_id", "detail"}``, ``url`` the MLflow UI's
     page of the run. ``url`` is None unless the run was ``logged`` to the server and its URL is
     an ``http(s)`` one (a page never links anything else); None without a record (a version
-    published before tracking) or for tracking ``off``. A status other than ``TRACKING_STATES``
-    is kept as written, without a link, so the page shows it rather than hiding it."""
-    if not isinstance(tracking, dict) or tracking.get("status") in (None, "off"):
+    published before tracking) or for tracking ``off``. Any other status is kept as written,
+    without a link, so the page shows it rather than hiding it."""
+    if not isinstance(tracking, dict) or tracking.get("status") in (None, OFF):
         return None
     status = str(tracking["status"])
     url = tracking.get("url")
-    linked = status == "logged" and isinstance(url, str) and url.startswith(("http://", "https://"))
+    linked = status == LOGGED and isinstance(url, str) and url.startswith(("http://", "https://"))
     return {
         "status": status,
         "url": url if linked else None,

@@ -8,6 +8,8 @@ the Models page links it, and the MLflow UI opens on that run with its curve."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from pipelines import tracking
@@ -79,7 +81,7 @@ def test_the_served_versions_mlflow_link_opens_its_run_with_the_validation_curve
     served = frame.locator("#versions tr.serving")
     expect(served).to_contain_text("asset_triggered__2026-03-01T11:00:00+00:00", timeout=TIMEOUT_MS)
     link = served.get_by_role("link", name="MLflow run", exact=True)
-    expect(link).to_have_attribute("href", f"{record['url']}")
+    expect(link).to_have_attribute("href", record["url"])
     assert f"/#/experiments/{record['experiment_id']}/runs/{record['run_id']}" in record["url"]
     expect(frame.locator("#versions a.mlflow-link")).to_have_count(1)  # versions 1 and 3 were not tracked
     expect(frame.locator("#runs a.mlflow-link")).to_have_count(1)  # the run that made version 2
@@ -101,6 +103,11 @@ def test_the_served_versions_mlflow_link_opens_its_run_with_the_validation_curve
     mlflow.get_by_role("tab", name="Model metrics").click()
     mlflow.get_by_role("searchbox", name="Search metric charts").fill("val_loss")  # the charts below the fold are drawn lazily
     expect(mlflow.get_by_role("heading", name="val_loss", exact=True)).to_be_visible(timeout=TIMEOUT_MS)
+    expect(mlflow.locator(".js-plotly-plot .scatterlayer .point")).to_have_count(len(VAL_LOSS), timeout=TIMEOUT_MS)  # drawn by plotly
     mlflow.screenshot(path=tmp_path / "mlflow_curves.png")
     assert not failed, f"failed requests on the Flywheel pages: {failed}"
+
+    # links.js follows the Airflow run's link (target _top) out of the iframe the same way
+    served.locator("a.run-link").click()
+    expect(page).to_have_url(re.compile(r"/dags/retrain__flights/runs/asset_triggered__2026-03-01T11%3A00%3A00%2B00%3A00$"))
     print(f"screenshots in {tmp_path}")

@@ -199,8 +199,13 @@ def test_answers_keep_their_tokens_when_long_prompts_are_cut(tiny_llama):
 
 
 @pytest.mark.parametrize(("method", "dataset"), [("qlora", "review_instructions"), ("lora", "review_chat")])
-def test_instruction_tuning_lowers_held_out_loss(reviews_project, tiny_llama, method, dataset):
+def test_instruction_tuning_lowers_held_out_loss(reviews_project, tiny_llama, method, dataset, mlflow_server):
+    from mlflow import MlflowClient
+
+    from pipelines.config import TrackingConfig
+
     config, _ = reviews_project
+    config = config.model_copy(update={"tracking": TrackingConfig(uri=mlflow_server)})  # a fine-tune is an MLflow run too
     checked = check(
         config.finetune,
         params(base_model=str(tiny_llama), task="causal-lm", method=method, r=8, alpha=16, target_modules=LLAMA_MODULES,
@@ -216,6 +221,11 @@ def test_instruction_tuning_lowers_held_out_loss(reviews_project, tiny_llama, me
     decision = evaluate(config, trained["candidate"], None)
     assert decision["challenger"]["loss"] < 0.8 * decision["base"]["loss"], decision
     assert decision["decision"] == PROMOTED
+    client, run_id = MlflowClient(mlflow_server), trained["tracking"]["run_id"]
+    logged = client.get_run(run_id).data
+    assert logged.params["params.method"] == method and logged.tags["flywheel.kind"] == "finetune"
+    assert [m.step for m in client.get_metric_history(run_id, "val_loss")] == [0, 1]  # 2 epochs, one point each
+    assert logged.metrics["gate.base.loss"] == pytest.approx(decision["base"]["loss"]) and logged.tags["flywheel.gate_decision"] == PROMOTED
     # a retried task reuses the finished candidate instead of training again
     again = finetune(config, checked, data.version(config, dataset))
     assert again["reused"] and again["candidate"] == trained["candidate"]

@@ -293,6 +293,67 @@ def test_a_text_version_row_names_the_checkpoint_it_was_fine_tuned_from():
     assert row["base_model"] == BASE_MODEL and row["metric"] == "accuracy" and row["metrics"][0]["base"] == TEXT_BASE["accuracy"]
 
 
+MLFLOW = "http://127.0.0.1:5000"
+
+
+def tracked(status: str = "logged", run_id: str = "0f3a9c1d2b", url: str | None = None, detail: str | None = None) -> dict:
+    """A ``tracking`` record as ``pipelines.tracking.open_run`` writes it and publish copies into a lineage."""
+    logged = status == "logged"
+    return {
+        "status": status,
+        "store": MLFLOW if logged else "sqlite:////home/artifacts/candidates/flights_delay/c1/mlflow/mlflow.db",
+        "run_id": run_id,
+        "experiment_id": "3",
+        "url": url if url is not None or not logged else f"{MLFLOW}/#/experiments/3/runs/{run_id}",
+        "detail": detail or (f"MLflow at {MLFLOW}" if logged else f"tracking server unavailable (GET {MLFLOW}/health failed: [Errno 111] Connection refused)"),
+    }
+
+
+def test_the_plugins_tracking_statuses_are_pipelines_own():
+    from pipelines import tracking
+
+    assert (data.LOGGED, data.LOCAL, data.OFF) == (tracking.LOGGED, tracking.LOCAL, tracking.OFF)
+
+
+def test_a_version_row_links_its_mlflow_run_when_it_was_logged_to_the_server():
+    row = data.version_row(2, {"tracking": tracked()}, served=2)
+
+    assert row["tracking"] == {
+        "status": "logged", "url": f"{MLFLOW}/#/experiments/3/runs/0f3a9c1d2b", "run_id": "0f3a9c1d2b", "experiment_id": "3", "detail": f"MLflow at {MLFLOW}",
+    }
+
+
+def test_a_run_tracked_locally_has_no_link_and_says_why():
+    row = data.version_row(2, {"tracking": tracked("local")}, served=2)
+
+    assert row["tracking"]["status"] == "local" and row["tracking"]["url"] is None and row["tracking"]["run_id"] == "0f3a9c1d2b"
+    assert "Connection refused" in row["tracking"]["detail"]
+
+
+@pytest.mark.parametrize("lineage", [{}, {"tracking": None}, {"tracking": tracked("off", run_id=None, detail="tracking.uri is null: not tracked")}])
+def test_a_version_not_tracked_has_no_mlflow_run(lineage):
+    assert data.version_row(1, lineage, served=2)["tracking"] is None
+
+
+@pytest.mark.parametrize("url", ["javascript:alert(1)", "file:///etc/passwd", "//elsewhere.example/run", "", None])
+def test_only_an_http_url_of_a_logged_run_becomes_a_link(url):
+    record = {**tracked(), "url": url}
+
+    shaped = data.tracking_link(record)
+
+    assert shaped is not None and shaped["url"] is None and shaped["run_id"] == "0f3a9c1d2b"  # still named, never linked
+    assert data.tracking_link({**tracked("local"), "url": f"{MLFLOW}/#/experiments/3/runs/x"})["url"] is None  # a local store has no page there
+
+
+def test_a_refused_challengers_run_row_links_its_mlflow_run():
+    record = {"gate": {"decision": NOT_PROMOTED, "reason": "roc_auc 0.6120 does not beat the champion's 0.7043 by 0.002"}, "tracking": tracked(run_id="9e8d")}
+
+    row = data.run_row(record)
+
+    assert row["decision"] == NOT_PROMOTED and row["tracking"]["url"] == f"{MLFLOW}/#/experiments/3/runs/9e8d"
+    assert data.run_row({"gate": {"decision": PROMOTED}})["tracking"] is None
+
+
 def test_the_serving_history_is_newest_first_and_a_torn_line_is_shown_not_hidden():
     lines = [
         json.dumps({"time": "2026-03-01T02:14:10+00:00", "event": "publish", "version": 1, "previous": None, "run_id": "a"}),
@@ -639,6 +700,44 @@ def test_the_models_page_shows_the_interval_of_the_difference_and_the_slices(log
     assert hostile not in html and "&lt;img src=x onerror=" in html
     assert "lower bound of the 95% interval" in html  # the rule, in the lead
     assert html.count('0.5000 <span class="muted"') == 1  # the champion's threshold is the default
+
+
+def test_the_models_page_links_each_tracked_version_and_run_to_its_mlflow_run(logged_in, project):
+    from pipelines.artifacts import LINEAGE_FILE
+    from pipelines.serving.publish import run_record_path, run_records
+
+    write_versions(project)
+    track = {2: tracked(run_id="a1b2"), 1: tracked("local", run_id="c3d4")}
+    for version, record in track.items():
+        path = project.served_model_dir / str(version) / LINEAGE_FILE
+        write_json(path, {**json.loads(path.read_text()), "tracking": record})
+    refused = next(r for r in run_records(project.artifacts_dir) if r["gate"]["decision"] == NOT_PROMOTED)
+    write_json(run_record_path(project.artifacts_dir, refused["airflow"]["run_id"]), {**refused, "tracking": tracked(run_id="e5f6")})
+
+    page = logged_in.get("/flywheel/projects/flights/models").text
+
+    versions, runs = page[page.index('id="versions"') : page.index('id="history"')], page[page.index('id="runs"') :]
+    link = f'<a class="mlflow-link" href="{MLFLOW}/#/experiments/3/runs/a1b2" target="_blank" rel="noopener" title="MLflow at {MLFLOW}">MLflow run</a>'
+    assert link in versions and versions.count('class="mlflow-link"') == 1
+    served = versions.split('<tr class="serving">')[1].split('<tr class="">')[0]  # up to version 1's row
+    assert link in served  # the served version's row
+    assert f'title="{html.escape(track[1]["detail"])}">tracked locally (server unavailable)</span>' in versions  # why, as its tooltip
+    assert f'href="{MLFLOW}/#/experiments/3/runs/e5f6"' in runs and runs.count('class="mlflow-link"') == 1  # the refused challenger's run
+    assert '<script src="/flywheel/static/links.js"></script>' in page  # follows it out of Airflow's sandboxed iframe
+
+
+def test_a_tracking_url_that_is_not_http_is_shown_as_text_never_as_a_link(logged_in, project):
+    from pipelines.artifacts import LINEAGE_FILE
+
+    write_versions(project)
+    hostile = 'javascript:alert("x")'
+    path = project.served_model_dir / "2" / LINEAGE_FILE
+    write_json(path, {**json.loads(path.read_text()), "tracking": {**tracked(run_id="<b>r</b>"), "url": hostile}})
+
+    page = logged_in.get("/flywheel/projects/flights/models").text
+
+    assert "javascript:" not in page and 'class="mlflow-link"' not in page
+    assert "MLflow: logged" in page and "&lt;b&gt;r&lt;/b&gt;" in page and "<b>r</b>" not in page
 
 
 # --- the performance chart of the Models page ----------------------------------------------------

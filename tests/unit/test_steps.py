@@ -50,7 +50,7 @@ def test_a_run_trains_only_on_new_data_or_when_a_param_asks(project, monkeypatch
     from pipelines.serving.publish import run_record_path
 
     version = {"data/flights/raw.parquet": "a", "data/flights/split/train.parquet": "t"}
-    none_set = {"force_publish": False, "force_reason": "", "max_epochs": None, "learning_rate": None, "confirm_batches": []}  # the form's defaults
+    none_set = {"reason": "", "force_publish": False, "force_reason": "", "max_epochs": None, "learning_rate": None, "hyperparameters": {}, "confirm_batches": []}  # the form's defaults
     assert steps.needs_training("flights", version, none_set) == {"train": True, "reason": "no run has trained this project yet"}
 
     record = {"data_version": version, "airflow": {"run_id": "night1"}, "created_at": "2026-11-30T02:00:00+00:00", "gate": {"decision": "promoted"}}
@@ -63,6 +63,7 @@ def test_a_run_trains_only_on_new_data_or_when_a_param_asks(project, monkeypatch
     changed = version | {"data/flights/split/train.parquet": "u"}
     assert steps.needs_training("flights", changed, none_set) == {"train": True, "reason": "the data changed since run night1"}
     assert steps.needs_training("flights", version, none_set | {"max_epochs": 3}) == {"train": True, "reason": "the run's Params set ['max_epochs']"}
+    assert steps.needs_training("flights", version, none_set | {"hyperparameters": {"dropout": 0.2}})["train"]  # what tune__flights proposes
 
 
 # --- the audit trail of a person's runs ------------------------------------------------------
