@@ -276,9 +276,9 @@ def test_a_tune_run_searches_in_parallel_lanes_prunes_and_proposes_its_best_thro
     assert len(runs) == 6 and len({r.data.tags.get("mlflow.parentRunId") for r in runs}) == 1
 
     # the best trial's settings went to retrain__flights, whose gate judged them against the champion
-    (proposed,) = [r for r in airflow.dag_runs(RETRAIN) if r["run_id"] == airflow.xcom("tune__flights", run_id, "propose", key="trigger_run_id")]
-    assert airflow.wait_for_run(RETRAIN, proposed["run_id"], timeout=900) == "success"
-    gate = airflow.xcom(RETRAIN, proposed["run_id"], "gate")
+    proposed = airflow.xcom("tune__flights", run_id, "propose", key="trigger_run_id")
+    assert airflow.wait_for_run(RETRAIN, proposed, timeout=900) == "success", airflow.task_instances(RETRAIN, proposed)
+    gate = airflow.xcom(RETRAIN, proposed, "gate")
     assert gate["champion_version"] == served and gate["decision"] in (PROMOTED, NOT_PROMOTED)
-    lineage = json.loads(run_record_path(config.artifacts_dir, proposed["run_id"]).read_text())
+    lineage = json.loads(run_record_path(config.artifacts_dir, proposed).read_text())
     assert lineage["overrides"]["hyperparameters"] == chosen["hyperparameters"] and "tune study e2e" in lineage["overrides"]["reason"]
