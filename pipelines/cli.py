@@ -89,7 +89,7 @@ def cmd_up(args: argparse.Namespace) -> None:
     deployment = load_deployment()
     airflow = LocalAirflow(REPO / ".airflow", REPO / "dags", REPO / "plugins", port=args.port, extra_env={"FLYWHEEL_HOME": str(deployment.home)})
     triton = TritonServer(deployment)
-    # No tracking.uri: no server, and each training run logs to its candidate folder.
+    # No tracking.uri: no server, and nothing is tracked.
     mlflow = MlflowServer(deployment) if deployment.tracking.uri else None
     with only_instance(airflow.airflow_home, airflow_port=args.port, triton=triton.url, mlflow=mlflow.url if mlflow else "off"), contextlib.ExitStack() as running:
         if mlflow:  # launched first, ready checked last: its start-up runs beside Triton's and Airflow's
@@ -98,7 +98,7 @@ def cmd_up(args: argparse.Namespace) -> None:
         running.enter_context(triton)
         running.enter_context(airflow)
         servers: dict[str, Supervised] = {"Triton": triton, "Airflow": airflow}
-        tracking = "MLflow:  off (tracking.uri is null; training runs log to their candidate folders)"
+        tracking = "MLflow:  off (tracking.uri is null: training runs are not tracked)"
         if mlflow:
             mlflow.wait_ready()
             servers["MLflow"] = mlflow

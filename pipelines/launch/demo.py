@@ -405,6 +405,6 @@ def report(home: Path, blocks: dict[str, list[Row]], serving: list[str]) -> str:
         f"Airflow UI:       run `make up`, then http://localhost:8080 (user admin, password in {AIRFLOW_HOME / PASSWORDS_FILE}); the Flywheel menu lists the projects",
         f"MLflow UI:        run `make up`, then {tracking.ui_url} (an experiment per project: each training run's params, curves and ONNX file)"
         if tracking.uri
-        else "MLflow UI:        off (tracking.uri is null in projects/defaults.yaml): each training run logged to its candidate folder",
+        else "MLflow UI:        off (tracking.uri is null in projects/defaults.yaml): training runs are not tracked",
     ]
     return "\n".join(lines)
