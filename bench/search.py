@@ -8,6 +8,8 @@
    are its random start-up (Optuna's default ``n_startup_trials``), drawn as random search draws
    them with the same seed, so the two differ from trial 11 on. Printed: best val_loss
    after each trial count, pruned trials, wall seconds per trial.
+   Then the gate's metric on the test split of a candidate trained with the best trial's
+   settings (what ``propose`` sends to retrain) against one trained with params.yaml's.
 2. **Tracking overhead.** Seconds per epoch of the same training (seeded, ``--epochs``) with
    tracking off and logging to a real MLflow tracking server started here (the per-epoch
    curves; the run's params and summary are logged outside the timed fit), in alternating
@@ -35,7 +37,7 @@ def search(config, sampler_name: str, trials: int, epochs: int) -> dict:
     """One study of ``trials`` trials through tune's own objective; its best value, pruned count, seconds a trial."""
     import optuna
 
-    from pipelines.tuning import _storage, check, trial_objective
+    from pipelines.tuning import _storage, best, check, trial_objective
 
     run = {"dag_id": "bench", "run_id": f"bench-{sampler_name}"}
     checked = check(config, {"n_trials": trials, "parallelism": 1, "study": f"bench-{sampler_name}"}, run)[0] | {"max_epochs": epochs}
@@ -56,12 +58,23 @@ def search(config, sampler_name: str, trials: int, epochs: int) -> dict:
         best_so_far.append(min(values) if values else float("nan"))
     return {
         "best": min(values),
+        "proposal": best(config, checked, run) if sampler_name == "tpe" else None,
         "curve": best_so_far,
         "pruned": sum(t.state == optuna.trial.TrialState.PRUNED for t in study.trials),
         "failed": sum(t.state == optuna.trial.TrialState.FAIL for t in study.trials),
         "seconds_per_trial": seconds / trials,
         "baseline": study.trials[0].value,
     }
+
+
+def gate_metric(config, data_version: dict, hyperparameters: dict) -> float:
+    """The gate's metric on the test split of a candidate trained as retrain would with these
+    ``hyperparameters`` ({}: params.yaml's), exported and scored by the gate (no champion)."""
+    from pipelines import steps
+
+    trained = steps.train(config.name, data_version, hyperparameters)
+    steps.export(config.name, trained["candidate"])
+    return float(steps.gate(config.name, trained["candidate"], False, "")["challenger"][config.gate.metric])
 
 
 def epoch_seconds(config, epochs: int, uri: str | None, round_: int) -> float:
@@ -100,7 +113,7 @@ def main() -> int:
 
     with throwaway_project(args.months, args.rows, {"tune": {"max_epochs": args.epochs}}) as config:
         steps.validate(config.name)
-        steps.version_data(config.name)
+        data_version = steps.version_data(config.name)["data_version"]
         print(f"data: {', '.join(args.months)} ({'all' if args.rows is None else args.rows} flights a month); {args.trials} trials a search, {args.epochs} epochs a trial")
 
         results = {name: search(config, name, args.trials, args.epochs) for name in ("tpe", "random")}
@@ -111,6 +124,12 @@ def main() -> int:
             print(f"{name:>6}: best {r['best']:.5f} (params.yaml {r['baseline']:.5f}), {r['pruned']} pruned, {r['failed']} failed, {r['seconds_per_trial']:.1f} s a trial")
         print_ratio("best val_loss, TPE+pruning / random search (below 1: TPE better)", results["tpe"]["best"] / results["random"]["best"])
         print_ratio("seconds a trial, TPE+pruning / random search", results["tpe"]["seconds_per_trial"] / results["random"]["seconds_per_trial"])
+        proposal = results["tpe"]["proposal"]
+        print(f"\nproposed to retrain: {proposal['hyperparameters']} ({proposal['reason']})")
+        defaults, tuned = gate_metric(config, data_version, {}), gate_metric(config, data_version, proposal["hyperparameters"])
+        metric = config.gate.metric
+        print(f"gate metric on the test split ({metric}): params.yaml {defaults:.4f}, best trial {tuned:.4f} (one seed each: the gate's seed_noise is {config.gate.seed_noise})")
+        print_ratio(f"{metric} of the best trial's settings / params.yaml's", tuned / defaults)
 
         (port,) = free_ports(1)
         server_home = config.home / "mlflow-server"
