@@ -47,11 +47,12 @@ def tune_dag(project: str):
         tags=["flywheel", "training", f"project:{project}"],
         doc_md=__doc__,
         params={
-            "n_trials": Param(None, type=["null", "integer"], minimum=0, maximum=500, description="Trials in this run (empty: tune.n_trials)."),
+            "n_trials": Param(None, type=["null", "integer"], minimum=1, maximum=500, description="Trials in this run (empty: tune.n_trials)."),
             "parallelism": Param(None, type=["null", "integer"], minimum=1, maximum=32, description="Trials at once (empty: tune.parallelism)."),
             "timeout_minutes": Param(None, type=["null", "number"], minimum=0, maximum=1440, description="No trial starts after this (empty: tune.timeout_minutes)."),
             "space": Param({}, type="object", description="A search space replacing tune.space for this run (empty: tune.space)."),
-            "study": Param("", type="string", maxLength=100, description="The Optuna study (empty: the project's name); an existing one must have the same space."),
+            # null by default: Airflow's form requires a string Param, so "" would block the Trigger button
+            "study": Param(None, type=["null", "string"], maxLength=100, description="The Optuna study (empty: the project's name); an existing one must have the same space."),
         },
     )
     def tune():

@@ -14,7 +14,7 @@
    the median of the completed trials' at that epoch (``PruneOnValLoss``). A trial that raises is
    recorded as FAIL and the lane goes on; no trial starts after the run's deadline.
 3. ``best``: the best completed trial, recorded in the project's lineage
-   (``artifacts/<p>/tune/<study>.json``) and in the study's MLflow run, and proposed to
+   (``artifacts/<p>/tune/<study>/<run>.json``) and in the study's MLflow run, and proposed to
    ``retrain__<project>`` as its ``hyperparameters`` Param: the candidate it trains goes through
    the normal gate, never straight to serving.
 
@@ -191,7 +191,7 @@ def trial_objective(config: ProjectConfig, checked: Record, run: Record, lane: i
 def best(config: ProjectConfig, checked: Record, run: Record) -> Record:
     """The study's best completed trial (``checked``: a lane's record of ``check``) as the
     ``hyperparameters`` a retrain trains with, and
-    the study's record in lineage (``artifacts/<p>/tune/<study>.json``) and in its MLflow run.
+    the study's record in lineage (``artifacts/<p>/tune/<study>/<run>.json``) and in its MLflow run.
     ``TuneError`` when no trial of this run completed (their states and first error named)."""
     import optuna
 
@@ -258,7 +258,11 @@ def _trial(config: ProjectConfig, checked: Record, trial: optuna.Trial, chosen: 
     """Fit one trial's model into a scratch folder (deleted after: only its numbers are kept)."""
     import optuna
 
-    train_settings, architecture = with_hyperparameters(config, chosen | {"max_epochs": checked["max_epochs"]})
+    try:
+        train_settings, architecture = with_hyperparameters(config, chosen | {"max_epochs": checked["max_epochs"]})
+    except ConfigError as error:  # a drawn value training refuses: the trial fails, named
+        trial.set_user_attr("error", f"{type(error).__name__}: {error}"[:1000])
+        raise
     folder = _study_dir(config, checked["study"]) / "trials" / f"{trial.number}"
     shutil.rmtree(folder, ignore_errors=True)
     parent = checked["tracking"].get("run_id")
@@ -327,5 +331,8 @@ def _from_choice(dimension: SearchDimension, value: Any) -> Any:
 def _extremes(dimension: SearchDimension) -> list[Any]:
     if dimension.type == "categorical":
         return list(dimension.choices or [])
-    bounds = [dimension.low, dimension.high]
-    return [int(b) if dimension.type == "int" else b for b in bounds if b is not None]
+    assert dimension.low is not None and dimension.high is not None  # the model's validator
+    if dimension.type == "int":
+        return [int(dimension.low), int(dimension.high)]
+    # a point between the bounds with a fraction: a float range on an integer setting is refused here
+    return [dimension.low, dimension.high, dimension.low + (dimension.high - dimension.low) / 3]

@@ -73,7 +73,8 @@ def publish(
         "export": read_json(folder / "export.json"),
         "gate": gate,
         "airflow": run,
-        "tracking": tracking.candidate_run(folder),  # the MLflow run of the candidate; tagged with the version below
+        # the MLflow run of the candidate, with what training lost of it; tagged with the version below
+        "tracking": training.get("tracking") or tracking.candidate_run(folder),
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "version": None,
     }

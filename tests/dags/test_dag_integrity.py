@@ -157,7 +157,8 @@ def test_tune_maps_its_lanes_and_proposes_the_best_to_the_projects_own_retrain(d
     good = ParamsDict(dag.params)
     good.update({"n_trials": 6, "parallelism": 2, "timeout_minutes": 10, "space": {"dropout": {"type": "float", "low": 0, "high": 0.3}}, "study": "s1"})
     good.validate()
-    for bad in ({"parallelism": 0}, {"n_trials": "six"}, {"space": "dropout"}, {"timeout_minutes": -1}):
+    ParamsDict(dag.params).validate()  # the form's defaults trigger a run (the project's study and tune section)
+    for bad in ({"parallelism": 0}, {"n_trials": 0}, {"n_trials": "six"}, {"space": "dropout"}, {"timeout_minutes": -1}):
         with pytest.raises(ParamValidationError, match=f"Invalid input for param {next(iter(bad))}"):
             ParamsDict(dag.params).update(bad)
 

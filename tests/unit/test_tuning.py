@@ -44,6 +44,7 @@ def run_all(config, params, run=RUN):
         ({"space": {"momentum": {"type": "float", "low": 0.1, "high": 0.9}}}, "not tunable"),
         ({"space": {"dropout": {"type": "float", "low": 0.1, "high": 1.5}}}, "space.dropout allows 1.5"),
         ({"space": {"batch_size": {"type": "categorical", "choices": [64, "big"]}}}, "space.batch_size allows 'big'"),
+        ({"space": {"batch_size": {"type": "float", "low": 256, "high": 2048}}}, "space.batch_size allows 853.33"),
         ({"n_trials": 0}, "n_trials"),
         ({"timeout_minutes": 0}, "timeout_minutes"),
         ({"parallelism": 0}, "parallelism"),
