@@ -533,6 +533,5 @@ def finetune_publish(project: str, candidate: str, export_folder: str | None, de
         lineage["served"] = "no: causal LMs are not served through Triton; the adapter and its lineage are the result"
     path = write_json(run_record_path(config.artifacts_dir, run["run_id"]), lineage)
     if lineage["version"] is not None:
-        tags = {tracking.VERSION_TAG: str(lineage["version"]), tracking.LINEAGE_TAG: config.portable(path)}
-        tracking.log_to(lineage["tracking"], tags=tags, timeout_s=config.tracking.timeout_s)
+        tracking.tag_version(lineage["tracking"], lineage["version"], config.portable(path), config.tracking.timeout_s)
     return {"decision": decision["decision"], "version": lineage["version"], "lineage": config.portable(path)}

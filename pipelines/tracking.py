@@ -145,6 +145,16 @@ def log_decision(folder: Path, decision: Record, timeout_s: float = 5.0) -> bool
     return log_to(candidate_run(folder), metrics, tags, timeout_s=timeout_s)
 
 
+def airflow_tags(run: Record | None) -> dict[str, str]:
+    """The Airflow run as run tags: ``airflow.dag_id``, ``airflow.run_id`` (those it has)."""
+    return {f"airflow.{k}": str(run[k]) for k in ("dag_id", "run_id") if run and run.get(k)}
+
+
+def tag_version(record: Record, version: int, lineage: str, timeout_s: float = 5.0) -> bool:
+    """Name the version a run became and its lineage record (path from the home) on the run."""
+    return log_to(record, tags={VERSION_TAG: str(version), LINEAGE_TAG: lineage}, timeout_s=timeout_s)
+
+
 def finish(record: Record, status: str = "FINISHED", timeout_s: float = 5.0) -> None:
     """End the run with MLflow's ``status`` (FINISHED, FAILED, KILLED); a warning if the store
     does not answer."""

@@ -126,7 +126,7 @@ def check(config: ProjectConfig, params: Record, run: Record) -> list[Record]:
         study.enqueue_trial(baseline, user_attrs={"baseline": True})  # params.yaml's own settings: trial 0
     lanes = [[lane, len(range(lane, tune.n_trials, tune.parallelism))] for lane in range(min(tune.parallelism, tune.n_trials))]
     deadline = datetime.now(timezone.utc) + timedelta(minutes=tune.timeout_minutes)
-    tags = {"flywheel.kind": "tune", "optuna.study": name, **{f"airflow.{k}": str(run[k]) for k in ("dag_id", "run_id") if run.get(k)}}
+    tags = {"flywheel.kind": "tune", "optuna.study": name, **tracking.airflow_tags(run)}
     study_run = tracking.open_run(config.tracking, config.name, _study_dir(config, name) / run_folder(run), f"tune-{name}", {"tune": tune.model_dump(mode="json")}, tags)
     shared = {
         "study": name,

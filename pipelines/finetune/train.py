@@ -153,8 +153,7 @@ def finetune(config: TextProjectConfig, params: Record, data_version: dict[str, 
         log.info("candidate %s was already trained on these inputs: reusing it", folder.name)
         result = read_json(folder / CANDIDATE_FILE)["result"]
     else:
-        airflow = {f"airflow.{k}": str(run[k]) for k in ("dag_id", "run_id") if run and run.get(k)}
-        tags = {"flywheel.candidate": folder.name, "flywheel.kind": "finetune", **airflow}
+        tags = {"flywheel.candidate": folder.name, "flywheel.kind": "finetune", **tracking.airflow_tags(run)}
         tracked = tracking.open_run(config.tracking, config.name, folder, f"{params['dataset']}-{folder.name[:8]}", inputs, tags)
         try:
             result = _fit(config.finetune, params, base, labels, train_records, splits["val"], inputs, folder, tracked, config.tracking.timeout_s)

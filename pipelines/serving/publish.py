@@ -119,8 +119,7 @@ def publish(
         log.info("not promoted: %s; the candidate stays in %s with its metrics", gate["reason"], folder)
     record = write_json(run_record_path(config.artifacts_dir, run["run_id"]), lineage)
     if lineage["version"] is not None:
-        tags = {tracking.VERSION_TAG: str(lineage["version"]), tracking.LINEAGE_TAG: config.portable(record)}
-        tracking.log_to(lineage["tracking"], tags=tags, timeout_s=config.tracking.timeout_s)
+        tracking.tag_version(lineage["tracking"], lineage["version"], config.portable(record), config.tracking.timeout_s)
     report(config, gate["decision"], gate)
     routed = repository.route_of(model_dir)
     return {

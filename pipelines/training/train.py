@@ -89,8 +89,8 @@ def train(config: ProjectConfig, data_version: dict[str, str], hyperparameters: 
         record = read_json(folder / CANDIDATE_FILE)
         log.info("candidate %s was already trained on these inputs: reusing it", key)
     else:
-        airflow = {f"airflow.{k}": str(run[k]) for k in ("dag_id", "run_id") if run and run.get(k)}
-        tracked = tracking.open_run(config.tracking, config.name, folder, f"{architecture.name}-{key[:8]}", inputs, {"flywheel.candidate": key, **airflow})
+        tags = {"flywheel.candidate": key, **tracking.airflow_tags(run)}
+        tracked = tracking.open_run(config.tracking, config.name, folder, f"{architecture.name}-{key[:8]}", inputs, tags)
         try:
             record = fit(settings, architecture, config.dataset, paths, folder, tracked, config.tracking.timeout_s)
         except BaseException:
