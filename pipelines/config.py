@@ -34,7 +34,7 @@ PARAMS_FILE = "params.yaml"
 SUITE_FILE = "expectations.json"
 DEFAULTS_FILE = "defaults.yaml"  # in projects/: what every project of the deployment shares
 PROJECT_NAME = r"^[a-z][a-z0-9_]*$"
-# Without an id column, a row's id is a hash of its values (pipelines.data.ingest.row_ids).
+# Without an id column, a row's id is a hash of its values (pipelines.data.raw.row_ids).
 ROW_ID = "row_id"
 # Each raw row's batch: the batch's file name in the archive (pipelines.data.batches).
 BATCH = "_batch"
@@ -86,7 +86,7 @@ class Label(Strict):
 class DatasetConfig(Strict):
     name: str = Field(pattern=PROJECT_NAME)
     landing_dir: Path
-    raw_path: Path  # a parquet file inside the project's DVC repository (data_dir)
+    raw_path: Path  # a directory of parquet parts, one per batch, inside the project's DVC repository (data_dir)
     archive_dir: Path
     quarantine_dir: Path
     expectation_suite: Path
@@ -123,6 +123,9 @@ class DatasetConfig(Strict):
         return [*ids, *(f.name for f in self.features), self.label.column]
 
 
+WINDOW = re.compile(r"^\s*([1-9][0-9]*)\s*(day|week|month|year)s?\s*$")
+
+
 class SplitConfig(Strict):
     output_dir: Path
     # Seeds the hash split of a project without a time column (and samples drawn from the split).
@@ -130,6 +133,26 @@ class SplitConfig(Strict):
     train: float = Field(gt=0, lt=1)
     val: float = Field(gt=0, lt=1)
     test: float = Field(gt=0, lt=1)
+    # Only the latest rows are split (then trained on): "N days|weeks|months|years" back from the
+    # newest time in the raw data, so a nightly retrain costs the same however long the history.
+    # None: all of it. Needs a time column.
+    window: str | None = Field(default=None, description='e.g. "12 months": split only the rows this recent')
+
+    @field_validator("window")
+    @classmethod
+    def _window_form(cls, window: str | None) -> str | None:
+        if window is not None and not WINDOW.match(window):
+            raise ValueError(f'split.window must be a count and a unit such as "90 days", "8 weeks", "12 months" or "2 years", got {window!r}')
+        return window
+
+    @property
+    def window_length(self) -> tuple[int, str] | None:
+        """``split.window`` as (count, unit in the plural: days, weeks, months, years), or None."""
+        if self.window is None:
+            return None
+        match = WINDOW.match(self.window)
+        assert match is not None  # validated
+        return int(match[1]), f"{match[2]}s"
 
     @model_validator(mode="after")
     def _sums_to_one(self) -> SplitConfig:
@@ -156,6 +179,9 @@ class TrainConfig(Strict):
     learning_rate: float = Field(gt=0)
     patience: int = Field(ge=1)
     seed: int
+    # At most this many training rows a run: a sample seeded by ``seed`` when the train split is
+    # larger, so that a run costs the same however large the split grows. None: every row.
+    max_rows: int | None = Field(default=None, ge=1)
 
 
 Metric = Literal["roc_auc", "f1", "log_loss", "rmse", "mae"]
@@ -569,6 +595,18 @@ class Project(Deployment):
             raise ValueError(f"{', '.join(outside)} must lie inside data_dir {self.data_dir} (the project's DVC repository)")
 
 
+class DataEngine(str, Enum):
+    duckdb = "duckdb"  # this machine, in bounded memory
+    spark = "spark"  # a Spark cluster (data.spark_master)
+
+
+class DataConfig(Strict):
+    """Where the data steps (validation and the split) run. Both engines give the same outputs."""
+
+    engine: DataEngine = DataEngine.duckdb
+    spark_master: str = Field(default="local[2]", min_length=1, description="Spark master URL: local[N], spark://host:7077")
+
+
 class ProjectConfig(Project):
     """A tabular project."""
 
@@ -583,6 +621,13 @@ class ProjectConfig(Project):
     performance: PerformanceConfig = PerformanceConfig()
     rollout: RolloutConfig = RolloutConfig()
     tune: TuneConfig = TuneConfig()
+    data: DataConfig = DataConfig()
+
+    @model_validator(mode="after")
+    def _window_needs_time(self) -> ProjectConfig:
+        if self.split.window is not None and self.dataset.time_column is None:
+            raise ValueError(f"split.window {self.split.window!r} needs dataset.time_column; without one, cap training with train.max_rows")
+        return self
 
     @model_validator(mode="after")
     def _metric_fits_task(self) -> ProjectConfig:
@@ -685,7 +730,7 @@ def state_defaults(name: str, kind: ProjectKind) -> dict[str, Any]:
             "dataset": {
                 "name": name,
                 "landing_dir": f"landing/{name}",
-                "raw_path": f"{data}/raw.parquet",
+                "raw_path": f"{data}/raw",
                 "archive_dir": f"{data}/archive",
                 "quarantine_dir": f"quarantine/{name}",
                 "expectation_suite": f"{PROJECTS_DIR}/{name}/{SUITE_FILE}",

@@ -8,8 +8,8 @@ happened to each batch, a lock on the raw data, and taking a batch back.
   rows; ``held``: a batch the label check kept out of the raw data, with its evidence and
   quarantine folder; ``confirmed``: a held batch a person sent on). ``flywheel batches
   <project>`` reads it with the raw data.
-* ``data_lock`` serialises what rewrites or reads the raw data as a whole (ingestion, the DVC
-  split, a revert) across processes on one machine or a shared home: a revert that meets a
+* ``data_lock`` serialises what writes the raw data's parts or reads them as a whole (ingestion,
+  the DVC split, a revert) across processes on one machine or a shared home: a revert that meets a
   running retrain waits, then refuses naming the holder.
 """
 
@@ -17,15 +17,11 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 
-import pandas as pd
-import pyarrow.parquet as pq
-
-from pipelines.config import BATCH, ProjectConfig
+from pipelines.config import ProjectConfig
 from pipelines.errors import DataLocked, NotRetryable
 from pipelines.lineage import Record, write_json
 from pipelines.locks import Held, holding
@@ -109,12 +105,13 @@ def list_batches(config: ProjectConfig) -> list[Record]:
     the reason and time). Then the batches held for review (``held_batches``), never in the raw
     data: ``batch`` and ``source`` their landed name, ``status`` ``held``, ``held_at`` and
     ``quarantine``."""
+    from pipelines.data import raw
+
     batches = _ledger(config)
-    raw = config.dataset.raw_path
-    if batches and raw.exists() and BATCH in pq.read_schema(raw).names:
-        counts = pd.read_parquet(raw, columns=[BATCH])[BATCH].value_counts()
+    counts = raw.batch_rows(config.dataset)  # each batch's part's footer: no rows read
+    if batches and counts:
         for name, entry in batches.items():
-            entry["rows"] = int(counts.get(name, 0))
+            entry["rows"] = counts.get(name, 0)
             if entry["rows"] == 0 and entry["status"] == "in raw":
                 entry["status"] = "replaced"
     held = [
@@ -146,6 +143,7 @@ def revert(config: ProjectConfig, batch: str, reason: str, by: Record, timeout: 
     ``ValueError`` without a reason; ``UnknownBatch`` naming the batches there are;
     ``DataLocked`` when another step holds the raw data for more than ``timeout`` seconds.
     """
+    from pipelines.data import raw
     from pipelines.data.ingest import move_into, quarantine_folder
     from pipelines.data.versioning import version_split
 
@@ -153,29 +151,24 @@ def revert(config: ProjectConfig, batch: str, reason: str, by: Record, timeout: 
         raise ValueError("a revert needs a reason: it is recorded with the batch in quarantine and in the ledger")
     dataset = config.dataset
     with data_lock(config.data_dir, f"revert of {batch}", timeout):
-        raw = pd.read_parquet(dataset.raw_path) if dataset.raw_path.exists() else pd.DataFrame(columns=[BATCH])
-        if BATCH not in raw.columns:
-            raw = raw.assign(**{BATCH: None})
-        removed = raw[BATCH] == batch
-        if not removed.any():
+        raw.migrate_legacy(dataset)
+        removed = raw.remove(dataset, batch)  # the batch's part: its rows, and only its rows
+        if not removed:
             listed = {b["batch"]: b for b in list_batches(config)}
             if batch in listed and listed[batch]["status"] != "in raw":
                 why = f" ({listed[batch]['reason']})" if "reason" in listed[batch] else ""
                 raise UnknownBatch(f"project {config.name}: batch {batch!r} has no rows left in the raw data: it was {listed[batch]['status']}{why}")
-            known = sorted(set(raw[BATCH].dropna()))
+            known = sorted(name for name in raw.batch_rows(dataset) if name != raw.UNBATCHED)
             raise UnknownBatch(f"project {config.name}: batch {batch!r} has no rows in the raw data; its batches are {known}")
-        partial = dataset.raw_path.with_name(f".{dataset.raw_path.name}.partial")
-        raw[~removed].to_parquet(partial, index=False)
-        os.replace(partial, dataset.raw_path)
         # Recorded as soon as the rows are gone: the ledger never tells of rows the raw data lacks.
-        record(config, "reverted", batch=batch, reason=reason, by=by, rows_removed=int(removed.sum()))
+        record(config, "reverted", batch=batch, reason=reason, by=by, rows_removed=removed)
         archived = dataset.archive_dir / batch
         folder = quarantine_folder(dataset.quarantine_dir, archived)
-        write_json(folder / REVERTED_FILE, {"batch": batch, "reason": reason, "by": by, "rows_removed": int(removed.sum()), "reverted_at": _now()})
+        write_json(folder / REVERTED_FILE, {"batch": batch, "reason": reason, "by": by, "rows_removed": removed, "reverted_at": _now()})
         if archived.exists():
             move_into(archived, folder)
     versioned = version_split(config)
-    return {"batch": batch, "rows_removed": int(removed.sum()), "quarantine": config.portable(folder), "data_version": versioned["data_version"]}
+    return {"batch": batch, "rows_removed": removed, "quarantine": config.portable(folder), "data_version": versioned["data_version"]}
 
 
 def _now() -> str:

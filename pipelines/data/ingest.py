@@ -4,8 +4,9 @@ Each ``*.csv`` or ``*.parquet`` batch (``*.partial`` files are still being writt
 alone) is read and validated against the dataset's expectation suite, then typed as the later
 steps read it (``pipelines.data.schema``):
 
-* a passing batch is appended to the raw dataset, typed, de-duplicated by id (a re-sent row
-  replaces the older copy), then moved to the archive;
+* a passing batch joins the raw dataset as its own parquet part, typed (``pipelines.data.raw``:
+  a re-sent row replaces the older copy, found by reading only the ids of history), then is moved
+  to the archive;
 * a failing, unreadable or unparseable batch is moved into its own folder in quarantine, with the
   validation result and its Data Docs page. Nothing is deleted;
 * while a version is served, a passing batch is first scored by it (``pipelines.data.label_check``):
@@ -13,26 +14,25 @@ steps read it (``pipelines.data.schema``):
   mis-joined labels) is held for review in its own quarantine folder with the evidence
   (``label_check.json``) instead of joining the raw data, until a run confirms it by name.
 
-The raw dataset is rewritten atomically before the batch leaves landing, so a crash at any
-point leaves the batch in landing and the next run redoes it without duplicating rows.
+The batch's part is written (and older copies of its rows removed) before the batch leaves
+landing, so a crash at any point leaves the batch in landing and the next run redoes it under the
+same name without duplicating rows.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 
 import pandas as pd
-import pyarrow.parquet as pq
 
 from pipelines.artifacts import DOCS_FILE, LABEL_CHECK_FILE, RESULT_FILE
-from pipelines.config import BATCH, ROW_ID, DatasetConfig, FeatureType, MetricsConfig, ProjectConfig
-from pipelines.data import label_check
+from pipelines.config import BATCH, ROW_ID, DatasetConfig, MetricsConfig, ProjectConfig
+from pipelines.data import label_check, raw
 from pipelines.data.batches import LOCK_WAIT_S, data_lock, held_batches, reverted_sources
 from pipelines.data.batches import record as record_batch
 from pipelines.data.schema import read_batch_file, typed
@@ -78,53 +78,14 @@ def quarantine_folder(root: Path, batch: Path) -> Path:
     return folder
 
 
-def raw_rows(dataset: DatasetConfig) -> int:
-    """Rows of the raw dataset; 0 before the first batch is ingested."""
-    path = dataset.raw_path
-    return int(pq.ParquetFile(path).metadata.num_rows) if path.exists() else 0
-
-
-def row_ids(rows: pd.DataFrame) -> pd.Series:
-    """A stable id per row for a dataset without an id column: a hash of the row's values
-    (pandas' ``hash_pandas_object``), so an identical row sent again replaces itself."""
-    return pd.Series(pd.util.hash_pandas_object(rows, index=False).to_numpy().view("int64"), index=rows.index, name=ROW_ID)
-
-
 def append_to_raw(dataset: DatasetConfig, batch: pd.DataFrame, name: str) -> int:
-    """Add a typed batch (``schema.typed``) to the raw dataset, each row marked with the batch's
-    archived file ``name`` (newer copies of an id win); returns the row count. Raw data written
-    before batches were typed is typed on the way."""
-    path = dataset.raw_path
+    """Add a typed batch (``schema.typed``) to the raw dataset as the part of its archived file
+    ``name``, each row marked with it (newer copies of an id win: ``raw.append``); returns the
+    raw dataset's row count."""
     rows = batch[dataset.columns]
     if dataset.id_column is None:
-        rows = rows.assign(**{ROW_ID: row_ids(rows)})
-    rows = rows.assign(**{BATCH: name})
-    parts = [_typed_raw(pd.read_parquet(path), dataset)] if path.exists() else []
-    order = [c for c in (dataset.time_column, dataset.key) if c]
-    combined = (
-        pd.concat([*parts, rows], ignore_index=True)
-        .drop_duplicates(subset=[dataset.key], keep="last")
-        .sort_values(order, kind="stable")
-    )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial")
-    combined.to_parquet(partial, index=False)
-    os.replace(partial, path)
-    return len(combined)
-
-
-def _typed_raw(raw: pd.DataFrame, dataset: DatasetConfig) -> pd.DataFrame:
-    """Raw data as ``schema.typed`` types it: unchanged if it already is, else typed once (with
-    its derived row ids hashed again from the typed values, as a re-sent row's will be)."""
-    time, numeric = dataset.time_column, dataset.columns_of(FeatureType.numeric)
-    if (time is None or isinstance(raw[time].dtype, pd.DatetimeTZDtype)) and all(raw[c].dtype == "float64" for c in numeric):
-        return raw
-    rows, problems = typed(raw[dataset.columns], dataset)
-    if problems:
-        raise NotRetryable(f"{dataset.raw_path}: the raw data holds values that do not parse: {'; '.join(problems)}")
-    if dataset.id_column is None:
-        rows = rows.assign(**{ROW_ID: row_ids(rows)})
-    return rows.assign(**{BATCH: raw[BATCH] if BATCH in raw.columns else None})
+        rows = rows.assign(**{ROW_ID: raw.row_ids(rows)})
+    return raw.append(dataset, rows.assign(**{BATCH: name}), name)
 
 
 def land_file(dataset: DatasetConfig, source: Path) -> Path:
@@ -231,10 +192,11 @@ def ingest_landing(config: ProjectConfig, confirmed: Sequence[str] = ()) -> Reco
     }
     if not batches:
         log.info("No new batches in %s", landing)
-        return {**summary, "raw_rows": raw_rows(dataset)}
+        return {**summary, "raw_rows": raw.rows(dataset)}
 
     # One writer of the raw data at a time: a revert (pipelines.data.batches) waits for this.
     with data_lock(config.data_dir, f"ingestion of {[b.name for b in batches]}", LOCK_WAIT_S):
+        raw.migrate_legacy(dataset)
         validator = BatchValidator(dataset, config.home)  # a broken suite stops here, before any batch moves
         reverted = reverted_sources(config)  # the ledger alone: no read of the raw data
         served = served_version(config.model_dir)
@@ -295,7 +257,7 @@ def ingest_landing(config: ProjectConfig, confirmed: Sequence[str] = ()) -> Reco
             problems.append(f"- {batch.name} -> {folder} ({RESULT_FILE}, {DOCS_FILE if outcome.docs_page else 'no Data Docs'})\n{lines}")
             log.error("%s failed validation, moved to %s:\n%s", batch.name, folder, lines)
 
-    summary["raw_rows"] = raw_rows(dataset)
+    summary["raw_rows"] = raw.rows(dataset)
     report(config.metrics, config.identity, summary)  # before raising, so a quarantine reaches Prometheus
     if problems or held:
         parts = []

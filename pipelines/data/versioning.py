@@ -23,7 +23,6 @@ from typing import TYPE_CHECKING
 import yaml
 
 from pipelines.config import AnyProject, ProjectConfig, VersioningConfig
-from pipelines.data.split import raw_path
 from pipelines.lineage import PACKAGE_DIR, Record
 
 if TYPE_CHECKING:
@@ -114,11 +113,13 @@ def version_split(config: ProjectConfig) -> Record:
     in one repository at once fail on DVC's lock: each retrain DAG runs one at a time
     (``max_active_runs=1``); projects have repositories of their own.
     """
+    from pipelines.data import raw
     from pipelines.data.batches import LOCK_WAIT_S, data_lock, record, unversioned
 
-    raw_path(config.dataset)
-    write_stage(config)
     with data_lock(config.data_dir, "the DVC split", LOCK_WAIT_S):
+        raw.migrate_legacy(config.dataset)
+        raw.require(config.dataset)
+        write_stage(config)
         with in_repository(config.data_dir, remote_url(config.versioning, config.home)) as repo:
             reproduced = repo.reproduce(STAGE)
             repo.push()

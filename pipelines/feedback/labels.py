@@ -53,6 +53,7 @@ import pandas as pd
 
 from pipelines.artifacts import LABEL_OUTPUT, REQUEST_ID, RESULT_FILE
 from pipelines.config import FeedbackConfig, MetricsConfig, ProjectConfig, Task
+from pipelines.data import raw
 from pipelines.data.ingest import BATCH_SUFFIXES, land_file, move_into
 from pipelines.data.schema import PARQUET_SUFFIXES, parse_times
 from pipelines.data.validation import load_suite
@@ -509,11 +510,10 @@ def label_checks(config: ProjectConfig) -> list[tuple[str, dict[str, Any]]]:
     if checks or label.task != Task.classification:
         return checks
     values: list[Any] = [0, 1]
-    if config.dataset.raw_path.exists():
-        import pyarrow.parquet as pq
-
-        seen = pq.read_table(config.dataset.raw_path, columns=[label.column]).column(0).drop_null().unique().to_pylist()
-        values = sorted(seen) or values
+    if parts := raw.parts(config.dataset):
+        with raw.connect(config.dataset) as con:  # the label column only, however long the history
+            seen = con.sql(f'SELECT DISTINCT "{label.column}" FROM {raw.relation(parts)} WHERE "{label.column}" IS NOT NULL').fetchall()
+        values = sorted(value for (value,) in seen) or values
     return [("expect_column_values_to_be_in_set", {"column": label.column, "value_set": values})]
 
 

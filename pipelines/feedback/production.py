@@ -80,10 +80,13 @@ def _integer_ids(config: ProjectConfig) -> bool:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from pipelines.data import raw
+
     dataset = config.dataset
-    if not dataset.id_column or not dataset.raw_path.is_file():
+    parts = raw.parts(dataset)
+    if not dataset.id_column or not parts:
         return False
-    schema = pq.read_schema(dataset.raw_path)
+    schema = pq.read_schema(parts[-1])  # every part types its ids alike: ingestion types them
     return dataset.id_column in schema.names and pa.types.is_integer(schema.field(dataset.id_column).type)
 
 

@@ -45,7 +45,7 @@ def test_state_lives_in_folders_named_after_the_project(tmp_path):
     config = make_project(tmp_path, name="taxis")
 
     assert config.path(config.dataset.landing_dir) == tmp_path / "landing" / "taxis"
-    assert config.path(config.dataset.raw_path) == tmp_path / "data" / "taxis" / "raw.parquet"
+    assert config.path(config.dataset.raw_path) == tmp_path / "data" / "taxis" / "raw"
     assert config.path(config.split.output_dir) == tmp_path / "data" / "taxis" / "split"
     assert config.path(config.dataset.expectation_suite) == tmp_path / "projects" / "taxis" / "expectations.json"
     assert config.path(config.artifacts_dir) == tmp_path / "artifacts" / "taxis"

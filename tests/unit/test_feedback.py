@@ -18,6 +18,7 @@ import pytest
 
 from pipelines.artifacts import RESULT_FILE
 from pipelines.config import FeatureType, ProjectConfig
+from pipelines.data import raw
 from pipelines.data.replay import month_batch
 from pipelines.feedback import labels
 from pipelines.feedback.labels import FeedbackFileError, ingest_feedback, land_feedback, read_labelled
@@ -324,8 +325,7 @@ def test_a_label_the_suite_does_not_bound_is_checked_against_the_raw_datas_value
     suite = json.loads(project.dataset.expectation_suite.read_text())
     suite["expectations"] = [e for e in suite["expectations"] if e["kwargs"].get("column") != "arr_delayed"]
     project.dataset.expectation_suite.write_text(json.dumps(suite))
-    project.dataset.raw_path.parent.mkdir(parents=True, exist_ok=True)
-    month_batch("2013-01", rows=200).to_parquet(project.dataset.raw_path, index=False)
+    raw.write_part(raw.part_path(project.dataset, "2013-01.csv"), month_batch("2013-01", rows=200), project.dataset)
     rows = flights(20)
     serve(project, rows, DAY)
     feedback = truth(rows, DAY + timedelta(hours=1))

@@ -10,8 +10,10 @@ import pytest
 
 from pipelines.config import BATCH, ProjectConfig
 from pipelines.data import ingest
+from pipelines.data import raw as raw_data
 from pipelines.data.ingest import BatchValidationError, ingest_landing
 from pipelines.data.replay import land, month_batch
+from pipelines.data.schema import typed
 from pipelines.data.validation import SuiteError
 
 ROWS = 200
@@ -22,19 +24,24 @@ def landing(config: ProjectConfig):
 
 
 def raw(config: ProjectConfig) -> pd.DataFrame:
-    return pd.read_parquet(config.path(config.dataset.raw_path))
+    return raw_data.read(config.dataset)
+
+
+def snapshot(config: ProjectConfig) -> dict[str, bytes]:
+    """The raw data's parts, by name, as bytes."""
+    return {p.name: p.read_bytes() for p in raw_data.parts(config.dataset)}
 
 
 def quarantine(config: ProjectConfig, stem: str):
     return config.path(config.dataset.quarantine_dir) / stem
 
 
-def seed_raw(config: ProjectConfig, month: str = "2013-01") -> bytes:
-    """A raw dataset from an earlier night, written directly (no validation: it is quicker)."""
-    path = config.path(config.dataset.raw_path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    month_batch(month, rows=ROWS).to_parquet(path, index=False)
-    return path.read_bytes()
+def seed_raw(config: ProjectConfig, month: str = "2013-01") -> dict[str, bytes]:
+    """A raw dataset from an earlier night, its part written directly (no validation: it is quicker)."""
+    rows, problems = typed(month_batch(month, rows=ROWS), config.dataset)
+    assert not problems
+    ingest.append_to_raw(config.dataset, rows, f"{month}.csv")
+    return snapshot(config)
 
 
 class CrashOnce:
@@ -146,7 +153,7 @@ def test_failing_batch_is_quarantined_with_its_reports_and_raw_untouched(project
     page = (folder / "data_docs.html").read_text()
     assert "2013-03" in page and f">{negative}<" in page
     assert list(landing(project).iterdir()) == []
-    assert project.path(project.dataset.raw_path).read_bytes() == raw_before
+    assert snapshot(project) == raw_before
     # and the error says which batch, which expectation on which column, a bad value, and where it went
     message = str(failure.value)
     assert "2013-03.csv" in message and str(folder) in message
@@ -183,7 +190,7 @@ def test_csv_with_broken_row_structure_is_quarantined_as_unreadable(project):
         ingest_landing(project)
 
     assert (quarantine(project, "2013-06") / "2013-06.csv").is_file()
-    assert not project.path(project.dataset.raw_path).exists()
+    assert not raw_data.parts(project.dataset)
 
 
 def test_batch_missing_a_required_column_is_quarantined_naming_it_and_the_expected_ones(project):
@@ -366,7 +373,7 @@ def test_a_value_the_later_steps_cannot_parse_quarantines_the_batch_naming_the_c
     assert "'2013-02-30T11:00:00Z'" in str(failure.value)
     record = json.loads((quarantine(project, "2013-02") / "validation_result.json").read_text())
     assert record["success"] is False and record["unparsed_columns"][0].startswith("time_hour: 2 of 200")
-    assert project.path(project.dataset.raw_path).read_bytes() == raw_before
+    assert snapshot(project) == raw_before
 
 
 def test_messages_say_what_the_file_holds(project):
@@ -431,3 +438,69 @@ def test_a_csv_and_a_parquet_batch_of_one_name_get_quarantine_folders_of_their_o
     for folder in folders:  # each keeps its own batch and its own report
         files = sorted(p.name for p in (project.dataset.quarantine_dir / folder).iterdir())
         assert len([f for f in files if f.startswith("2013-03.")]) == 1 and "validation_result.json" in files
+
+
+# -- the raw data as parts (issue: a night's cost that does not grow with history) ---------------
+
+
+def typed_month(config: ProjectConfig, month: str, rows: int, seed: int = 0) -> pd.DataFrame:
+    frame, problems = typed(month_batch(month, rows=rows, seed=seed), config.dataset)
+    assert not problems
+    return frame
+
+
+def test_parts_hold_what_the_single_file_held_after_the_same_batches(project, tmp_path):
+    # Given batches ingested one after another: two months, then a re-send of some January rows
+    # (two corrected, one sent twice in the same batch) and a February row, then March
+    from bench.inmemory import append_to_raw as append_to_one_file
+
+    january, february = typed_month(project, "2013-01", 300), typed_month(project, "2013-02", 300)
+    resent = pd.concat([january.iloc[[5, 6, 7, 7]], february.iloc[[0]]], ignore_index=True)
+    resent.loc[[0, 1], "distance"] += 100.0
+    batches = [("2013-01.csv", january), ("2013-02.csv", february), ("fix.csv", resent), ("2013-03.csv", typed_month(project, "2013-03", 300))]
+
+    # When each goes into the parts and, as before, into one file
+    one_file = tmp_path / "old" / "raw.parquet"
+    for name, batch in batches:
+        total = ingest.append_to_raw(project.dataset, batch, name)
+        assert total == append_to_one_file(one_file, project.dataset, batch, name)
+
+    # Then the rows are the same, each id once with its newest copy, and each knows its batch
+    new, old = raw(project), pd.read_parquet(one_file).reset_index(drop=True)
+    pd.testing.assert_frame_equal(new, old)
+    assert new.set_index("flight_id").loc[january.loc[5, "flight_id"], "distance"] == january.loc[5, "distance"] + 100.0
+    assert raw_data.batch_rows(project.dataset) == {"2013-01.csv": 297, "2013-02.csv": 299, "2013-03.csv": 300, "fix.csv": 4}
+
+
+def test_a_batch_rewrites_only_the_parts_holding_the_ids_it_resends(project):
+    # Given three months in the raw data
+    for month in ("2013-01", "2013-02", "2013-03"):
+        ingest.append_to_raw(project.dataset, typed_month(project, month, 200), f"{month}.csv")
+    before = snapshot(project)
+
+    # When a batch re-sends two February rows
+    ingest.append_to_raw(project.dataset, typed_month(project, "2013-02", 200).iloc[:2], "fix.csv")
+
+    # Then February's part lost them, the other months' parts are byte for byte as they were
+    after = snapshot(project)
+    assert after["2013-01.csv.parquet"] == before["2013-01.csv.parquet"] and after["2013-03.csv.parquet"] == before["2013-03.csv.parquet"]
+    assert raw_data.batch_rows(project.dataset)["2013-02.csv"] == 198
+
+
+def test_a_legacy_single_file_raw_dataset_becomes_one_part_per_batch(project):
+    # Given raw data written by an older Flywheel: one raw.parquet beside where the parts go,
+    # its first rows from before rows carried their batch, times as text
+    legacy = project.path(project.dataset.raw_path).with_name("raw.parquet")
+    legacy.parent.mkdir(parents=True, exist_ok=True)
+    old = pd.concat([month_batch("2013-01", rows=50).assign(**{BATCH: None}), month_batch("2013-02", rows=50).assign(**{BATCH: "2013-02.csv"})])
+    old.to_parquet(legacy, index=False)
+
+    # When the next batch is ingested
+    land(project.dataset, "2013-03", rows=ROWS)
+    summary = ingest_landing(project)
+
+    # Then the legacy file is gone, its rows are in parts by batch, typed, and the new batch joined them
+    assert not legacy.exists()
+    assert raw_data.batch_rows(project.dataset) == {"2013-02.csv": 50, "2013-03.csv": ROWS, raw_data.UNBATCHED: 50}
+    assert summary["raw_rows"] == 100 + ROWS
+    assert str(raw(project)["time_hour"].dtype) == "datetime64[ns, UTC]"
