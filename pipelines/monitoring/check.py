@@ -17,6 +17,7 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -25,6 +26,7 @@ import pandas as pd
 
 from pipelines.artifacts import NULL_FILE, REFERENCE_FILE, REPORT_FILE, SUMMARY_FILE, TEXT
 from pipelines.config import AnyProject, DatasetConfig, FeatureType, MonitoringConfig, ProjectConfig
+from pipelines.data.sampling import positions, read_sample, take
 from pipelines.lineage import Record, read_json, write_json
 from pipelines.metrics import Sample, emit
 from pipelines.monitoring import calibration
@@ -39,6 +41,13 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 FOLDER_TIME = "%Y%m%dT%H%M%SZ"
+# Rows read a check, in multiples of the reference's rows. A window's statistics are scaled by the
+# effective size n m / (n + m) of n window rows against m reference rows, and the calibration's
+# ladder stops at 16 m, so a sample of 16 m rows tests as a window of any size does (n_eff 0.94 m
+# against at most m). Training rows read for a reference and its calibration pool: 64 m, a pool
+# whose own noise is small beside every calibrated window's.
+WINDOW_SAMPLE = 16
+TRAIN_SAMPLE = 64
 
 
 def monitored_columns(dataset: DatasetConfig, monitoring: MonitoringConfig) -> dict[str, ColumnKind]:
@@ -52,12 +61,13 @@ def monitored_columns(dataset: DatasetConfig, monitoring: MonitoringConfig) -> d
 def write_reference(train: Path, dataset: DatasetConfig, monitoring: MonitoringConfig, seed: int, folder: Path) -> Record:
     """What a version is compared against, written into ``folder``: ``reference.parquet``, a
     sample of the training split ``train`` (a parquet file), its features only, at most
-    ``monitoring.reference_rows`` rows drawn with ``seed``; and ``drift_null.parquet``, each
+    ``monitoring.reference_rows`` rows drawn with ``seed`` (from at most ``TRAIN_SAMPLE`` times
+    as many training rows, themselves a seeded sample: memory does not grow with the split); and ``drift_null.parquet``, each
     monitored column's null calibrated on windows drawn from the training rows beside that
     sample (``drift.calibrate``). Returns the file paths by name and the calibration's summary
     (pool rows, 0 when the windows were bootstrapped from the reference; sizes, draws, seconds)
     for the lineage."""
-    frame = pd.read_parquet(train, columns=[f.name for f in dataset.features])
+    frame = read_sample(train, [f.name for f in dataset.features], TRAIN_SAMPLE * monitoring.reference_rows, seed)
     sample = frame.sample(n=min(len(frame), monitoring.reference_rows), random_state=seed)
     sample.reset_index(drop=True).to_parquet(folder / REFERENCE_FILE, index=False)
     started = time.perf_counter()
@@ -103,6 +113,34 @@ def read_window(folder: Path, start: datetime, end: datetime) -> pd.DataFrame:
     return rows.to_pandas()
 
 
+def sample_window(folder: Path, start: datetime, end: datetime, columns: list[str], at_most: int, seed: int) -> tuple[pd.DataFrame, int, list[int]]:
+    """``columns`` of the requests of the inference log ``folder`` served in ``[start, end)``
+    (as ``read_window``), at most ``at_most`` of them: a seeded uniform sample of a larger
+    window, read a record batch at a time. Returns the rows, the window's row count and the
+    model versions that served in it."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.dataset as ds
+
+    if not folder.is_dir():
+        return pd.DataFrame(columns=columns), 0, []
+    days = pd.date_range(start.date(), end.date(), freq="D").strftime("%Y-%m-%d").tolist()
+    served_at, when = ds.field("served_at"), pa.timestamp("us", tz="UTC")
+    window = ds.field("date").isin(days) & (served_at >= pa.scalar(start, when)) & (served_at < pa.scalar(end, when))
+    log = ds.dataset(folder, format="parquet", partitioning="hive", exclude_invalid_files=False)
+    rows = log.count_rows(filter=window)
+    versions: set[int] = set()
+
+    def batches() -> Iterator[pa.RecordBatch]:
+        for batch in log.to_batches(columns=[*columns, "model_version"], filter=window, use_threads=False):
+            versions.update(int(v) for v in pc.unique(batch.column("model_version")).to_pylist())
+            yield batch
+
+    table = take(batches(), positions(rows, at_most, seed))
+    frame = table.to_pandas() if table is not None else pd.DataFrame(columns=[*columns, "model_version"])
+    return frame, rows, sorted(versions)
+
+
 def reports_root(monitoring: MonitoringConfig, model: str) -> Path:
     """Where the drift reports of Triton's ``model`` are written, one folder a window."""
     return monitoring.reports_dir / model
@@ -129,17 +167,16 @@ def check_window(config: AnyProject, start: datetime, end: datetime) -> Record:
     version = repository.served_version(config.served_model_dir)
     if version is None:
         return {**summary, "status": "skipped", "reason": "no version serves yet"}
-    current = read_window(log_dir(config.serving, model), start, end)
-    if len(current) < monitoring.min_rows:
-        reason = f"{len(current)} requests logged in the window, fewer than monitoring.min_rows={monitoring.min_rows}"
+    columns = monitored_columns(config.dataset, monitoring) if isinstance(config, ProjectConfig) else {TEXT: ColumnKind.text}
+    current, rows, versions = sample_window(log_dir(config.serving, model), start, end, list(columns), WINDOW_SAMPLE * monitoring.reference_rows, int(end.timestamp()))
+    if rows < monitoring.min_rows:
+        reason = f"{rows} requests logged in the window, fewer than monitoring.min_rows={monitoring.min_rows}"
         log.info("no drift verdict for %s: %s", model, reason)
         return {**summary, "version": version, "status": "skipped", "reason": reason}
     reference_file = config.served_model_dir / str(version) / REFERENCE_FILE
     if not reference_file.exists():
         raise DriftCheckError(f"{reference_file}: missing; the served version {version} has no reference sample to compare with")
     reference = pd.read_parquet(reference_file)
-
-    columns = monitored_columns(config.dataset, monitoring) if isinstance(config, ProjectConfig) else {TEXT: ColumnKind.text}
     nulls = read_nulls(reference_file.parent, reference, columns, monitoring)
     result = compare(reference, current, columns, monitoring.tests, monitoring.drift_share, monitoring.false_alarm_rate, nulls)
 
@@ -148,8 +185,9 @@ def check_window(config: AnyProject, start: datetime, end: datetime) -> Record:
         **summary,
         "version": version,
         "status": "checked",
-        "rows": {"reference": len(reference), "current": len(current)},
-        "versions_seen": sorted(int(v) for v in current["model_version"].unique()),
+        # "current": the rows tested, a seeded sample of the window's when it holds more (WINDOW_SAMPLE)
+        "rows": {"reference": len(reference), "current": len(current), "window": rows},
+        "versions_seen": versions,
         **result.summary(),
         "report": str(folder / REPORT_FILE),
     }

@@ -63,6 +63,25 @@ def test_a_later_season_drifts_and_the_same_season_does_not(served):
     assert 'flywheel_drift_column_drifted{column="dest",method="jensenshannon",model="flights_delay",project="flights"} 1.0' in prom
 
 
+def test_a_window_larger_than_the_check_needs_is_sampled_with_every_version_named(served):
+    # Given a window of 4,000 requests from two versions, and a check that reads at most 16 times
+    # the reference's rows (monitoring.reference_rows 100: 1,600)
+    from pipelines.monitoring.check import WINDOW_SAMPLE
+
+    small = served.model_copy(update={"monitoring": served.monitoring.model_copy(update={"reference_rows": 100})})
+    log_requests(small, month_batch("2013-01", 3000, seed=1), HOUR - timedelta(minutes=30))
+    log_requests(small, month_batch("2013-01", 1000, seed=2), HOUR - timedelta(minutes=20), version=2)
+
+    first = check_window(small, HOUR - timedelta(hours=1), HOUR)
+    again = check_window(small, HOUR - timedelta(hours=1), HOUR)
+
+    # Then it tests a sample of that many, says how large the window was, names both versions,
+    # and a rerun of the window draws the same sample
+    assert first["rows"] == {"reference": 4000, "current": WINDOW_SAMPLE * 100, "window": 4000}
+    assert first["versions_seen"] == [1, 2]
+    assert [c["score"] for c in first["columns"]] == [c["score"] for c in again["columns"]]
+
+
 def test_a_rerun_of_a_window_replaces_its_report_and_leaves_nothing_half_written(served):
     log_requests(served, month_batch("2013-07", 1000), HOUR - timedelta(minutes=10))
     first = check_window(served, HOUR - timedelta(hours=1), HOUR)
