@@ -89,11 +89,13 @@ def relation(files: list[Path]) -> str:
 
 @contextmanager
 def connect(dataset: DatasetConfig) -> Iterator[duckdb.DuckDBPyConnection]:
-    """An in-memory DuckDB limited to ``MEMORY_LIMIT``, spilling into ``<data_dir>/.duckdb/``
+    """An in-memory DuckDB in UTC (timestamps come back as the raw data holds them), limited to
+    ``MEMORY_LIMIT``, spilling into ``<data_dir>/.duckdb/``
     (outside the raw data and the split, so DVC never sees it)."""
     spill = dataset.raw_path.parent / ".duckdb"
     spill.mkdir(parents=True, exist_ok=True)
     con = duckdb.connect(config={"memory_limit": MEMORY_LIMIT, "temp_directory": str(spill), "preserve_insertion_order": False})
+    con.sql("SET TimeZone = 'UTC'")
     try:
         yield con
     finally:

@@ -1,10 +1,21 @@
-"""The DVC ``split`` stage: cut the raw dataset into train/val/test.
+"""The DVC ``split`` stage: cut the raw dataset into train/val/test, in bounded memory.
 
 With a time column the cut is by time, not at random: every test row is later than every
 training row, as it is for the model in service, so the test score is not flattered by
 leakage from the future. Without one the split is a seeded hash of each row's id: stable (a
 row keeps its part as the data grows) but with no guarantee against time leakage, since
-rows of the same period land on both sides. Run by ``dvc repro`` (see ``dvc.yaml``) as
+rows of the same period land on both sides. With ``split.window`` ("12 months") only the rows
+that recent, back from the newest time in the raw data, are split: the rest are in no part, so
+a nightly retrain costs the same however long the history grows.
+
+The raw data's parquet parts (``pipelines.data.raw``) are never read whole into memory. DuckDB
+(its memory limit ``raw.MEMORY_LIMIT``, spilling to disk past it) counts the rows, finds the two
+cut times, and streams each part ordered by (time, id) in record batches into one parquet file
+per part (row groups of ``raw.ROW_GROUP_ROWS``); the hash split hashes the ids batch by batch,
+writes each row to its part, then orders each part by id out of core. The parts hold exactly the
+rows and column types the old in-memory split gave (``bench/inmemory.py``: pandas' concat of the
+parts, the ``BATCH`` column dropped, timestamps in ns UTC). With ``data.engine: spark`` Spark SQL
+writes the same files (``pipelines.data.spark``). Run by ``dvc repro`` (see ``dvc.yaml``) as
 ``python -m pipelines.data.split --home <home> --project <name>`` in the project's DVC repository.
 """
 
@@ -12,19 +23,26 @@ from __future__ import annotations
 
 import argparse
 import os
+import tempfile
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
+import duckdb
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
-from pipelines.config import BATCH, DatasetConfig, SplitConfig, load_config
-from pipelines.data.schema import parse_times
+from pipelines.config import BATCH, DataConfig, DataEngine, DatasetConfig, SplitConfig, load_config
+from pipelines.data import raw
 from pipelines.errors import NotRetryable
 from pipelines.lineage import Record, write_json
 
 PARTS = ("train", "val", "test")
+# A time bound is handed to DuckDB as ISO text cast to its nanosecond type: a Python datetime
+# parameter would drop the nanoseconds, and the cut must be exact.
+TIME_PARAMETER = "CAST(? AS TIMESTAMPTZ_NS)"
 
 
 class LabelCoverageError(NotRetryable, ValueError):
@@ -53,81 +71,197 @@ def split_paths(output_dir: Path) -> dict[str, Path]:
     return {part: output_dir / f"{part}.parquet" for part in PARTS}
 
 
-def raw_path(dataset: DatasetConfig) -> Path:
-    """The raw dataset's path; ``FileNotFoundError`` that names it when nothing was ingested yet."""
-    if not dataset.raw_path.exists():
-        raise FileNotFoundError(f"{dataset.raw_path}: no raw dataset yet; land a batch and let the validate task ingest it")
-    return dataset.raw_path
+def quoted(column: str) -> str:
+    return '"' + column.replace('"', '""') + '"'
 
 
-def split_by_time(frame: pd.DataFrame, time_column: str, id_column: str, train: float, val: float) -> dict[str, pd.DataFrame]:
-    """Cut at two moments so that train < val < test in time; rows of one moment stay together."""
-    # Ordered by the parsed time (raw data is typed at ingestion; text from older raw data parses the same way).
-    ordered = frame.assign(**{time_column: parse_times(frame[time_column])})
-    ordered = ordered.sort_values([time_column, id_column], kind="stable").reset_index(drop=True)
-    times = ordered[time_column]
-    train_end = times.iloc[int(len(ordered) * train)]
-    val_end = times.iloc[min(int(len(ordered) * (train + val)), len(ordered) - 1)]
-    parts = {
-        "train": ordered[times < train_end],
-        "val": ordered[(times >= train_end) & (times < val_end)],
-        "test": ordered[times >= val_end],
+def window_start(newest: pd.Timestamp, window: tuple[int, str]) -> pd.Timestamp:
+    """The oldest time ``split.window`` keeps: ``newest`` minus (count, unit) as pandas'
+    ``DateOffset`` counts it in UTC (calendar months and years: 31 March less one month is
+    28 February)."""
+    count, unit = window
+    start: pd.Timestamp = newest.tz_convert("UTC") - pd.DateOffset(**{unit: count})
+    return start
+
+
+def hash_buckets(keys: pd.Series, seed: int) -> np.ndarray:
+    """Each key's place in [0, 1): pandas' ``hash_pandas_object`` of the row (key, ``seed``) over
+    2**64. Per row, so batches of keys get what the whole column gets; stable across runs (the
+    seed is hashed as a second column: a hash_key would not reach integer keys)."""
+    hashed = pd.util.hash_pandas_object(pd.DataFrame({"key": keys.to_numpy(), "seed": seed}), index=False)
+    buckets: np.ndarray = hashed.to_numpy(np.uint64) / np.float64(2**64)
+    return buckets
+
+
+def stable_schema(schema: pa.Schema) -> pa.Schema:
+    """The schema the parts are written with: DuckDB's, timestamps as pandas writes them (ns, UTC)."""
+    for i, field in enumerate(schema):
+        if pa.types.is_timestamp(field.type):
+            schema = schema.set(i, field.with_type(pa.timestamp("ns", tz="UTC" if field.type.tz else None)))
+    return schema
+
+
+def row_groups(batches: Iterable[pa.RecordBatch], schema: pa.Schema) -> Iterator[pa.Table]:
+    """``batches`` (DuckDB's are of approximate size) regrouped as tables of ``raw.ROW_GROUP_ROWS``
+    rows (the last one shorter), cast to ``schema``."""
+    pending: list[pa.RecordBatch] = []
+    held = 0
+    for batch in batches:
+        pending.append(batch)
+        held += batch.num_rows
+        while held >= raw.ROW_GROUP_ROWS:
+            table = pa.Table.from_batches(pending)
+            yield table.slice(0, raw.ROW_GROUP_ROWS).cast(schema)
+            rest = table.slice(raw.ROW_GROUP_ROWS)
+            pending, held = rest.to_batches(), rest.num_rows
+    if held:
+        yield pa.Table.from_batches(pending).cast(schema)
+
+
+def write_query(con: duckdb.DuckDBPyConnection, query: str, params: list[object], path: Path) -> None:
+    """Stream ``query``'s rows into the parquet file ``path``: written as ``.<name>.partial``
+    and renamed, so a crash leaves the previous file or none, never half of one."""
+    reader = con.sql(query, params=params).to_arrow_reader(raw.ROW_GROUP_ROWS)
+    schema = stable_schema(reader.schema)
+    partial = path.with_name(f".{path.name}.partial")
+    with pq.ParquetWriter(partial, schema) as writer:
+        for table in row_groups(reader, schema):
+            writer.write_table(table, row_group_size=raw.ROW_GROUP_ROWS)
+    os.replace(partial, path)
+
+
+def kept_columns(con: duckdb.DuckDBPyConnection, relation: str) -> str:
+    """The select list of the raw data's columns but ``BATCH`` (where a row came from is the raw
+    data's business; parts written before rows carried it lack it)."""
+    return ", ".join(quoted(c) for c in con.sql(f"SELECT * FROM {relation}").columns if c != BATCH)
+
+
+def split_by_time(con: duckdb.DuckDBPyConnection, dataset: DatasetConfig, split: SplitConfig, files: list[Path], paths: dict[str, Path]) -> None:
+    """Cut at two moments so that train < val < test in time; rows of one moment stay together.
+    Ordered by (time, id), the cuts are the times at positions ``int(n * train)`` and
+    ``min(int(n * (train + val)), n - 1)`` of the ``n`` rows (in the window); rows without a
+    time are counted but in no part. ``ValueError`` when a part would be empty."""
+    assert dataset.time_column is not None
+    time, key, relation = quoted(dataset.time_column), quoted(dataset.key), raw.relation(files)
+    window, window_params = "TRUE", []
+    if split.window_length is not None:
+        newest = con.sql(f"SELECT max({time}) FROM {relation}").to_arrow_table().column(0).to_pandas().iloc[0]
+        window = f"{time} >= {TIME_PARAMETER}"
+        window_params = [None if pd.isna(newest) else window_start(newest, split.window_length).isoformat()]
+    ((rows, distinct),) = con.sql(f"SELECT count(*), count(DISTINCT {time}) FROM {relation} WHERE {window}", params=window_params).fetchall()
+    train_end, val_end = times_at(
+        con, f"SELECT {time} FROM {relation} WHERE {window}", window_params, [int(rows * split.train), min(int(rows * (split.train + split.val)), rows - 1)]
+    )
+    cuts = {
+        "train": (f"{time} < {TIME_PARAMETER}", [train_end]),
+        "val": (f"{time} >= {TIME_PARAMETER} AND {time} < {TIME_PARAMETER}", [train_end, val_end]),
+        "test": (f"{time} >= {TIME_PARAMETER}", [val_end]),
     }
-    empty = [name for name, part in parts.items() if part.empty]
+    counted = ", ".join(f"count(*) FILTER (WHERE {condition})" for condition, _ in cuts.values())
+    # The markers in the order the text holds them: the cuts' (in the select list), then the window's.
+    sizes = con.sql(f"SELECT {counted} FROM {relation} WHERE {window}", params=[*(p for _, ps in cuts.values() for p in ps), *window_params]).fetchall()[0]
+    empty = [name for name, size in zip(PARTS, sizes) if not size]
     if empty:
+        within = f" of split.window {split.window!r}" if split.window else ""
         raise ValueError(
-            f"cannot cut {len(ordered)} rows spanning {times.nunique()} distinct {time_column} values by time: "
+            f"cannot cut {rows} rows{within} spanning {distinct} distinct {dataset.time_column} values by time: "
             f"the {'/'.join(empty)} split is empty; land more batches"
         )
-    return {name: part.reset_index(drop=True) for name, part in parts.items()}
+    columns = kept_columns(con, relation)
+    for name, (condition, params) in cuts.items():
+        query = f"SELECT {columns} FROM {relation} WHERE {window} AND {condition} ORDER BY {time}, {key}"
+        write_query(con, query, [*window_params, *params], paths[name])
 
 
-def split_by_hash(frame: pd.DataFrame, key: str, seed: int, train: float, val: float) -> dict[str, pd.DataFrame]:
-    """Each row to train, val or test by a seeded hash of its ``key`` value: the same row always
-    lands in the same part, whatever else the data holds (pandas' ``hash_pandas_object``, which
-    is stable across runs for the same values and hash key)."""
-    # The seed is hashed with the key as a second column (a hash_key would not reach integer keys).
-    hashed = pd.util.hash_pandas_object(pd.DataFrame({"key": frame[key].to_numpy(), "seed": seed}), index=False)
-    bucket = hashed.to_numpy(np.uint64) / np.float64(2**64)
-    ordered = frame.assign(_bucket=bucket)
-    parts = {
-        "train": ordered[bucket < train],
-        "val": ordered[(bucket >= train) & (bucket < train + val)],
-        "test": ordered[bucket >= train + val],
-    }
-    empty = [name for name, part in parts.items() if part.empty]
-    if empty:
-        raise ValueError(f"cannot split {len(frame)} rows by hash: the {'/'.join(empty)} split is empty; land more rows")
-    return {name: part.drop(columns="_bucket").sort_values(key, kind="stable").reset_index(drop=True) for name, part in parts.items()}
+def times_at(con: duckdb.DuckDBPyConnection, query: str, params: list[object], positions: list[int]) -> list[str | None]:
+    """The time at each 0-based position of the first column of ``query`` in time order (missing
+    times last), as ISO text for ``TIME_PARAMETER``; None for a missing time or past the end.
+    Walks the distinct times and their counts in order (DuckDB sorts them out of core): exact,
+    and no more than the distinct times pass through memory, one batch at a time."""
+    found: dict[int, str | None] = {}
+    seen = 0
+    grouped = f"SELECT t, count(*) AS n FROM ({query}) AS rows (t) GROUP BY t ORDER BY t NULLS LAST"
+    for batch in con.sql(grouped, params=params).to_arrow_reader(raw.ROW_GROUP_ROWS):
+        ends = seen + np.cumsum(batch.column("n").to_numpy())
+        for position in positions:
+            at = int(np.searchsorted(ends, position, side="right"))
+            if position not in found and at < len(ends):
+                value = batch.column("t").slice(at, 1).to_pandas().iloc[0]
+                found[position] = None if pd.isna(value) else value.isoformat()
+        if len(found) == len(positions):
+            break
+        seen = int(ends[-1]) if len(ends) else seen
+    return [found.get(position) for position in positions]
 
 
-def summarise(parts: dict[str, pd.DataFrame], time_column: str | None, label: str) -> Record:
-    def span(part: pd.DataFrame) -> dict[str, str]:
-        return {"from": str(part[time_column].min()), "to": str(part[time_column].max())} if time_column else {}
+def split_by_hash(con: duckdb.DuckDBPyConnection, dataset: DatasetConfig, split: SplitConfig, files: list[Path], paths: dict[str, Path]) -> None:
+    """Each row to train, val or test by a seeded hash of its id (``hash_buckets``): the same
+    row always lands in the same part, whatever else the data holds; each part ordered by id.
+    Batches of rows are written to the part of each row, then each part is ordered out of core.
+    ``ValueError`` when a part would be empty."""
+    relation, key = raw.relation(files), dataset.key
+    reader = con.sql(f"SELECT {kept_columns(con, relation)} FROM {relation}").to_arrow_reader(raw.ROW_GROUP_ROWS)
+    schema = stable_schema(reader.schema)
+    sizes = dict.fromkeys(PARTS, 0)
+    with tempfile.TemporaryDirectory(prefix=".hashed-", dir=paths["train"].parent) as scratch:
+        unordered = {name: Path(scratch) / f"{name}.parquet" for name in PARTS}
+        writers = {name: pq.ParquetWriter(path, schema) for name, path in unordered.items()}
+        try:
+            for table in row_groups(reader, schema):
+                bucket = hash_buckets(table.column(key).to_pandas(), split.seed)
+                masks = {
+                    "train": bucket < split.train,
+                    "val": (bucket >= split.train) & (bucket < split.train + split.val),
+                    "test": bucket >= split.train + split.val,
+                }
+                for name, mask in masks.items():
+                    writers[name].write_table(table.filter(pa.array(mask)))
+                    sizes[name] += int(mask.sum())
+        finally:
+            for writer in writers.values():
+                writer.close()
+        empty = [name for name, size in sizes.items() if not size]
+        if empty:
+            raise ValueError(f"cannot split {sum(sizes.values())} rows by hash: the {'/'.join(empty)} split is empty; land more rows")
+        for name, path in unordered.items():
+            write_query(con, f"SELECT * FROM {raw.relation([path])} ORDER BY {quoted(key)} NULLS LAST", [], paths[name])
 
-    return {
-        name: {"rows": len(part), **span(part), "label_mean": round(float(part[label].mean()), 6)}
-        for name, part in parts.items()
-    }
+
+def summarise(con: duckdb.DuckDBPyConnection, paths: dict[str, Path], time_column: str | None, label: str) -> Record:
+    """Rows, time span (``from``/``to``, as pandas prints a UTC timestamp) and label mean of each
+    written part, read by DuckDB from the files."""
+    summary: Record = {}
+    for name, path in paths.items():
+        span = f", min({quoted(time_column)}), max({quoted(time_column)})" if time_column else ""
+        stats = con.sql(f"SELECT count(*), avg({quoted(label)}){span} FROM {raw.relation([path])}").to_arrow_table()
+        rows, mean, *times = (stats.column(i).to_pandas().iloc[0] for i in range(stats.num_columns))
+        summary[name] = {
+            "rows": int(rows),
+            **({"from": str(times[0]), "to": str(times[1])} if time_column else {}),
+            "label_mean": round(float(mean), 6),
+        }
+    return summary
 
 
-def run(dataset: DatasetConfig, split: SplitConfig) -> Record:
-    """Split the raw dataset (``dataset.raw_path``) and write the parts and ``summary.json``
-    (DVC's metric: rows, time span, label mean of each part) into ``split.output_dir``.
-    ``FileNotFoundError`` without raw data; ``ValueError`` when a part would be empty."""
-    # Where a row came from is the raw data's business: the splits (and their hashes) hold the rows only.
-    raw = pd.read_parquet(raw_path(dataset)).drop(columns=[BATCH], errors="ignore")
-    if dataset.time_column:
-        parts = split_by_time(raw, dataset.time_column, dataset.key, split.train, split.val)
-    else:
-        parts = split_by_hash(raw, dataset.key, split.seed, split.train, split.val)
+def run(dataset: DatasetConfig, split: SplitConfig, engine: DataEngine = DataEngine.duckdb, spark_master: str = DataConfig().spark_master) -> Record:
+    """Split the raw data (the parts in ``dataset.raw_path``) with ``engine`` (Spark: on
+    ``spark_master``) and write the parts (``split_paths``) and ``summary.json`` (DVC's metric:
+    rows, time span, label mean of each part, read from the written files) into
+    ``split.output_dir``. ``FileNotFoundError`` naming the raw data's place without
+    raw data; ``ValueError`` when a part would be empty."""
+    files = raw.require(dataset)
     paths = split_paths(split.output_dir)
-    for name, part in parts.items():
-        paths[name].parent.mkdir(parents=True, exist_ok=True)
-        partial = paths[name].with_name(f".{paths[name].name}.partial")
-        part.to_parquet(partial, index=False)
-        os.replace(partial, paths[name])
-    summary = summarise(parts, dataset.time_column, dataset.label.column)
+    split.output_dir.mkdir(parents=True, exist_ok=True)
+    with raw.connect(dataset) as con:
+        if engine == DataEngine.spark:
+            from pipelines.data import spark
+
+            spark.split(dataset, split, files, paths, spark_master)
+        elif dataset.time_column:
+            split_by_time(con, dataset, split, files, paths)
+        else:
+            split_by_hash(con, dataset, split, files, paths)
+        summary = summarise(con, paths, dataset.time_column, dataset.label.column)
     write_json(split.output_dir / "summary.json", summary)
     return summary
 
@@ -139,4 +273,4 @@ if __name__ == "__main__":
     parser.add_argument("--project", required=True)
     args = parser.parse_args()
     config = load_config(args.project, args.home)
-    run(config.dataset, config.split)
+    run(config.dataset, config.split, config.data.engine, config.data.spark_master)

@@ -19,6 +19,7 @@ import pytest
 from mlflow import MlflowClient
 
 from pipelines.artifacts import MODEL_FILE
+from pipelines.data import raw
 from pipelines.data.replay import land, month_batch
 from pipelines.data.split import split_paths
 from pipelines.evaluation.gate import NOT_PROMOTED, PROMOTED, predict_onnx
@@ -91,7 +92,7 @@ def test_a_night_with_new_batches_publishes_a_served_version_with_lineage(airflo
     # lineage: the DVC data version, the Airflow run, the gate's reasons
     lineage = repository.lineage_of(config.model_dir, 1)
     dvc_lock = (config.path(config.data_dir) / "dvc.lock").read_text()
-    assert lineage["data_version"]["data/flights/raw.parquet"] in dvc_lock
+    assert lineage["data_version"]["data/flights/raw"] in dvc_lock
     assert lineage["data_version"] == airflow.xcom(RETRAIN, run_id, "version_data")["data_version"]
     assert lineage["airflow"]["run_id"] == run_id and lineage["airflow"]["run_type"] == "manual"
     assert json.loads(run_record_path(config.artifacts_dir, run_id).read_text())["version"] == 1
@@ -177,7 +178,7 @@ def test_a_batch_taken_back_through_its_dag_leaves_the_data_and_the_next_night_t
 
 def test_a_corrupted_batch_fails_the_run_once_and_is_quarantined_with_its_report(airflow):
     airflow, config = airflow
-    raw_before, served = config.path(config.dataset.raw_path).read_bytes(), repository.served_version(config.model_dir)
+    raw_before, served = raw.batch_rows(config.dataset), repository.served_version(config.model_dir)
     land(config.dataset, "2013-04", rows=ROWS, broken=True)
 
     run_id, state = run_retrain(airflow)
@@ -188,7 +189,7 @@ def test_a_corrupted_batch_fails_the_run_once_and_is_quarantined_with_its_report
     assert tasks["train"]["state"] == "upstream_failed"
     folder = config.path(config.dataset.quarantine_dir) / "2013-04"
     assert sorted(p.name for p in folder.iterdir()) == ["2013-04.csv", "data_docs.html", "validation_result.json"]
-    assert config.path(config.dataset.raw_path).read_bytes() == raw_before
+    assert raw.batch_rows(config.dataset) == raw_before
     assert repository.served_version(config.model_dir) == served
     # the task log tells on-call which batch and which expectations
     log = "\n".join(p.read_text() for p in (airflow.airflow_home / "logs").rglob("*") if p.is_file() and run_id in str(p))
@@ -234,8 +235,8 @@ def test_a_project_added_by_flywheel_init_alone_is_validated_split_by_hash_train
     # and a regression model beat its floor and is served as version 1
     assert state == "success", airflow.task_instances("retrain__diamonds", run_id)
     assert airflow.xcom("retrain__diamonds", run_id, "validate")["rows_ingested"] == 4000
-    raw = pd.read_parquet(diamonds.path(diamonds.dataset.raw_path))
-    assert raw["row_id"].is_unique and len(raw) == 4000
+    stored = pd.read_parquet(diamonds.path(diamonds.dataset.raw_path))
+    assert stored["row_id"].is_unique and len(stored) == 4000
     published = airflow.xcom("retrain__diamonds", run_id, "publish")
     gate = airflow.xcom("retrain__diamonds", run_id, "gate")
     assert published["decision"] == PROMOTED and published["version"] == 1, gate
