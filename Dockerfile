@@ -5,9 +5,12 @@
 # `flywheel-params` config.
 FROM python:3.11.11-slim-bookworm
 
-# curl: the healthchecks of the api-server and the scheduler.
-RUN apt-get update \
-    && apt-get install -y --no-install-recommends curl \
+# curl: the healthchecks of the api-server and the scheduler. A Java runtime: pyspark's JVM, in the
+# Airflow workers (Spark drivers of data.engine spark) and the compose file's Spark master and
+# worker, which run this image. (The man1 folder: the JRE's postinstall fails without it on slim.)
+RUN mkdir -p /usr/share/man/man1 \
+    && apt-get update \
+    && apt-get install -y --no-install-recommends curl openjdk-17-jre-headless \
     && rm -rf /var/lib/apt/lists/*
 
 ENV AIRFLOW_HOME=/opt/airflow \
@@ -22,7 +25,7 @@ COPY pyproject.toml constraints.txt README.md ./
 COPY pipelines/ pipelines/
 # The split stage every project shares, beside the package (pipelines.data.versioning.STAGE_FILE).
 COPY dvc.yaml ./
-RUN pip install -c constraints.txt ".[cluster]"
+RUN pip install -c constraints.txt ".[cluster,spark]"
 
 COPY dags/ dags/
 COPY plugins/ plugins/

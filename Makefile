@@ -11,9 +11,10 @@ export FLYWHEEL_HOME ?= $(CURDIR)
 
 # Debian packages the tests start for real: Prometheus, its Pushgateway and Alertmanager (alert
 # rules, metrics, the rollback on an alert), Chromium (the browser test of the Airflow UI pages),
-# PostgreSQL and Redis (Airflow on the CeleryExecutor in make test-distributed).
-SYSTEM_PACKAGES := prometheus prometheus-pushgateway prometheus-alertmanager chromium postgresql redis-server
-SYSTEM_COMMANDS := promtool prometheus prometheus-pushgateway prometheus-alertmanager chromium /usr/lib/postgresql/15/bin/pg_ctl redis-server
+# PostgreSQL and Redis (Airflow on the CeleryExecutor in make test-distributed), a Java runtime
+# (pyspark's JVM: data.engine spark, tests/unit/test_spark.py).
+SYSTEM_PACKAGES := prometheus prometheus-pushgateway prometheus-alertmanager chromium postgresql redis-server openjdk-17-jre-headless
+SYSTEM_COMMANDS := promtool prometheus prometheus-pushgateway prometheus-alertmanager chromium /usr/lib/postgresql/15/bin/pg_ctl redis-server java
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 install: $(VENV)/.installed system-packages
@@ -29,7 +30,7 @@ system-packages:
 $(VENV)/.installed: pyproject.toml constraints.txt $(BACKEND_REQUIREMENTS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt torch uv
-	$(BIN)/uv pip install --quiet --python $(BIN)/python -c constraints.txt -e ".[test,cluster]"
+	$(BIN)/uv pip install --quiet --python $(BIN)/python -c constraints.txt -e ".[test,cluster,spark]"
 	test -x $(VENV)/triton-python/bin/python || $(PYTHON) -m venv $(VENV)/triton-python
 	$(BIN)/uv pip install --quiet --python $(VENV)/triton-python/bin/python -r $(BACKEND_REQUIREMENTS)
 	# No bytecode beside the models: Triton would see a changed version folder and reload it.

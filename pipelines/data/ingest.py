@@ -197,7 +197,7 @@ def ingest_landing(config: ProjectConfig, confirmed: Sequence[str] = ()) -> Reco
     # One writer of the raw data at a time: a revert (pipelines.data.batches) waits for this.
     with data_lock(config.data_dir, f"ingestion of {[b.name for b in batches]}", LOCK_WAIT_S):
         raw.migrate_legacy(dataset)
-        validator = BatchValidator(dataset, config.home)  # a broken suite stops here, before any batch moves
+        validator = BatchValidator(dataset, config.home, config.data)  # a broken suite stops here, before any batch moves
         reverted = reverted_sources(config)  # the ledger alone: no read of the raw data
         served = served_version(config.model_dir)
         champion = config.model_dir / str(served) if served is not None else None

@@ -243,20 +243,21 @@ def summarise(con: duckdb.DuckDBPyConnection, paths: dict[str, Path], time_colum
     return summary
 
 
-def run(dataset: DatasetConfig, split: SplitConfig, engine: DataEngine = DataEngine.duckdb, spark_master: str = DataConfig().spark_master) -> Record:
-    """Split the raw data (the parts in ``dataset.raw_path``) with ``engine`` (Spark: on
-    ``spark_master``) and write the parts (``split_paths``) and ``summary.json`` (DVC's metric:
+def run(dataset: DatasetConfig, split: SplitConfig, data: DataConfig | None = None) -> Record:
+    """Split the raw data (the parts in ``dataset.raw_path``) with ``data.engine`` (Spark: on
+    ``data.spark_master``) and write the parts (``split_paths``) and ``summary.json`` (DVC's metric:
     rows, time span, label mean of each part, read from the written files) into
     ``split.output_dir``. ``FileNotFoundError`` naming the raw data's place without
     raw data; ``ValueError`` when a part would be empty."""
+    data = data or DataConfig()
     files = raw.require(dataset)
     paths = split_paths(split.output_dir)
     split.output_dir.mkdir(parents=True, exist_ok=True)
     with raw.connect(dataset) as con:
-        if engine == DataEngine.spark:
+        if data.engine is DataEngine.spark:
             from pipelines.data import spark
 
-            spark.split(dataset, split, files, paths, spark_master)
+            spark.split(dataset, split, files, paths, data.spark_master)
         elif dataset.time_column:
             split_by_time(con, dataset, split, files, paths)
         else:
@@ -273,4 +274,4 @@ if __name__ == "__main__":
     parser.add_argument("--project", required=True)
     args = parser.parse_args()
     config = load_config(args.project, args.home)
-    run(config.dataset, config.split, config.data.engine, config.data.spark_master)
+    run(config.dataset, config.split, config.data)

@@ -4,6 +4,11 @@ The suite is a JSON file in ``expectations/``, reviewed like code. It is loaded 
 Data Context in ``<home>/gx`` on every run, so an edited suite takes effect the next night.
 Each validation is kept by GE (validation store, Data Docs site); a failing one is also
 described in a few readable lines for the task's error.
+
+With ``data.engine: spark`` the same suite runs on GE's Spark execution engine, over the batch
+as a Spark DataFrame on ``data.spark_master``: the same expectations pass and fail. Suites name
+column types as pandas does (``int64``, ``str``), so the type checks are given Spark's name of
+the same type (``SPARK_TYPES``: a batch's int64 column is a Spark ``LongType`` column).
 """
 
 from __future__ import annotations
@@ -17,17 +22,38 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
-from pipelines.config import DatasetConfig
+from pipelines.config import DataConfig, DataEngine, DatasetConfig
 from pipelines.errors import NotRetryable
 from pipelines.lineage import Record
 
 if TYPE_CHECKING:
     from great_expectations import ExpectationSuite
     from great_expectations.core.expectation_validation_result import ExpectationValidationResult
+    from great_expectations.datasource.fluent.pandas_datasource import PandasDatasource
+    from great_expectations.datasource.fluent.spark_datasource import SparkDatasource
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")  # no phoning home from a nightly job
 
 SAMPLE_VALUES = 5
+SPARK_SOURCE = "landing_spark"  # GE's Spark data source; the pandas one is "landing"
+SPARK_SUFFIX = ".spark"  # of the Spark engine's suite, validation definition and checkpoint
+# A suite's pandas type name -> the pyspark.sql.types class of a Spark column of the same
+# values (pandas -> Spark through Arrow); names not listed are Spark's own and pass unchanged.
+SPARK_TYPES = {
+    "int64": "LongType",
+    "int32": "IntegerType",
+    "int16": "ShortType",
+    "int8": "ByteType",
+    "float64": "DoubleType",
+    "float32": "FloatType",
+    "str": "StringType",
+    "string": "StringType",
+    "object": "StringType",
+    "bool": "BooleanType",
+    "datetime64[ns, UTC]": "TimestampType",
+    "datetime64[ns]": "TimestampNTZType",
+}
+TYPE_EXPECTATIONS = {"expect_column_values_to_be_of_type": "type_", "expect_column_values_to_be_in_type_list": "type_list"}
 
 
 class SuiteError(NotRetryable, ValueError):
@@ -65,6 +91,22 @@ def load_suite(path: Path) -> ExpectationSuite:
         ) from exc
 
 
+def for_spark(suite: ExpectationSuite, name: str) -> ExpectationSuite:
+    """``suite`` as ``name``, its column type checks naming Spark's types (``SPARK_TYPES``) instead of pandas'."""
+    import great_expectations as gx
+
+    expectations = []
+    for expectation in suite.expectations:
+        config = expectation.configuration
+        argument = TYPE_EXPECTATIONS.get(config.type)
+        if argument is not None and config.kwargs.get(argument) is not None:
+            named = config.kwargs[argument]
+            spark = [SPARK_TYPES.get(n, n) for n in named] if isinstance(named, list) else SPARK_TYPES.get(named, named)
+            config = config.__class__(type=config.type, kwargs={**config.kwargs, argument: spark}, notes=config.notes, meta=config.meta)
+        expectations.append(config.to_domain_obj())
+    return gx.ExpectationSuite(name=name, expectations=expectations, meta=suite.meta)
+
+
 def describe(result: ExpectationValidationResult) -> str:
     """One line for a failed expectation: which one, on which column, and what was seen."""
     config = result.expectation_config
@@ -96,9 +138,17 @@ def _clip(value: object, limit: int = 60) -> object:
 class BatchValidator:
     """A checkpoint over in-memory batches: validation results stored, Data Docs updated."""
 
-    def __init__(self, dataset: DatasetConfig, home: Path) -> None:
-        """The dataset's suite (``SuiteError`` if broken) in the File Data Context in ``home/gx``."""
+    def __init__(self, dataset: DatasetConfig, home: Path, data: DataConfig | None = None) -> None:
+        """The dataset's suite (``SuiteError`` if broken) in the File Data Context in ``home/gx``,
+        run by pandas or, with ``data.engine`` spark, by Spark on ``data.spark_master``."""
         suite = load_suite(dataset.expectation_suite)  # before any GE state is touched
+        self.data = data or DataConfig()
+        spark = self.data.engine is DataEngine.spark
+        # The Spark engine's suite, validation and checkpoint have names of their own: GE's
+        # stores keep both engines' histories, and one engine's objects never go stale under the other.
+        name = f"{dataset.name}{SPARK_SUFFIX}" if spark else dataset.name
+        if spark:
+            suite = for_spark(suite, f"{suite.name}{SPARK_SUFFIX}")
         import great_expectations as gx
         from great_expectations.checkpoint.actions import UpdateDataDocsAction
         from great_expectations.data_context.types.base import ProgressBarsConfig
@@ -106,17 +156,24 @@ class BatchValidator:
         self.context = gx.get_context(mode="file", project_root_dir=str(home))
         self.context.variables.progress_bars = ProgressBarsConfig(globally=False)
         suite = self.context.suites.add_or_update(suite)
-        source = self.context.data_sources.add_or_update_pandas("landing")
+        source: PandasDatasource | SparkDatasource
+        if spark:
+            from pipelines.data.spark import session
+
+            session(self.data.spark_master)  # GE's Spark engine takes the active session
+            source = self.context.data_sources.add_or_update_spark(SPARK_SOURCE)
+        else:
+            source = self.context.data_sources.add_or_update_pandas("landing")
         asset = next((a for a in source.assets if a.name == dataset.name), None) or source.add_dataframe_asset(dataset.name)
         batches = next((b for b in asset.batch_definitions if b.name == "batch"), None) or (
             asset.add_batch_definition_whole_dataframe("batch")
         )
         definition = self.context.validation_definitions.add_or_update(
-            gx.ValidationDefinition(name=dataset.name, data=batches, suite=suite)
+            gx.ValidationDefinition(name=name, data=batches, suite=suite)
         )
         self.checkpoint = self.context.checkpoints.add_or_update(
             gx.Checkpoint(
-                name=dataset.name,
+                name=name,
                 validation_definitions=[definition],
                 actions=[UpdateDataDocsAction(name="update_data_docs")],
                 result_format="SUMMARY",
@@ -128,7 +185,16 @@ class BatchValidator:
         from great_expectations.core.run_identifier import RunIdentifier
 
         run_id = RunIdentifier(run_name=batch_name, run_time=datetime.now(timezone.utc))
-        checkpoint_result = self.checkpoint.run(batch_parameters={"dataframe": frame}, run_id=run_id)
+        if self.data.engine is DataEngine.spark:
+            from pipelines.data.spark import session
+
+            batch = session(self.data.spark_master).createDataFrame(frame)
+            try:
+                checkpoint_result = self.checkpoint.run(batch_parameters={"dataframe": batch}, run_id=run_id)
+            finally:
+                batch.unpersist()  # GE caches the batch for its metrics
+        else:
+            checkpoint_result = self.checkpoint.run(batch_parameters={"dataframe": frame}, run_id=run_id)
         ((identifier, result),) = checkpoint_result.run_results.items()
         page = None
         for site in self.context.get_docs_sites_urls(resource_identifier=identifier):

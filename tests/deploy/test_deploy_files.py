@@ -262,6 +262,35 @@ def test_the_dockerfile_installs_the_pinned_versions(resolved):
     assert installs and all("-c constraints.txt" in line for line in installs), installs
 
 
+
+def test_the_spark_profile_adds_a_master_and_workers_that_run_the_drivers_spark_and_python(compose, resolved):
+    from pipelines.config import DataConfig, DataEngine
+
+    result = compose("--profile", "spark", "config", "--format", "json")
+    assert result.returncode == 0, result.stderr
+    services = json.loads(result.stdout)["services"]
+    master, worker, driver = services["spark-master"], services["spark-worker"], services["airflow-worker"]
+
+    # optional: a plain `docker compose up` starts neither
+    assert not {"spark-master", "spark-worker"} & set(resolved["services"])
+    # the Airflow image: the executors run the driver's Python, pandas, pyarrow and Spark version
+    assert master["image"] == worker["image"] == driver["image"]
+    assert master["entrypoint"] == ["spark-class", "org.apache.spark.deploy.master.Master"]
+    assert worker["entrypoint"] == ["spark-class", "org.apache.spark.deploy.worker.Worker"]
+    port = master["command"][master["command"].index("--port") + 1]
+    url = f"spark://spark-master:{port}"
+    assert worker["command"][0] == url and worker["depends_on"]["spark-master"]["condition"] == "service_healthy"
+    # the project's setting the compose file documents, as a project would write it
+    assert DataConfig(engine=DataEngine.spark, spark_master=url).spark_master in COMPOSE_FILE.read_text()
+    # executors read the raw parts and write the split at the driver's paths
+    mounts = {m["target"]: m["source"] for m in worker["volumes"]}
+    assert mounts[driver["environment"]["FLYWHEEL_HOME"]] == "flywheel-home"
+    assert set(master["networks"]) == set(worker["networks"]) == {"internal"} and "internal" in driver["networks"]
+    assert master["healthcheck"]["test"] and worker["healthcheck"]["test"]
+    # the image those services (and the drivers) run has pyspark and a Java runtime
+    dockerfile = (REPO / "Dockerfile").read_text()
+    assert "openjdk-17-jre-headless" in dockerfile and re.search(r'pip install .*"\.\[[^]]*\bspark\b[^]]*\]"', dockerfile), "the Dockerfile must install the spark extra and a JRE"
+
 def test_prometheus_config_and_the_alert_rules_it_loads_pass_promtool(resolved, tmp_path):
     # Lay the files out as the prometheus service mounts them, then check config and rules together.
     mounts = {m["target"]: Path(m["source"]) for m in resolved["services"]["prometheus"]["volumes"] if m["type"] == "bind"}
