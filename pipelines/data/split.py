@@ -50,11 +50,23 @@ class LabelCoverageError(NotRetryable, ValueError):
     split with fewer than two labels: no retry changes the data, so training does not start."""
 
 
-def check_label_coverage(labels: Mapping[str, Iterable[object]], what: str) -> None:
-    """``labels``: the class label of each record, by split (train, val, test), of ``what`` (a
-    dataset's name). ``LabelCoverageError`` naming every label without training records and its
-    count per split, or when training would see fewer than two labels."""
-    counts: dict[str, Counter[str]] = {part: Counter(map(str, values)) for part, values in labels.items()}
+def label_counts(path: Path, label: str) -> Counter[str]:
+    """Rows of each class label (as text) in the parquet file ``path``, read a row group at a
+    time, the label column only; rows without a label are not counted."""
+    import pyarrow.compute as pc
+
+    counts: Counter[str] = Counter()
+    file = pq.ParquetFile(path)
+    for group in range(file.num_row_groups):
+        for entry in pc.value_counts(file.read_row_group(group, columns=[label]).column(0).drop_null()).to_pylist():
+            counts[str(entry["values"])] += entry["counts"]
+    return counts
+
+
+def check_label_coverage(counts: Mapping[str, Counter[str]], what: str) -> None:
+    """``counts``: the records of each class label (as text), by split (train, val, test), of
+    ``what`` (a dataset's name). ``LabelCoverageError`` naming every label without training
+    records and its count per split, or when training would see fewer than two labels."""
     every = sorted(set().union(*counts.values()))
     unseen = [label for label in every if not counts.get("train", Counter())[label]]
     problems = [

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -137,7 +138,7 @@ def finetune(config: TextProjectConfig, params: Record, data_version: dict[str, 
     labels = None
     if params["task"] == FinetuneTask.sequence_classification.value:
         used = {"train": train_records, "val": splits["val"], "test": splits["test"]}
-        check_label_coverage({part: [r["label"] for r in records] for part, records in used.items()}, f"dataset {params['dataset']!r}")
+        check_label_coverage({part: Counter(str(r["label"]) for r in records) for part, records in used.items()}, f"dataset {params['dataset']!r}")
         labels = labels_of(train_records)
     inputs = {
         "base": {"name": params["base_model"], "sha256": base_hash(base)},

@@ -11,17 +11,17 @@ from __future__ import annotations
 import json
 import logging
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import pandas as pd
 import pytorch_lightning as pl
 from pydantic import ValidationError
 
 from pipelines import tracking
 from pipelines.config import ConfigError, DatasetConfig, ModelConfig, ProjectConfig, Task, TrainConfig
-from pipelines.data.split import check_label_coverage, split_paths
+from pipelines.data.split import check_label_coverage, label_counts, split_paths
 from pipelines.lineage import Record, code_version, fingerprint, read_json, write_json
 
 if TYPE_CHECKING:
@@ -74,7 +74,7 @@ def train(config: ProjectConfig, data_version: dict[str, str], hyperparameters: 
     paths = split_paths(config.split.output_dir)
     label = config.dataset.label
     if label.task == Task.classification:
-        check_label_coverage({part: pd.read_parquet(path, columns=[label.column])[label.column] for part, path in paths.items()}, config.dataset.name)
+        check_label_coverage({part: label_counts(path, label.column) for part, path in paths.items()}, config.dataset.name)
     inputs = {
         "data": {name: data_version[config.portable(path)] for name, path in paths.items() if name != "test"},
         "dataset": config.dataset.model_dump(mode="json", include={"features", "label"}),
@@ -120,8 +120,10 @@ def fit(
     """Train on ``paths`` (split files by part) into ``folder`` (checkpoints, ``encoding.json``),
     resuming from its last checkpoint; each epoch's ``train_loss`` and ``val_loss`` go to the
     MLflow run ``tracked`` (``pipelines.tracking``; the caller ends it), and ``callbacks`` (e.g. a
-    trial's pruning) see every epoch. Returns what the candidate record keeps: best ``val_loss``, epochs,
-    accelerator, seconds, and the tracking record with what was lost, if anything."""
+    trial's pruning) see every epoch. The splits are streamed by row group; with ``settings.max_rows``
+    training sees at most that many train rows, drawn with ``settings.seed``. Returns what the
+    candidate record keeps: best ``val_loss``, epochs, accelerator, seconds, ``train_rows`` (the
+    split's labelled rows and those trained on), and the tracking record with what was lost, if anything."""
     import torch
     from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
     from pytorch_lightning.loggers import CSVLogger
@@ -130,7 +132,7 @@ def fit(
     from pipelines.training.model import TabularModel
 
     pl.seed_everything(settings.seed, workers=True, verbose=False)
-    data = TabularDataModule(paths, dataset, settings.batch_size)
+    data = TabularDataModule(paths, dataset, settings.batch_size, seed=settings.seed, max_rows=settings.max_rows)
     data.prepare_data()
     data.setup()
     encoding = data.encoding
@@ -162,7 +164,10 @@ def fit(
     )
     resume_from, resumed_epochs = _resumable(folder / "checkpoints" / "last.ckpt")
     started = time.perf_counter()
-    trainer.fit(model, datamodule=data, ckpt_path=resume_from)
+    with warnings.catch_warnings():
+        # Lightning warns that worker processes could make a streamed split's __len__ wrong; it is read in this process only.
+        warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined", category=UserWarning)
+        trainer.fit(model, datamodule=data, ckpt_path=resume_from)
     best, score = Path(checkpoints.best_model_path), checkpoints.best_model_score
     assert score is not None  # set by the validation run of every epoch
     write_json(folder / "encoding.json", encoding.__dict__)
@@ -174,6 +179,7 @@ def fit(
         "resumed_after_epochs": resumed_epochs,  # epochs a killed earlier try had already done
         "accelerator": "cuda" if cuda else "cpu",
         "fit_seconds": round(time.perf_counter() - started, 3),  # this try's; a resumed one counts from its resume
+        "train_rows": data.train_rows,  # labelled rows of the split, and those trained on (a seeded sample under train.max_rows)
     }
     summary = {"best_val_loss": float(score), "epochs": float(trainer.current_epoch), "fit_seconds": time.perf_counter() - started}
     if tracked.get("run_id") and not tracking.log_to(tracked, summary, timeout_s=timeout_s):
