@@ -26,14 +26,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipelines.config import BATCH, DatasetConfig, SplitConfig
 from pipelines.data.raw import ROW_GROUP_ROWS
-from pipelines.data.split import window_start
+from pipelines.data.split import hash_buckets, window_start
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
@@ -177,9 +176,7 @@ def by_hash(frame: DataFrame, key: str, split: SplitConfig) -> DataFrame:
 
     def add_bucket(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         for batch in batches:
-            keys = batch.column(batch.schema.get_field_index(key)).to_numpy(zero_copy_only=False)
-            hashed = pd.util.hash_pandas_object(pd.DataFrame({"key": keys, "seed": seed}), index=False)
-            bucket = hashed.to_numpy(np.uint64) / np.float64(2**64)
+            bucket = hash_buckets(pd.Series(batch.column(batch.schema.get_field_index(key)).to_numpy(zero_copy_only=False)), seed)
             yield batch.append_column(BUCKET_COLUMN, pa.array(bucket, pa.float64()))
 
     schema = StructType([*frame.schema.fields, StructField(BUCKET_COLUMN, DoubleType(), False)])

@@ -14,6 +14,7 @@ from sklearn.metrics import f1_score
 
 from pipelines.artifacts import CODES, CONFIG_FILE, LABEL_OUTPUT, LOOKUP_FILE, MODEL_FILE, NETWORK_FILE, NUMERIC, OUTPUT, PLAN_FILE, REQUEST_ID
 from pipelines.config import load_config
+from pipelines.data import raw
 from pipelines.data.split import split_paths
 from pipelines.data.versioning import version_split
 from pipelines.evaluation.gate import NOT_PROMOTED, PROMOTED, Scored, beats, evaluate, judge, predict_onnx, slices, threshold_of
@@ -445,14 +446,15 @@ def test_blanks_validation_accepts_train_and_serve_as_numbers(tmp_path):
     # Given real flights where the suite's tolerance let blanks through: 5% of distances and
     # hours missing, a few infinite, and some rows without a label
     config = make_project(tmp_path / "project")
-    raw = write_raw(config, "2013-01", "2013-02", rows=1500)
-    frame = pd.read_parquet(raw).astype({"distance": "float64", "hour": "float64", "arr_delayed": "float64"})
+    write_raw(config, "2013-01", "2013-02", rows=1500)
     rng = np.random.default_rng(0)
-    for column in ("distance", "hour"):
-        frame.loc[rng.random(len(frame)) < 0.05, column] = np.nan
-    frame.loc[rng.random(len(frame)) < 0.01, "distance"] = np.inf
-    frame.loc[rng.random(len(frame)) < 0.02, "arr_delayed"] = np.nan
-    frame.to_parquet(raw, index=False)
+    for part in raw.parts(config.dataset):
+        frame = pd.read_parquet(part).astype({"distance": "float64", "hour": "float64", "arr_delayed": "float64"})
+        for column in ("distance", "hour"):
+            frame.loc[rng.random(len(frame)) < 0.05, column] = np.nan
+        frame.loc[rng.random(len(frame)) < 0.01, "distance"] = np.inf
+        frame.loc[rng.random(len(frame)) < 0.02, "arr_delayed"] = np.nan
+        raw.write_part(part, frame, config.dataset)
 
     candidate = train(config, version_split(config)["data_version"])
     export(config, candidate["candidate"])  # its parity check runs on test rows with blanks
