@@ -88,9 +88,6 @@ def check(dataset: DatasetConfig, performance: PerformanceConfig, champion: Path
     ``test_skill`` (``value``, ``rows``), ``floor`` (= ``min_skill`` * the test skill) and the
     ``rule`` in words. A version that takes or was tested on columns the project no longer has
     is not run against, with the reason."""
-    from pipelines.evaluation.gate import predict_onnx
-    from pipelines.feedback.reference import PerformanceReferenceError, missing, read_reference
-
     label, task = dataset.label, dataset.label.task
     measure = MEASURES[task]
     evidence: Record = {
@@ -108,6 +105,10 @@ def check(dataset: DatasetConfig, performance: PerformanceConfig, champion: Path
 
     if champion is None:
         return not_run("no version is served yet: there is no model to check the labels against")
+    # Imported here: the first nights serve nothing, and the gate's imports cost seconds and memory.
+    from pipelines.evaluation.gate import predict_onnx
+    from pipelines.feedback.reference import PerformanceReferenceError, missing, read_reference
+
     try:
         reference = read_reference(champion, dataset)
     except PerformanceReferenceError as error:  # the project's columns changed since the version was published

@@ -157,7 +157,9 @@ def split_by_time(con: duckdb.DuckDBPyConnection, dataset: DatasetConfig, split:
     time, key, relation = quoted(dataset.time_column), quoted(dataset.key), raw.relation(files)
     window, window_params = "TRUE", []
     if split.window_length is not None:
-        newest = con.sql(f"SELECT max({time}) FROM {relation}").to_arrow_table().column(0).to_pandas().iloc[0]
+        newest = newest_time(files, dataset.time_column)
+        if newest is None:  # a row group without statistics: read the column
+            newest = con.sql(f"SELECT max({time}) FROM {relation}").to_arrow_table().column(0).to_pandas().iloc[0]
         window = f"{time} >= {TIME_PARAMETER}"
         window_params = [None if pd.isna(newest) else window_start(newest, split.window_length).isoformat()]
     ((rows, distinct),) = con.sql(f"SELECT count(*), count(DISTINCT {time}) FROM {relation} WHERE {window}", params=window_params).fetchall()
@@ -183,6 +185,29 @@ def split_by_time(con: duckdb.DuckDBPyConnection, dataset: DatasetConfig, split:
     for name, (condition, params) in cuts.items():
         query = f"SELECT {columns} FROM {relation} WHERE {window} AND {condition} ORDER BY {time}, {key}"
         write_query(con, query, [*window_params, *params], paths[name])
+
+
+def newest_time(files: list[Path], column: str) -> pd.Timestamp | None:
+    """The newest ``column`` value of the parquet ``files`` from their footers' row-group
+    statistics, no row read (with it as a bound, DuckDB skips the row groups older than the
+    window by the same statistics, so the split reads the window, not the history). None when a
+    row group holding the column has no min/max statistics."""
+    newest: pd.Timestamp | None = None
+    for path in files:
+        meta = pq.ParquetFile(path).metadata
+        if column not in meta.schema.names:
+            continue  # a part without the column: its times are missing
+        index = meta.schema.names.index(column)
+        for group in range(meta.num_row_groups):
+            chunk = meta.row_group(group).column(index)
+            stats = chunk.statistics
+            if stats is not None and stats.null_count == chunk.num_values:
+                continue  # every time of the group is missing
+            if stats is None or not stats.has_min_max:
+                return None
+            value = pd.Timestamp(stats.max)
+            newest = value if newest is None or value > newest else newest
+    return newest
 
 
 def times_at(con: duckdb.DuckDBPyConnection, query: str, params: list[object], positions: list[int]) -> list[str | None]:

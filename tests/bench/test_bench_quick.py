@@ -34,7 +34,7 @@ pytestmark = pytest.mark.bench
 
 
 def test_every_benchmark_is_covered():
-    assert {"drift_check.py", "feedback_join.py", "nightly_rerun.py", "onnx_runtime.py", "serving_batching.py", "serving_log.py"} <= set(SCRIPTS)
+    assert {"drift_check.py", "feedback_join.py", "history_scale.py", "nightly_rerun.py", "onnx_runtime.py", "search.py", "serving_batching.py", "serving_log.py"} <= set(SCRIPTS)
     assert NEEDS_TRITON <= set(SCRIPTS)
 
 

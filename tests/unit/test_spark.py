@@ -112,3 +112,13 @@ def test_validation_on_spark_passes_and_fails_the_same_expectations(spark, tmp_p
         ("expect_column_values_to_be_in_set", "origin"),
         ("expect_column_values_to_not_be_null", "carrier"),
     ]
+
+
+def test_great_expectations_imports_in_a_python_c_with_pyspark_installed():
+    # pyspark.sql.connect, which Great Expectations imports, used to sys.exit(0) from a `python -c`
+    # without grpcio-status: the command did nothing and "succeeded" (the spark extra is pyspark[connect])
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", "import great_expectations; print('imported')"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "imported", done.stderr[-2000:]
