@@ -60,11 +60,6 @@ def parts(dataset: DatasetConfig) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.name.endswith(PART_SUFFIX) and not p.name.startswith("."))
 
 
-def exists(dataset: DatasetConfig) -> bool:
-    """Whether any batch has been ingested."""
-    return bool(parts(dataset))
-
-
 def rows(dataset: DatasetConfig) -> int:
     """Rows of the raw data, from the parts' footers; 0 before the first batch."""
     return sum(batch_rows(dataset).values())
