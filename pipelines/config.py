@@ -26,6 +26,7 @@ from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import ErrorDetails
 
 from pipelines.errors import NotRetryable
 
@@ -123,7 +124,7 @@ class DatasetConfig(Strict):
         return [*ids, *(f.name for f in self.features), self.label.column]
 
 
-WINDOW = re.compile(r"^\s*([1-9][0-9]*)\s*(day|week|month|year)s?\s*$")
+WINDOW = re.compile(r"^\s*([1-9][0-9]*)\s*(day|week|month|year)s?\s*$", re.IGNORECASE)
 
 
 class SplitConfig(Strict):
@@ -152,7 +153,7 @@ class SplitConfig(Strict):
             return None
         match = WINDOW.match(self.window)
         assert match is not None  # validated
-        return int(match[1]), f"{match[2]}s"
+        return int(match[1]), f"{match[2].lower()}s"
 
     @model_validator(mode="after")
     def _sums_to_one(self) -> SplitConfig:
@@ -781,8 +782,15 @@ def load_project(name: str, home: Path | str | None = None) -> AnyProject:
     try:
         return absolute(model(**sections, home=home), home)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc']) or '<top>'}: {err['msg']}" for err in exc.errors())
+        problems = "; ".join(problem(err) for err in exc.errors())
         raise ConfigError(f"{source}: {problems}") from exc
+
+
+def problem(error: ErrorDetails) -> str:
+    """One validation error as ``section.key: message``; a check across sections names its keys itself."""
+    message = error["msg"].removeprefix("Value error, ")
+    location = ".".join(str(part) for part in error["loc"])
+    return f"{location}: {message}" if location else message
 
 
 def load_config(name: str, home: Path | str | None = None) -> ProjectConfig:

@@ -119,11 +119,26 @@ def _network(model: TabularModel, categorical: list[str], numeric: list[str], op
     return onnx.load_from_string(program.model_proto.SerializeToString())
 
 
+def _empty_columns(like: str, output: str, element: int) -> list[onnx.NodeProto]:
+    """Nodes that give ``output``, a tensor of ``element`` type and shape (batch, 0), the batch
+    read off the input ``like``: what ``Concat`` of no column would be, were it allowed."""
+    from onnx import TensorProto, helper
+
+    batch, zero, shape = (f"{output}__{name}" for name in ("batch", "zero", "shape"))
+    return [
+        helper.make_node("Shape", [like], [batch], end=1),
+        helper.make_node("Constant", [], [zero], value=helper.make_tensor(zero, TensorProto.INT64, [1], [0])),
+        helper.make_node("Concat", [batch, zero], [shape], axis=0),
+        helper.make_node("ConstantOfShape", [shape], [output], value=helper.make_tensor(output, element, [1], [0])),
+    ]
+
+
 def _lookup(categorical: dict[str, list[str]], numeric: list[str], opset: int) -> onnx.ModelProto:
     """The graph from raw columns to ``categorical_codes`` and ``numeric``."""
     from onnx import TensorProto, helper
 
-    inputs, nodes = [], []
+    inputs: list[onnx.ValueInfoProto] = []
+    nodes: list[onnx.NodeProto] = []
     for column, vocab in categorical.items():
         inputs.append(helper.make_tensor_value_info(column, TensorProto.STRING, ["batch", 1]))
         nodes.append(
@@ -139,8 +154,11 @@ def _lookup(categorical: dict[str, list[str]], numeric: list[str], opset: int) -
         )
     for column in numeric:
         inputs.append(helper.make_tensor_value_info(column, TensorProto.FLOAT, ["batch", 1]))
-    nodes.append(helper.make_node("Concat", [f"{c}__code" for c in categorical], ["categorical_codes"], axis=1))
-    nodes.append(helper.make_node("Concat", list(numeric), ["numeric"], axis=1))
+    for output, columns, element in ((CODES, [f"{c}__code" for c in categorical], TensorProto.INT64), (NUMERIC, list(numeric), TensorProto.FLOAT)):
+        if columns:
+            nodes.append(helper.make_node("Concat", columns, [output], axis=1))
+        else:  # no column of this kind (an all-numeric table, say): an empty (batch, 0) tensor
+            nodes.extend(_empty_columns(inputs[0].name, output, element))
     outputs = [
         helper.make_tensor_value_info("categorical_codes", TensorProto.INT64, ["batch", len(categorical)]),
         helper.make_tensor_value_info("numeric", TensorProto.FLOAT, ["batch", len(numeric)]),
@@ -151,13 +169,11 @@ def _lookup(categorical: dict[str, list[str]], numeric: list[str], opset: int) -
 
 def build_onnx(model: TabularModel, encoding: Encoding, opset: int) -> onnx.ModelProto:
     """One ONNX model: raw columns in, ``prediction`` (batch, 1) out, checked by ``onnx.checker``.
-    ``ValueError`` unless there is at least one categorical and one numeric feature."""
+    A table without categorical (or numeric) features crosses an empty (batch, 0) tensor."""
     import onnx
     from onnx import compose
 
     categorical, numeric = list(encoding.categorical), list(encoding.numeric)
-    if not categorical or not numeric:
-        raise ValueError("the tabular exporter needs at least one categorical and one numeric feature")
     network = _network(model, categorical, numeric, opset)
     lookup = _lookup(encoding.categorical, numeric, opset)
     lookup.ir_version = network.ir_version

@@ -49,6 +49,13 @@ def tensorrt_available() -> str | None:
     return None
 
 
+def _one_kind(encoding: Encoding) -> str | None:
+    """Why the engine route does not take this table's features, or None: it crosses both kinds
+    of feature as Triton tensors, and Triton refuses a tensor of width 0."""
+    missing = [kind for kind, columns in (("categorical", encoding.categorical), ("numeric", encoding.numeric)) if not columns]
+    return f"the table has no {missing[0]} feature, and the engine's ensemble needs both kinds" if missing else None
+
+
 def export_engine(export: ExportConfig, seed: int, max_batch: int, folder: Path, encoding: Encoding, splits: Mapping[str, Path]) -> Record:
     """Build and check ``folder/model.plan`` from the candidate's ``network.onnx``, as the
     ``export`` section asks (its ``tensorrt`` precision, fp16 or int8, parity rows and tolerances).
@@ -56,14 +63,14 @@ def export_engine(export: ExportConfig, seed: int, max_batch: int, folder: Path,
     ``seed`` seeds the int8 calibration sample (the project's ``train.seed``), ``max_batch`` is
     the largest batch the engine takes (``serving.max_batch_size``), ``splits`` the split files
     by part (``train`` and ``test`` are read). Returns ``{"built": True, **build_engine's record}``,
-    or ``{"built": False, "reason": ...}`` where TensorRT is unavailable (one warning, nothing
-    raised); ``ParityError`` where the engine disagrees with ONNX Runtime beyond tolerance,
+    or ``{"built": False, "reason": ...}`` where TensorRT is unavailable or the table has
+    features of one kind only (one warning, nothing raised); ``ParityError`` where the engine disagrees with ONNX Runtime beyond tolerance,
     ``ValueError`` when ``export.tensorrt`` is off.
     """
     precision = export.tensorrt
     if precision == TensorRTPrecision.off:
         raise ValueError("export.tensorrt is off: no engine to build")
-    reason = tensorrt_available()
+    reason = _one_kind(encoding) or tensorrt_available()
     if reason:
         log.warning("export.tensorrt=%s: no TensorRT engine built, %s; the ONNX rendering is published", precision.value, reason)
         return {"built": False, "reason": reason}

@@ -191,3 +191,29 @@ def test_an_acknowledgement_silences_for_a_positive_period(tmp_path, hours):
 
     with pytest.raises(ConfigError, match=r"monitoring\.acknowledge_hours: Input should be greater than 0"):
         load_config("flights", home)
+
+
+@pytest.mark.parametrize(("window", "length"), [("12 months", (12, "months")), ("1 Year", (1, "years")), (" 90 DAYS ", (90, "days")), ("8 week", (8, "weeks"))])
+def test_a_training_window_is_a_count_and_a_unit_in_any_case(tmp_path, window, length):
+    home = write_params(tmp_path, lambda p: p["split"].update(window=window))
+
+    assert load_config("flights", home).split.window_length == length
+
+
+@pytest.mark.parametrize("window", ["0 days", "3 fortnights", "months", "-1 years", "1.5 months"])
+def test_a_training_window_that_is_not_a_count_and_a_unit_is_refused_naming_the_key(tmp_path, window):
+    home = write_params(tmp_path, lambda p: p["split"].update(window=window))
+
+    with pytest.raises(ConfigError, match=rf"split\.window: split\.window must be a count and a unit such as .*got '{re.escape(window)}'"):
+        load_config("flights", home)
+
+
+def test_a_training_window_without_a_time_column_points_to_max_rows_without_a_placeholder_location(tmp_path):
+    def no_time(params):
+        params["dataset"]["time_column"] = None
+        params["split"].update(window="12 months")
+
+    home = write_params(tmp_path, no_time)
+
+    with pytest.raises(ConfigError, match=r"params\.yaml: split\.window '12 months' needs dataset\.time_column; without one, cap training with train\.max_rows$"):
+        load_config("flights", home)

@@ -466,3 +466,36 @@ def test_blanks_validation_accepts_train_and_serve_as_numbers(tmp_path):
     predictions = predict_onnx(config.home / candidate["candidate"] / MODEL_FILE, test)
     assert np.isfinite(predictions).all() and ((predictions > 0) & (predictions < 1)).all()
     assert np.isfinite(evaluate(config, candidate["candidate"])["challenger"]["roc_auc"])
+
+
+@pytest.mark.parametrize(
+    "kind",
+    [
+        pytest.param("numeric", id="all-numeric"),  # breast cancer, wine: every scikit-learn toy table
+        pytest.param("categorical", id="all-categorical"),
+    ],
+)
+def test_a_table_with_features_of_one_kind_exports_a_model_that_scores_like_torch(tmp_path, kind):
+    features = [f for f in yaml.safe_load((REPO / "projects" / "flights" / "params.yaml").read_text())["dataset"]["features"] if f["type"] == kind]
+    names = {f["name"] for f in features}
+    config = make_project(tmp_path / "project", {"dataset": {"features": features}, "train": {"max_epochs": 1}, "monitoring": {"exclude_columns": sorted(names & {"month", "day"})}})
+    write_raw(config, "2013-01", "2013-02", rows=1000)
+    candidate = train(config, version_split(config)["data_version"])
+
+    record = export(config, candidate["candidate"])
+
+    folder = config.home / candidate["candidate"]
+    model, encoding = load_candidate(folder)
+    rows = pd.read_parquet(split_paths(config.split.output_dir)["test"])
+    feeds = onnx_inputs(rows, list(encoding.categorical), encoding.numeric)
+    session = ort.InferenceSession(str(folder / MODEL_FILE))
+    assert {i.name for i in session.get_inputs()} == names
+    prediction, label = session.run([OUTPUT, LABEL_OUTPUT], feeds)
+    with torch.no_grad():
+        expected = model.predict(torch.from_numpy(encoding.categorical_indices(rows)), torch.from_numpy(encoding.numeric_values(rows))).numpy()
+    np.testing.assert_allclose(prediction[:, 0], expected, atol=1e-5)
+    np.testing.assert_array_equal(label, (prediction >= np.float32(record["threshold"]["value"])).astype(np.int32))
+    # the halves cross an empty (rows, 0) tensor for the kind the table lacks
+    codes, numeric = ort.InferenceSession(str(folder / LOOKUP_FILE)).run([CODES, NUMERIC], feeds)
+    assert (codes if kind == "numeric" else numeric).shape == (len(rows), 0)
+    np.testing.assert_array_equal(ort.InferenceSession(str(folder / NETWORK_FILE)).run([OUTPUT], {CODES: codes, NUMERIC: numeric})[0], prediction)

@@ -33,6 +33,7 @@ from pipelines.export.onnx import CODES, LOOKUP_FILE, MODEL_FILE, NETWORK_FILE, 
 from pipelines.export.tensorrt import calibration_rows, engine_feeds, tensorrt_available
 from pipelines.serving import repository
 from pipelines.serving.publish import publish
+from pipelines.training.data import Encoding
 from pipelines.training.train import load_candidate, train
 from tests.conftest import make_project
 from tests.unit.test_split import write_raw
@@ -90,6 +91,17 @@ def test_lookup_then_network_scores_test_rows_like_the_whole_model(trained):
     assert {i.name for i in network.graph.input} == {CODES, NUMERIC}
     assert not any(node.domain == "ai.onnx.ml" for node in network.graph.node)  # no strings left for TensorRT
     assert network.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # the batch axis stays dynamic
+
+
+@pytest.mark.parametrize(("categorical", "numeric", "missing"), [({}, ["distance"], "categorical"), ({"dest": ["BOS"]}, [], "numeric")])
+def test_a_table_with_features_of_one_kind_gets_no_engine_and_says_why(caplog, tmp_path, categorical, numeric, missing):
+    encoding = Encoding(categorical=categorical, numeric=numeric, numeric_mean=[0.0] * len(numeric), numeric_std=[1.0] * len(numeric))
+
+    with caplog.at_level(logging.WARNING, logger="pipelines"):
+        record = tensorrt.export_engine(ExportConfig(tensorrt="fp16"), 13, 64, tmp_path, encoding, {})
+
+    assert record == {"built": False, "reason": f"the table has no {missing} feature, and the engine's ensemble needs both kinds"}
+    assert [r.getMessage() for r in caplog.records] == [f"export.tensorrt=fp16: no TensorRT engine built, {record['reason']}; the ONNX rendering is published"]
 
 
 def test_tensorrt_says_the_package_is_missing_when_it_cannot_be_imported(no_tensorrt):
